@@ -1,0 +1,1931 @@
+#!/usr/bin/env python3
+"""torsocksd: a small SOCKS server that speaks Tor's SOCKS dialect.
+
+It serves SOCKS4, SOCKS4A and SOCKS5 (RFC 1928, with RFC 1929 username and
+password) plus Tor's extensions: RESOLVE (0xF0), RESOLVE_PTR (0xF1) and the
+answer to a client that speaks HTTP to a SOCKS port.  Every name is looked up
+on the proxy side, never by the client.
+
+Run it:      python3 torsocksd.py --port 9050
+Embed it:    with torsocksd.Server(listen=[("127.0.0.1", 0)]) as server: ...
+
+One file, the standard library only, CPython 3.8 or newer.  One non-blocking
+selectors loop carries every connection; name lookups run in a small bounded
+pool of worker threads that report back to the loop through a socketpair.
+
+The file reads top to bottom in the order data flows: protocol constants,
+pure parsers and reply builders, policy, resolvers, the connection state
+machine, the loop and Server, process integration, and the command line.
+"""
+
+# Copyright (c) 2026 The torsocksd developers.
+#
+# Permission is hereby granted, free of charge, to any person obtaining a copy
+# of this software and associated documentation files (the "Software"), to
+# deal in the Software without restriction, including without limitation the
+# rights to use, copy, modify, merge, publish, distribute, sublicense, and/or
+# sell copies of the Software, and to permit persons to whom the Software is
+# furnished to do so, subject to the following conditions:
+#
+# The above copyright notice and this permission notice shall be included in
+# all copies or substantial portions of the Software.
+#
+# THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND, EXPRESS OR
+# IMPLIED, INCLUDING BUT NOT LIMITED TO THE WARRANTIES OF MERCHANTABILITY,
+# FITNESS FOR A PARTICULAR PURPOSE AND NONINFRINGEMENT. IN NO EVENT SHALL THE
+# AUTHORS OR COPYRIGHT HOLDERS BE LIABLE FOR ANY CLAIM, DAMAGES OR OTHER
+# LIABILITY, WHETHER IN AN ACTION OF CONTRACT, TORT OR OTHERWISE, ARISING
+# FROM, OUT OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR OTHER DEALINGS
+# IN THE SOFTWARE.
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # protocol values
+    "Version", "Command", "AddressType", "Method", "Reply", "Socks4Reply",
+    "Protocol",
+    # parse results and messages
+    "NEED_MORE", "Parsed", "Rejected",
+    "Socks4Request", "Socks5Greeting", "UsernamePassword", "Socks5Request",
+    # pure parsers
+    "detect_protocol", "parse_http_method", "parse_socks4_request",
+    "parse_socks5_greeting", "parse_username_password", "parse_socks5_request",
+    "hostname_problem", "ip_literal",
+    # pure reply builders
+    "socks4_reply", "socks5_reply", "socks5_address_reply",
+    "socks5_hostname_reply", "socks5_method_reply", "username_password_reply",
+    "failure_reply", "http_reply", "reply_for_errno",
+    # policy
+    "choose_method", "special_name_refusal", "destination_refusal",
+    # resolvers, the server, the command line
+    "ResolverResult", "SystemResolver", "State", "Server", "main",
+]
+
+import argparse
+import collections
+import enum
+import errno
+import hashlib
+import heapq
+import hmac
+import ipaddress
+import itertools
+import logging
+import os
+import queue
+import selectors
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+from typing import NamedTuple, Optional, Union
+
+log = logging.getLogger("torsocksd")
+
+
+# =============================================================================
+# Protocol constants
+# =============================================================================
+# Enum values are the bytes on the wire.
+
+class Version(enum.IntEnum):
+    SOCKS4 = 0x04
+    SOCKS5 = 0x05
+
+
+class Command(enum.IntEnum):
+    CONNECT = 0x01
+    BIND = 0x02
+    UDP_ASSOCIATE = 0x03
+    RESOLVE = 0xF0          # Tor socks-extensions §2
+    RESOLVE_PTR = 0xF1      # Tor socks-extensions §2
+    CONNECT_DIR = 0xF2      # the seed-era spec; not served yet
+
+
+class AddressType(enum.IntEnum):
+    IPV4 = 0x01
+    DOMAIN = 0x03
+    IPV6 = 0x04
+
+
+class Method(enum.IntEnum):
+    NO_AUTH = 0x00
+    GSSAPI = 0x01
+    USERNAME_PASSWORD = 0x02
+    NO_ACCEPTABLE = 0xFF
+
+
+class Reply(enum.IntEnum):
+    """SOCKS5 REP values (RFC 1928 §6)."""
+    SUCCEEDED = 0x00
+    GENERAL_FAILURE = 0x01
+    NOT_ALLOWED = 0x02
+    NETWORK_UNREACHABLE = 0x03
+    HOST_UNREACHABLE = 0x04
+    CONNECTION_REFUSED = 0x05
+    TTL_EXPIRED = 0x06          # also "timed out", as Tor uses it
+    COMMAND_NOT_SUPPORTED = 0x07
+    ADDRESS_TYPE_NOT_SUPPORTED = 0x08
+
+
+class Socks4Reply(enum.IntEnum):
+    """SOCKS4 CD values of a reply (decimal 90 and 91 in the SOCKS4 notes)."""
+    GRANTED = 0x5A
+    REJECTED = 0x5B
+
+
+class Protocol(enum.Enum):
+    """What the first byte a client sends says it speaks."""
+    SOCKS4 = "SOCKS4"
+    SOCKS5 = "SOCKS5"
+    HTTP = "HTTP"
+    TLS = "TLS"
+    UNKNOWN = "unknown"
+
+
+USERPASS_VERSION = 0x01            # RFC 1929 §2: the subnegotiation's version
+USERPASS_SUCCESS = 0x00
+USERPASS_FAILURE = 0x01            # any non-zero status is failure (RFC 1929 §2)
+TLS_HANDSHAKE_RECORD = 0x16        # first byte of a TLS ClientHello record
+
+MAX_SOCKS4_USERID = 512            # Tor's MAX_SOCKS_MESSAGE_LEN: 512 ok, 513 refused
+MAX_HOSTNAME = 255                 # SOCKS5 length byte; Tor's MAX_SOCKS_ADDR_LEN - 1
+MAX_HANDSHAKE_BYTES = 1024         # DECISIONS row 17: bytes buffered before a request
+SOCKS4A_MARKER_MAX = 0xFF          # DSTIP 0.0.0.x with x != 0 announces a hostname
+SPECIAL_SUFFIXES = (".onion", ".exit")   # never sent to DNS (DECISIONS row 16)
+
+ZERO_IPV4 = bytes(4)
+ZERO_IPV6 = bytes(16)
+ZERO_PORT = bytes(2)
+
+# HTTP methods whose first letter sends a client the HTTP page.  Tor looks at
+# G, H, P and C only; OPTIONS, DELETE and TRACE are added (DECISIONS row 1).
+HTTP_FIRST_BYTES = frozenset(b"GHPCODT")
+
+
+# =============================================================================
+# Pure parsers: bytes in, one message (or "need more", or a rejection) out
+# =============================================================================
+# Every parser takes the bytes buffered so far and returns one of:
+#   NEED_MORE                   the message is incomplete; nothing was consumed,
+#   Parsed(message, used)       a whole message and the number of bytes it took,
+#   Rejected(reply, reason)     the exact reply to send (b"" for none) and why.
+# They never read a socket, a clock, DNS or configuration.  A bad byte is
+# rejected as soon as it is buffered, without waiting for the rest.
+
+NEED_MORE = None
+
+
+class Parsed(NamedTuple):
+    message: object
+    used: int
+
+
+class Rejected(NamedTuple):
+    reply: bytes
+    reason: str
+
+
+ParseResult = Optional[Union[Parsed, Rejected]]
+
+
+class Socks4Request(NamedTuple):
+    command: Command
+    port: int
+    host: str           # dotted quad, or the SOCKS4A hostname
+    userid: bytes
+    is_4a: bool
+
+
+class Socks5Greeting(NamedTuple):
+    methods: bytes
+
+
+class UsernamePassword(NamedTuple):
+    username: bytes
+    password: bytes
+
+
+class Socks5Request(NamedTuple):
+    command: Command
+    address_type: AddressType
+    host: str           # dotted quad, compressed IPv6, or the hostname
+    port: int
+
+
+def detect_protocol(first_byte: int) -> Protocol:
+    """Tell the protocol from a client's first byte (DECISIONS row 1)."""
+    if first_byte == Version.SOCKS4:
+        return Protocol.SOCKS4
+    if first_byte == Version.SOCKS5:
+        return Protocol.SOCKS5
+    if first_byte in HTTP_FIRST_BYTES:
+        return Protocol.HTTP
+    if first_byte == TLS_HANDSHAKE_RECORD:
+        return Protocol.TLS
+    return Protocol.UNKNOWN
+
+
+def parse_http_method(data) -> ParseResult:
+    """Tell HEAD from the other HTTP methods at the start of data.
+
+    Parsed.message is b"HEAD" (headers only) or b"" (the whole page).  The
+    answer goes out as soon as it is known, never after the request line.
+    """
+    probe = bytes(data[:5])
+    if not b"HEAD ".startswith(probe):
+        return Parsed(b"", 0)
+    if len(probe) < 5:
+        return NEED_MORE
+    return Parsed(b"HEAD", 0)
+
+
+def hostname_problem(name: bytes) -> Optional[str]:
+    """Why a hostname from the wire is unusable, or None (DECISIONS row 16)."""
+    if not name:
+        return "empty hostname"
+    if len(name) > MAX_HOSTNAME:
+        return "hostname longer than 255 bytes"
+    # Printable ASCII without the space: rejects NUL (Tor silently cuts a name
+    # at a NUL), control bytes and UTF-8.
+    if any(byte < 0x21 or byte > 0x7E for byte in name):
+        return "hostname has a byte outside printable ASCII"
+    return None
+
+
+def ip_literal(host: str):
+    """The IPv4Address or IPv6Address that host spells, or None.
+
+    Accepts "192.0.2.1", "2001:db8::1" and "[2001:db8::1]" (clients send IP
+    literals as hostnames: torsocks does for every CONNECT).
+    """
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+def parse_socks4_request(data) -> ParseResult:
+    """SOCKS4 / SOCKS4A request (the SOCKS4 and SOCKS4A protocol notes).
+
+    VN(04) CD DSTPORT(2) DSTIP(4) USERID NUL [HOSTNAME NUL]
+    """
+    if len(data) < 1:
+        return NEED_MORE
+    if data[0] != Version.SOCKS4:
+        return _socks4_rejection("not a SOCKS4 request")
+    if len(data) < 2:
+        return NEED_MORE
+    try:
+        command = Command(data[1])
+    except ValueError:
+        return _socks4_rejection("unknown SOCKS4 command 0x%02x" % data[1])
+    if len(data) < 8:
+        return NEED_MORE
+    port = int.from_bytes(data[2:4], "big")
+    address = bytes(data[4:8])
+    if address == ZERO_IPV4:
+        return _socks4_rejection("SOCKS4 destination address is zero")
+    if port == 0 and command != Command.RESOLVE:
+        return _socks4_rejection("SOCKS4 destination port is zero")
+
+    userid_end = _find_nul(data, 8, MAX_SOCKS4_USERID)
+    if userid_end is None:
+        return NEED_MORE
+    if userid_end < 0:
+        return _socks4_rejection("SOCKS4 userid longer than 512 bytes")
+    userid = bytes(data[8:userid_end])
+    is_4a = address[:3] == b"\0\0\0"
+    if not is_4a:
+        host = socket.inet_ntoa(address)
+        return Parsed(Socks4Request(command, port, host, userid, False),
+                      userid_end + 1)
+
+    host_end = _find_nul(data, userid_end + 1, MAX_HOSTNAME)
+    if host_end is None:
+        return NEED_MORE
+    if host_end < 0:
+        return _socks4_rejection("SOCKS4A hostname longer than 255 bytes")
+    raw_host = bytes(data[userid_end + 1:host_end])
+    problem = hostname_problem(raw_host)
+    if problem:
+        return _socks4_rejection("SOCKS4A " + problem)
+    return Parsed(Socks4Request(command, port, raw_host.decode("ascii"),
+                                userid, True), host_end + 1)
+
+
+def _find_nul(data, start: int, limit: int):
+    """Index of the NUL ending a field of at most limit bytes at data[start:].
+
+    None: not there yet.  -1: the field is already longer than limit.
+    """
+    end = bytes(data[start:start + limit + 1]).find(b"\0")
+    if end >= 0:
+        return start + end
+    return -1 if len(data) - start > limit else None
+
+
+def _socks4_rejection(reason: str) -> Rejected:
+    return Rejected(socks4_reply(Socks4Reply.REJECTED), reason)
+
+
+def _socks5_rejection(reply: Reply, reason: str) -> Rejected:
+    # Parser errors carry the 10-byte ATYP 1 form, as Tor's do: the parser
+    # does not know the client's address family.
+    return Rejected(socks5_reply(reply), reason)
+
+
+def parse_socks5_greeting(data) -> ParseResult:
+    """SOCKS5 method selection message (RFC 1928 §3): VER NMETHODS METHODS."""
+    if len(data) < 1:
+        return NEED_MORE
+    if data[0] != Version.SOCKS5:
+        return Rejected(b"", "not a SOCKS5 greeting")
+    if len(data) < 2:
+        return NEED_MORE
+    count = data[1]
+    if count == 0:
+        return Rejected(b"", "SOCKS5 greeting offers no method")
+    if len(data) < 2 + count:
+        return NEED_MORE
+    return Parsed(Socks5Greeting(bytes(data[2:2 + count])), 2 + count)
+
+
+def parse_username_password(data) -> ParseResult:
+    """RFC 1929 §2: VER(01) ULEN UNAME PLEN PASSWD; empty fields allowed."""
+    if len(data) < 1:
+        return NEED_MORE
+    if data[0] != USERPASS_VERSION:
+        return _socks5_rejection(Reply.GENERAL_FAILURE,
+                               "username/password message of version 0x%02x"
+                               % data[0])
+    if len(data) < 2:
+        return NEED_MORE
+    username_end = 2 + data[1]
+    if len(data) < username_end + 1:
+        return NEED_MORE
+    password_end = username_end + 1 + data[username_end]
+    if len(data) < password_end:
+        return NEED_MORE
+    return Parsed(UsernamePassword(bytes(data[2:username_end]),
+                                   bytes(data[username_end + 1:password_end])),
+                  password_end)
+
+
+def parse_socks5_request(data) -> ParseResult:
+    """SOCKS5 request (RFC 1928 §4): VER CMD RSV ATYP DST.ADDR DST.PORT."""
+    if len(data) < 1:
+        return NEED_MORE
+    if data[0] != Version.SOCKS5:
+        return _socks5_rejection(Reply.GENERAL_FAILURE,
+                               "request of version 0x%02x after a SOCKS5 "
+                               "greeting" % data[0])
+    if len(data) < 2:
+        return NEED_MORE
+    try:
+        command = Command(data[1])
+    except ValueError:
+        return _socks5_rejection(Reply.COMMAND_NOT_SUPPORTED,
+                               "unknown SOCKS5 command 0x%02x" % data[1])
+    if len(data) < 3:
+        return NEED_MORE
+    if data[2] != 0:
+        return _socks5_rejection(Reply.GENERAL_FAILURE,
+                               "SOCKS5 reserved byte is not zero")
+    if len(data) < 4:
+        return NEED_MORE
+    try:
+        address_type = AddressType(data[3])
+    except ValueError:
+        return _socks5_rejection(Reply.ADDRESS_TYPE_NOT_SUPPORTED,
+                               "unknown SOCKS5 address type 0x%02x" % data[3])
+
+    if address_type == AddressType.IPV4:
+        address_end = 8
+    elif address_type == AddressType.IPV6:
+        address_end = 20
+    else:
+        if len(data) < 5:
+            return NEED_MORE
+        address_end = 5 + data[4]
+    if len(data) < address_end + 2:
+        return NEED_MORE
+
+    if address_type == AddressType.IPV4:
+        host = socket.inet_ntoa(bytes(data[4:8]))
+    elif address_type == AddressType.IPV6:
+        host = str(ipaddress.IPv6Address(bytes(data[4:20])))
+    else:
+        raw_host = bytes(data[5:address_end])
+        problem = hostname_problem(raw_host)
+        if problem:
+            return _socks5_rejection(Reply.GENERAL_FAILURE, problem)
+        host = raw_host.decode("ascii")
+    port = int.from_bytes(data[address_end:address_end + 2], "big")
+    return Parsed(Socks5Request(command, address_type, host, port),
+                  address_end + 2)
+
+
+# =============================================================================
+# Pure reply builders
+# =============================================================================
+# Total: every outcome gives a complete, valid reply.
+
+def socks4_reply(code: Socks4Reply, address: bytes = ZERO_IPV4) -> bytes:
+    """VN 0, CD, port 0, DSTIP (zero, or a RESOLVE answer).  Clients such as
+    curl and tor-resolve insist on VN 0 and port 0."""
+    return bytes((0, code)) + ZERO_PORT + address
+
+
+def socks5_reply(reply: Reply, client_family: int = socket.AF_INET) -> bytes:
+    """Reply with a zero BND.ADDR and BND.PORT (DECISIONS row 9).
+
+    ATYP 1 (10 bytes) for a client on IPv4, ATYP 4 (22 bytes) for a client on
+    IPv6 or a Unix socket, as Tor does; it reveals nothing of the outbound side.
+    """
+    if client_family == socket.AF_INET:
+        return bytes((Version.SOCKS5, reply, 0, AddressType.IPV4)) \
+            + ZERO_IPV4 + ZERO_PORT
+    return bytes((Version.SOCKS5, reply, 0, AddressType.IPV6)) \
+        + ZERO_IPV6 + ZERO_PORT
+
+
+def socks5_address_reply(address) -> bytes:
+    """A RESOLVE answer: the address in BND.ADDR, port 0 (DECISIONS row 11)."""
+    if address.version == 4:
+        return bytes((Version.SOCKS5, Reply.SUCCEEDED, 0, AddressType.IPV4)) \
+            + address.packed + ZERO_PORT
+    return bytes((Version.SOCKS5, Reply.SUCCEEDED, 0, AddressType.IPV6)) \
+        + address.packed + ZERO_PORT
+
+
+def socks5_hostname_reply(name: str) -> bytes:
+    """A RESOLVE_PTR answer (DECISIONS row 12), or the failure reply when the
+    name cannot be carried (not ASCII, or longer than 255 bytes)."""
+    raw = name.rstrip(".").encode("ascii", "replace")
+    if hostname_problem(raw):
+        return socks5_reply(Reply.HOST_UNREACHABLE)
+    return bytes((Version.SOCKS5, Reply.SUCCEEDED, 0, AddressType.DOMAIN,
+                  len(raw))) + raw + ZERO_PORT
+
+
+def socks5_method_reply(method: Method) -> bytes:
+    return bytes((Version.SOCKS5, method))
+
+
+def username_password_reply(accepted: bool) -> bytes:
+    return bytes((USERPASS_VERSION,
+                  USERPASS_SUCCESS if accepted else USERPASS_FAILURE))
+
+
+def failure_reply(version: Version, reply: Reply,
+                  client_family: int = socket.AF_INET) -> bytes:
+    """The reply that refuses a request: SOCKS4 knows only "rejected"."""
+    if version == Version.SOCKS4:
+        return socks4_reply(Socks4Reply.REJECTED)
+    return socks5_reply(reply, client_family)
+
+
+# RFC 1928 §6 reply for each connect() errno (DECISIONS row 10); anything not
+# listed is a general failure.
+CONNECT_ERRNO_REPLIES = {
+    errno.ECONNREFUSED: Reply.CONNECTION_REFUSED,
+    errno.ENETUNREACH: Reply.NETWORK_UNREACHABLE,
+    errno.EHOSTUNREACH: Reply.HOST_UNREACHABLE,
+    errno.ETIMEDOUT: Reply.TTL_EXPIRED,
+    errno.EACCES: Reply.NOT_ALLOWED,        # a local firewall said no
+    errno.EPERM: Reply.NOT_ALLOWED,
+}
+
+
+def reply_for_errno(error_number: int) -> Reply:
+    return CONNECT_ERRNO_REPLIES.get(error_number, Reply.GENERAL_FAILURE)
+
+
+HTTP_PAGE = """\
+<!DOCTYPE html>
+<html lang="en">
+<head><meta charset="utf-8"><title>This is a SOCKS proxy</title></head>
+<body>
+<h1>This is a SOCKS proxy, not an HTTP proxy</h1>
+<p>Your browser or tool sent an HTTP request to torsocksd, which speaks only
+SOCKS (versions 4, 4a and 5).</p>
+<p>To use it, set your program's proxy type to <b>SOCKS5</b> (or SOCKS4a) with
+this host and port, and let the proxy resolve host names: in Firefox, tick
+"Proxy DNS when using SOCKS v5"; with curl, use
+<code>--socks5-hostname HOST:PORT</code> or <code>-x socks5h://HOST:PORT</code>;
+elsewhere, set <code>ALL_PROXY=socks5h://HOST:PORT</code>.</p>
+</body>
+</html>
+""".encode("utf-8")
+
+
+def http_reply(method: bytes) -> bytes:
+    """HTTP/1.0 501 with our page; HEAD gets the headers only (DECISIONS row 2)."""
+    head = ("HTTP/1.0 501 Not Implemented: this is a SOCKS proxy\r\n"
+            "Content-Type: text/html; charset=utf-8\r\n"
+            "Content-Length: %d\r\n"
+            "Connection: close\r\n"
+            "\r\n" % len(HTTP_PAGE)).encode("ascii")
+    return head if method == b"HEAD" else head + HTTP_PAGE
+
+
+# =============================================================================
+# Policy: what the server allows and which method it picks (decisions, no I/O)
+# =============================================================================
+
+def choose_method(offered: bytes, credentials_required: bool) -> Method:
+    """Pick a SOCKS5 method from those offered (DECISIONS row 3).
+
+    Without configured credentials the client gets "no authentication" when it
+    offers it, else username/password with any username accepted (Tor keeps
+    those bytes as an isolation key).  With credentials, only method 02 will do.
+    """
+    if credentials_required:
+        if Method.USERNAME_PASSWORD in offered:
+            return Method.USERNAME_PASSWORD
+        return Method.NO_ACCEPTABLE
+    if Method.NO_AUTH in offered:
+        return Method.NO_AUTH
+    if Method.USERNAME_PASSWORD in offered:
+        return Method.USERNAME_PASSWORD
+    return Method.NO_ACCEPTABLE
+
+
+class Credentials:
+    """Usernames and passwords a client must present (RFC 1929).
+
+    Checked in constant time: every entry is compared, by digest, whatever
+    matches, so the time taken says nothing about which user exists.
+    """
+
+    def __init__(self, pairs):
+        self._digests = [self._digest(user, password) for user, password in pairs]
+
+    @staticmethod
+    def _digest(username: bytes, password: bytes) -> bytes:
+        return hashlib.sha256(len(username).to_bytes(2, "big") + username
+                              + password).digest()
+
+    @classmethod
+    def from_file(cls, path: str) -> "Credentials":
+        """One "user:password" a line; blank lines and "#" comments skipped."""
+        pairs = []
+        with open(path, "rb") as lines:
+            for number, line in enumerate(lines, 1):
+                line = line.rstrip(b"\r\n")
+                if not line.strip() or line.startswith(b"#"):
+                    continue
+                user, colon, password = line.partition(b":")
+                if not colon or len(user) > 255 or len(password) > 255:
+                    raise ValueError("%s:%d: not a user:password line of at "
+                                     "most 255 bytes each" % (path, number))
+                pairs.append((user, password))
+        return cls(pairs)
+
+    def __bool__(self):
+        return bool(self._digests)
+
+    def check(self, username: bytes, password: bytes) -> bool:
+        offered = self._digest(username, password)
+        matched = False
+        for digest in self._digests:
+            matched |= hmac.compare_digest(digest, offered)
+        return matched
+
+
+def special_name_refusal(host: str) -> Optional[str]:
+    """Why a name must never reach DNS (.onion, .exit), or None."""
+    name = host.rstrip(".").lower()
+    if name.endswith(SPECIAL_SUFFIXES) or name in ("onion", "exit"):
+        return "a .onion or .exit name, which is never looked up"
+    return None
+
+
+def destination_refusal(client_is_local: bool, destination) -> Optional[str]:
+    """Why a destination address is off limits to this client, or None.
+
+    A client on loopback (or a Unix socket) may reach anything it could reach
+    itself.  A client from another host may not use the proxy to reach this
+    host's loopback, link-local (cloud metadata at 169.254.169.254 among
+    them), unspecified or multicast addresses (DECISIONS row 19).
+    """
+    if client_is_local:
+        return None
+    if getattr(destination, "ipv4_mapped", None) is not None:
+        destination = destination.ipv4_mapped
+    if (destination.is_loopback or destination.is_link_local
+            or destination.is_unspecified or destination.is_multicast):
+        return "a remote client may not reach a local-only address"
+    return None
+
+
+def is_unsafe_request(version: Version, address_type, command: Command) -> bool:
+    """True when the client gave only an IP address, so it resolved the name
+    itself and may be leaking DNS (Tor's SafeSocks rule, DECISIONS row 18)."""
+    if command not in (Command.CONNECT, Command.RESOLVE):
+        return False
+    if version == Version.SOCKS4:
+        return address_type != AddressType.DOMAIN
+    return address_type in (AddressType.IPV4, AddressType.IPV6)
+
+
+# =============================================================================
+# Resolvers: names looked up on the proxy side, never blocking the loop
+# =============================================================================
+# A resolver has lookup(hostname, callback) and reverse(address, callback);
+# each returns a handle with cancel() (or None) and, later, calls callback once
+# with a ResolverResult from any thread: the server moves the call onto its
+# loop.  close() stops it.
+
+class ResolverResult(NamedTuple):
+    answers: tuple                  # ip_address objects, or names for reverse
+    error: Optional[Reply] = None   # why there is no answer
+    reason: str = ""
+
+
+class _Lookup:
+    __slots__ = ("query", "callback", "cancelled")
+
+    def __init__(self, query, callback):
+        self.query = query
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class SystemResolver:
+    """getaddrinfo and getnameinfo(NI_NAMEREQD) in a bounded worker pool.
+
+    Threads start on the first lookup, so a server that only meets IP
+    literals never starts one.  Past max_pending queued lookups a new one
+    fails at once instead of queueing without bound.
+    """
+
+    def __init__(self, workers: int = 4, max_pending: int = 512):
+        self.workers = max(1, workers)
+        self.max_pending = max_pending
+        self._jobs = queue.Queue()
+        self._threads = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def lookup(self, hostname: str, callback) -> _Lookup:
+        return self._submit(_Lookup(("name", hostname), callback))
+
+    def reverse(self, address, callback) -> _Lookup:
+        return self._submit(_Lookup(("address", address), callback))
+
+    def close(self):
+        with self._lock:
+            self._closed = True
+            threads, self._threads = self._threads, []
+        for _ in threads:
+            self._jobs.put(None)
+        for thread in threads:
+            thread.join(timeout=1.0)
+
+    def _submit(self, job: _Lookup) -> _Lookup:
+        if self._jobs.qsize() >= self.max_pending or self._closed:
+            job.callback(ResolverResult((), Reply.GENERAL_FAILURE,
+                                        "too many pending name lookups"))
+            return job
+        with self._lock:
+            if len(self._threads) < self.workers:
+                thread = threading.Thread(target=self._work, daemon=True,
+                                          name="torsocksd-resolver")
+                self._threads.append(thread)
+                thread.start()
+        self._jobs.put(job)
+        return job
+
+    def _work(self):
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            if job.cancelled:
+                continue
+            kind, query = job.query
+            if kind == "name":
+                result = self._getaddrinfo(query)
+            else:
+                result = self._getnameinfo(query)
+            if not job.cancelled:
+                job.callback(result)
+
+    @staticmethod
+    def _getaddrinfo(hostname: str) -> ResolverResult:
+        try:
+            infos = socket.getaddrinfo(hostname, None, socket.AF_UNSPEC,
+                                       socket.SOCK_STREAM)
+        except (OSError, UnicodeError) as error:
+            return ResolverResult((), Reply.HOST_UNREACHABLE,
+                                  "name lookup failed: %s" % error)
+        answers = []
+        for family, _, _, _, sockaddr in infos:
+            if family in (socket.AF_INET, socket.AF_INET6):
+                address = ipaddress.ip_address(sockaddr[0].split("%")[0])
+                if address not in answers:
+                    answers.append(address)
+        if not answers:
+            return ResolverResult((), Reply.HOST_UNREACHABLE, "no address")
+        return ResolverResult(tuple(answers))
+
+    @staticmethod
+    def _getnameinfo(address) -> ResolverResult:
+        try:
+            name, _ = socket.getnameinfo((str(address), 0), socket.NI_NAMEREQD)
+        except OSError as error:
+            return ResolverResult((), Reply.HOST_UNREACHABLE,
+                                  "reverse lookup failed: %s" % error)
+        return ResolverResult((name.rstrip("."),))
+
+
+# =============================================================================
+# Connection: states, buffers, deadlines
+# =============================================================================
+
+class State(enum.Enum):
+    GREETING = "greeting"           # first message: SOCKS4 request, SOCKS5 greeting
+    AUTHENTICATING = "authenticating"   # RFC 1929 username/password expected
+    REQUESTING = "requesting"       # SOCKS5 request expected
+    RESOLVING = "resolving"         # waiting for the resolver
+    CONNECTING = "connecting"       # outbound connect() in progress
+    RELAYING = "relaying"           # bytes flow both ways
+    CLOSING = "closing"             # flushing a last reply, then closing
+    CLOSED = "closed"
+
+
+HANDSHAKE_STATES = frozenset((State.GREETING, State.AUTHENTICATING,
+                              State.REQUESTING))
+SETUP_STATES = frozenset((State.RESOLVING, State.CONNECTING))
+
+EVENT_READ = selectors.EVENT_READ
+EVENT_WRITE = selectors.EVENT_WRITE
+
+RECV_BUFFER_SIZE = 256 * 1024       # one buffer for the whole loop
+READS_PER_WAKEUP = 4                # fewer selects under load, still fair
+HIGH_WATER = 256 * 1024             # stop reading a side past this backlog
+MAX_CONNECT_ATTEMPTS = 16           # addresses of one name tried in turn
+CLOSING_LINGER = 2.0                # seconds a last reply may take to drain
+
+# Errors that mean "the peer reset or vanished": the other side is reset too.
+RESET_ERRORS = frozenset((errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED))
+
+
+class _Flow:
+    """One direction of a relay: bytes read from source, written to sink.
+
+    Each direction closes on its own (OpenSSH's input/output states): EOF
+    from the source stops reading, the backlog drains, then the sink gets
+    shutdown(SHUT_WR).
+    """
+    __slots__ = ("source", "sink", "pending", "reading", "shut", "count")
+
+    def __init__(self, source, sink):
+        self.source = source
+        self.sink = sink            # None until the target is connected
+        self.pending = bytearray()  # bytes read but not yet written
+        self.reading = True         # source not at EOF yet
+        self.shut = False           # sink has been shut down for writing
+        self.count = 0              # bytes delivered to the sink
+
+
+class Connection:
+    """One client and, once it asks for one, its target.
+
+    The state moves only through _enter(), which also sets the deadline that
+    belongs to the new state.  What the sockets wait for is derived from the
+    state and the buffers after every event (_update_interest), never toggled
+    by hand.
+    """
+    __slots__ = ("server", "number", "client", "client_family",
+                 "client_label", "client_is_local", "target", "state",
+                 "version", "handshake", "command", "host", "port",
+                 "candidates", "last_reply", "lookup", "deadline",
+                 "upstream", "downstream", "client_events", "target_events",
+                 "outcome", "opened", "userid")
+
+    def __init__(self, server: "Server", client: socket.socket, peer,
+                 number: int):
+        self.server = server
+        self.number = number
+        self.client = client
+        self.client_family = client.family
+        self.client_label, self.client_is_local = describe_peer(client.family,
+                                                                peer)
+        self.target = None
+        self.state = State.GREETING
+        self.version = None
+        self.handshake = bytearray()
+        self.command = None
+        self.host = ""
+        self.port = 0
+        self.candidates = []
+        self.last_reply = Reply.GENERAL_FAILURE
+        self.lookup = None
+        self.deadline = None
+        self.upstream = _Flow(client, None)     # client -> target
+        self.downstream = _Flow(None, client)   # target -> client
+        self.client_events = 0
+        self.target_events = 0
+        self.outcome = "closed during handshake"
+        self.opened = time.monotonic()
+        self.userid = None
+        self._set_deadline(server.handshake_timeout)
+        self._update_interest()
+
+    # -- state and deadlines ------------------------------------------------
+
+    def _enter(self, state: State):
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("conn %d: %s -> %s", self.number, self.state.value,
+                      state.value)
+        self.state = state
+        if state in SETUP_STATES:
+            self._set_deadline(self.server.connect_timeout)
+        elif state is State.RELAYING:
+            self._set_deadline(None)
+        elif state is State.CLOSING:
+            self._set_deadline(CLOSING_LINGER)
+        # The handshake states share the deadline set at accept.
+
+    def _set_deadline(self, seconds):
+        if seconds is None:
+            self.deadline = None
+            return
+        self.deadline = time.monotonic() + seconds
+        self.server.call_at(self.deadline, self._on_deadline, self.deadline)
+
+    def _on_deadline(self, when):
+        if when != self.deadline or self.state is State.CLOSED:
+            return      # a deadline of an earlier state
+        if self.state in HANDSHAKE_STATES:
+            self._refuse(Reply.GENERAL_FAILURE, "handshake timed out")
+        elif self.state is State.RESOLVING:
+            self._refuse(Reply.TTL_EXPIRED, "name lookup timed out")
+        elif self.state is State.CONNECTING:
+            self.last_reply = Reply.TTL_EXPIRED
+            self._drop_target()
+            self._connect_next()
+        else:
+            self.close()
+        self._update_interest()
+
+    # -- events from the loop -------------------------------------------------
+
+    def on_client_event(self, mask: int):
+        if self.state is State.CLOSED:
+            return
+        try:
+            if mask & EVENT_WRITE:
+                self._flush(self.downstream)
+            if mask & EVENT_READ and self.state is not State.CLOSED:
+                self._client_readable()
+        except OSError as error:
+            self._fail(error, client_side=True)
+        self._update_interest()
+
+    def on_target_event(self, mask: int):
+        if self.state is State.CLOSED:
+            return
+        try:
+            if self.state is State.CONNECTING:
+                self._connect_finished()
+            else:
+                if mask & EVENT_WRITE:
+                    self._flush(self.upstream)
+                if mask & EVENT_READ and self.state is State.RELAYING:
+                    self._relay(self.downstream)
+        except OSError as error:
+            self._fail(error, client_side=False)
+        self._update_interest()
+
+    def _client_readable(self):
+        state = self.state
+        if state is State.RELAYING:
+            self._relay(self.upstream)
+        elif state in HANDSHAKE_STATES:
+            room = MAX_HANDSHAKE_BYTES - len(self.handshake)
+            data = self.client.recv(max(room, 1))
+            if not data:
+                self.outcome = "client closed during handshake"
+                self.close()
+                return
+            self.handshake += data
+            self._process_handshake()
+        elif state in SETUP_STATES:
+            self._read_early_data()
+        elif state is State.CLOSING:
+            # Discard what the client still sends, so that closing does not
+            # turn into a reset that could destroy the reply in flight.
+            if not self.client.recv(RECV_BUFFER_SIZE):
+                self.close()
+
+    def _fail(self, error: OSError, client_side: bool):
+        if isinstance(error, (BlockingIOError, InterruptedError)):
+            return
+        side = "client" if client_side else "target"
+        if self.state is State.RELAYING:
+            self.outcome += ", then %s error: %s" % (
+                side, errno.errorcode.get(error.errno, error))
+        else:
+            self.outcome = "%s error: %s" % (
+                side, errno.errorcode.get(error.errno, error))
+        # Pass a reset on as a reset (resetting the side that failed is
+        # harmless, and the error may have shown on either socket).
+        reset = error.errno in RESET_ERRORS
+        self.close(reset_client=reset, reset_target=reset)
+
+    # -- the handshake --------------------------------------------------------
+
+    def _process_handshake(self):
+        """Parse every whole message buffered, in order, answering each."""
+        while self.state in HANDSHAKE_STATES and self.handshake:
+            result = self._parse_next()
+            if result is NEED_MORE:
+                if len(self.handshake) >= MAX_HANDSHAKE_BYTES:
+                    self._refuse(Reply.GENERAL_FAILURE,
+                                 "handshake longer than %d bytes"
+                                 % MAX_HANDSHAKE_BYTES)
+                return
+            if isinstance(result, Rejected):
+                self._reject(result.reply, result.reason)
+                return
+            message = result.message
+            del self.handshake[:result.used]
+            if isinstance(message, Socks5Greeting):
+                self._on_greeting(message)
+            elif isinstance(message, UsernamePassword):
+                self._on_username_password(message)
+            else:
+                self._on_request(message)
+
+    def _parse_next(self) -> ParseResult:
+        buffered = self.handshake
+        if self.state is State.AUTHENTICATING:
+            return parse_username_password(buffered)
+        if self.state is State.REQUESTING:
+            return parse_socks5_request(buffered)
+        protocol = detect_protocol(buffered[0])
+        if protocol is Protocol.SOCKS4:
+            self.version = Version.SOCKS4
+            return parse_socks4_request(buffered)
+        if protocol is Protocol.SOCKS5:
+            return parse_socks5_greeting(buffered)
+        if protocol is Protocol.HTTP:
+            method = parse_http_method(buffered)
+            if method is NEED_MORE:
+                return NEED_MORE
+            return Rejected(http_reply(method.message),
+                            "client speaks HTTP to a SOCKS port")
+        if protocol is Protocol.TLS:
+            return Rejected(b"", "client speaks TLS to a SOCKS port")
+        return Rejected(b"", "unknown protocol, first byte 0x%02x"
+                        % buffered[0])
+
+    def _on_greeting(self, greeting: Socks5Greeting):
+        self.version = Version.SOCKS5
+        method = choose_method(greeting.methods,
+                               bool(self.server.credentials))
+        self._send_to_client(socks5_method_reply(method))
+        if method is Method.NO_ACCEPTABLE:
+            self.outcome = "refused: no acceptable authentication method"
+            self._enter(State.CLOSING)
+        elif method is Method.USERNAME_PASSWORD:
+            self._enter(State.AUTHENTICATING)
+        else:
+            self._enter(State.REQUESTING)
+
+    def _on_username_password(self, message: UsernamePassword):
+        credentials = self.server.credentials
+        accepted = (not credentials
+                    or credentials.check(message.username, message.password))
+        self._send_to_client(username_password_reply(accepted))
+        if not accepted:
+            self.outcome = "refused: bad username or password"
+            self._enter(State.CLOSING)
+            return
+        self.userid = message.username
+        self._enter(State.REQUESTING)
+
+    def _on_request(self, request):
+        # Bytes after the request are the client's early data, forwarded once
+        # the target is connected (DECISIONS row 14).
+        early_data, self.handshake = self.handshake, None
+        self.command = request.command
+        self.host = request.host
+        self.port = request.port
+        if isinstance(request, Socks4Request):
+            address_type = (AddressType.DOMAIN if request.is_4a
+                            else AddressType.IPV4)
+            self.userid = request.userid
+            if self.server.credentials:
+                self._refuse(Reply.NOT_ALLOWED, "SOCKS4 cannot present the "
+                             "password that credentials require")
+                return
+        else:
+            address_type = request.address_type
+        if self.command is Command.CONNECT:
+            self.upstream.pending = early_data
+        self._decide(address_type)
+
+    def _decide(self, address_type):
+        """What to do with a whole request: the process step after parsing."""
+        command = self.command
+        server = self.server
+        if command in (Command.BIND, Command.UDP_ASSOCIATE, Command.CONNECT_DIR):
+            self._refuse(Reply.COMMAND_NOT_SUPPORTED,
+                         "unsupported command %s" % command.name)
+            return
+        if command is Command.RESOLVE_PTR and self.version is Version.SOCKS4:
+            self._refuse(Reply.COMMAND_NOT_SUPPORTED,
+                         "RESOLVE_PTR over SOCKS4")
+            return
+        unsafe = is_unsafe_request(self.version, address_type, command)
+        if unsafe and server.safe_socks:
+            server.warn_unsafe_socks(self.version)
+            self._refuse(Reply.NOT_ALLOWED, "client gave only an IP address "
+                         "(--safe-socks)")
+            return
+        if server.test_socks:
+            log.info("conn %d: %s %s request for %s:%d is %s", self.number,
+                     self.version.name, command.name,
+                     server.scrub(self.host), self.port,
+                     "unsafe (the client gave an IP address and may be "
+                     "leaking DNS)" if unsafe
+                     else "safe (torsocksd resolves the name)")
+
+        address = ip_literal(self.host)
+        if command is Command.RESOLVE_PTR:
+            if address is None:
+                self._refuse(Reply.ADDRESS_TYPE_NOT_SUPPORTED,
+                             "RESOLVE_PTR of something that is not an address")
+                return
+            self._start_lookup(server.resolver.reverse, address)
+        elif address is not None:
+            if command is Command.RESOLVE:
+                self._answer_resolve((address,))
+            else:
+                self.candidates = [address]
+                self._connect_next()
+        else:
+            refusal = special_name_refusal(self.host)
+            if refusal:
+                self._refuse(Reply.HOST_UNREACHABLE, refusal)
+                return
+            self._start_lookup(server.resolver.lookup, self.host)
+
+    # -- resolving ------------------------------------------------------------
+
+    def _start_lookup(self, method, query):
+        self._enter(State.RESOLVING)
+        self.lookup = method(query, self.server.deliver(self._on_resolved))
+
+    def _on_resolved(self, result: ResolverResult):
+        if self.state is not State.RESOLVING:
+            return      # timed out or closed meanwhile
+        self.lookup = None
+        if result.error is not None:
+            self._refuse(result.error, result.reason or "name lookup failed")
+        elif self.command is Command.RESOLVE_PTR:
+            self._answer(socks5_hostname_reply(result.answers[0]),
+                         "answered RESOLVE_PTR")
+        elif self.command is Command.RESOLVE:
+            self._answer_resolve(result.answers)
+        else:
+            self.candidates = list(result.answers[:MAX_CONNECT_ATTEMPTS])
+            self._connect_next()
+        self._update_interest()
+
+    def _answer_resolve(self, answers):
+        """RESOLVE answers: the first IPv4 address, else (SOCKS5 only) the
+        first IPv6 one (DECISIONS row 11)."""
+        ipv4 = [a for a in answers if a.version == 4]
+        if self.version is Version.SOCKS4:
+            if not ipv4:
+                self._refuse(Reply.HOST_UNREACHABLE,
+                             "no IPv4 answer for a SOCKS4 RESOLVE")
+                return
+            self._answer(socks4_reply(Socks4Reply.GRANTED, ipv4[0].packed),
+                         "answered RESOLVE")
+            return
+        best = ipv4[0] if ipv4 else answers[0]
+        self._answer(socks5_address_reply(best), "answered RESOLVE")
+
+    def _answer(self, reply: bytes, outcome: str):
+        self._send_to_client(reply)
+        self.outcome = outcome
+        self._enter(State.CLOSING)
+
+    # -- connecting -----------------------------------------------------------
+
+    def _connect_next(self):
+        """Try the next candidate address; refuse when none is left."""
+        while self.candidates:
+            address = self.candidates.pop(0)
+            refusal = destination_refusal(self.client_is_local, address)
+            if refusal:
+                self.last_reply = Reply.NOT_ALLOWED
+                continue
+            family = socket.AF_INET if address.version == 4 else socket.AF_INET6
+            try:
+                target = socket.socket(family, socket.SOCK_STREAM)
+            except OSError as error:
+                self.last_reply = Reply.GENERAL_FAILURE
+                log.warning("cannot create an outbound socket: %s", error)
+                break
+            target.setblocking(False)
+            error_number = target.connect_ex((str(address), self.port))
+            if error_number in (0, errno.EINPROGRESS):
+                self.target = target
+                self._enter(State.CONNECTING)
+                if error_number == 0:
+                    self._connected()
+                return
+            target.close()
+            self.last_reply = reply_for_errno(error_number)
+        self._refuse(self.last_reply, "could not connect: %s"
+                     % self.last_reply.name.lower().replace("_", " "))
+
+    def _connect_finished(self):
+        error_number = self.target.getsockopt(socket.SOL_SOCKET,
+                                              socket.SO_ERROR)
+        if error_number == 0:
+            self._connected()
+            return
+        self.last_reply = reply_for_errno(error_number)
+        self._drop_target()
+        self._connect_next()
+
+    def _drop_target(self):
+        if self.target_events:
+            self.server.selector.unregister(self.target)
+            self.target_events = 0
+        self.target.close()
+        self.target = None
+
+    def _connected(self):
+        target = self.target
+        self._enter(State.RELAYING)
+        self.outcome = "relayed"
+        with_nodelay(target)
+        self.upstream.sink = target
+        self.downstream.source = target
+        if self.version is Version.SOCKS4:
+            self._send_to_client(socks4_reply(Socks4Reply.GRANTED))
+        else:
+            self._send_to_client(socks5_reply(Reply.SUCCEEDED,
+                                              self.client_family))
+        self._flush(self.upstream)      # the client's early data
+
+    def _read_early_data(self):
+        """Client bytes that arrive while the target is still being reached."""
+        if self.command is not Command.CONNECT:
+            return
+        data = self.client.recv(HIGH_WATER)
+        if data:
+            self.upstream.pending += data
+        else:
+            self.upstream.reading = False
+
+    # -- relaying ---------------------------------------------------------------
+
+    def _relay(self, flow: _Flow):
+        """Move what the source has to the sink: read into the loop's one
+        buffer, send at once, keep only what the sink would not take."""
+        view = self.server.recv_view
+        source, sink = flow.source, flow.sink
+        for _ in range(READS_PER_WAKEUP):
+            room = HIGH_WATER - len(flow.pending)
+            if room <= 0:
+                return
+            try:
+                size = source.recv_into(view, min(room, RECV_BUFFER_SIZE))
+            except (BlockingIOError, InterruptedError):
+                return
+            if size == 0:
+                flow.reading = False
+                self._flush(flow)
+                return
+            if flow.pending:
+                flow.pending += view[:size]
+                self._flush(flow)
+                continue
+            try:
+                sent = sink.send(view[:size])
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            flow.count += sent
+            if sent < size:
+                flow.pending += view[sent:size]
+                return
+            if size < room and size < RECV_BUFFER_SIZE:
+                return      # the source is drained for now
+
+    def _flush(self, flow: _Flow):
+        """Write what flow holds; shut the sink down once its source ended."""
+        sink = flow.sink
+        if sink is None:
+            return
+        pending = flow.pending
+        if pending:
+            try:
+                sent = sink.send(pending)
+            except (BlockingIOError, InterruptedError):
+                return
+            flow.count += sent
+            if sent < len(pending):
+                del pending[:sent]
+                return
+            flow.pending = bytearray()  # let a large backlog's memory go
+        if not flow.reading and not flow.shut:
+            flow.shut = True
+            try:
+                sink.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass    # the peer is gone already; reading will tell
+        if self.state is State.CLOSING:
+            return
+        if self.upstream.shut and self.downstream.shut:
+            self.close()
+
+    def _send_to_client(self, data: bytes):
+        self.downstream.pending += data
+        self._flush(self.downstream)
+
+    # -- refusing and closing -----------------------------------------------------
+
+    def _refuse(self, reply: Reply, reason: str):
+        """Send the version's refusal for reply, then close."""
+        if self.version is None:
+            self._reject(b"", reason)
+        else:
+            self._reject(failure_reply(self.version, reply,
+                                       self.client_family), reason)
+
+    def _reject(self, reply: bytes, reason: str):
+        self.outcome = "refused: " + reason
+        self.candidates = []
+        if self.lookup is not None:
+            self.lookup.cancel()
+            self.lookup = None
+        if self.target is not None:
+            self._drop_target()
+        self.upstream.pending = bytearray()
+        if not reply:
+            self.close()
+            return
+        self._enter(State.CLOSING)
+        self._send_to_client(reply)
+
+    def close(self, reset_client=False, reset_target=False):
+        """Close both sockets at once and forget the connection."""
+        if self.state is State.CLOSED:
+            return
+        self._enter(State.CLOSED)
+        selector = self.server.selector
+        if self.client_events:
+            selector.unregister(self.client)
+        if self.target_events:
+            selector.unregister(self.target)
+        self.client_events = self.target_events = 0
+        if self.lookup is not None:
+            self.lookup.cancel()
+        close_socket(self.client, reset_client)
+        if self.target is not None:
+            close_socket(self.target, reset_target)
+        self.server.connection_closed(self)
+
+    # -- what the sockets wait for --------------------------------------------------
+
+    def _update_interest(self):
+        """Derive each socket's events from the state and the buffers."""
+        state = self.state
+        if state is State.CLOSED:
+            return
+        upstream, downstream = self.upstream, self.downstream
+        client_events = target_events = 0
+        if state in HANDSHAKE_STATES:
+            client_events = EVENT_READ
+        elif state is State.RELAYING or state in SETUP_STATES:
+            if upstream.reading and len(upstream.pending) < HIGH_WATER \
+                    and self.command is Command.CONNECT:
+                client_events = EVENT_READ
+        elif state is State.CLOSING:
+            client_events = EVENT_READ
+            if not downstream.pending and not downstream.shut:
+                downstream.shut = True
+                try:
+                    self.client.shutdown(socket.SHUT_WR)
+                except OSError:
+                    self.close()
+                    return
+        if downstream.pending:
+            client_events |= EVENT_WRITE
+        if state is State.CONNECTING:
+            target_events = EVENT_WRITE
+        elif state is State.RELAYING:
+            if downstream.reading and len(downstream.pending) < HIGH_WATER:
+                target_events = EVENT_READ
+            if upstream.pending:
+                target_events |= EVENT_WRITE
+        server = self.server
+        if client_events != self.client_events:
+            server.watch(self.client, self.client_events, client_events,
+                         self.on_client_event)
+            self.client_events = client_events
+        if target_events != self.target_events:
+            server.watch(self.target, self.target_events, target_events,
+                         self.on_target_event)
+            self.target_events = target_events
+
+    def log_outcome(self):
+        destination = ""
+        if self.command is not None:
+            destination = " %s %s:%d" % (self.command.name,
+                                         self.server.scrub(self.host),
+                                         self.port)
+        version = self.version.name if self.version is not None else "-"
+        log.info("conn %d from %s: %s%s: %s; %d bytes up, %d down, %.3f s",
+                 self.number, self.client_label, version, destination,
+                 self.outcome, self.upstream.count, self.downstream.count,
+                 time.monotonic() - self.opened)
+
+
+def describe_peer(family: int, peer):
+    """A client's address for the log, and whether it is on this host."""
+    if family == socket.AF_UNIX:
+        return "unix socket", True
+    host, port = peer[0], peer[1]
+    address = ipaddress.ip_address(host.split("%")[0])
+    if getattr(address, "ipv4_mapped", None) is not None:
+        address = address.ipv4_mapped
+    label = ("[%s]:%d" if family == socket.AF_INET6 else "%s:%d") % (host, port)
+    return label, address.is_loopback
+
+
+def with_nodelay(sock: socket.socket):
+    """Small relayed writes go out at once: the client's own stack already
+    decided when to send them."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        pass
+
+
+def close_socket(sock: socket.socket, reset: bool = False):
+    if reset:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                            struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+    sock.close()
+
+
+# =============================================================================
+# The loop and the Server
+# =============================================================================
+
+ACCEPTS_PER_WAKEUP = 64             # accept in batches, then serve the others
+ACCEPT_PAUSE = 1.0                  # seconds a listener rests after EMFILE & co
+ACCEPT_PAUSE_ERRORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS,
+                                 errno.ENOMEM))
+LISTEN_BACKLOG = 1024
+DEFAULT_PORT = 9050
+DEFAULT_ADDRESS = "127.0.0.1"       # never listen beyond this host unless told
+
+
+def open_listener(host: str, port: int) -> socket.socket:
+    """A non-blocking listening TCP socket on host:port (an IP literal or a
+    name such as "localhost"; IPv6 sockets are IPv6-only, so "[::]" and
+    "0.0.0.0" can listen side by side)."""
+    infos = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM,
+                               0, socket.AI_PASSIVE)
+    family, kind, protocol, _, sockaddr = infos[0]
+    listener = socket.socket(family, kind, protocol)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        listener.bind(sockaddr)
+        listener.listen(LISTEN_BACKLOG)
+        listener.setblocking(False)
+    except OSError:
+        listener.close()
+        raise
+    return listener
+
+
+def default_max_connections() -> int:
+    """As many connections as the fd limit allows: two fds each, and some
+    spare for listeners, the wakeup pair and lookups."""
+    try:
+        import resource
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, OSError, ValueError):
+        return 512
+    if soft == resource.RLIM_INFINITY:
+        soft = 65536
+    return max(16, (soft - 64) // 2)
+
+
+class Server:
+    """A torsocksd server: listeners, one selectors loop, its connections.
+
+    Server(listen=[("127.0.0.1", 9050)], **options) binds nothing until
+    bind(), start() or serve_forever().  start() binds and serves in a
+    background thread, returning once the listeners are bound, so port 0
+    works: .address then tells the port.  stop() is safe to call twice, and
+    the server is a context manager.  Options mirror the command line:
+
+    sockets             listening sockets to adopt instead of binding
+    resolver            an object with lookup() and reverse() (see
+                        SystemResolver); default SystemResolver()
+    handshake_timeout   seconds from accept for the whole handshake
+    connect_timeout     seconds for a name lookup, and for each connect
+    drain_timeout       seconds open connections get after a shutdown request
+    max_connections     connections served at once; the listeners pause there
+    credentials         a Credentials object: RFC 1929 becomes mandatory
+    safe_socks          refuse requests that give only an IP address
+    test_socks          log whether each request was safe or unsafe
+    log_destinations    log destinations instead of "[scrubbed]"
+    """
+
+    def __init__(self, listen=((DEFAULT_ADDRESS, DEFAULT_PORT),), *,
+                 sockets=(), resolver=None, handshake_timeout: float = 10.0,
+                 connect_timeout: float = 10.0, drain_timeout: float = 5.0,
+                 max_connections: Optional[int] = None, credentials=None,
+                 safe_socks: bool = False, test_socks: bool = False,
+                 log_destinations: bool = False):
+        self.listen = [] if sockets else list(listen)
+        self.listeners = list(sockets)
+        self.resolver = resolver if resolver is not None else SystemResolver()
+        self.handshake_timeout = handshake_timeout
+        self.connect_timeout = connect_timeout
+        self.drain_timeout = drain_timeout
+        self.max_connections = max_connections or default_max_connections()
+        self.credentials = credentials
+        self.safe_socks = safe_socks
+        self.test_socks = test_socks
+        self.log_destinations = log_destinations
+
+        self.selector = None
+        self.recv_view = None
+        self._timers = []               # heap of (when, sequence, fn, arg)
+        self._sequence = itertools.count()
+        self._ready = collections.deque()   # calls posted from other threads
+        self._wakeup_reader = self._wakeup_writer = None
+        self._thread = None
+        self._bound = threading.Event()
+        self._stop_requested = False
+        self._drain_deadline = None
+        self._accepting = False
+        self._numbers = itertools.count(1)
+        self._last_unsafe_warning = 0.0
+        self._last_accept_error_log = 0.0
+        self.connections = set()
+        self.accepted = 0
+
+    # -- life cycle -------------------------------------------------------------
+
+    @property
+    def address(self):
+        """The (host, port) of the first listener."""
+        return self.listeners[0].getsockname()[:2]
+
+    @property
+    def addresses(self):
+        return [listener.getsockname() for listener in self.listeners]
+
+    def bind(self):
+        """Create the listeners and the loop's resources (once)."""
+        if self.selector is not None:
+            return
+        try:
+            for host, port in self.listen:
+                self.listeners.append(open_listener(host, port))
+        except OSError:
+            for listener in self.listeners:
+                listener.close()
+            self.listeners = []
+            raise
+        self.listen = []
+        self.selector = selectors.DefaultSelector()
+        self.recv_view = memoryview(bytearray(RECV_BUFFER_SIZE))
+        self._wakeup_reader, self._wakeup_writer = socket.socketpair()
+        self._wakeup_reader.setblocking(False)
+        self._wakeup_writer.setblocking(False)
+        self.selector.register(self._wakeup_reader, EVENT_READ, self._on_wakeup)
+        for listener in self.listeners:
+            listener.setblocking(False)
+        self._resume_accepting()
+        for name in self.addresses:
+            log.info("listening on %s", format_address(name))
+
+    def start(self):
+        """Bind, then serve in a background thread; returns once bound."""
+        self.bind()
+        self._thread = threading.Thread(target=self.serve_forever,
+                                        name="torsocksd", daemon=True)
+        self._thread.start()
+        return self
+
+    def serve_forever(self):
+        """Serve until stop() or a shutdown request; then close everything."""
+        self.bind()
+        try:
+            while not self._finished():
+                self._run_once()
+        finally:
+            self._close_everything()
+
+    def stop(self, drain_timeout: float = 0.0):
+        """Stop accepting, give open connections drain_timeout seconds, close
+        everything and wait for the loop to end.  Safe to call twice."""
+        self.request_shutdown(drain_timeout)
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+        elif self.selector is not None and thread is None:
+            self._close_everything()
+
+    def request_shutdown(self, drain_timeout: Optional[float] = None):
+        """Ask the loop to shut down (from any thread or a signal handler);
+        a second request ends the drain at once."""
+        if drain_timeout is None:
+            drain_timeout = self.drain_timeout
+        if self._stop_requested:
+            drain_timeout = 0.0
+        self._stop_requested = True
+        self.call_soon_threadsafe(self._begin_drain, drain_timeout)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc_info):
+        self.stop()
+
+    def stats(self) -> dict:
+        return {"accepted": self.accepted, "active": len(self.connections),
+                "listeners": [format_address(a) for a in self.addresses]}
+
+    # -- the loop ---------------------------------------------------------------
+
+    def _finished(self) -> bool:
+        if self._drain_deadline is None:
+            return False
+        return (not self.connections
+                or time.monotonic() >= self._drain_deadline)
+
+    def _run_once(self):
+        timeout = None
+        if self._ready:
+            timeout = 0
+        elif self._timers:
+            timeout = max(0.0, self._timers[0][0] - time.monotonic())
+        if self._drain_deadline is not None:
+            remaining = max(0.0, self._drain_deadline - time.monotonic())
+            timeout = remaining if timeout is None else min(timeout, remaining)
+        for key, mask in self.selector.select(timeout):
+            key.data(mask)
+        ready = self._ready
+        while ready:
+            function, args = ready.popleft()
+            function(*args)
+        timers = self._timers
+        now = time.monotonic()
+        while timers and timers[0][0] <= now:
+            _, _, function, argument = heapq.heappop(timers)
+            function(argument)
+
+    def call_at(self, when: float, function, argument):
+        """Run function(argument) in the loop at monotonic time when."""
+        heapq.heappush(self._timers, (when, next(self._sequence), function,
+                                      argument))
+
+    def call_soon_threadsafe(self, function, *args):
+        self._ready.append((function, args))
+        writer = self._wakeup_writer
+        if writer is not None:
+            try:
+                writer.send(b"\0")
+            except OSError:
+                pass    # full (a wakeup is pending anyway) or closed
+
+    def deliver(self, callback):
+        """A callable any thread may call with one argument; callback then
+        runs with it in the loop (for resolvers)."""
+        def post(result):
+            self.call_soon_threadsafe(callback, result)
+        return post
+
+    def _on_wakeup(self, mask):
+        try:
+            while self._wakeup_reader.recv(4096):
+                pass
+        except OSError:
+            pass
+
+    def watch(self, sock, old_events: int, new_events: int, callback):
+        """Change what the loop waits for on sock (0 means nothing)."""
+        if old_events == 0:
+            self.selector.register(sock, new_events, callback)
+        elif new_events == 0:
+            self.selector.unregister(sock)
+        else:
+            self.selector.modify(sock, new_events, callback)
+
+    # -- accepting ---------------------------------------------------------------
+
+    def _resume_accepting(self, _=None):
+        if self._accepting or self._drain_deadline is not None:
+            return
+        if len(self.connections) >= self.max_connections:
+            return
+        for listener in self.listeners:
+            self.selector.register(listener, EVENT_READ, self._accept_from)
+        self._accepting = True
+
+    def _pause_accepting(self):
+        if not self._accepting:
+            return
+        for listener in self.listeners:
+            self.selector.unregister(listener)
+        self._accepting = False
+
+    def _accept_from(self, mask):
+        for listener in self.listeners:
+            for _ in range(ACCEPTS_PER_WAKEUP):
+                if len(self.connections) >= self.max_connections:
+                    self._pause_accepting()
+                    return
+                try:
+                    client, peer = listener.accept()
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as error:
+                    self._accept_failed(error)
+                    return
+                self._serve(client, peer)
+
+    def _accept_failed(self, error: OSError):
+        if error.errno in ACCEPT_PAUSE_ERRORS:
+            # Out of descriptors or memory: rest instead of spinning.
+            self._pause_accepting()
+            self.call_at(time.monotonic() + ACCEPT_PAUSE,
+                         self._resume_accepting, None)
+        now = time.monotonic()
+        if now - self._last_accept_error_log >= 1.0:
+            self._last_accept_error_log = now
+            log.warning("accept failed: %s", error)
+
+    def _serve(self, client: socket.socket, peer):
+        client.setblocking(False)
+        if client.family != socket.AF_UNIX:
+            with_nodelay(client)
+        self.accepted += 1
+        try:
+            connection = Connection(self, client, peer, next(self._numbers))
+        except OSError as error:
+            log.warning("cannot serve a new connection: %s", error)
+            client.close()
+            return
+        self.connections.add(connection)
+
+    def connection_closed(self, connection: Connection):
+        self.connections.discard(connection)
+        connection.log_outcome()
+        if not self._accepting:
+            self._resume_accepting()
+
+    # -- shutting down -----------------------------------------------------------
+
+    def _begin_drain(self, drain_timeout: float):
+        if self._drain_deadline is None:
+            log.info("shutting down: %d connection(s) open, %.1f s to finish",
+                     len(self.connections), drain_timeout)
+        self._pause_accepting()
+        deadline = time.monotonic() + drain_timeout
+        if self._drain_deadline is None or deadline < self._drain_deadline:
+            self._drain_deadline = deadline
+
+    def _close_everything(self):
+        selector = self.selector
+        if selector is None:
+            return
+        self._pause_accepting()
+        if self._drain_deadline is None:
+            self._drain_deadline = time.monotonic()    # keeps listeners shut
+        for connection in list(self.connections):
+            connection.outcome += ", cut at shutdown"
+            connection.close()
+        self.selector = None
+        selector.close()
+        for listener in self.listeners:
+            listener.close()
+        for sock in (self._wakeup_reader, self._wakeup_writer):
+            sock.close()
+        self._wakeup_writer = None
+        close = getattr(self.resolver, "close", None)
+        if close is not None:
+            close()
+
+    # -- logging helpers -----------------------------------------------------------
+
+    def scrub(self, destination: str) -> str:
+        """A destination as the log may show it (DECISIONS row 20)."""
+        return destination if self.log_destinations else "[scrubbed]"
+
+    def warn_unsafe_socks(self, version: Version):
+        now = time.monotonic()
+        if now - self._last_unsafe_warning >= 5.0:     # Tor's rate limit
+            self._last_unsafe_warning = now
+            log.warning("a %s client gave only an IP address: the application "
+                        "may be leaking DNS; refused (--safe-socks)",
+                        version.name)
+
+
+def format_address(sockaddr) -> str:
+    if isinstance(sockaddr, str):
+        return "unix:" + sockaddr
+    host, port = sockaddr[0], sockaddr[1]
+    return ("[%s]:%d" if ":" in host else "%s:%d") % (host, port)
+
+
+# =============================================================================
+# Process integration: logging and signals
+# =============================================================================
+
+def configure_logging(level: str):
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(
+        "%(asctime)s torsocksd[%(process)d] %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(level.upper())
+    log.propagate = False
+
+
+def install_signal_handlers(server: Server):
+    """SIGTERM and SIGINT drain the server; a second one ends it at once.
+
+    The handler only asks: the loop wakes through its socketpair and does
+    the work (Python runs handlers in the main thread, between bytecodes).
+    """
+    def on_signal(number, frame):
+        log.info("received %s", signal.Signals(number).name)
+        server.request_shutdown()
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, on_signal)
+
+
+# =============================================================================
+# Command line
+# =============================================================================
+
+EX_USAGE = 64           # sysexits.h
+EX_UNAVAILABLE = 69
+EX_OSERR = 71
+
+EPILOG = """\
+examples:
+  torsocksd                          listen on 127.0.0.1:9050
+  torsocksd --port 1080              listen on 127.0.0.1:1080
+  torsocksd --listen [::1]:9050 --listen 127.0.0.1:9050
+  curl --socks5-hostname 127.0.0.1:9050 http://example.com/
+
+Names are always resolved by torsocksd.  Destinations are written to the
+log as [scrubbed] unless --log-destinations is given.  SIGTERM or SIGINT
+stops accepting and lets open connections finish for --drain-timeout
+seconds; a second signal ends them at once.
+"""
+
+
+def parse_listen(spec: str):
+    """"ADDR:PORT", "[IPv6]:PORT" or "PORT" -> (host, port)."""
+    host, _, port = spec.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise argparse.ArgumentTypeError(
+            "%r: write an IPv6 address in brackets, as [::1]:9050" % spec)
+    try:
+        number = int(port)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r: the port is not a number" % spec)
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError("%r: port out of range" % spec)
+    return (host or DEFAULT_ADDRESS, number)
+
+
+def positive_seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be more than 0 seconds")
+    return value
+
+
+def build_argument_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="torsocksd",
+        description="A SOCKS4/4A/5 server that speaks Tor's SOCKS dialect "
+                    "(RESOLVE, RESOLVE_PTR) and resolves every name itself.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    listen = parser.add_argument_group("where to listen")
+    listen.add_argument("--port", type=int, default=DEFAULT_PORT,
+                        help="port for --address (default %(default)s)")
+    listen.add_argument("--address", default=DEFAULT_ADDRESS,
+                        help="address to listen on (default %(default)s; "
+                             "0.0.0.0 or :: for every interface)")
+    listen.add_argument("--listen", metavar="ADDR:PORT", action="append",
+                        type=parse_listen, default=[],
+                        help="listen here instead; repeatable "
+                             "([::1]:9050 for IPv6)")
+    access = parser.add_argument_group("access")
+    access.add_argument("--credentials", metavar="FILE",
+                        help="file of user:password lines; SOCKS5 clients "
+                             "must then present one (RFC 1929), and SOCKS4 "
+                             "is refused")
+    access.add_argument("--safe-socks", action="store_true",
+                        help="refuse requests that give only an IP address "
+                             "(the client resolved the name itself)")
+    access.add_argument("--test-socks", action="store_true",
+                        help="log for every request whether it was safe "
+                             "(a name) or unsafe (an IP address)")
+    limits = parser.add_argument_group("limits")
+    limits.add_argument("--handshake-timeout", type=positive_seconds,
+                        default=10.0, metavar="SECONDS",
+                        help="time from accept for the whole SOCKS handshake "
+                             "(default %(default)s)")
+    limits.add_argument("--connect-timeout", type=positive_seconds,
+                        default=10.0, metavar="SECONDS",
+                        help="time for a name lookup and for each connect "
+                             "attempt (default %(default)s)")
+    limits.add_argument("--drain-timeout", type=float, default=5.0,
+                        metavar="SECONDS",
+                        help="time open connections get at shutdown "
+                             "(default %(default)s)")
+    limits.add_argument("--max-connections", type=int, metavar="N",
+                        help="connections served at once (default: what the "
+                             "file descriptor limit allows)")
+    limits.add_argument("--resolver-threads", type=int, default=4,
+                        metavar="N",
+                        help="threads for name lookups (default %(default)s)")
+    logs = parser.add_argument_group("logging")
+    logs.add_argument("--log-level", default="info",
+                      choices=["debug", "info", "warning", "error"],
+                      help="default %(default)s: one line per connection")
+    logs.add_argument("--log-destinations", action="store_true",
+                      help="write destinations to the log instead of "
+                           "[scrubbed]")
+    parser.add_argument("--version", action="version",
+                        version="%(prog)s " + __version__)
+    return parser
+
+
+def main(argv=None) -> int:
+    """Run torsocksd with the command line argv (default sys.argv[1:]);
+    return the exit status."""
+    parser = build_argument_parser()
+    options = parser.parse_args(argv)
+    configure_logging(options.log_level)
+    listen = options.listen or [(options.address, options.port)]
+    credentials = None
+    if options.credentials:
+        try:
+            credentials = Credentials.from_file(options.credentials)
+        except (OSError, ValueError) as error:
+            log.error("cannot read credentials: %s", error)
+            return EX_USAGE
+    server = Server(
+        listen,
+        resolver=SystemResolver(workers=options.resolver_threads),
+        handshake_timeout=options.handshake_timeout,
+        connect_timeout=options.connect_timeout,
+        drain_timeout=options.drain_timeout,
+        max_connections=options.max_connections,
+        credentials=credentials,
+        safe_socks=options.safe_socks,
+        test_socks=options.test_socks,
+        log_destinations=options.log_destinations)
+    try:
+        server.bind()
+    except OSError as error:
+        log.error("cannot listen: %s", error)
+        return EX_UNAVAILABLE
+    install_signal_handlers(server)
+    server.serve_forever()
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
