@@ -1,0 +1,223 @@
+"""Shared fixtures: a torsocksd Server hosted in a thread on port 0, loopback
+peers (echo and sink servers), an injectable resolver, and peer programs.
+
+Nothing here touches the machine's DNS for anything but "localhost".
+"""
+
+import ipaddress
+import os
+import shutil
+import socket
+import sys
+import threading
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir))
+
+import torsocksd  # noqa: E402
+
+REQUIRE_PEERS = os.environ.get("TORSOCKSD_REQUIRE_PEERS") == "1"
+TIMEOUT = 10.0      # seconds any single socket operation in a test may take
+
+
+def require_program(name):
+    """The path of a peer program; skip without it, fail under
+    TORSOCKSD_REQUIRE_PEERS=1 (CI installs every peer)."""
+    path = shutil.which(name)
+    if path is None:
+        message = "peer program %r is not installed" % name
+        if REQUIRE_PEERS:
+            pytest.fail(message + " (TORSOCKSD_REQUIRE_PEERS=1)")
+        pytest.skip(message)
+    return path
+
+
+class FakeResolver:
+    """A resolver answering from a dict, for tests: name -> list of address
+    strings (or a torsocksd.Reply to fail with); address -> name for reverse.
+    Answers come from a thread, as the system resolver's do; a name listed in
+    `silent` is never answered (to test lookup deadlines)."""
+
+    def __init__(self, names=None, reverse_names=None, silent=()):
+        self.names = dict(names or {})
+        self.reverse_names = dict(reverse_names or {})
+        self.silent = set(silent)
+        self.queries = []
+
+    def lookup(self, hostname, callback):
+        self.queries.append(hostname)
+        if hostname in self.silent:
+            return None
+        answer = self.names.get(hostname, torsocksd.Reply.HOST_UNREACHABLE)
+        if isinstance(answer, torsocksd.Reply):
+            result = torsocksd.ResolverResult((), answer, "no such test name")
+        else:
+            result = torsocksd.ResolverResult(
+                tuple(ipaddress.ip_address(a) for a in answer))
+        threading.Thread(target=callback, args=(result,)).start()
+        return None
+
+    def reverse(self, address, callback):
+        self.queries.append(str(address))
+        name = self.reverse_names.get(str(address))
+        if name is None:
+            result = torsocksd.ResolverResult(
+                (), torsocksd.Reply.HOST_UNREACHABLE, "no such test address")
+        else:
+            result = torsocksd.ResolverResult((name,))
+        threading.Thread(target=callback, args=(result,)).start()
+        return None
+
+
+@pytest.fixture
+def make_server():
+    """make_server(**options) -> a started torsocksd.Server on 127.0.0.1:0
+    (or options["listen"]); stopped at teardown."""
+    servers = []
+
+    def make(**options):
+        options.setdefault("listen", [("127.0.0.1", 0)])
+        server = torsocksd.Server(**options).start()
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def server(make_server):
+    return make_server()
+
+
+class EchoServer:
+    """A threaded loopback TCP server; each accepted connection is handled by
+    handler(sock) in its own thread (default: echo until EOF, then close)."""
+
+    def __init__(self, handler=None, family=socket.AF_INET, host="127.0.0.1"):
+        self.handler = handler or self.echo
+        self.listener = socket.socket(family, socket.SOCK_STREAM)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind((host, 0))
+        self.listener.listen(128)
+        self.address = self.listener.getsockname()[:2]
+        self.port = self.address[1]
+        self.accepted = []
+        self.threads = []
+        self.closed = False
+        self.acceptor = threading.Thread(target=self._accept_loop, daemon=True)
+        self.acceptor.start()
+
+    @staticmethod
+    def echo(sock):
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            sock.sendall(data)
+
+    def _accept_loop(self):
+        while True:
+            try:
+                sock, peer = self.listener.accept()
+            except OSError:
+                return
+            if self.closed:
+                sock.close()
+                return
+            sock.settimeout(TIMEOUT)
+            self.accepted.append(peer)
+            thread = threading.Thread(target=self._run, args=(sock,),
+                                      daemon=True)
+            self.threads.append(thread)
+            thread.start()
+
+    def _run(self, sock):
+        try:
+            self.handler(sock)
+        except OSError:
+            pass
+        finally:
+            sock.close()
+
+    def close(self):
+        self.closed = True
+        # Wake the acceptor with a connection of our own, then close.
+        try:
+            socket.create_connection(self.address, timeout=1).close()
+        except OSError:
+            pass
+        self.acceptor.join(TIMEOUT)
+        self.listener.close()
+        for thread in self.threads:
+            thread.join(TIMEOUT)
+
+
+@pytest.fixture
+def echo_server():
+    peer = EchoServer()
+    yield peer
+    peer.close()
+
+
+@pytest.fixture
+def make_peer():
+    """make_peer(handler, family=..., host=...) -> an EchoServer with handler."""
+    peers = []
+
+    def make(handler=None, **kwargs):
+        peer = EchoServer(handler, **kwargs)
+        peers.append(peer)
+        return peer
+
+    yield make
+    for peer in peers:
+        peer.close()
+
+
+def free_port():
+    """A loopback TCP port with nothing listening (to get ECONNREFUSED)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def connect(server, timeout=TIMEOUT):
+    """A blocking client socket connected to the server's first listener."""
+    return socket.create_connection(server.address, timeout=timeout)
+
+
+def recv_exactly(sock, size):
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise EOFError("closed after %d of %d bytes: %r"
+                           % (len(data), size, data))
+        data += chunk
+    return data
+
+
+def recv_until_eof(sock, limit=1 << 20):
+    data = b""
+    while len(data) <= limit:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    raise AssertionError("more than %d bytes before EOF" % limit)
+
+
+def socks5_connect_request(host, port):
+    """Greeting (no auth) + CONNECT request bytes for host:port, where host is
+    an IPv4 literal, an IPv6 literal or a name."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        name = host.encode("ascii")
+        target = b"\x03" + bytes([len(name)]) + name
+    else:
+        target = (b"\x01" if address.version == 4 else b"\x04") + address.packed
+    return b"\x05\x01\x00", b"\x05\x01\x00" + target + port.to_bytes(2, "big")
