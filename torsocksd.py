@@ -640,7 +640,8 @@ def is_unsafe_request(version: Version, address_type, command: Command) -> bool:
 # A resolver has lookup(hostname, callback) and reverse(address, callback);
 # each returns a handle with cancel() (or None) and, later, calls callback once
 # with a ResolverResult from any thread: the server moves the call onto its
-# loop.  close() stops it.
+# loop.  Optional: attach(server), called once the loop exists, for a resolver
+# that runs in the loop itself; close(), called when the server stops.
 
 class ResolverResult(NamedTuple):
     answers: tuple                  # ip_address objects, or names for reverse
@@ -933,7 +934,7 @@ class Connection:
         if isinstance(error, (BlockingIOError, InterruptedError)):
             return
         side = "client" if client_side else "target"
-        if self.state is State.RELAYING:
+        if self.state in (State.RELAYING, State.CLOSING):
             self.outcome += ", then %s error: %s" % (
                 side, errno.errorcode.get(error.errno, error))
         else:
@@ -1468,6 +1469,7 @@ class Server:
                  log_destinations: bool = False):
         self.listen = [] if sockets else list(listen)
         self.listeners = list(sockets)
+        self.addresses = []     # where the listeners listen, once bound
         self.resolver = resolver if resolver is not None else SystemResolver()
         self.handshake_timeout = handshake_timeout
         self.connect_timeout = connect_timeout
@@ -1500,11 +1502,7 @@ class Server:
     @property
     def address(self):
         """The (host, port) of the first listener."""
-        return self.listeners[0].getsockname()[:2]
-
-    @property
-    def addresses(self):
-        return [listener.getsockname() for listener in self.listeners]
+        return self.addresses[0][:2]
 
     def bind(self):
         """Create the listeners and the loop's resources (once)."""
@@ -1519,6 +1517,7 @@ class Server:
             self.listeners = []
             raise
         self.listen = []
+        self.addresses = [listener.getsockname() for listener in self.listeners]
         self.selector = selectors.DefaultSelector()
         self.recv_view = memoryview(bytearray(RECV_BUFFER_SIZE))
         self._wakeup_reader, self._wakeup_writer = socket.socketpair()
@@ -1527,6 +1526,9 @@ class Server:
         self.selector.register(self._wakeup_reader, EVENT_READ, self._on_wakeup)
         for listener in self.listeners:
             listener.setblocking(False)
+        attach = getattr(self.resolver, "attach", None)
+        if attach is not None:
+            attach(self)        # a resolver that runs in this loop
         self._resume_accepting()
         for name in self.addresses:
             log.info("listening on %s", format_address(name))
@@ -1714,9 +1716,14 @@ class Server:
             log.info("shutting down: %d connection(s) open, %.1f s to finish",
                      len(self.connections), drain_timeout)
         self._pause_accepting()
+        self._close_listeners()     # new clients get "refused", not a wait
         deadline = time.monotonic() + drain_timeout
         if self._drain_deadline is None or deadline < self._drain_deadline:
             self._drain_deadline = deadline
+
+    def _close_listeners(self):
+        for listener in self.listeners:
+            listener.close()
 
     def _close_everything(self):
         selector = self.selector
@@ -1730,8 +1737,7 @@ class Server:
             connection.close()
         self.selector = None
         selector.close()
-        for listener in self.listeners:
-            listener.close()
+        self._close_listeners()
         for sock in (self._wakeup_reader, self._wakeup_writer):
             sock.close()
         self._wakeup_writer = None

@@ -1,0 +1,93 @@
+"""Run inside a fresh network namespace (unshare -n): torsocks -> torsocksd.
+
+Brings lo up, adds the test host address 192.0.2.10, serves HTTP there,
+starts torsocksd (in this process, with a resolver that knows web.test),
+and has torsocks run a Python fetch of http://web.test:8000/.  Prints what
+was fetched and torsocksd's log lines; exits non-zero on any failure.
+"""
+
+import http.server
+import ipaddress
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir,
+                                os.pardir))
+import torsocksd  # noqa: E402
+
+TEST_HOST = "192.0.2.10"
+
+
+class WebHandler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = ("hello from %s" % TEST_HOST).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+class OneNameResolver:
+    """Knows web.test only; answers from the calling thread (the loop)."""
+
+    def lookup(self, hostname, callback):
+        if hostname == "web.test":
+            callback(torsocksd.ResolverResult(
+                (ipaddress.ip_address(TEST_HOST),)))
+        else:
+            callback(torsocksd.ResolverResult(
+                (), torsocksd.Reply.HOST_UNREACHABLE, "unknown"))
+
+    def reverse(self, address, callback):
+        callback(torsocksd.ResolverResult(
+            (), torsocksd.Reply.HOST_UNREACHABLE, "unknown"))
+
+
+def main():
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    subprocess.run(["ip", "addr", "add", TEST_HOST + "/32", "dev", "lo"],
+                   check=True)
+
+    web = http.server.ThreadingHTTPServer((TEST_HOST, 8000), WebHandler)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    torsocksd.log.addHandler(handler)
+    torsocksd.log.setLevel(logging.INFO)
+
+    server = torsocksd.Server(listen=[("127.0.0.1", 0)],
+                              resolver=OneNameResolver(),
+                              log_destinations=True).start()
+    with tempfile.NamedTemporaryFile("w", suffix=".conf") as conf:
+        conf.write("TorAddress 127.0.0.1\nTorPort %d\n" % server.address[1])
+        conf.flush()
+        env = dict(os.environ, TORSOCKS_CONF_FILE=conf.name)
+        fetch = ("import urllib.request;"
+                 "print(urllib.request.urlopen('http://web.test:8000/',"
+                 " timeout=10).read().decode())")
+        result = subprocess.run(["torsocks", sys.executable, "-c", fetch],
+                                env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, timeout=30,
+                                universal_newlines=True)
+    server.stop()
+    web.shutdown()
+    web.server_close()
+    print("fetched: " + result.stdout.strip())
+    for line in records:
+        print("torsocksd: " + line)
+    if result.returncode != 0:
+        print(result.stderr, file=sys.stderr)
+    return result.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())

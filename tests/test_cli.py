@@ -1,0 +1,152 @@
+"""The command line: defaults, options, signals, exit statuses."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+import torsocksd
+from conftest import TIMEOUT, free_port, recv_exactly, recv_until_eof
+
+SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "torsocksd.py")
+
+
+@pytest.fixture(autouse=True)
+def reap_daemons():
+    yield
+    for daemon in Daemon.started:
+        daemon.kill()
+    Daemon.started.clear()
+
+
+class Daemon:
+    """torsocksd as a child process; waits for its "listening on" lines."""
+    started = []
+
+    def __init__(self, *args, listeners=1):
+        self.process = subprocess.Popen(
+            [sys.executable, SCRIPT, *args], stderr=subprocess.PIPE,
+            universal_newlines=True)
+        Daemon.started.append(self)
+        self.lines = []
+        self.listening = []
+        while len(self.listening) < listeners:
+            line = self.process.stderr.readline()
+            if not line:
+                raise AssertionError("daemon exited: %r" % self.lines)
+            self.lines.append(line)
+            if " listening on " in line:
+                self.listening.append(line.rsplit(" ", 1)[1].strip())
+
+    def kill(self):
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.communicate()
+
+    def finish(self, timeout=TIMEOUT):
+        _, rest = self.process.communicate(timeout=timeout)
+        self.lines.extend(rest.splitlines(True))
+        return self.process.returncode
+
+
+def test_version_and_help():
+    version = subprocess.run([sys.executable, SCRIPT, "--version"],
+                             stdout=subprocess.PIPE, universal_newlines=True)
+    assert version.stdout.strip() == "torsocksd " + torsocksd.__version__
+    helped = subprocess.run([sys.executable, SCRIPT, "--help"],
+                            stdout=subprocess.PIPE, universal_newlines=True)
+    for option in ("--port", "--listen", "--credentials", "--safe-socks",
+                   "--log-destinations", "--handshake-timeout"):
+        assert option in helped.stdout
+
+
+def test_default_address_is_loopback_and_sigterm_exits_cleanly():
+    port = free_port()
+    daemon = Daemon("--port", str(port))
+    assert daemon.listening == ["127.0.0.1:%d" % port]
+    daemon.process.send_signal(signal.SIGTERM)
+    assert daemon.finish() == 0
+    assert not any("Traceback" in line for line in daemon.lines)
+
+
+def test_listen_ipv4_and_ipv6_together():
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    port = free_port()
+    daemon = Daemon("--listen", "127.0.0.1:%d" % port,
+                    "--listen", "[::1]:%d" % port, listeners=2)
+    assert daemon.listening == ["127.0.0.1:%d" % port, "[::1]:%d" % port]
+    with socket.create_connection(("::1", port), timeout=TIMEOUT) as client:
+        # SOCKS5 refusal to a client on IPv6: the 22-byte ATYP 4 form.
+        client.sendall(b"\x05\x01\x00\x05\x02\x00\x01\x7f\x00\x00\x01\x00\x50")
+        assert recv_exactly(client, 2) == b"\x05\x00"
+        assert recv_exactly(client, 22) == b"\x05\x07\x00\x04" + bytes(18)
+    daemon.process.send_signal(signal.SIGINT)
+    assert daemon.finish() == 0
+
+
+def test_sigterm_drains_open_connections_then_second_signal_ends_them(
+        echo_server):
+    daemon = Daemon("--port", str(free_port()), "--drain-timeout", "30",
+                    "--log-destinations")
+    host, port = daemon.listening[0].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=TIMEOUT) as c:
+        c.sendall(b"\x05\x01\x00\x05\x01\x00\x01\x7f\x00\x00\x01"
+                  + echo_server.port.to_bytes(2, "big"))
+        assert recv_exactly(c, 12) == b"\x05\x00\x05\x00\x00\x01" + bytes(6)
+        daemon.process.send_signal(signal.SIGTERM)
+        # The listener closes, but the open connection still relays.
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection((host, int(port)), timeout=1).close()
+            except OSError:
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("listener still open after SIGTERM")
+        c.sendall(b"still here")
+        assert recv_exactly(c, 10) == b"still here"
+        daemon.process.send_signal(signal.SIGTERM)
+        assert recv_until_eof(c) == b""
+    assert daemon.finish() == 0
+    assert any("cut at shutdown" in line for line in daemon.lines)
+
+
+def test_port_in_use_is_an_error():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        result = subprocess.run(
+            [sys.executable, SCRIPT, "--port", str(taken.getsockname()[1])],
+            stderr=subprocess.PIPE, universal_newlines=True, timeout=TIMEOUT)
+    assert result.returncode == 69
+    assert "cannot listen" in result.stderr
+
+
+@pytest.mark.parametrize("spec", ["::1:9050", "127.0.0.1:port",
+                                  "127.0.0.1:70000"])
+def test_bad_listen_is_a_usage_error(spec):
+    result = subprocess.run([sys.executable, SCRIPT, "--listen", spec],
+                            stderr=subprocess.PIPE, universal_newlines=True,
+                            timeout=TIMEOUT)
+    assert result.returncode == 2
+    assert "--listen" in result.stderr
+
+
+def test_destinations_are_scrubbed_by_default(echo_server):
+    daemon = Daemon("--port", str(free_port()))
+    host, port = daemon.listening[0].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=TIMEOUT) as c:
+        c.sendall(b"\x05\x01\x00\x05\x01\x00\x03\x09localhost"
+                  + echo_server.port.to_bytes(2, "big"))
+        assert recv_exactly(c, 12)[:4] == b"\x05\x00\x05\x00"
+    daemon.process.send_signal(signal.SIGTERM)
+    assert daemon.finish() == 0
+    text = "".join(daemon.lines)
+    assert "CONNECT [scrubbed]:%d" % echo_server.port in text
+    assert "localhost" not in text
