@@ -65,6 +65,7 @@ import argparse
 import collections
 import enum
 import errno
+import functools
 import hashlib
 import heapq
 import hmac
@@ -76,6 +77,7 @@ import queue
 import selectors
 import signal
 import socket
+import stat
 import struct
 import sys
 import threading
@@ -624,6 +626,94 @@ def destination_refusal(client_is_local: bool, destination) -> Optional[str]:
     return None
 
 
+def parse_network(text: str):
+    """"192.0.2.0/24", "2001:db8::/32", "192.0.2.7" or "*" -> a network
+    (or None for "*": any address of either family)."""
+    if text == "*":
+        return None
+    if text.startswith("[") and "]" in text:
+        text = text[1:].replace("]", "", 1)
+    return ipaddress.ip_network(text, strict=False)
+
+
+def network_contains(network, address) -> bool:
+    if network is None:
+        return True
+    if getattr(address, "ipv4_mapped", None) is not None:
+        address = address.ipv4_mapped
+    return address.version == network.version and address in network
+
+
+class ClientPolicy:
+    """Which client addresses may connect: --allow / --deny, in order; the
+    first rule that matches decides.  When none matches, a client is let in
+    only if no --allow rule was given.  Checked at accept, before any byte
+    is read."""
+
+    def __init__(self, rules=()):
+        self.rules = [(verdict, parse_network(text)) for verdict, text in rules]
+        self.default = not any(verdict for verdict, _ in self.rules)
+
+    def __bool__(self):
+        return bool(self.rules)
+
+    def permits(self, address) -> bool:
+        for allowed, network in self.rules:
+            if network_contains(network, address):
+                return allowed
+        return self.default
+
+
+class DestinationPolicy:
+    """Where clients may go: an ordered list of "accept|reject ADDR[/MASK]
+    [:PORT[-PORT]]" rules (Tor's exit policy shape), the first match
+    deciding; then the built-in rule for remote clients (DECISIONS row 19);
+    then accept."""
+
+    def __init__(self, rules=()):
+        self.rules = [self.parse_rule(rule) for rule in rules]
+
+    @staticmethod
+    def parse_rule(text: str):
+        verdict, _, target = text.strip().partition(" ")
+        if verdict not in ("accept", "reject") or not target.strip():
+            raise ValueError("%r: a rule is accept|reject ADDR[/MASK]"
+                             "[:PORT[-PORT]]" % text)
+        target = target.strip()
+        low, high = 1, 65535
+        if target.startswith("["):
+            address, _, ports = target[1:].partition("]")
+            ports = ports[1:] if ports.startswith(":") else ports
+        elif target.count(":") == 1:
+            address, _, ports = target.partition(":")
+        else:
+            address, ports = target, ""
+        if ports and ports != "*":
+            first, _, last = ports.partition("-")
+            low, high = int(first), int(last or first)
+        return verdict == "accept", parse_network(address), low, high
+
+    def refusal(self, client_is_local: bool, address, port: int):
+        for accepted, network, low, high in self.rules:
+            if low <= port <= high and network_contains(network, address):
+                return None if accepted else "refused by --policy"
+        return destination_refusal(client_is_local, address)
+
+
+def happy_eyeballs_order(addresses, preferred_version=None):
+    """Alternate the address families (RFC 8305 §4), starting with the
+    preferred version, else with the family of the first answer."""
+    if not addresses:
+        return []
+    first = preferred_version or addresses[0].version
+    primary = [a for a in addresses if a.version == first]
+    secondary = [a for a in addresses if a.version != first]
+    ordered = []
+    for pair in itertools.zip_longest(primary, secondary):
+        ordered.extend(a for a in pair if a is not None)
+    return ordered
+
+
 def is_unsafe_request(version: Version, address_type, command: Command) -> bool:
     """True when the client gave only an IP address, so it resolved the name
     itself and may be leaking DNS (Tor's SafeSocks rule, DECISIONS row 18)."""
@@ -810,9 +900,10 @@ class Connection:
     __slots__ = ("server", "number", "client", "client_family",
                  "client_label", "client_is_local", "target", "state",
                  "version", "handshake", "command", "host", "port",
-                 "candidates", "last_reply", "lookup", "deadline",
+                 "candidates", "attempts", "last_reply", "lookup",
+                 "deadline", "idle_mark",
                  "upstream", "downstream", "client_events", "target_events",
-                 "outcome", "opened", "userid")
+                 "outcome", "opened", "userid", "remote")
 
     def __init__(self, server: "Server", client: socket.socket, peer,
                  number: int):
@@ -830,9 +921,11 @@ class Connection:
         self.host = ""
         self.port = 0
         self.candidates = []
+        self.attempts = ()          # sockets connecting at once
         self.last_reply = Reply.GENERAL_FAILURE
         self.lookup = None
         self.deadline = None
+        self.idle_mark = 0
         self.upstream = _Flow(client, None)     # client -> target
         self.downstream = _Flow(None, client)   # target -> client
         self.client_events = 0
@@ -840,6 +933,7 @@ class Connection:
         self.outcome = "closed during handshake"
         self.opened = time.monotonic()
         self.userid = None
+        self.remote = None          # the remote client address it counts for
         self._set_deadline(server.handshake_timeout)
         self._update_interest()
 
@@ -853,7 +947,7 @@ class Connection:
         if state in SETUP_STATES:
             self._set_deadline(self.server.connect_timeout)
         elif state is State.RELAYING:
-            self._set_deadline(None)
+            self._set_deadline(self.server.idle_timeout)
         elif state is State.CLOSING:
             self._set_deadline(CLOSING_LINGER)
         # The handshake states share the deadline set at accept.
@@ -873,9 +967,17 @@ class Connection:
         elif self.state is State.RESOLVING:
             self._refuse(Reply.TTL_EXPIRED, "name lookup timed out")
         elif self.state is State.CONNECTING:
-            self.last_reply = Reply.TTL_EXPIRED
-            self._drop_target()
-            self._connect_next()
+            self._refuse(Reply.TTL_EXPIRED, "connect timed out")
+        elif self.state is State.RELAYING:
+            # Idle means no byte moved since the last check: re-arming here
+            # instead of on every chunk keeps the relay path free of timers.
+            moved = self.upstream.count + self.downstream.count
+            if moved != self.idle_mark:
+                self.idle_mark = moved
+                self._set_deadline(self.server.idle_timeout)
+            else:
+                self.outcome += ", then idle timeout"
+                self.close()
         else:
             self.close()
         self._update_interest()
@@ -898,13 +1000,10 @@ class Connection:
         if self.state is State.CLOSED:
             return
         try:
-            if self.state is State.CONNECTING:
-                self._connect_finished()
-            else:
-                if mask & EVENT_WRITE:
-                    self._flush(self.upstream)
-                if mask & EVENT_READ and self.state is State.RELAYING:
-                    self._relay(self.downstream)
+            if mask & EVENT_WRITE:
+                self._flush(self.upstream)
+            if mask & EVENT_READ and self.state is State.RELAYING:
+                self._relay(self.downstream)
         except OSError as error:
             self._fail(error, client_side=False)
         self._update_interest()
@@ -1075,8 +1174,7 @@ class Connection:
             if command is Command.RESOLVE:
                 self._answer_resolve((address,))
             else:
-                self.candidates = [address]
-                self._connect_next()
+                self._start_connecting((address,))
         else:
             refusal = special_name_refusal(self.host)
             if refusal:
@@ -1102,69 +1200,117 @@ class Connection:
         elif self.command is Command.RESOLVE:
             self._answer_resolve(result.answers)
         else:
-            self.candidates = list(result.answers[:MAX_CONNECT_ATTEMPTS])
-            self._connect_next()
+            self._start_connecting(result.answers)
         self._update_interest()
 
     def _answer_resolve(self, answers):
-        """RESOLVE answers: the first IPv4 address, else (SOCKS5 only) the
-        first IPv6 one (DECISIONS row 11)."""
-        ipv4 = [a for a in answers if a.version == 4]
+        """RESOLVE answers: the first address of the preferred family (IPv4
+        unless told otherwise), else the first of the other; SOCKS4 carries
+        IPv4 only (DECISIONS row 11)."""
+        usable = self.server.usable_addresses(answers)
         if self.version is Version.SOCKS4:
-            if not ipv4:
-                self._refuse(Reply.HOST_UNREACHABLE,
-                             "no IPv4 answer for a SOCKS4 RESOLVE")
-                return
-            self._answer(socks4_reply(Socks4Reply.GRANTED, ipv4[0].packed),
-                         "answered RESOLVE")
+            usable = [a for a in usable if a.version == 4]
+        if not usable:
+            self._refuse(Reply.HOST_UNREACHABLE, "no answer the client can "
+                         "use (SOCKS4 or --no-ipv6 takes IPv4 only)")
             return
-        best = ipv4[0] if ipv4 else answers[0]
-        self._answer(socks5_address_reply(best), "answered RESOLVE")
+        preferred = self.server.preferred_ip_version or 4
+        best = next((a for a in usable if a.version == preferred), usable[0])
+        if self.version is Version.SOCKS4:
+            self._answer(socks4_reply(Socks4Reply.GRANTED, best.packed),
+                         "answered RESOLVE")
+        else:
+            self._answer(socks5_address_reply(best), "answered RESOLVE")
 
     def _answer(self, reply: bytes, outcome: str):
         self._send_to_client(reply)
         self.outcome = outcome
         self._enter(State.CLOSING)
 
-    # -- connecting -----------------------------------------------------------
+    # -- connecting: Happy Eyeballs (RFC 8305) --------------------------------
 
-    def _connect_next(self):
-        """Try the next candidate address; refuse when none is left."""
+    def _start_connecting(self, addresses):
+        """Connect to the first of addresses that answers.  Attempts start
+        one happy_eyeballs_delay apart (at once when one fails), families
+        alternate, the first connected wins; the whole try has one deadline."""
+        server = self.server
+        addresses = server.usable_addresses(addresses)
+        if not addresses:
+            self._refuse(Reply.NOT_ALLOWED, "IPv6 is off (--no-ipv6)")
+            return
+        self.candidates = happy_eyeballs_order(
+            addresses, server.preferred_ip_version)[:MAX_CONNECT_ATTEMPTS]
+        self.attempts = []
+        self._enter(State.CONNECTING)
+        self._attempt_next()
+
+    def _attempt_next(self):
+        server = self.server
         while self.candidates:
             address = self.candidates.pop(0)
-            refusal = destination_refusal(self.client_is_local, address)
+            refusal = server.destination_refusal(self.client_is_local,
+                                                 address, self.port)
             if refusal:
                 self.last_reply = Reply.NOT_ALLOWED
                 continue
-            family = socket.AF_INET if address.version == 4 else socket.AF_INET6
             try:
-                target = socket.socket(family, socket.SOCK_STREAM)
+                target = server.outbound_socket(address)
+                error_number = target.connect_ex((str(address), self.port))
             except OSError as error:
-                self.last_reply = Reply.GENERAL_FAILURE
-                log.warning("cannot create an outbound socket: %s", error)
-                break
-            target.setblocking(False)
-            error_number = target.connect_ex((str(address), self.port))
-            if error_number in (0, errno.EINPROGRESS):
-                self.target = target
-                self._enter(State.CONNECTING)
-                if error_number == 0:
-                    self._connected()
-                return
+                self.last_reply = reply_for_errno(error.errno)
+                log.warning("cannot open an outbound socket: %s", error)
+                continue
+            if error_number not in (0, errno.EINPROGRESS):
+                target.close()
+                self.last_reply = reply_for_errno(error_number)
+                continue
+            self.attempts.append(target)
+            server.selector.register(target, EVENT_WRITE,
+                                     functools.partial(self._attempt_ready,
+                                                       target))
+            if self.candidates:
+                server.call_at(time.monotonic() + server.happy_eyeballs_delay,
+                               self._attempt_overdue, target)
+            return
+        if not self.attempts:
+            self._refuse(self.last_reply, "could not connect: %s" % (
+                self.last_reply.name.lower().replace("_", " ")))
+
+    def _attempt_overdue(self, target):
+        """An attempt is still pending after the delay: start the next too."""
+        if self.state is State.CONNECTING and target in self.attempts:
+            self._attempt_next()
+            self._update_interest()
+
+    def _attempt_ready(self, target, mask):
+        if self.state is not State.CONNECTING or target not in self.attempts:
+            return
+        error_number = target.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error_number:
+            self.attempts.remove(target)
+            self.server.selector.unregister(target)
             target.close()
             self.last_reply = reply_for_errno(error_number)
-        self._refuse(self.last_reply, "could not connect: %s"
-                     % self.last_reply.name.lower().replace("_", " "))
+            self._attempt_next()
+        else:
+            self.attempts.remove(target)
+            self._abandon_attempts()
+            self.target = target
+            # The winner stays registered; from now on it is the target.
+            self.server.selector.modify(target, EVENT_READ,
+                                        self.on_target_event)
+            self.target_events = EVENT_READ
+            try:
+                self._connected()
+            except OSError as error:
+                self._fail(error, client_side=True)
+        self._update_interest()
 
-    def _connect_finished(self):
-        error_number = self.target.getsockopt(socket.SOL_SOCKET,
-                                              socket.SO_ERROR)
-        if error_number == 0:
-            self._connected()
-            return
-        self.last_reply = reply_for_errno(error_number)
-        self._drop_target()
-        self._connect_next()
+    def _abandon_attempts(self):
+        for attempt in self.attempts:
+            self.server.selector.unregister(attempt)
+            attempt.close()
+        self.attempts = ()
 
     def _drop_target(self):
         if self.target_events:
@@ -1278,6 +1424,8 @@ class Connection:
         if self.lookup is not None:
             self.lookup.cancel()
             self.lookup = None
+        if self.attempts:
+            self._abandon_attempts()
         if self.target is not None:
             self._drop_target()
         self.upstream.pending = bytearray()
@@ -1300,6 +1448,8 @@ class Connection:
         self.client_events = self.target_events = 0
         if self.lookup is not None:
             self.lookup.cancel()
+        if self.attempts:
+            self._abandon_attempts()
         close_socket(self.client, reset_client)
         if self.target is not None:
             close_socket(self.target, reset_target)
@@ -1331,9 +1481,7 @@ class Connection:
                     return
         if downstream.pending:
             client_events |= EVENT_WRITE
-        if state is State.CONNECTING:
-            target_events = EVENT_WRITE
-        elif state is State.RELAYING:
+        if state is State.RELAYING:
             if downstream.reading and len(downstream.pending) < HIGH_WATER:
                 target_events = EVENT_READ
             if upstream.pending:
@@ -1365,12 +1513,7 @@ def describe_peer(family: int, peer):
     """A client's address for the log, and whether it is on this host."""
     if family == socket.AF_UNIX:
         return "unix socket", True
-    host, port = peer[0], peer[1]
-    address = ipaddress.ip_address(host.split("%")[0])
-    if getattr(address, "ipv4_mapped", None) is not None:
-        address = address.ipv4_mapped
-    label = ("[%s]:%d" if family == socket.AF_INET6 else "%s:%d") % (host, port)
-    return label, address.is_loopback
+    return format_address(peer), ip_of(peer[0]).is_loopback
 
 
 def with_nodelay(sock: socket.socket):
@@ -1401,6 +1544,9 @@ ACCEPT_PAUSE = 1.0                  # seconds a listener rests after EMFILE & co
 ACCEPT_PAUSE_ERRORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS,
                                  errno.ENOMEM))
 LISTEN_BACKLOG = 1024
+# Linux values, for Pythons whose socket module lacks the names.
+SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 DEFAULT_PORT = 9050
 DEFAULT_ADDRESS = "127.0.0.1"       # never listen beyond this host unless told
 
@@ -1443,42 +1589,80 @@ class Server:
     """A torsocksd server: listeners, one selectors loop, its connections.
 
     Server(listen=[("127.0.0.1", 9050)], **options) binds nothing until
-    bind(), start() or serve_forever().  start() binds and serves in a
-    background thread, returning once the listeners are bound, so port 0
-    works: .address then tells the port.  stop() is safe to call twice, and
-    the server is a context manager.  Options mirror the command line:
+    bind(), start() or serve_forever().  A listen entry is (host, port) or
+    "unix:/path".  start() binds and serves in a background thread,
+    returning once the listeners are bound, so port 0 works: .address then
+    tells the port.  stop() is safe to call twice, and the server is a
+    context manager.  Options mirror the command line:
 
-    sockets             listening sockets to adopt instead of binding
-    resolver            an object with lookup() and reverse() (see
-                        SystemResolver); default SystemResolver()
-    handshake_timeout   seconds from accept for the whole handshake
-    connect_timeout     seconds for a name lookup, and for each connect
-    drain_timeout       seconds open connections get after a shutdown request
-    max_connections     connections served at once; the listeners pause there
-    credentials         a Credentials object: RFC 1929 becomes mandatory
-    safe_socks          refuse requests that give only an IP address
-    test_socks          log whether each request was safe or unsafe
-    log_destinations    log destinations instead of "[scrubbed]"
+    sockets               listening sockets to adopt instead of binding
+    resolver              an object with lookup() and reverse() (see
+                          SystemResolver); default SystemResolver()
+    handshake_timeout     seconds from accept for the whole handshake
+    connect_timeout       seconds for a name lookup, and for connecting
+    idle_timeout          seconds a relayed connection may sit idle (None:
+                          forever)
+    drain_timeout         seconds open connections get after a shutdown
+    max_connections       connections served at once; the listeners pause
+    max_per_client        connections from one remote address (None: no cap;
+                          never applied to loopback clients)
+    credentials           a Credentials object: RFC 1929 becomes mandatory
+    client_policy         a ClientPolicy (--allow / --deny)
+    destination_policy    a DestinationPolicy (--policy)
+    open_proxy            allow a non-loopback listener with neither a client
+                          policy nor credentials
+    safe_socks            refuse requests that give only an IP address
+    test_socks            log whether each request was safe or unsafe
+    log_destinations      log destinations instead of "[scrubbed]"
+    happy_eyeballs_delay  seconds before the next address is tried too
+    preferred_ip_version  4 or 6: which family to try and answer first
+    ipv6                  False: never connect to or answer with IPv6
+    outbound_addresses    source addresses for outbound connections, at
+                          most one per family
+    outbound_interface    a network interface to send from (SO_BINDTODEVICE)
+    unix_mode             permissions of Unix listening sockets
     """
 
     def __init__(self, listen=((DEFAULT_ADDRESS, DEFAULT_PORT),), *,
                  sockets=(), resolver=None, handshake_timeout: float = 10.0,
-                 connect_timeout: float = 10.0, drain_timeout: float = 5.0,
-                 max_connections: Optional[int] = None, credentials=None,
-                 safe_socks: bool = False, test_socks: bool = False,
-                 log_destinations: bool = False):
+                 connect_timeout: float = 10.0,
+                 idle_timeout: Optional[float] = None,
+                 drain_timeout: float = 5.0,
+                 max_connections: Optional[int] = None,
+                 max_per_client: Optional[int] = None, credentials=None,
+                 client_policy=None, destination_policy=None,
+                 open_proxy: bool = False, safe_socks: bool = False,
+                 test_socks: bool = False, log_destinations: bool = False,
+                 happy_eyeballs_delay: float = 0.25,
+                 preferred_ip_version: Optional[int] = None, ipv6: bool = True,
+                 outbound_addresses=(), outbound_interface: Optional[str] = None,
+                 unix_mode: int = 0o600):
         self.listen = [] if sockets else list(listen)
         self.listeners = list(sockets)
         self.addresses = []     # where the listeners listen, once bound
         self.resolver = resolver if resolver is not None else SystemResolver()
         self.handshake_timeout = handshake_timeout
         self.connect_timeout = connect_timeout
+        self.idle_timeout = idle_timeout
         self.drain_timeout = drain_timeout
         self.max_connections = max_connections or default_max_connections()
+        self.max_per_client = max_per_client
         self.credentials = credentials
+        self.client_policy = client_policy or ClientPolicy()
+        self.destination_policy = destination_policy or DestinationPolicy()
+        self.open_proxy = open_proxy
         self.safe_socks = safe_socks
         self.test_socks = test_socks
         self.log_destinations = log_destinations
+        self.happy_eyeballs_delay = happy_eyeballs_delay
+        self.preferred_ip_version = preferred_ip_version
+        self.ipv6 = ipv6
+        self.outbound_addresses = {}
+        for source in outbound_addresses:
+            self.outbound_addresses[ipaddress.ip_address(source).version] = \
+                str(source)
+        self.outbound_interface = outbound_interface
+        self.unix_mode = unix_mode
 
         self.selector = None
         self.recv_view = None
@@ -1487,15 +1671,17 @@ class Server:
         self._ready = collections.deque()   # calls posted from other threads
         self._wakeup_reader = self._wakeup_writer = None
         self._thread = None
-        self._bound = threading.Event()
         self._stop_requested = False
         self._drain_deadline = None
         self._accepting = False
         self._numbers = itertools.count(1)
         self._last_unsafe_warning = 0.0
         self._last_accept_error_log = 0.0
+        self._unix_paths = []           # Unix listeners to unlink at the end
+        self.per_client = collections.Counter()   # remote address -> open
         self.connections = set()
         self.accepted = 0
+        self.refused_at_accept = 0
 
     # -- life cycle -------------------------------------------------------------
 
@@ -1509,11 +1695,17 @@ class Server:
         if self.selector is not None:
             return
         try:
-            for host, port in self.listen:
-                self.listeners.append(open_listener(host, port))
-        except OSError:
-            for listener in self.listeners:
-                listener.close()
+            for spec in self.listen:
+                if isinstance(spec, str) and spec.startswith("unix:"):
+                    path = spec[len("unix:"):]
+                    self.listeners.append(open_unix_listener(path,
+                                                             self.unix_mode))
+                    self._unix_paths.append(path)
+                else:
+                    self.listeners.append(open_listener(*spec))
+            self._check_exposure()
+        except (OSError, ValueError):
+            self._close_listeners()
             self.listeners = []
             raise
         self.listen = []
@@ -1691,23 +1883,82 @@ class Server:
             log.warning("accept failed: %s", error)
 
     def _serve(self, client: socket.socket, peer):
-        client.setblocking(False)
-        if client.family != socket.AF_UNIX:
-            with_nodelay(client)
         self.accepted += 1
+        remote = None
+        if client.family != socket.AF_UNIX:
+            address = ip_of(peer[0])
+            refusal = self._client_refusal(address)
+            if refusal:
+                self.refused_at_accept += 1
+                log.info("refused %s at accept: %s",
+                         format_address(peer), refusal)
+                client.close()
+                return
+            if not address.is_loopback:
+                remote = address
+            with_nodelay(client)
+        client.setblocking(False)
         try:
             connection = Connection(self, client, peer, next(self._numbers))
         except OSError as error:
             log.warning("cannot serve a new connection: %s", error)
             client.close()
             return
+        connection.remote = remote
+        if remote is not None:
+            self.per_client[remote] += 1
         self.connections.add(connection)
+
+    def _client_refusal(self, address) -> Optional[str]:
+        if not self.client_policy.permits(address):
+            return "not allowed by --allow/--deny"
+        if (self.max_per_client is not None and not address.is_loopback
+                and self.per_client[address] >= self.max_per_client):
+            return "more than %d connections from one address" \
+                % self.max_per_client
+        return None
 
     def connection_closed(self, connection: Connection):
         self.connections.discard(connection)
+        remote = connection.remote
+        if remote is not None:
+            self.per_client[remote] -= 1
+            if not self.per_client[remote]:
+                del self.per_client[remote]
         connection.log_outcome()
         if not self._accepting:
             self._resume_accepting()
+
+    # -- outbound -----------------------------------------------------------------
+
+    def usable_addresses(self, addresses):
+        if self.ipv6:
+            return list(addresses)
+        return [a for a in addresses if a.version == 4]
+
+    def destination_refusal(self, client_is_local: bool, address, port: int):
+        return self.destination_policy.refusal(client_is_local, address, port)
+
+    def outbound_socket(self, address) -> socket.socket:
+        """A non-blocking socket for a connection to address, bound to the
+        outbound address of its family when one is set."""
+        family = socket.AF_INET if address.version == 4 else socket.AF_INET6
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            source = self.outbound_addresses.get(address.version)
+            if source is not None:
+                # Let connect() pick the port: bind() alone would reserve one
+                # per connection and exhaust them.
+                sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+                sock.bind((source, 0))
+            if self.outbound_interface:
+                sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE,
+                                self.outbound_interface.encode())
+        except OSError:
+            sock.close()
+            raise
+        return sock
 
     # -- shutting down -----------------------------------------------------------
 
@@ -1724,6 +1975,27 @@ class Server:
     def _close_listeners(self):
         for listener in self.listeners:
             listener.close()
+        for path in self._unix_paths:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        self._unix_paths = []
+
+    def _check_exposure(self):
+        """Refuse to be an open proxy by accident."""
+        if self.open_proxy or self.client_policy or self.credentials:
+            return
+        for listener in self.listeners:
+            if listener.family not in (socket.AF_INET, socket.AF_INET6):
+                continue
+            host = listener.getsockname()[0]
+            if not ipaddress.ip_address(host.split("%")[0]).is_loopback:
+                raise ValueError(
+                    "refusing to listen on %s without --allow/--deny or "
+                    "--credentials: anyone could use this proxy (give "
+                    "--open-proxy if that is meant)"
+                    % format_address(listener.getsockname()))
 
     def _close_everything(self):
         selector = self.selector
@@ -1758,6 +2030,39 @@ class Server:
             log.warning("a %s client gave only an IP address: the application "
                         "may be leaking DNS; refused (--safe-socks)",
                         version.name)
+
+
+def open_unix_listener(path: str, mode: int) -> socket.socket:
+    """A listening Unix stream socket at path.  A stale socket left by a
+    dead process is replaced; a live one, or any other file, is an error."""
+    if os.path.lexists(path):
+        if not stat_is_socket(path):
+            raise OSError(errno.EEXIST, "not a socket, will not replace", path)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            if probe.connect_ex(path) == 0:
+                raise OSError(errno.EADDRINUSE, "a server listens there", path)
+        os.unlink(path)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(path)
+        os.chmod(path, mode)
+        listener.listen(LISTEN_BACKLOG)
+        listener.setblocking(False)
+    except OSError:
+        listener.close()
+        raise
+    return listener
+
+
+def stat_is_socket(path: str) -> bool:
+    return stat.S_ISSOCK(os.lstat(path).st_mode)
+
+
+def ip_of(host: str):
+    """The address of a socket peer, IPv4-mapped IPv6 made plain IPv4."""
+    address = ipaddress.ip_address(host.split("%")[0])
+    mapped = getattr(address, "ipv4_mapped", None)
+    return mapped if mapped is not None else address
 
 
 def format_address(sockaddr) -> str:
@@ -1815,8 +2120,45 @@ seconds; a second signal ends them at once.
 """
 
 
+class OrderedRule(argparse.Action):
+    """--allow and --deny into one list, in command-line order."""
+
+    def __init__(self, *args, verdict=True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.verdict = verdict
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        try:
+            parse_network(value)
+        except ValueError as error:
+            raise argparse.ArgumentError(self, str(error))
+        rules = list(getattr(namespace, self.dest) or [])
+        rules.append((self.verdict, value))
+        setattr(namespace, self.dest, rules)
+
+
+def policy_rule(text: str) -> str:
+    try:
+        DestinationPolicy.parse_rule(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error))
+    return text
+
+
+def ip_argument(text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error))
+
+
 def parse_listen(spec: str):
-    """"ADDR:PORT", "[IPv6]:PORT" or "PORT" -> (host, port)."""
+    """"ADDR:PORT", "[IPv6]:PORT", "PORT" -> (host, port); "unix:/path"
+    stays as it is."""
+    if spec.startswith("unix:"):
+        if len(spec) == len("unix:"):
+            raise argparse.ArgumentTypeError("%r: no path" % spec)
+        return spec
     host, _, port = spec.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
@@ -1854,8 +2196,29 @@ def build_argument_parser() -> argparse.ArgumentParser:
     listen.add_argument("--listen", metavar="ADDR:PORT", action="append",
                         type=parse_listen, default=[],
                         help="listen here instead; repeatable "
-                             "([::1]:9050 for IPv6)")
+                             "([::1]:9050 for IPv6, unix:/path for a Unix "
+                             "socket)")
     access = parser.add_argument_group("access")
+    access.add_argument("--allow", metavar="CIDR", dest="client_rules",
+                        action=OrderedRule, verdict=True, default=[],
+                        help="let clients from CIDR in (repeatable; --allow "
+                             "and --deny are checked in the order given, the "
+                             "first match wins; with any --allow, others are "
+                             "refused)")
+    access.add_argument("--deny", metavar="CIDR", dest="client_rules",
+                        action=OrderedRule, verdict=False,
+                        help="refuse clients from CIDR (repeatable)")
+    access.add_argument("--policy", metavar="RULE", action="append",
+                        default=[], type=policy_rule,
+                        help='destination rule "accept|reject ADDR[/MASK]'
+                             '[:PORT[-PORT]]" (repeatable, first match '
+                             'wins; ADDR may be *); remote clients may '
+                             'never reach loopback, link-local, unspecified '
+                             'or multicast addresses unless a rule accepts '
+                             'them')
+    access.add_argument("--open-proxy", action="store_true",
+                        help="allow a non-loopback listener without --allow, "
+                             "--deny or --credentials")
     access.add_argument("--credentials", metavar="FILE",
                         help="file of user:password lines; SOCKS5 clients "
                              "must then present one (RFC 1929), and SOCKS4 "
@@ -1873,8 +2236,15 @@ def build_argument_parser() -> argparse.ArgumentParser:
                              "(default %(default)s)")
     limits.add_argument("--connect-timeout", type=positive_seconds,
                         default=10.0, metavar="SECONDS",
-                        help="time for a name lookup and for each connect "
-                             "attempt (default %(default)s)")
+                        help="time for a name lookup, and for connecting "
+                             "(default %(default)s)")
+    limits.add_argument("--idle-timeout", type=positive_seconds,
+                        metavar="SECONDS",
+                        help="close relayed connections idle this long "
+                             "(default: never)")
+    limits.add_argument("--max-per-client", type=int, metavar="N",
+                        help="connections from one remote address (default: "
+                             "no cap; loopback clients are never capped)")
     limits.add_argument("--drain-timeout", type=float, default=5.0,
                         metavar="SECONDS",
                         help="time open connections get at shutdown "
@@ -1885,6 +2255,32 @@ def build_argument_parser() -> argparse.ArgumentParser:
     limits.add_argument("--resolver-threads", type=int, default=4,
                         metavar="N",
                         help="threads for name lookups (default %(default)s)")
+    outbound = parser.add_argument_group("outbound connections")
+    outbound.add_argument("--outbound-address", metavar="ADDR",
+                          action="append", default=[], type=ip_argument,
+                          help="source address for outbound connections, one "
+                               "per family (repeatable)")
+    outbound.add_argument("--outbound-interface", metavar="NAME",
+                          help="send outbound connections through this "
+                               "interface (SO_BINDTODEVICE; needs privilege)")
+    family = outbound.add_mutually_exclusive_group()
+    family.add_argument("--prefer-ipv6", dest="preferred_ip_version",
+                        action="store_const", const=6,
+                        help="try IPv6 addresses first and answer RESOLVE "
+                             "with IPv6 when there is one")
+    family.add_argument("--prefer-ipv4", dest="preferred_ip_version",
+                        action="store_const", const=4,
+                        help="try IPv4 addresses first (the default for "
+                             "RESOLVE; connects follow the resolver's order)")
+    family.add_argument("--no-ipv6", action="store_true",
+                        help="never connect to or answer with IPv6")
+    outbound.add_argument("--happy-eyeballs-delay", type=float, default=0.25,
+                          metavar="SECONDS",
+                          help="wait this long for an address before trying "
+                               "the next one as well (default %(default)s)")
+    listen.add_argument("--unix-mode", type=lambda text: int(text, 8),
+                        default=0o600, metavar="MODE",
+                        help="permissions of unix: listeners (default 600)")
     logs = parser.add_argument_group("logging")
     logs.add_argument("--log-level", default="info",
                       choices=["debug", "info", "warning", "error"],
@@ -1916,14 +2312,28 @@ def main(argv=None) -> int:
         resolver=SystemResolver(workers=options.resolver_threads),
         handshake_timeout=options.handshake_timeout,
         connect_timeout=options.connect_timeout,
+        idle_timeout=options.idle_timeout,
         drain_timeout=options.drain_timeout,
         max_connections=options.max_connections,
+        max_per_client=options.max_per_client,
         credentials=credentials,
+        client_policy=ClientPolicy(options.client_rules),
+        destination_policy=DestinationPolicy(options.policy),
+        open_proxy=options.open_proxy,
         safe_socks=options.safe_socks,
         test_socks=options.test_socks,
-        log_destinations=options.log_destinations)
+        log_destinations=options.log_destinations,
+        happy_eyeballs_delay=options.happy_eyeballs_delay,
+        preferred_ip_version=options.preferred_ip_version,
+        ipv6=not options.no_ipv6,
+        outbound_addresses=options.outbound_address,
+        outbound_interface=options.outbound_interface,
+        unix_mode=options.unix_mode)
     try:
         server.bind()
+    except ValueError as error:
+        log.error("%s", error)
+        return EX_USAGE
     except OSError as error:
         log.error("cannot listen: %s", error)
         return EX_UNAVAILABLE
