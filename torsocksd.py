@@ -72,6 +72,7 @@ import hmac
 import ipaddress
 import itertools
 import logging
+import logging.handlers
 import os
 import queue
 import selectors
@@ -898,12 +899,12 @@ class Connection:
     by hand.
     """
     __slots__ = ("server", "number", "client", "client_family",
-                 "client_label", "client_is_local", "target", "state",
-                 "version", "handshake", "command", "host", "port",
-                 "candidates", "attempts", "last_reply", "lookup",
-                 "deadline", "idle_mark",
+                 "client_label", "client_is_local", "remote", "target",
+                 "state", "version", "handshake", "handshake_received",
+                 "command", "host", "port", "userid", "candidates",
+                 "attempts", "last_reply", "lookup", "deadline", "idle_mark",
                  "upstream", "downstream", "client_events", "target_events",
-                 "outcome", "opened", "userid", "remote")
+                 "outcome", "opened")
 
     def __init__(self, server: "Server", client: socket.socket, peer,
                  number: int):
@@ -917,6 +918,7 @@ class Connection:
         self.state = State.GREETING
         self.version = None
         self.handshake = bytearray()
+        self.handshake_received = 0
         self.command = None
         self.host = ""
         self.port = 0
@@ -1013,12 +1015,15 @@ class Connection:
         if state is State.RELAYING:
             self._relay(self.upstream)
         elif state in HANDSHAKE_STATES:
-            room = MAX_HANDSHAKE_BYTES - len(self.handshake)
-            data = self.client.recv(max(room, 1))
+            # The whole handshake gets MAX_HANDSHAKE_BYTES; what follows a
+            # request stays in the kernel until the relay reads it.
+            room = MAX_HANDSHAKE_BYTES - self.handshake_received
+            data = self.client.recv(room)
             if not data:
                 self.outcome = "client closed during handshake"
                 self.close()
                 return
+            self.handshake_received += len(data)
             self.handshake += data
             self._process_handshake()
         elif state in SETUP_STATES:
@@ -1051,7 +1056,7 @@ class Connection:
         while self.state in HANDSHAKE_STATES and self.handshake:
             result = self._parse_next()
             if result is NEED_MORE:
-                if len(self.handshake) >= MAX_HANDSHAKE_BYTES:
+                if self.handshake_received >= MAX_HANDSHAKE_BYTES:
                     self._refuse(Reply.GENERAL_FAILURE,
                                  "handshake longer than %d bytes"
                                  % MAX_HANDSHAKE_BYTES)
@@ -1621,6 +1626,8 @@ class Server:
                           most one per family
     outbound_interface    a network interface to send from (SO_BINDTODEVICE)
     unix_mode             permissions of Unix listening sockets
+    exit_when_idle        seconds without a connection after which
+                          serve_forever() returns (inetd "wait")
     """
 
     def __init__(self, listen=((DEFAULT_ADDRESS, DEFAULT_PORT),), *,
@@ -1636,7 +1643,8 @@ class Server:
                  happy_eyeballs_delay: float = 0.25,
                  preferred_ip_version: Optional[int] = None, ipv6: bool = True,
                  outbound_addresses=(), outbound_interface: Optional[str] = None,
-                 unix_mode: int = 0o600):
+                 unix_mode: int = 0o600,
+                 exit_when_idle: Optional[float] = None):
         self.listen = [] if sockets else list(listen)
         self.listeners = list(sockets)
         self.addresses = []     # where the listeners listen, once bound
@@ -1663,6 +1671,7 @@ class Server:
                 str(source)
         self.outbound_interface = outbound_interface
         self.unix_mode = unix_mode
+        self.exit_when_idle = exit_when_idle
 
         self.selector = None
         self.recv_view = None
@@ -1679,9 +1688,12 @@ class Server:
         self._last_accept_error_log = 0.0
         self._unix_paths = []           # Unix listeners to unlink at the end
         self.per_client = collections.Counter()   # remote address -> open
+        self._exit_when_done = False
+        self._last_busy = time.monotonic()
         self.connections = set()
         self.accepted = 0
         self.refused_at_accept = 0
+        self.relayed_bytes = 0
 
     # -- life cycle -------------------------------------------------------------
 
@@ -1769,12 +1781,43 @@ class Server:
         self.stop()
 
     def stats(self) -> dict:
+        """Counters since start: connections accepted, open now, refused at
+        accept, and bytes relayed by connections that have closed."""
         return {"accepted": self.accepted, "active": len(self.connections),
+                "refused_at_accept": self.refused_at_accept,
+                "relayed_bytes": self.relayed_bytes,
                 "listeners": [format_address(a) for a in self.addresses]}
+
+    def reload(self, credentials_path: Optional[str] = None):
+        """Re-read what can change without dropping a connection (SIGHUP):
+        the credentials file.  A file that does not parse keeps the old."""
+        if credentials_path:
+            try:
+                self.credentials = Credentials.from_file(credentials_path)
+            except (OSError, ValueError) as error:
+                log.error("reload: keeping the old credentials: %s", error)
+            else:
+                log.info("reload: credentials re-read from %s",
+                         credentials_path)
 
     # -- the loop ---------------------------------------------------------------
 
+    def serve_connection(self, client: socket.socket):
+        """Serve one connected client (inetd "nowait", systemd Accept=yes)
+        until it is done, then close everything."""
+        self.bind()
+        self._exit_when_done = True
+        peer = client.getpeername()
+        self._serve(client, peer)
+        self.serve_forever()
+
     def _finished(self) -> bool:
+        if self._exit_when_done and not self.connections:
+            return True
+        if self.exit_when_idle is not None and not self.connections:
+            if time.monotonic() - self._last_busy >= self.exit_when_idle:
+                log.info("idle for %.0f s: exiting", self.exit_when_idle)
+                return True
         if self._drain_deadline is None:
             return False
         return (not self.connections
@@ -1786,8 +1829,11 @@ class Server:
             timeout = 0
         elif self._timers:
             timeout = max(0.0, self._timers[0][0] - time.monotonic())
-        if self._drain_deadline is not None:
-            remaining = max(0.0, self._drain_deadline - time.monotonic())
+        wake_at = self._drain_deadline
+        if self.exit_when_idle is not None and not self.connections:
+            wake_at = self._last_busy + self.exit_when_idle
+        if wake_at is not None:
+            remaining = max(0.0, wake_at - time.monotonic())
             timeout = remaining if timeout is None else min(timeout, remaining)
         for key, mask in self.selector.select(timeout):
             key.data(mask)
@@ -1920,6 +1966,9 @@ class Server:
 
     def connection_closed(self, connection: Connection):
         self.connections.discard(connection)
+        self._last_busy = time.monotonic()
+        self.relayed_bytes += connection.upstream.count \
+            + connection.downstream.count
         remote = connection.remote
         if remote is not None:
             self.per_client[remote] -= 1
@@ -2076,26 +2125,142 @@ def format_address(sockaddr) -> str:
 # Process integration: logging and signals
 # =============================================================================
 
-def configure_logging(level: str):
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(
-        "%(asctime)s torsocksd[%(process)d] %(levelname)s %(message)s"))
+LOG_FORMAT = "%(asctime)s torsocksd[%(process)d] %(levelname)s %(message)s"
+SYSLOG_FORMAT = "torsocksd[%(process)d]: %(levelname)s %(message)s"
+
+
+def configure_logging(level: str, log_file: Optional[str] = None,
+                      use_syslog: bool = False):
+    """Log to a file, to syslog, or to stderr.  Returns the handler so that
+    SIGHUP can reopen a file that logrotate moved away."""
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+        handler.close()
+    if log_file:
+        handler = logging.FileHandler(log_file)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    elif use_syslog:
+        handler = logging.handlers.SysLogHandler(
+            address="/dev/log" if os.path.exists("/dev/log") else "/var/run/syslog",
+            facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+        handler.setFormatter(logging.Formatter(SYSLOG_FORMAT))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
     log.addHandler(handler)
     log.setLevel(level.upper())
     log.propagate = False
+    return handler
 
 
-def install_signal_handlers(server: Server):
-    """SIGTERM and SIGINT drain the server; a second one ends it at once.
+SD_LISTEN_FDS_START = 3     # sd_listen_fds(3)
 
-    The handler only asks: the loop wakes through its socketpair and does
-    the work (Python runs handlers in the main thread, between bytecodes).
+
+def socket_activation():
+    """Sockets passed by systemd (LISTEN_PID, LISTEN_FDS), without
+    libsystemd: (listeners, connections).  The variables are unset and the
+    descriptors made close-on-exec, as sd_listen_fds() does.  A passed
+    socket that is connected, not listening, is an Accept=yes instance."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return [], []
+    try:
+        count = int(os.environ.get("LISTEN_FDS", "0"))
+    except ValueError:
+        count = 0
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)
+    listeners, connections = [], []
+    for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count):
+        os.set_inheritable(fd, False)
+        sock = socket.socket(fileno=fd)
+        if sock.type != socket.SOCK_STREAM:
+            sock.close()
+            raise ValueError("socket activation passed fd %d, which is not "
+                             "a stream socket" % fd)
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            listeners.append(sock)
+        else:
+            connections.append(sock)
+    return listeners, connections
+
+
+def sd_notify(message: str):
+    """Tell systemd (Type=notify) how we are: READY=1, STOPPING=1, STATUS=.
+    Advisory: without NOTIFY_SOCKET, or when sending fails, nothing happens."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address or not address.startswith(("/", "@")):
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]       # abstract namespace
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(message.encode(), address)
+    except OSError as error:
+        log.debug("sd_notify failed: %s", error)
+
+
+def raise_file_limit():
+    """Soft RLIMIT_NOFILE up to the hard limit: each connection needs two."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, OSError, ValueError) as error:
+        log.debug("cannot raise the file limit: %s", error)
+
+
+def drop_privileges(user: str):
+    """Become user (its groups, then its gid, then its uid) and check that
+    there is no way back."""
+    import pwd
+    entry = pwd.getpwnam(user)
+    os.setgroups(os.getgrouplist(entry.pw_name, entry.pw_gid))
+    os.setgid(entry.pw_gid)
+    os.setuid(entry.pw_uid)
+    if entry.pw_uid != 0:
+        try:
+            os.setuid(0)
+        except OSError:
+            pass
+        else:
+            raise OSError(errno.EPERM, "could regain root after dropping it")
+    log.info("running as %s (uid %d, gid %d)", user, entry.pw_uid,
+             entry.pw_gid)
+
+
+def install_signal_handlers(server: Server, on_reload):
+    """SIGTERM and SIGINT drain the server, a second one ends it at once;
+    SIGHUP calls on_reload(); SIGUSR1 logs one line of statistics.
+
+    The handlers only post work: the loop wakes through its socketpair and
+    does it (Python runs handlers in the main thread, between bytecodes).
     """
-    def on_signal(number, frame):
+    def on_stop(number, frame):
         log.info("received %s", signal.Signals(number).name)
+        sd_notify("STOPPING=1")
         server.request_shutdown()
+
+    def on_hangup(number, frame):
+        server.call_soon_threadsafe(on_reload)
+
+    def on_usr1(number, frame):
+        server.call_soon_threadsafe(log_statistics, server)
+
     for number in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(number, on_signal)
+        signal.signal(number, on_stop)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, on_hangup)
+    if hasattr(signal, "SIGUSR1"):
+        signal.signal(signal.SIGUSR1, on_usr1)
+
+
+def log_statistics(server: Server):
+    stats = server.stats()
+    log.info("statistics: %d accepted, %d open, %d refused at accept, "
+             "%d bytes relayed by closed connections", stats["accepted"],
+             stats["active"], stats["refused_at_accept"],
+             stats["relayed_bytes"])
 
 
 # =============================================================================
@@ -2281,10 +2446,28 @@ def build_argument_parser() -> argparse.ArgumentParser:
     listen.add_argument("--unix-mode", type=lambda text: int(text, 8),
                         default=0o600, metavar="MODE",
                         help="permissions of unix: listeners (default 600)")
+    process = parser.add_argument_group("process")
+    process.add_argument("--inetd", action="store_true",
+                         help='inetd "nowait": fd 0 is one connected client; '
+                              "serve it and exit (logs go to syslog unless "
+                              "--log-file)")
+    process.add_argument("--inetd-wait", action="store_true",
+                         help='inetd "wait": fd 0 is the listening socket; '
+                              "exit after --idle-exit seconds without a "
+                              "connection")
+    process.add_argument("--idle-exit", type=positive_seconds, default=60.0,
+                         metavar="SECONDS",
+                         help="with --inetd-wait (default %(default)s)")
+    process.add_argument("--user", metavar="NAME",
+                         help="drop privileges to this user after binding")
     logs = parser.add_argument_group("logging")
     logs.add_argument("--log-level", default="info",
                       choices=["debug", "info", "warning", "error"],
                       help="default %(default)s: one line per connection")
+    logs.add_argument("--log-file", metavar="PATH",
+                      help="log to this file (reopened on SIGHUP)")
+    logs.add_argument("--syslog", action="store_true",
+                      help="log to syslog (facility daemon)")
     logs.add_argument("--log-destinations", action="store_true",
                       help="write destinations to the log instead of "
                            "[scrubbed]")
@@ -2298,8 +2481,26 @@ def main(argv=None) -> int:
     return the exit status."""
     parser = build_argument_parser()
     options = parser.parse_args(argv)
-    configure_logging(options.log_level)
-    listen = options.listen or [(options.address, options.port)]
+    inetd = options.inetd or options.inetd_wait
+    # Under inetd, stdout and stderr may be the client's socket.
+    configure_logging(options.log_level, options.log_file,
+                      options.syslog or (inetd and not options.log_file))
+    raise_file_limit()
+    try:
+        listeners, connections = socket_activation()
+    except (OSError, ValueError) as error:
+        log.error("socket activation: %s", error)
+        return EX_USAGE
+    passed = listeners or connections
+    if passed and (options.listen or inetd):
+        parser.error("sockets came from systemd (LISTEN_FDS); --listen, "
+                     "--inetd and --inetd-wait cannot be added to them")
+    if options.inetd and options.inetd_wait:
+        parser.error("--inetd and --inetd-wait exclude each other")
+    if options.inetd:
+        connections = [socket.socket(fileno=0)]
+    elif options.inetd_wait:
+        listeners = [socket.socket(fileno=0)]
     credentials = None
     if options.credentials:
         try:
@@ -2308,7 +2509,8 @@ def main(argv=None) -> int:
             log.error("cannot read credentials: %s", error)
             return EX_USAGE
     server = Server(
-        listen,
+        options.listen or [(options.address, options.port)],
+        sockets=listeners,
         resolver=SystemResolver(workers=options.resolver_threads),
         handshake_timeout=options.handshake_timeout,
         connect_timeout=options.connect_timeout,
@@ -2319,7 +2521,7 @@ def main(argv=None) -> int:
         credentials=credentials,
         client_policy=ClientPolicy(options.client_rules),
         destination_policy=DestinationPolicy(options.policy),
-        open_proxy=options.open_proxy,
+        open_proxy=options.open_proxy or bool(connections),
         safe_socks=options.safe_socks,
         test_socks=options.test_socks,
         log_destinations=options.log_destinations,
@@ -2328,16 +2530,34 @@ def main(argv=None) -> int:
         ipv6=not options.no_ipv6,
         outbound_addresses=options.outbound_address,
         outbound_interface=options.outbound_interface,
-        unix_mode=options.unix_mode)
+        unix_mode=options.unix_mode,
+        exit_when_idle=options.idle_exit if options.inetd_wait else None)
+    if connections:
+        server.listen = []      # one client, no listener of our own
     try:
         server.bind()
+        if options.user:
+            drop_privileges(options.user)
     except ValueError as error:
         log.error("%s", error)
         return EX_USAGE
-    except OSError as error:
-        log.error("cannot listen: %s", error)
+    except (OSError, KeyError) as error:
+        log.error("cannot start: %s", error)
         return EX_UNAVAILABLE
-    install_signal_handlers(server)
+
+    def reload():
+        if options.log_file:
+            configure_logging(options.log_level, options.log_file)
+        server.reload(options.credentials)
+
+    install_signal_handlers(server, reload)
+    if connections:
+        for extra in connections[1:]:
+            extra.close()
+        server.serve_connection(connections[0])
+        return 0
+    sd_notify("READY=1\nSTATUS=accepting on %s"
+              % ", ".join(server.stats()["listeners"]))
     server.serve_forever()
     log.info("stopped")
     return 0

@@ -125,7 +125,7 @@ def test_port_in_use_is_an_error():
             [sys.executable, SCRIPT, "--port", str(taken.getsockname()[1])],
             stderr=subprocess.PIPE, universal_newlines=True, timeout=TIMEOUT)
     assert result.returncode == 69
-    assert "cannot listen" in result.stderr
+    assert "cannot start" in result.stderr
 
 
 @pytest.mark.parametrize("spec", ["::1:9050", "127.0.0.1:port",
