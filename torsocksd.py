@@ -1702,9 +1702,10 @@ class Server:
         """The (host, port) of the first listener."""
         return self.addresses[0][:2]
 
-    def bind(self):
-        """Create the listeners and the loop's resources (once)."""
-        if self.selector is not None:
+    def open_listeners(self):
+        """Create the listeners given by listen (once); refuse an exposed
+        listener that has no client policy or credentials."""
+        if not self.listen:
             return
         try:
             for spec in self.listen:
@@ -1721,6 +1722,12 @@ class Server:
             self.listeners = []
             raise
         self.listen = []
+
+    def bind(self):
+        """Create the listeners and the loop's resources (once)."""
+        if self.selector is not None:
+            return
+        self.open_listeners()
         self.addresses = [listener.getsockname() for listener in self.listeners]
         self.selector = selectors.DefaultSelector()
         self.recv_view = memoryview(bytearray(RECV_BUFFER_SIZE))
@@ -2255,6 +2262,71 @@ def install_signal_handlers(server: Server, on_reload):
         signal.signal(signal.SIGUSR1, on_usr1)
 
 
+WORKER_RESTART_PAUSE = 1.0      # seconds between restarts of a crashing worker
+
+
+def run_workers(server: Server, count: int, on_reload) -> int:
+    """Serve with count worker processes that share server's listeners.
+
+    The parent binds, forks, passes TERM, INT, HUP and USR1 on to the
+    workers and restarts one that dies, until it is told to stop.
+    """
+    server.open_listeners()
+    workers = {}            # pid -> when it started
+    stopping = False
+
+    def spawn():
+        pid = os.fork()
+        if pid == 0:
+            status = 1
+            try:
+                server._unix_paths = []     # the parent removes them
+                install_signal_handlers(server, on_reload)
+                server.serve_forever()
+                status = 0
+            except BaseException:
+                log.exception("worker %d failed", os.getpid())
+            finally:
+                logging.shutdown()
+                os._exit(status)
+        workers[pid] = time.monotonic()
+
+    def pass_on(number, frame):
+        nonlocal stopping
+        if number in (signal.SIGTERM, signal.SIGINT):
+            stopping = True
+            sd_notify("STOPPING=1")
+        for pid in workers:
+            try:
+                os.kill(pid, number)
+            except ProcessLookupError:
+                pass
+
+    for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
+                   signal.SIGUSR1):
+        signal.signal(number, pass_on)
+    for _ in range(count):
+        spawn()
+    log.info("%d workers started", count)
+    sd_notify("READY=1\nSTATUS=%d workers" % count)
+    while workers:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        started = workers.pop(pid, None)
+        if started is None or stopping:
+            continue
+        log.warning("worker %d ended (wait status %d); starting another",
+                    pid, status)
+        if time.monotonic() - started < WORKER_RESTART_PAUSE:
+            time.sleep(WORKER_RESTART_PAUSE)    # no fork storm
+        if not stopping:
+            spawn()
+    server._close_listeners()
+    return 0
+
+
 def log_statistics(server: Server):
     stats = server.stats()
     log.info("statistics: %d accepted, %d open, %d refused at accept, "
@@ -2458,6 +2530,9 @@ def build_argument_parser() -> argparse.ArgumentParser:
     process.add_argument("--idle-exit", type=positive_seconds, default=60.0,
                          metavar="SECONDS",
                          help="with --inetd-wait (default %(default)s)")
+    process.add_argument("--workers", type=int, default=1, metavar="N",
+                         help="worker processes sharing the listeners "
+                              "(default %(default)s)")
     process.add_argument("--user", metavar="NAME",
                          help="drop privileges to this user after binding")
     logs = parser.add_argument_group("logging")
@@ -2535,7 +2610,10 @@ def main(argv=None) -> int:
     if connections:
         server.listen = []      # one client, no listener of our own
     try:
-        server.bind()
+        if options.workers > 1 and not connections:
+            server.open_listeners()
+        else:
+            server.bind()
         if options.user:
             drop_privileges(options.user)
     except ValueError as error:
@@ -2550,6 +2628,8 @@ def main(argv=None) -> int:
             configure_logging(options.log_level, options.log_file)
         server.reload(options.credentials)
 
+    if options.workers > 1 and not connections:
+        return run_workers(server, options.workers, reload)
     install_signal_handlers(server, reload)
     if connections:
         for extra in connections[1:]:

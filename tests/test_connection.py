@@ -1,0 +1,949 @@
+"""The connection state machine over real loopback sockets, byte for byte.
+
+A torsocksd Server runs in a thread (conftest's make_server); clients are
+plain blocking sockets with a timeout; targets are conftest's threaded
+EchoServer.  Every test drives one transition of a Connection (handshake,
+authentication, resolving, connecting, relaying, closing) and checks every
+byte the client receives, then how the connection ends.
+
+Only loopback addresses and "localhost"; every other name goes through
+FakeResolver.
+"""
+
+import ipaddress
+import socket
+import threading
+import time
+
+import pytest
+
+import torsocksd
+from conftest import (TIMEOUT, FakeResolver, connect, free_port, recv_exactly,
+                      recv_until_eof, socks5_connect_request)
+
+
+# -- the bytes ----------------------------------------------------------------
+
+GREETING_NO_AUTH = b"\x05\x01\x00"
+GREETING_USERPASS = b"\x05\x01\x02"
+METHOD_NO_AUTH = b"\x05\x00"
+METHOD_USERPASS = b"\x05\x02"
+METHOD_NONE = b"\x05\xff"
+AUTH_OK = b"\x01\x00"
+AUTH_FAILED = b"\x01\x01"
+SOCKS4_GRANTED = b"\x00\x5a" + bytes(6)
+SOCKS4_REJECTED = b"\x00\x5b" + bytes(6)
+
+CONNECT, BIND, UDP_ASSOCIATE = 0x01, 0x02, 0x03
+RESOLVE, RESOLVE_PTR = 0xF0, 0xF1
+
+
+def socks5_reply(code, ipv6_client=False):
+    """VER REP RSV ATYP, zero BND.ADDR, zero BND.PORT: 10 or 22 bytes."""
+    if ipv6_client:
+        return bytes((5, code, 0, 4)) + bytes(16) + bytes(2)
+    return bytes((5, code, 0, 1)) + bytes(4) + bytes(2)
+
+
+SOCKS5_OK = socks5_reply(0x00)
+
+
+def userpass(username, password):
+    return (b"\x01" + bytes([len(username)]) + username
+            + bytes([len(password)]) + password)
+
+
+def socks5_request(command, host, port):
+    """A SOCKS5 request: ATYP 1 or 4 for an IP literal, ATYP 3 otherwise.
+    (A bytes host is always sent as ATYP 3.)"""
+    if isinstance(host, bytes):
+        name = host
+    else:
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            name = host.encode("ascii")
+        else:
+            atyp = b"\x01" if address.version == 4 else b"\x04"
+            return (bytes((5, command, 0)) + atyp + address.packed
+                    + port.to_bytes(2, "big"))
+    return (bytes((5, command, 0, 3, len(name))) + name
+            + port.to_bytes(2, "big"))
+
+
+def socks4_request(command, address, port, userid=b""):
+    return (bytes((4, command)) + port.to_bytes(2, "big")
+            + ipaddress.IPv4Address(address).packed + userid + b"\0")
+
+
+def socks4a_request(command, name, port, userid=b""):
+    return (bytes((4, command)) + port.to_bytes(2, "big") + b"\0\0\0\x01"
+            + userid + b"\0" + name.encode("ascii") + b"\0")
+
+
+def send_byte_by_byte(sock, data):
+    for byte in data:
+        assert sock.send(bytes([byte])) == 1
+
+
+def assert_reply(sock, expected):
+    assert recv_exactly(sock, len(expected)) == expected
+
+
+def assert_closed_after(sock, *replies):
+    """Exactly these replies, in order, then EOF."""
+    for reply in replies:
+        assert_reply(sock, reply)
+    assert recv_until_eof(sock) == b""
+
+
+def assert_echo(sock, payload=b"ping through torsocksd"):
+    sock.sendall(payload)
+    assert recv_exactly(sock, len(payload)) == payload
+
+
+def open_socks5_tunnel(server, host, port):
+    """A client with a SOCKS5 CONNECT tunnel up (reply checked)."""
+    sock = connect(server)
+    try:
+        greeting, request = socks5_connect_request(host, port)
+        sock.sendall(greeting)
+        assert_reply(sock, METHOD_NO_AUTH)
+        sock.sendall(request)
+        assert_reply(sock, SOCKS5_OK)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def ipv6_loopback_available():
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+needs_ipv6 = pytest.mark.skipif(not ipv6_loopback_available(),
+                                reason="no IPv6 loopback (::1) here")
+
+
+# -- GREETING/REQUESTING -> CONNECTING -> RELAYING, fragmented ----------------
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "echo.test"])
+def test_socks5_handshake_one_byte_per_segment(make_server, echo_server, host):
+    resolver = FakeResolver({"echo.test": ["127.0.0.1"]})
+    server = make_server(resolver=resolver)
+    greeting, request = socks5_connect_request(host, echo_server.port)
+    with connect(server) as client:
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        send_byte_by_byte(client, greeting)
+        assert_reply(client, METHOD_NO_AUTH)
+        send_byte_by_byte(client, request)
+        assert_reply(client, SOCKS5_OK)
+        assert_echo(client)
+
+
+def test_socks4_handshake_one_byte_per_segment(server, echo_server):
+    request = socks4_request(CONNECT, "127.0.0.1", echo_server.port, b"user")
+    with connect(server) as client:
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        send_byte_by_byte(client, request)
+        assert_reply(client, SOCKS4_GRANTED)
+        assert_echo(client)
+
+
+def test_socks4a_handshake_one_byte_per_segment(make_server, echo_server):
+    resolver = FakeResolver({"echo.test": ["127.0.0.1"]})
+    server = make_server(resolver=resolver)
+    request = socks4a_request(CONNECT, "echo.test", echo_server.port, b"id")
+    with connect(server) as client:
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        send_byte_by_byte(client, request)
+        assert_reply(client, SOCKS4_GRANTED)
+        assert_echo(client)
+    assert resolver.queries == ["echo.test"]
+
+
+def test_socks5_auth_and_request_one_byte_per_segment(make_server,
+                                                      echo_server):
+    server = make_server(
+        credentials=torsocksd.Credentials([(b"user", b"secret")]))
+    _, request = socks5_connect_request("127.0.0.1", echo_server.port)
+    with connect(server) as client:
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        send_byte_by_byte(client, GREETING_USERPASS)
+        assert_reply(client, METHOD_USERPASS)
+        send_byte_by_byte(client, userpass(b"user", b"secret"))
+        assert_reply(client, AUTH_OK)
+        send_byte_by_byte(client, request)
+        assert_reply(client, SOCKS5_OK)
+        assert_echo(client)
+
+
+# -- coalesced messages (DECISIONS row 14) ------------------------------------
+
+def test_greeting_request_and_early_data_in_one_segment(server, echo_server):
+    greeting, request = socks5_connect_request("127.0.0.1", echo_server.port)
+    early = b"GET / HTTP/1.0\r\n\r\n"
+    with connect(server) as client:
+        client.sendall(greeting + request + early)
+        assert_reply(client, METHOD_NO_AUTH + SOCKS5_OK + early)
+        assert_echo(client)
+
+
+def test_greeting_auth_request_and_data_in_one_segment(server, echo_server):
+    _, request = socks5_connect_request("127.0.0.1", echo_server.port)
+    early = b"early data"
+    with connect(server) as client:
+        client.sendall(GREETING_USERPASS + userpass(b"any", b"thing")
+                       + request + early)
+        assert_reply(client, METHOD_USERPASS)
+        assert_reply(client, AUTH_OK)
+        assert_reply(client, SOCKS5_OK)
+        assert_reply(client, early)
+
+
+def test_second_request_on_a_connection_is_data_for_the_target(server,
+                                                              echo_server):
+    """A connection carries one request: bytes after it, even a well formed
+    second request, go to the target untouched."""
+    greeting, request = socks5_connect_request("127.0.0.1", echo_server.port)
+    second = socks5_request(CONNECT, "127.0.0.1", free_port())
+    with connect(server) as client:
+        client.sendall(greeting + request + second)
+        assert_reply(client, METHOD_NO_AUTH + SOCKS5_OK + second)
+        assert_echo(client)
+
+
+def test_socks4a_request_with_early_data(make_server, echo_server):
+    server = make_server(resolver=FakeResolver({"echo.test": ["127.0.0.1"]}))
+    early = b"\x05\x01\x00 not SOCKS"
+    with connect(server) as client:
+        client.sendall(socks4a_request(CONNECT, "echo.test", echo_server.port)
+                       + early)
+        assert_reply(client, SOCKS4_GRANTED + early)
+
+
+def test_greeting_and_resolve_in_one_segment(make_server):
+    server = make_server(resolver=FakeResolver({"host.test": ["192.0.2.7"]}))
+    with connect(server) as client:
+        client.sendall(GREETING_NO_AUTH
+                       + socks5_request(RESOLVE, "host.test", 0))
+        assert_closed_after(client, METHOD_NO_AUTH,
+                            b"\x05\x00\x00\x01\xc0\x00\x02\x07\x00\x00")
+
+
+# -- AUTHENTICATING (DECISIONS row 3) -----------------------------------------
+
+def test_userpass_offered_alone_accepts_any_credentials(server, echo_server):
+    _, request = socks5_connect_request("127.0.0.1", echo_server.port)
+    with connect(server) as client:
+        client.sendall(GREETING_USERPASS)
+        assert_reply(client, METHOD_USERPASS)
+        client.sendall(userpass(b"isolation", b"key"))
+        assert_reply(client, AUTH_OK)
+        client.sendall(request)
+        assert_reply(client, SOCKS5_OK)
+        assert_echo(client)
+
+
+def test_userpass_with_empty_fields_is_accepted(server, echo_server):
+    _, request = socks5_connect_request("127.0.0.1", echo_server.port)
+    with connect(server) as client:
+        client.sendall(GREETING_USERPASS)
+        assert_reply(client, METHOD_USERPASS)
+        client.sendall(b"\x01\x00\x00")
+        assert_reply(client, AUTH_OK)
+        client.sendall(request)
+        assert_reply(client, SOCKS5_OK)
+
+
+def test_no_auth_preferred_when_both_offered(server):
+    with connect(server) as client:
+        client.sendall(b"\x05\x02\x02\x00")
+        assert_reply(client, METHOD_NO_AUTH)
+
+
+@pytest.fixture
+def guarded_server(make_server):
+    return make_server(credentials=torsocksd.Credentials([(b"u", b"p")]))
+
+
+def test_credentials_right_password(guarded_server, echo_server):
+    _, request = socks5_connect_request("127.0.0.1", echo_server.port)
+    with connect(guarded_server) as client:
+        client.sendall(b"\x05\x02\x00\x02")
+        assert_reply(client, METHOD_USERPASS)
+        client.sendall(userpass(b"u", b"p"))
+        assert_reply(client, AUTH_OK)
+        client.sendall(request)
+        assert_reply(client, SOCKS5_OK)
+        assert_echo(client)
+
+
+@pytest.mark.parametrize("username, password", [
+    (b"u", b"wrong"), (b"nobody", b"p"), (b"", b""), (b"u", b"p" * 2)])
+def test_credentials_wrong_password(guarded_server, username, password):
+    with connect(guarded_server) as client:
+        client.sendall(GREETING_USERPASS)
+        assert_reply(client, METHOD_USERPASS)
+        client.sendall(userpass(username, password))
+        assert_closed_after(client, AUTH_FAILED)
+
+
+def test_credentials_required_but_only_no_auth_offered(guarded_server):
+    with connect(guarded_server) as client:
+        client.sendall(GREETING_NO_AUTH)
+        assert_closed_after(client, METHOD_NONE)
+
+
+def test_no_acceptable_method_without_credentials(server):
+    with connect(server) as client:
+        client.sendall(b"\x05\x01\x01")     # GSSAPI only
+        assert_closed_after(client, METHOD_NONE)
+
+
+def test_zero_methods_is_closed_without_reply(server):
+    with connect(server) as client:
+        client.sendall(b"\x05\x00")
+        assert recv_until_eof(client) == b""
+
+
+def test_socks4_refused_when_credentials_are_required(guarded_server,
+                                                      echo_server):
+    with connect(guarded_server) as client:
+        client.sendall(socks4_request(CONNECT, "127.0.0.1", echo_server.port,
+                                      b"u"))
+        assert_closed_after(client, SOCKS4_REJECTED)
+    assert echo_server.accepted == []
+
+
+# -- client EOF mid-handshake -------------------------------------------------
+
+@pytest.mark.parametrize("sent, replies", [
+    (b"\x05", []),
+    (b"\x05\x01", []),
+    (b"\x04\x01\x00\x50\x7f", []),
+    (GREETING_NO_AUTH + b"\x05\x01\x00\x01\x7f", [METHOD_NO_AUTH]),
+    (GREETING_USERPASS + b"\x01\x01u", [METHOD_USERPASS]),
+], ids=["socks5-version", "socks5-greeting", "socks4-request",
+        "socks5-request", "userpass"])
+def test_client_eof_mid_handshake_closes_without_reply(server, sent, replies):
+    with connect(server) as client:
+        client.sendall(sent)
+        client.shutdown(socket.SHUT_WR)
+        assert_closed_after(client, *replies)
+
+
+# -- CONNECTING -> refused ----------------------------------------------------
+
+def test_socks5_connect_refused(server):
+    _, request = socks5_connect_request("127.0.0.1", free_port())
+    with connect(server) as client:
+        client.sendall(GREETING_NO_AUTH)
+        assert_reply(client, METHOD_NO_AUTH)
+        client.sendall(request)
+        assert_closed_after(client, b"\x05\x05\x00\x01" + bytes(6))
+
+
+def test_socks5_connect_refused_drops_early_data(server):
+    _, request = socks5_connect_request("127.0.0.1", free_port())
+    with connect(server) as client:
+        client.sendall(GREETING_NO_AUTH + request + b"early data")
+        assert_closed_after(client, METHOD_NO_AUTH, socks5_reply(0x05))
+
+
+def test_socks4_connect_refused(server):
+    with connect(server) as client:
+        client.sendall(socks4_request(CONNECT, "127.0.0.1", free_port()))
+        assert_closed_after(client, b"\x00\x5b\x00\x00\x00\x00\x00\x00")
+
+
+# -- IPv6 ---------------------------------------------------------------------
+
+@needs_ipv6
+def test_ipv6_client_gets_22_byte_success_reply(make_server, echo_server):
+    server = make_server(listen=[("::1", 0)])
+    greeting, request = socks5_connect_request("127.0.0.1", echo_server.port)
+    with connect(server) as client:
+        assert client.family == socket.AF_INET6
+        client.sendall(greeting)
+        assert_reply(client, METHOD_NO_AUTH)
+        client.sendall(request)
+        assert_reply(client, b"\x05\x00\x00\x04" + bytes(16) + b"\x00\x00")
+        assert_echo(client)
+
+
+@needs_ipv6
+@pytest.mark.parametrize("request_bytes, code", [
+    (socks5_request(CONNECT, "127.0.0.1", free_port()), 0x05),
+    (socks5_request(BIND, "127.0.0.1", 80), 0x07),
+], ids=["refused", "bind"])
+def test_ipv6_client_gets_22_byte_failure_reply(make_server, request_bytes,
+                                                code):
+    server = make_server(listen=[("::1", 0)])
+    with connect(server) as client:
+        client.sendall(GREETING_NO_AUTH)
+        assert_reply(client, METHOD_NO_AUTH)
+        client.sendall(request_bytes)
+        assert_closed_after(client, socks5_reply(code, ipv6_client=True))
+
+
+@needs_ipv6
+def test_ipv6_client_socks4_reply_stays_8_bytes(make_server, echo_server):
+    server = make_server(listen=[("::1", 0)])
+    with connect(server) as client:
+        client.sendall(socks4_request(CONNECT, "127.0.0.1", echo_server.port))
+        assert_reply(client, SOCKS4_GRANTED)
+        assert_echo(client)
+
+
+@needs_ipv6
+def test_ipv6_target(server, make_peer):
+    peer = make_peer(family=socket.AF_INET6, host="::1")
+    greeting, request = socks5_connect_request("::1", peer.port)
+    assert request[3] == 0x04
+    with connect(server) as client:
+        client.sendall(greeting)
+        assert_reply(client, METHOD_NO_AUTH)
+        client.sendall(request)
+        assert_reply(client, SOCKS5_OK)
+        assert_echo(client)
+    assert peer.accepted[0][0] == "::1"
+
+
+# -- RELAYING: each direction closes on its own -------------------------------
+
+def test_client_half_close_reaches_target_which_can_still_answer(server,
+                                                                 make_peer):
+    received = []
+
+    def answer_after_eof(sock):
+        data = recv_until_eof(sock)
+        received.append(data)
+        sock.sendall(b"after EOF: " + data)
+
+    peer = make_peer(answer_after_eof)
+    payload = bytes(range(256)) * 400       # 100 KB
+    with open_socks5_tunnel(server, "127.0.0.1", peer.port) as client:
+        client.sendall(payload)
+        client.shutdown(socket.SHUT_WR)
+        assert recv_until_eof(client) == b"after EOF: " + payload
+    assert received == [payload]
+
+
+def test_target_half_close_reaches_client_which_can_still_send(server,
+                                                               make_peer):
+    received = []
+    done = threading.Event()
+    banner = b"banner " * 50000             # 350 KB, more than HIGH_WATER
+
+    def speak_then_listen(sock):
+        try:
+            sock.sendall(banner)
+            sock.shutdown(socket.SHUT_WR)
+            received.append(recv_until_eof(sock))
+        finally:
+            done.set()
+
+    peer = make_peer(speak_then_listen)
+    with open_socks5_tunnel(server, "127.0.0.1", peer.port) as client:
+        assert recv_until_eof(client) == banner
+        client.sendall(b"sent after the target's EOF")
+        client.shutdown(socket.SHUT_WR)
+        assert done.wait(TIMEOUT)
+        assert received == [b"sent after the target's EOF"]
+        assert recv_until_eof(client) == b""
+
+
+def test_target_closes_first_client_gets_all_data_then_eof(server, make_peer):
+    body = bytes(range(251)) * 2000         # 502 KB
+
+    def send_and_close(sock):
+        sock.sendall(body)
+
+    peer = make_peer(send_and_close)
+    with open_socks5_tunnel(server, "127.0.0.1", peer.port) as client:
+        assert recv_until_eof(client) == body
+
+
+def test_large_transfer_both_ways(server, echo_server):
+    payload = bytes(range(256)) * 4096      # 1 MB, several HIGH_WATERs
+    with open_socks5_tunnel(server, "127.0.0.1", echo_server.port) as client:
+        writer = threading.Thread(target=client.sendall, args=(payload,))
+        writer.start()
+        try:
+            echoed = recv_exactly(client, len(payload))
+        finally:
+            writer.join(TIMEOUT)
+        assert echoed == payload
+
+
+# -- RESOLVING -> CONNECTING through names ------------------------------------
+
+def test_name_with_refusing_first_address_connects_to_second(make_server,
+                                                             echo_server):
+    # The echo server listens on 127.0.0.1 only: 127.0.0.3 on its port refuses.
+    resolver = FakeResolver({"multi.test": ["127.0.0.3", "127.0.0.1"]})
+    server = make_server(resolver=resolver)
+    with open_socks5_tunnel(server, "multi.test", echo_server.port) as client:
+        assert_echo(client)
+    assert resolver.queries == ["multi.test"]
+    assert len(echo_server.accepted) == 1
+
+
+def test_name_whose_every_address_refuses(make_server):
+    resolver = FakeResolver({"dead.test": ["127.0.0.3", "127.0.0.4"]})
+    server = make_server(resolver=resolver)
+    with connect(server) as client:
+        client.sendall(GREETING_NO_AUTH
+                       + socks5_request(CONNECT, "dead.test", free_port()))
+        assert_closed_after(client, METHOD_NO_AUTH, socks5_reply(0x05))
+
+
+def test_unknown_name_is_host_unreachable(make_server):
+    resolver = FakeResolver({})
+    server = make_server(resolver=resolver)
+    with connect(server) as client:
+        client.sendall(GREETING_NO_AUTH
+                       + socks5_request(CONNECT, "missing.test", 80))
+        assert_closed_after(client, METHOD_NO_AUTH,
+                            b"\x05\x04\x00\x01" + bytes(6))
+    assert resolver.queries == ["missing.test"]
+
+
+def test_unknown_name_socks4a_rejected(make_server):
+    server = make_server(resolver=FakeResolver({}))
+    with connect(server) as client:
+        client.sendall(socks4a_request(CONNECT, "missing.test", 80))
+        assert_closed_after(client, SOCKS4_REJECTED)
+
+
+@pytest.mark.parametrize("name", [
+    "expyuzz4wqqyqhjn.onion", "www.EXAMPLE.onion.", "relay.exit"])
+def test_special_names_never_reach_the_resolver(make_server, name):
+    resolver = FakeResolver({name: ["127.0.0.1"]})
+    server = make_server(resolver=resolver)
+    with connect(server) as client:
+        client.sendall(GREETING_NO_AUTH + socks5_request(CONNECT, name, 80))
+        assert_closed_after(client, METHOD_NO_AUTH, socks5_reply(0x04))
+    assert resolver.queries == []
+
+
+def test_hostname_that_is_an_ip_literal_is_not_looked_up(make_server,
+                                                         echo_server):
+    resolver = FakeResolver({})
+    server = make_server(resolver=resolver)
+    request = socks5_request(CONNECT, b"127.0.0.1", echo_server.port)
+    with connect(server) as client:
+        client.sendall(GREETING_NO_AUTH + request)
+        assert_reply(client, METHOD_NO_AUTH + SOCKS5_OK)
+        assert_echo(client)
+    assert resolver.queries == []
+
+
+def test_lookup_deadline(make_server):
+    resolver = FakeResolver(silent={"slow.test"})
+    server = make_server(resolver=resolver, connect_timeout=0.5)
+    with connect(server) as client:
+        client.sendall(GREETING_NO_AUTH
+                       + socks5_request(CONNECT, "slow.test", 80))
+        assert_reply(client, METHOD_NO_AUTH)
+        started = time.monotonic()
+        assert_closed_after(client, socks5_reply(0x06))
+        assert time.monotonic() - started < 5.0
+
+
+# -- RESOLVE (DECISIONS row 11) -----------------------------------------------
+
+@pytest.fixture
+def resolver():
+    return FakeResolver({
+        "a.test": ["192.0.2.1"],
+        "aaaa.test": ["2001:db8::1"],
+        "both.test": ["2001:db8::2", "192.0.2.2"],
+    }, reverse_names={
+        "127.0.0.7": "seven.test",
+        "::1": "ip6-localhost.",
+    })
+
+
+@pytest.fixture
+def resolving_server(make_server, resolver):
+    return make_server(resolver=resolver)
+
+
+@pytest.mark.parametrize("name, reply", [
+    ("a.test", b"\x05\x00\x00\x01\xc0\x00\x02\x01\x00\x00"),
+    ("aaaa.test", b"\x05\x00\x00\x04"
+     + ipaddress.IPv6Address("2001:db8::1").packed + b"\x00\x00"),
+    ("both.test", b"\x05\x00\x00\x01\xc0\x00\x02\x02\x00\x00"),
+    ("missing.test", b"\x05\x04\x00\x01" + bytes(6)),
+])
+def test_socks5_resolve(resolving_server, resolver, name, reply):
+    with connect(resolving_server) as client:
+        client.sendall(GREETING_NO_AUTH)
+        assert_reply(client, METHOD_NO_AUTH)
+        client.sendall(socks5_request(RESOLVE, name, 0))
+        assert_closed_after(client, reply)
+    assert resolver.queries == [name]
+
+
+def test_socks5_resolve_ignores_the_port_and_drops_pipelined_data(
+        resolving_server):
+    with connect(resolving_server) as client:
+        client.sendall(GREETING_NO_AUTH + socks5_request(RESOLVE, "a.test", 42)
+                       + b"ignored")
+        assert_closed_after(client, METHOD_NO_AUTH,
+                            b"\x05\x00\x00\x01\xc0\x00\x02\x01\x00\x00")
+
+
+@pytest.mark.parametrize("name, reply", [
+    ("a.test", b"\x00\x5a\x00\x00\xc0\x00\x02\x01"),
+    ("both.test", b"\x00\x5a\x00\x00\xc0\x00\x02\x02"),
+    ("aaaa.test", SOCKS4_REJECTED),
+    ("missing.test", SOCKS4_REJECTED),
+])
+def test_socks4a_resolve(resolving_server, resolver, name, reply):
+    with connect(resolving_server) as client:
+        client.sendall(socks4a_request(RESOLVE, name, 0))
+        assert_closed_after(client, reply)
+    assert resolver.queries == [name]
+
+
+@pytest.mark.parametrize("request_bytes, reply", [
+    (socks5_request(RESOLVE, "192.0.2.9", 0),
+     b"\x05\x00\x00\x01\xc0\x00\x02\x09\x00\x00"),
+    (socks5_request(RESOLVE, b"192.0.2.9", 0),
+     b"\x05\x00\x00\x01\xc0\x00\x02\x09\x00\x00"),
+    (socks5_request(RESOLVE, "2001:db8::9", 0),
+     b"\x05\x00\x00\x04" + ipaddress.IPv6Address("2001:db8::9").packed
+     + b"\x00\x00"),
+    (socks5_request(RESOLVE, b"[2001:db8::9]", 0),
+     b"\x05\x00\x00\x04" + ipaddress.IPv6Address("2001:db8::9").packed
+     + b"\x00\x00"),
+], ids=["atyp1", "atyp3-ipv4", "atyp4", "atyp3-ipv6"])
+def test_socks5_resolve_ip_literal_without_lookup(resolving_server, resolver,
+                                                  request_bytes, reply):
+    with connect(resolving_server) as client:
+        client.sendall(GREETING_NO_AUTH + request_bytes)
+        assert_closed_after(client, METHOD_NO_AUTH, reply)
+    assert resolver.queries == []
+
+
+@pytest.mark.parametrize("request_bytes", [
+    socks4_request(RESOLVE, "192.0.2.9", 0),
+    socks4a_request(RESOLVE, "192.0.2.9", 0),
+], ids=["socks4", "socks4a"])
+def test_socks4_resolve_ip_literal_without_lookup(resolving_server, resolver,
+                                                  request_bytes):
+    with connect(resolving_server) as client:
+        client.sendall(request_bytes)
+        assert_closed_after(client, b"\x00\x5a\x00\x00\xc0\x00\x02\x09")
+    assert resolver.queries == []
+
+
+# -- RESOLVE_PTR (DECISIONS row 12) -------------------------------------------
+
+@pytest.mark.parametrize("host, reply", [
+    ("127.0.0.7", b"\x05\x00\x00\x03\x0aseven.test\x00\x00"),
+    (b"127.0.0.7", b"\x05\x00\x00\x03\x0aseven.test\x00\x00"),
+    ("::1", b"\x05\x00\x00\x03\x0dip6-localhost\x00\x00"),
+    ("127.0.0.8", b"\x05\x04\x00\x01" + bytes(6)),
+], ids=["atyp1", "atyp3-literal", "atyp4", "unknown"])
+def test_socks5_resolve_ptr(resolving_server, host, reply):
+    with connect(resolving_server) as client:
+        client.sendall(GREETING_NO_AUTH)
+        assert_reply(client, METHOD_NO_AUTH)
+        client.sendall(socks5_request(RESOLVE_PTR, host, 0))
+        assert_closed_after(client, reply)
+
+
+def test_socks5_resolve_ptr_of_a_hostname(resolving_server, resolver):
+    with connect(resolving_server) as client:
+        client.sendall(GREETING_NO_AUTH
+                       + socks5_request(RESOLVE_PTR, "a.test", 0))
+        assert_closed_after(client, METHOD_NO_AUTH,
+                            b"\x05\x08\x00\x01" + bytes(6))
+    assert resolver.queries == []
+
+
+@pytest.mark.parametrize("request_bytes", [
+    socks4_request(RESOLVE_PTR, "127.0.0.7", 1),
+    socks4a_request(RESOLVE_PTR, "127.0.0.7", 1),
+], ids=["socks4", "socks4a"])
+def test_socks4_resolve_ptr_rejected(resolving_server, resolver,
+                                      request_bytes):
+    with connect(resolving_server) as client:
+        client.sendall(request_bytes)
+        assert_closed_after(client, SOCKS4_REJECTED)
+    assert resolver.queries == []
+
+
+# -- unsupported commands and address types (DECISIONS rows 6-8) --------------
+
+@pytest.mark.parametrize("request_bytes, code", [
+    (socks5_request(BIND, "127.0.0.1", 80), 0x07),
+    (socks5_request(UDP_ASSOCIATE, "0.0.0.0", 0), 0x07),
+    (socks5_request(0x04, "127.0.0.1", 80), 0x07),
+    (b"\x05\x01\x00\x05" + bytes(6), 0x08),
+], ids=["bind", "udp-associate", "unknown-command", "unknown-atyp"])
+def test_socks5_unsupported(server, request_bytes, code):
+    with connect(server) as client:
+        client.sendall(GREETING_NO_AUTH)
+        assert_reply(client, METHOD_NO_AUTH)
+        client.sendall(request_bytes)
+        assert_closed_after(client, socks5_reply(code))
+
+
+@pytest.mark.parametrize("request_bytes", [
+    socks4_request(BIND, "127.0.0.1", 80),
+    socks4_request(0x04, "127.0.0.1", 80),
+], ids=["bind", "unknown-command"])
+def test_socks4_unsupported(server, request_bytes):
+    with connect(server) as client:
+        client.sendall(request_bytes)
+        assert_closed_after(client, SOCKS4_REJECTED)
+
+
+def test_socks4_request_after_socks5_greeting(server, echo_server):
+    with connect(server) as client:
+        client.sendall(GREETING_NO_AUTH)
+        assert_reply(client, METHOD_NO_AUTH)
+        client.sendall(socks4_request(CONNECT, "127.0.0.1", echo_server.port))
+        assert_closed_after(client, socks5_reply(0x01))
+
+
+# -- handshake deadline and size (DECISIONS row 17) ---------------------------
+
+@pytest.mark.parametrize("sent, replies", [
+    (b"\x05", []),
+    (GREETING_NO_AUTH, [METHOD_NO_AUTH, socks5_reply(0x01)]),
+    (GREETING_NO_AUTH + b"\x05\x01\x00\x01\x7f",
+     [METHOD_NO_AUTH, socks5_reply(0x01)]),
+    (b"\x04\x01\x00\x50\x7f\x00\x00\x01us", [SOCKS4_REJECTED]),
+], ids=["socks5-version-only", "socks5-greeting", "socks5-partial-request",
+        "socks4-partial-request"])
+def test_handshake_deadline(make_server, sent, replies):
+    server = make_server(handshake_timeout=0.5)
+    with connect(server) as client:
+        started = time.monotonic()
+        client.sendall(sent)
+        assert_closed_after(client, *replies)
+        elapsed = time.monotonic() - started
+    # A liveness bound, not a measurement: closed by the deadline, not at once
+    # and not by the socket timeout.
+    assert 0.3 <= elapsed < 5.0
+
+
+def test_deadline_does_not_cut_a_relayed_connection(make_server, echo_server):
+    server = make_server(handshake_timeout=0.2)
+    with open_socks5_tunnel(server, "127.0.0.1", echo_server.port) as client:
+        client.settimeout(0.7)
+        # Still open after the handshake deadline has passed.
+        with pytest.raises(socket.timeout):
+            client.recv(1)
+        assert_echo(client)
+
+
+def test_socks4_userid_longer_than_512_bytes(server):
+    with connect(server) as client:
+        client.sendall(b"\x04\x01\x00\x50\x7f\x00\x00\x01" + b"u" * 513)
+        assert_closed_after(client, SOCKS4_REJECTED)
+
+
+def test_socks4_userid_of_512_bytes(server, echo_server):
+    with connect(server) as client:
+        client.sendall(socks4_request(CONNECT, "127.0.0.1", echo_server.port,
+                                      b"u" * 512))
+        assert_reply(client, SOCKS4_GRANTED)
+        assert_echo(client)
+
+
+def test_socks4a_hostname_longer_than_255_bytes(server):
+    with connect(server) as client:
+        client.sendall(b"\x04\x01\x00\x50\x00\x00\x00\x01" + b"u" * 512
+                       + b"\0" + b"h" * 256)
+        assert_closed_after(client, SOCKS4_REJECTED)
+
+
+def test_handshake_over_1024_bytes_is_closed(make_server):
+    """Greeting (257 bytes) + username/password (513) + 255 bytes of a
+    request: 1025 bytes and still no whole request.  Every single message
+    is within its own limit, so only the handshake limit can close this
+    connection; the handshake deadline is far away."""
+    server = make_server(handshake_timeout=60.0)
+    greeting = b"\x05\xff" + b"\x02" * 255
+    auth = userpass(b"u" * 255, b"p" * 255)
+    partial_request = b"\x05\x01\x00\x03\xff" + b"h" * 250
+    assert len(greeting) + len(auth) + len(partial_request) == 1025
+    with connect(server, timeout=3.0) as client:
+        client.sendall(greeting)
+        assert_reply(client, METHOD_USERPASS)
+        client.sendall(auth)
+        assert_reply(client, AUTH_OK)
+        client.sendall(partial_request)
+        try:
+            assert_closed_after(client, socks5_reply(0x01))
+        except socket.timeout:
+            pytest.fail("a 1025-byte handshake without a whole request was "
+                        "not closed (nothing within 3 s)")
+
+
+# -- not SOCKS (DECISIONS rows 1 and 2) ---------------------------------------
+
+def split_http(response):
+    head, _, body = response.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    headers = dict(line.split(b": ", 1) for line in lines[1:])
+    return lines[0], headers, body
+
+
+@pytest.mark.parametrize("method", [
+    b"GET", b"POST", b"PUT", b"CONNECT", b"OPTIONS", b"DELETE", b"TRACE"])
+def test_http_request_gets_the_501_page(server, method):
+    with connect(server) as client:
+        client.sendall(method + b" / HTTP/1.1\r\nHost: x\r\n\r\n")
+        response = recv_until_eof(client)
+    assert response.startswith(b"HTTP/1.0 501 ")
+    status, headers, body = split_http(response)
+    assert headers[b"Content-Type"] == b"text/html; charset=utf-8"
+    assert headers[b"Connection"] == b"close"
+    assert int(headers[b"Content-Length"]) == len(body) > 0
+    assert b"SOCKS" in body
+    assert not body.endswith(b"\0")
+
+
+def test_http_head_gets_headers_only(server):
+    with connect(server) as client:
+        client.sendall(b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n")
+        response = recv_until_eof(client)
+    assert response.startswith(b"HTTP/1.0 501 ")
+    assert response.endswith(b"\r\n\r\n")
+    status, headers, body = split_http(response)
+    assert body == b""
+    assert int(headers[b"Content-Length"]) > 0
+
+
+def test_http_head_one_byte_per_segment(server):
+    with connect(server) as client:
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        send_byte_by_byte(client, b"HEAD ")
+        response = recv_until_eof(client)
+    assert response.startswith(b"HTTP/1.0 501 ")
+    assert response.endswith(b"\r\n\r\n")
+
+
+@pytest.mark.parametrize("first_bytes", [
+    b"\x16\x03\x01\x02\x00", b"\x00", b"\x00\x01\x02\x03", b"\xff"],
+    ids=["tls", "nul", "nul-and-more", "ff"])
+def test_unknown_protocol_closed_without_reply(server, first_bytes):
+    with connect(server) as client:
+        client.sendall(first_bytes)
+        assert recv_until_eof(client) == b""
+
+
+# -- safe_socks (DECISIONS row 18) --------------------------------------------
+
+@pytest.fixture
+def safe_server(make_server):
+    return make_server(safe_socks=True,
+                       resolver=FakeResolver({"echo.test": ["127.0.0.1"]}))
+
+
+@pytest.mark.parametrize("request_bytes", [
+    socks5_request(CONNECT, "127.0.0.1", 80),
+    socks5_request(CONNECT, "::1", 80),
+    socks5_request(RESOLVE, "127.0.0.1", 0),
+], ids=["connect-ipv4", "connect-ipv6", "resolve-ipv4"])
+def test_safe_socks_refuses_socks5_ip_requests(safe_server, request_bytes):
+    with connect(safe_server) as client:
+        client.sendall(GREETING_NO_AUTH)
+        assert_reply(client, METHOD_NO_AUTH)
+        client.sendall(request_bytes)
+        assert_closed_after(client, socks5_reply(0x02))
+
+
+def test_safe_socks_refuses_socks4(safe_server, echo_server):
+    with connect(safe_server) as client:
+        client.sendall(socks4_request(CONNECT, "127.0.0.1", echo_server.port))
+        assert_closed_after(client, SOCKS4_REJECTED)
+    assert echo_server.accepted == []
+
+
+def test_safe_socks_allows_socks5_hostname(safe_server, echo_server):
+    with open_socks5_tunnel(safe_server, "echo.test",
+                            echo_server.port) as client:
+        assert_echo(client)
+
+
+def test_safe_socks_allows_socks4a_hostname(safe_server, echo_server):
+    with connect(safe_server) as client:
+        client.sendall(socks4a_request(CONNECT, "echo.test", echo_server.port))
+        assert_reply(client, SOCKS4_GRANTED)
+        assert_echo(client)
+
+
+# -- the server goes on -------------------------------------------------------
+
+def test_server_serves_normally_after_failures(server, echo_server):
+    with connect(server) as client:             # refused target
+        client.sendall(GREETING_NO_AUTH
+                       + socks5_request(CONNECT, "127.0.0.1", free_port()))
+        assert_closed_after(client, METHOD_NO_AUTH, socks5_reply(0x05))
+    with connect(server) as client:             # garbage
+        client.sendall(b"\x00garbage")
+        assert recv_until_eof(client) == b""
+    with connect(server) as client:             # bad request
+        client.sendall(GREETING_NO_AUTH + b"\x05\x01\x01\x01" + bytes(6))
+        assert_closed_after(client, METHOD_NO_AUTH, socks5_reply(0x01))
+    with connect(server) as client:             # vanished mid-handshake
+        client.sendall(b"\x05\x01")
+    with open_socks5_tunnel(server, "127.0.0.1", echo_server.port) as client:
+        assert_echo(client)
+    assert server.stats()["accepted"] == 5
+
+
+def test_concurrent_tunnels_are_independent(server, echo_server):
+    clients = [open_socks5_tunnel(server, "127.0.0.1", echo_server.port)
+               for _ in range(5)]
+    try:
+        for number, client in enumerate(clients):
+            client.sendall(b"client %d" % number)
+        for number, client in reversed(list(enumerate(clients))):
+            assert_reply(client, b"client %d" % number)
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_stop_twice_and_stats(make_server):
+    server = make_server()
+    port = server.address[1]
+    stats = server.stats()
+    assert (stats["accepted"], stats["active"]) == (0, 0)
+    assert stats["listeners"] == ["127.0.0.1:%d" % port]
+    for _ in range(3):
+        with connect(server) as client:
+            client.sendall(GREETING_NO_AUTH)
+            assert_reply(client, METHOD_NO_AUTH)
+    assert server.stats()["accepted"] == 3
+    server.stop()
+    server.stop()
+    assert server.stats()["accepted"] == 3
+    assert server.stats()["active"] == 0
+    with pytest.raises(ConnectionRefusedError):
+        connect(server, timeout=2.0)
+
+
+def test_stop_closes_open_tunnels(make_server, echo_server):
+    server = make_server()
+    with open_socks5_tunnel(server, "127.0.0.1", echo_server.port) as client:
+        server.stop()
+        assert recv_until_eof(client) == b""
+    server.stop()
