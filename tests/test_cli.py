@@ -150,3 +150,38 @@ def test_destinations_are_scrubbed_by_default(echo_server):
     text = "".join(daemon.lines)
     assert "CONNECT [scrubbed]:%d" % echo_server.port in text
     assert "localhost" not in text
+
+
+def children_of(pid):
+    with open("/proc/%d/task/%d/children" % (pid, pid)) as listing:
+        return sorted(int(child) for child in listing.read().split())
+
+
+def test_workers_share_the_listener_and_a_dead_worker_is_replaced(
+        echo_server):
+    daemon = Daemon("--port", str(free_port()), "--workers", "2",
+                    listeners=2)
+    host, port = daemon.listening[0].rsplit(":", 1)
+    workers = children_of(daemon.process.pid)
+    assert len(workers) == 2
+    for _ in range(4):
+        with socket.create_connection((host, int(port)), timeout=TIMEOUT) as c:
+            c.sendall(b"\x05\x01\x00\x05\x01\x00\x01\x7f\x00\x00\x01"
+                      + echo_server.port.to_bytes(2, "big") + b"ping")
+            assert recv_exactly(c, 16) == \
+                b"\x05\x00\x05\x00\x00\x01" + bytes(6) + b"ping"
+    os.kill(workers[0], signal.SIGKILL)
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        now = children_of(daemon.process.pid)
+        if len(now) == 2 and workers[0] not in now:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the killed worker was not replaced")
+    with socket.create_connection((host, int(port)), timeout=TIMEOUT) as c:
+        c.sendall(b"\x05\x01\x00")
+        assert recv_exactly(c, 2) == b"\x05\x00"
+    daemon.process.send_signal(signal.SIGTERM)
+    assert daemon.finish() == 0
+    assert any("starting another" in line for line in daemon.lines)
