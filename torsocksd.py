@@ -65,6 +65,7 @@ import argparse
 import collections
 import enum
 import errno
+import fcntl
 import functools
 import hashlib
 import heapq
@@ -868,6 +869,15 @@ HIGH_WATER = 256 * 1024             # stop reading a side past this backlog
 MAX_CONNECT_ATTEMPTS = 16           # addresses of one name tried in turn
 CLOSING_LINGER = 2.0                # seconds a last reply may take to drain
 
+# The splice relay (Linux, Python 3.10+): socket -> pipe -> socket in the
+# kernel.  Each moving direction borrows a pipe from a small pool.
+HAVE_SPLICE = hasattr(os, "splice")
+SPLICE_FLAGS = (getattr(os, "SPLICE_F_MOVE", 1)
+                | getattr(os, "SPLICE_F_NONBLOCK", 2))
+PIPE_CAPACITY = 256 * 1024          # asked for with F_SETPIPE_SZ
+F_SETPIPE_SZ = 1031                 # fcntl.h (Linux)
+PIPE_POOL_SIZE = 64                 # idle pipes kept for the next transfer
+
 # Errors that mean "the peer reset or vanished": the other side is reset too.
 RESET_ERRORS = frozenset((errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED))
 
@@ -879,15 +889,21 @@ class _Flow:
     from the source stops reading, the backlog drains, then the sink gets
     shutdown(SHUT_WR).
     """
-    __slots__ = ("source", "sink", "pending", "reading", "shut", "count")
+    __slots__ = ("source", "sink", "pending", "pipe", "in_pipe", "reading",
+                 "shut", "count")
 
     def __init__(self, source, sink):
         self.source = source
         self.sink = sink            # None until the target is connected
         self.pending = bytearray()  # bytes read but not yet written
+        self.pipe = None            # (read fd, write fd) while splicing
+        self.in_pipe = 0            # bytes waiting in that pipe
         self.reading = True         # source not at EOF yet
         self.shut = False           # sink has been shut down for writing
         self.count = 0              # bytes delivered to the sink
+
+    def backlog(self) -> int:
+        return len(self.pending) + self.in_pipe
 
 
 class Connection:
@@ -1005,7 +1021,7 @@ class Connection:
             if mask & EVENT_WRITE:
                 self._flush(self.upstream)
             if mask & EVENT_READ and self.state is State.RELAYING:
-                self._relay(self.downstream)
+                self._move(self.downstream)
         except OSError as error:
             self._fail(error, client_side=False)
         self._update_interest()
@@ -1013,7 +1029,7 @@ class Connection:
     def _client_readable(self):
         state = self.state
         if state is State.RELAYING:
-            self._relay(self.upstream)
+            self._move(self.upstream)
         elif state in HANDSHAKE_STATES:
             # The whole handshake gets MAX_HANDSHAKE_BYTES; what follows a
             # request stays in the kernel until the relay reads it.
@@ -1350,6 +1366,12 @@ class Connection:
 
     # -- relaying ---------------------------------------------------------------
 
+    def _move(self, flow: _Flow):
+        if self.server.splice:
+            self._splice(flow)
+        else:
+            self._relay(flow)
+
     def _relay(self, flow: _Flow):
         """Move what the source has to the sink: read into the loop's one
         buffer, send at once, keep only what the sink would not take."""
@@ -1382,11 +1404,65 @@ class Connection:
             if size < room and size < RECV_BUFFER_SIZE:
                 return      # the source is drained for now
 
+    def _splice(self, flow: _Flow):
+        """The zero-copy relay: source -> pipe -> sink with os.splice, so
+        the bytes never enter Python.  Bytes queued before (early data)
+        go first."""
+        if flow.pending:
+            self._flush(flow)
+            if flow.pending:
+                return
+        if flow.pipe is None:
+            flow.pipe = self.server.take_pipe()
+        write_end = flow.pipe[1]
+        source = flow.source.fileno()
+        try:
+            for _ in range(READS_PER_WAKEUP):
+                room = PIPE_CAPACITY - flow.in_pipe
+                if room <= 0:
+                    return
+                try:
+                    size = os.splice(source, write_end, room,
+                                     flags=SPLICE_FLAGS)
+                except (BlockingIOError, InterruptedError):
+                    return
+                if size == 0:
+                    flow.reading = False
+                    self._flush(flow)
+                    return
+                flow.in_pipe += size
+                self._drain_pipe(flow)
+                if flow.in_pipe:
+                    return
+        finally:
+            self._release_pipe(flow)
+
+    def _drain_pipe(self, flow: _Flow):
+        try:
+            sent = os.splice(flow.pipe[0], flow.sink.fileno(), flow.in_pipe,
+                             flags=SPLICE_FLAGS)
+        except (BlockingIOError, InterruptedError):
+            return
+        flow.in_pipe -= sent
+        flow.count += sent
+
+    def _release_pipe(self, flow: _Flow):
+        # An idle connection holds no pipe: 4 fds only while data moves.
+        if flow.pipe is not None and not flow.in_pipe \
+                and self.state is not State.CLOSED:
+            self.server.give_pipe(flow.pipe)
+            flow.pipe = None
+
     def _flush(self, flow: _Flow):
         """Write what flow holds; shut the sink down once its source ended."""
         sink = flow.sink
         if sink is None:
             return
+        if flow.in_pipe:
+            self._drain_pipe(flow)
+            if flow.in_pipe:
+                return
+            self._release_pipe(flow)
         pending = flow.pending
         if pending:
             try:
@@ -1458,6 +1534,10 @@ class Connection:
         close_socket(self.client, reset_client)
         if self.target is not None:
             close_socket(self.target, reset_target)
+        for flow in (self.upstream, self.downstream):
+            if flow.pipe is not None:
+                self.server.drop_pipe(flow.pipe)
+                flow.pipe = None
         self.server.connection_closed(self)
 
     # -- what the sockets wait for --------------------------------------------------
@@ -1472,7 +1552,7 @@ class Connection:
         if state in HANDSHAKE_STATES:
             client_events = EVENT_READ
         elif state is State.RELAYING or state in SETUP_STATES:
-            if upstream.reading and len(upstream.pending) < HIGH_WATER \
+            if upstream.reading and upstream.backlog() < HIGH_WATER \
                     and self.command is Command.CONNECT:
                 client_events = EVENT_READ
         elif state is State.CLOSING:
@@ -1484,12 +1564,12 @@ class Connection:
                 except OSError:
                     self.close()
                     return
-        if downstream.pending:
+        if downstream.pending or downstream.in_pipe:
             client_events |= EVENT_WRITE
         if state is State.RELAYING:
-            if downstream.reading and len(downstream.pending) < HIGH_WATER:
+            if downstream.reading and downstream.backlog() < HIGH_WATER:
                 target_events = EVENT_READ
-            if upstream.pending:
+            if upstream.pending or upstream.in_pipe:
                 target_events |= EVENT_WRITE
         server = self.server
         if client_events != self.client_events:
@@ -1628,6 +1708,8 @@ class Server:
     unix_mode             permissions of Unix listening sockets
     exit_when_idle        seconds without a connection after which
                           serve_forever() returns (inetd "wait")
+    splice                relay with os.splice through pipes instead of
+                          copying through Python (Linux, Python 3.10+)
     """
 
     def __init__(self, listen=((DEFAULT_ADDRESS, DEFAULT_PORT),), *,
@@ -1644,7 +1726,8 @@ class Server:
                  preferred_ip_version: Optional[int] = None, ipv6: bool = True,
                  outbound_addresses=(), outbound_interface: Optional[str] = None,
                  unix_mode: int = 0o600,
-                 exit_when_idle: Optional[float] = None):
+                 exit_when_idle: Optional[float] = None,
+                 splice: bool = False):
         self.listen = [] if sockets else list(listen)
         self.listeners = list(sockets)
         self.addresses = []     # where the listeners listen, once bound
@@ -1672,6 +1755,9 @@ class Server:
         self.outbound_interface = outbound_interface
         self.unix_mode = unix_mode
         self.exit_when_idle = exit_when_idle
+        if splice and not HAVE_SPLICE:
+            raise ValueError("the splice relay needs Linux and Python 3.10+")
+        self.splice = splice
 
         self.selector = None
         self.recv_view = None
@@ -1689,6 +1775,7 @@ class Server:
         self._unix_paths = []           # Unix listeners to unlink at the end
         self.per_client = collections.Counter()   # remote address -> open
         self._exit_when_done = False
+        self._pipes = []                # idle pipes for the splice relay
         self._last_busy = time.monotonic()
         self.connections = set()
         self.accepted = 0
@@ -1985,6 +2072,30 @@ class Server:
         if not self._accepting:
             self._resume_accepting()
 
+    # -- pipes for the splice relay -------------------------------------------
+
+    def take_pipe(self):
+        if self._pipes:
+            return self._pipes.pop()
+        read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(write_end, F_SETPIPE_SZ, PIPE_CAPACITY)
+        except OSError:
+            pass    # the default 64 KiB will do
+        return read_end, write_end
+
+    def give_pipe(self, pipe):
+        """Return an empty pipe to the pool."""
+        if len(self._pipes) < PIPE_POOL_SIZE:
+            self._pipes.append(pipe)
+        else:
+            self.drop_pipe(pipe)
+
+    @staticmethod
+    def drop_pipe(pipe):
+        for fd in pipe:
+            os.close(fd)
+
     # -- outbound -----------------------------------------------------------------
 
     def usable_addresses(self, addresses):
@@ -2069,6 +2180,8 @@ class Server:
         for sock in (self._wakeup_reader, self._wakeup_writer):
             sock.close()
         self._wakeup_writer = None
+        while self._pipes:
+            self.drop_pipe(self._pipes.pop())
         close = getattr(self.resolver, "close", None)
         if close is not None:
             close()
@@ -2533,6 +2646,10 @@ def build_argument_parser() -> argparse.ArgumentParser:
     process.add_argument("--workers", type=int, default=1, metavar="N",
                          help="worker processes sharing the listeners "
                               "(default %(default)s)")
+    process.add_argument("--splice", action="store_true",
+                         help="relay with zero-copy os.splice (Linux, Python "
+                              "3.10+): less CPU per byte, 4 fds per moving "
+                              "connection")
     process.add_argument("--user", metavar="NAME",
                          help="drop privileges to this user after binding")
     logs = parser.add_argument_group("logging")
@@ -2570,6 +2687,8 @@ def main(argv=None) -> int:
     if passed and (options.listen or inetd):
         parser.error("sockets came from systemd (LISTEN_FDS); --listen, "
                      "--inetd and --inetd-wait cannot be added to them")
+    if options.splice and not HAVE_SPLICE:
+        parser.error("--splice needs Linux and Python 3.10 or newer")
     if options.inetd and options.inetd_wait:
         parser.error("--inetd and --inetd-wait exclude each other")
     if options.inetd:
@@ -2606,7 +2725,8 @@ def main(argv=None) -> int:
         outbound_addresses=options.outbound_address,
         outbound_interface=options.outbound_interface,
         unix_mode=options.unix_mode,
-        exit_when_idle=options.idle_exit if options.inetd_wait else None)
+        exit_when_idle=options.idle_exit if options.inetd_wait else None,
+        splice=options.splice)
     if connections:
         server.listen = []      # one client, no listener of our own
     try:

@@ -71,13 +71,28 @@ class FakeResolver:
 
 
 @pytest.fixture
-def make_server():
+def relay_mode(request):
+    """"copy" (the default relay) or "splice"; a test module runs both with
+    pytestmark = pytest.mark.parametrize("relay_mode", RELAY_MODES,
+    indirect=True)."""
+    mode = getattr(request, "param", "copy")
+    if mode == "splice" and not torsocksd.HAVE_SPLICE:
+        pytest.skip("os.splice needs Linux and Python 3.10+")
+    return mode
+
+
+RELAY_MODES = ["copy", "splice"]
+
+
+@pytest.fixture
+def make_server(relay_mode):
     """make_server(**options) -> a started torsocksd.Server on 127.0.0.1:0
     (or options["listen"]); stopped at teardown."""
     servers = []
 
     def make(**options):
         options.setdefault("listen", [("127.0.0.1", 0)])
+        options.setdefault("splice", relay_mode == "splice")
         server = torsocksd.Server(**options).start()
         servers.append(server)
         return server

@@ -21,6 +21,11 @@ import torsocksd
 from conftest import (TIMEOUT, FakeResolver, connect, free_port, recv_exactly,
                       recv_until_eof, socks5_connect_request)
 
+from conftest import RELAY_MODES  # noqa: E402
+
+# Every test runs over both relays: copying through Python, and os.splice.
+pytestmark = pytest.mark.parametrize("relay_mode", RELAY_MODES, indirect=True)
+
 
 # -- the bytes ----------------------------------------------------------------
 

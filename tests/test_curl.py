@@ -14,6 +14,11 @@ import pytest
 
 from conftest import require_program
 
+from conftest import RELAY_MODES  # noqa: E402
+
+# Every test runs over both relays: copying through Python, and os.splice.
+pytestmark = pytest.mark.parametrize("relay_mode", RELAY_MODES, indirect=True)
+
 BODY = os.urandom(300_000)
 
 
