@@ -108,6 +108,12 @@ class Command(enum.IntEnum):
     CONNECT_DIR = 0xF2      # the seed-era spec; not served yet
 
 
+# SOCKS4 has no UDP ASSOCIATE; Tor's grammar takes CONNECT, BIND, RESOLVE and
+# RESOLVE_PTR, and the seed era added CONNECT_DIR.
+SOCKS4_COMMANDS = frozenset((Command.CONNECT, Command.BIND, Command.RESOLVE,
+                             Command.RESOLVE_PTR, Command.CONNECT_DIR))
+
+
 class AddressType(enum.IntEnum):
     IPV4 = 0x01
     DOMAIN = 0x03
@@ -284,10 +290,9 @@ def parse_socks4_request(data) -> ParseResult:
         return _socks4_rejection("not a SOCKS4 request")
     if len(data) < 2:
         return NEED_MORE
-    try:
-        command = Command(data[1])
-    except ValueError:
+    if data[1] not in SOCKS4_COMMANDS:
         return _socks4_rejection("unknown SOCKS4 command 0x%02x" % data[1])
+    command = Command(data[1])
     if len(data) < 8:
         return NEED_MORE
     port = int.from_bytes(data[2:4], "big")
@@ -470,7 +475,10 @@ def socks5_address_reply(address) -> bytes:
 def socks5_hostname_reply(name: str) -> bytes:
     """A RESOLVE_PTR answer (DECISIONS row 12), or the failure reply when the
     name cannot be carried (not ASCII, or longer than 255 bytes)."""
-    raw = name.rstrip(".").encode("ascii", "replace")
+    try:
+        raw = name.rstrip(".").encode("ascii")
+    except UnicodeEncodeError:
+        raw = b""
     if hostname_problem(raw):
         return socks5_reply(Reply.HOST_UNREACHABLE)
     return bytes((Version.SOCKS5, Reply.SUCCEEDED, 0, AddressType.DOMAIN,
