@@ -58,7 +58,10 @@ __all__ = [
     # policy
     "choose_method", "special_name_refusal", "destination_refusal",
     # resolvers, the server, the command line
-    "ResolverResult", "SystemResolver", "State", "Server", "main",
+    "ResolverResult", "SystemResolver", "DnsResolver", "DnsAnswer",
+    "DnsFormatError", "DnsType", "DnsRcode", "encode_dns_query",
+    "parse_dns_response", "parse_nameserver",
+    "State", "Server", "main",
 ]
 
 import argparse
@@ -847,6 +850,551 @@ class SystemResolver:
             return ResolverResult((), Reply.HOST_UNREACHABLE,
                                   "reverse lookup failed: %s" % error)
         return ResolverResult((name.rstrip("."),))
+
+
+# =============================================================================
+# The DNS client (--nameserver): A, AAAA and PTR over UDP and TCP, in the loop
+# =============================================================================
+# Pure message builders and parsers first (RFC 1035 §4), then DnsResolver,
+# which asks the name servers from the server's own selectors loop: each try
+# on a fresh connected UDP socket (a kernel-chosen port) with a random id,
+# TCP when the answer is truncated, answers cached for their TTL.
+
+DNS_PORT = 53
+DNS_HEADER = struct.Struct("!6H")       # ID, flags, counts (RFC 1035 §4.1.1)
+DNS_QUESTION = struct.Struct("!HH")     # QTYPE, QCLASS after QNAME (§4.1.2)
+DNS_RECORD = struct.Struct("!HHIH")     # TYPE, CLASS, TTL, RDLENGTH (§4.1.3)
+DNS_TCP_LENGTH = struct.Struct("!H")    # a TCP message's length (§4.2.2)
+DNS_FLAG_RESPONSE = 0x8000          # QR
+DNS_FLAG_TRUNCATED = 0x0200         # TC: ask again over TCP (§4.2.1)
+DNS_FLAG_RECURSION = 0x0100         # RD: the name server resolves for us
+DNS_OPCODE_MASK = 0x7800            # 0 is a standard query
+DNS_RCODE_MASK = 0x000F
+DNS_CLASS_IN = 1
+DNS_POINTER = 0xC0                  # a compression pointer's bits (§4.1.4)
+MAX_DNS_NAME = 253                  # as text; 255 bytes on the wire (§2.3.4)
+MAX_DNS_WIRE_NAME = 255
+MAX_DNS_LABEL = 63
+MAX_DNS_MESSAGE = 65535             # the TCP length prefix's limit
+MAX_CNAME_CHAIN = 8                 # CNAMEs followed within one answer
+MAX_DNS_TTL = 3600                  # seconds an answer is cached (Tor's cap)
+MAX_NEGATIVE_TTL = 30               # seconds "no such name" is cached
+DNS_READS_PER_WAKEUP = 8            # so a flood cannot hold the loop
+
+
+class DnsType(enum.IntEnum):
+    A = 1
+    CNAME = 5
+    SOA = 6
+    PTR = 12
+    AAAA = 28
+
+
+class DnsRcode(enum.IntEnum):
+    NOERROR = 0
+    FORMERR = 1
+    SERVFAIL = 2
+    NXDOMAIN = 3
+    NOTIMP = 4
+    REFUSED = 5
+
+
+class DnsFormatError(ValueError):
+    """A name DNS cannot carry, or a message that is not well-formed DNS."""
+
+
+class DnsAnswer(NamedTuple):
+    records: tuple      # ip_address objects (A, AAAA) or names (PTR)
+    ttl: int            # seconds it may be cached (RFC 2308 §5 when empty)
+    rcode: int
+    truncated: bool     # TC: the records are to be asked for over TCP
+
+
+def _dns_name(name: str) -> bytes:
+    """name as its lowercase dotted bytes without the final dot."""
+    if name.endswith("."):
+        name = name[:-1]
+    try:
+        return name.encode("ascii").lower()
+    except UnicodeError:
+        raise DnsFormatError("name is not ASCII") from None
+
+
+def encode_dns_query(query_id: int, name: str, qtype: int) -> bytes:
+    """A query for (name, qtype, IN) with recursion desired (RFC 1035 §4.1);
+    DnsFormatError for a name DNS cannot carry (§2.3.4)."""
+    dotted = _dns_name(name)
+    if len(dotted) > MAX_DNS_NAME:
+        raise DnsFormatError("name longer than %d bytes" % MAX_DNS_NAME)
+    wire = bytearray()
+    for label in dotted.split(b"."):
+        if not label:
+            raise DnsFormatError("name has an empty label")
+        if len(label) > MAX_DNS_LABEL:
+            raise DnsFormatError("label longer than %d bytes" % MAX_DNS_LABEL)
+        wire += bytes((len(label),)) + label
+    return (DNS_HEADER.pack(query_id, DNS_FLAG_RECURSION, 1, 0, 0, 0)
+            + bytes(wire) + b"\0" + DNS_QUESTION.pack(qtype, DNS_CLASS_IN))
+
+
+def _read_name(message: bytes, offset: int):
+    """The dotted name at offset and the offset after it (RFC 1035 §4.1.4).
+    A pointer must point before the run of labels it ends, so a chain of
+    pointers always ends."""
+    labels = []
+    wire_length = 1         # the root label's zero byte
+    run_start = offset
+    end = None              # where the name ends in place: after its pointer
+    while True:
+        if offset >= len(message):
+            raise DnsFormatError("name runs past the end")
+        size = message[offset]
+        if size & DNS_POINTER == DNS_POINTER:
+            if offset + 1 >= len(message):
+                raise DnsFormatError("pointer runs past the end")
+            target = (size & ~DNS_POINTER) << 8 | message[offset + 1]
+            if target >= run_start:
+                raise DnsFormatError("pointer does not point back")
+            if end is None:
+                end = offset + 2
+            offset = run_start = target
+        elif size & DNS_POINTER:
+            raise DnsFormatError("unknown label type")
+        elif size == 0:
+            return b".".join(labels), offset + 1 if end is None else end
+        else:
+            wire_length += 1 + size
+            if wire_length > MAX_DNS_WIRE_NAME:
+                raise DnsFormatError("name longer than 255 bytes")
+            if offset + 1 + size > len(message):
+                raise DnsFormatError("label runs past the end")
+            labels.append(message[offset + 1:offset + 1 + size])
+            offset += 1 + size
+
+
+class _Record(NamedTuple):
+    owner: bytes        # lowercase dotted name
+    rtype: int
+    rclass: int
+    ttl: int
+    start: int          # RDATA's place in the message
+    end: int
+
+
+def _read_records(message: bytes, offset: int, count: int):
+    """count resource records from offset (RFC 1035 §4.1.3), and the offset
+    after them."""
+    records = []
+    for _ in range(count):
+        owner, offset = _read_name(message, offset)
+        if offset + DNS_RECORD.size > len(message):
+            raise DnsFormatError("record runs past the end")
+        rtype, rclass, ttl, length = DNS_RECORD.unpack_from(message, offset)
+        start = offset + DNS_RECORD.size
+        offset = start + length
+        if offset > len(message):
+            raise DnsFormatError("record data runs past the end")
+        if ttl & 0x80000000:
+            ttl = 0         # RFC 2181 §8: a TTL above 2**31 - 1 means 0
+        records.append(_Record(owner.lower(), rtype, rclass, ttl, start,
+                               offset))
+    return records, offset
+
+
+def _record_data(message: bytes, record: _Record):
+    """An A or AAAA record's address, a PTR or CNAME record's name."""
+    data = message[record.start:record.end]
+    if record.rtype == DnsType.A and len(data) == 4:
+        return ipaddress.IPv4Address(data)
+    if record.rtype == DnsType.AAAA and len(data) == 16:
+        return ipaddress.IPv6Address(data)
+    if record.rtype in (DnsType.PTR, DnsType.CNAME):
+        name, end = _read_name(message, record.start)
+        if end <= record.end and record.rtype == DnsType.PTR:
+            return name.decode("ascii", "replace")
+        if end <= record.end:
+            return name
+    raise DnsFormatError("malformed %s record" % DnsType(record.rtype).name)
+
+
+def _negative_ttl(message: bytes, authority) -> int:
+    """RFC 2308 §5: the smaller of the SOA's TTL and its MINIMUM, the last
+    field of its data; 0 (not cached) without an SOA."""
+    for record in authority:
+        # At least two root names and five 32-bit numbers.
+        if record.rtype == DnsType.SOA and record.end - record.start >= 22:
+            minimum, = struct.unpack_from("!I", message, record.end - 4)
+            return min(record.ttl, minimum)
+    return 0
+
+
+def parse_dns_response(message: bytes, query_id: int, name: str,
+                       qtype: int) -> Optional[DnsAnswer]:
+    """The answer message gives to (name, qtype, IN) asked with query_id
+    (RFC 1035 §4.1), CNAMEs followed; None when message does not answer that
+    question (it may be spoofed: ignore it, keep waiting); DnsFormatError
+    when it is malformed."""
+    if len(message) < DNS_HEADER.size:
+        raise DnsFormatError("shorter than a header")
+    ident, flags, questions, answers, authorities, _ = \
+        DNS_HEADER.unpack_from(message)
+    if (ident != query_id or not flags & DNS_FLAG_RESPONSE
+            or flags & DNS_OPCODE_MASK or questions != 1):
+        return None
+    asked, offset = _read_name(message, DNS_HEADER.size)
+    if offset + DNS_QUESTION.size > len(message):
+        raise DnsFormatError("question runs past the end")
+    if (asked.lower() != _dns_name(name) or DNS_QUESTION.unpack_from(
+            message, offset) != (qtype, DNS_CLASS_IN)):
+        return None
+    rcode = flags & DNS_RCODE_MASK
+    if flags & DNS_FLAG_TRUNCATED:
+        return DnsAnswer((), 0, rcode, True)
+    records, offset = _read_records(message, offset + DNS_QUESTION.size,
+                                    answers)
+    wanted, ttls = asked.lower(), []
+    for _ in range(MAX_CNAME_CHAIN + 1):
+        found = [r for r in records if r.owner == wanted
+                 and r.rtype == qtype and r.rclass == DNS_CLASS_IN]
+        if found:
+            return DnsAnswer(tuple(_record_data(message, r) for r in found),
+                             min(ttls + [r.ttl for r in found]), rcode, False)
+        alias = next((r for r in records if r.owner == wanted
+                      and r.rtype == DnsType.CNAME), None)
+        if alias is None:
+            break
+        wanted = _record_data(message, alias).lower()
+        ttls.append(alias.ttl)
+    authority, _ = _read_records(message, offset, authorities)
+    return DnsAnswer((), _negative_ttl(message, authority), rcode, False)
+
+
+def parse_nameserver(text: str):
+    """(IP, port) from --nameserver IP, IP:PORT, [IPv6] or [IPv6]:PORT."""
+    host, port = text, str(DNS_PORT)
+    if text.startswith("["):
+        host, _, port = text[1:].partition("]")
+        port = port[1:] if port.startswith(":") else port or str(DNS_PORT)
+    elif text.count(":") == 1:      # more colons: a bare IPv6 address
+        host, _, port = text.partition(":")
+    try:
+        address = ipaddress.ip_address(host)
+        number = int(port)
+        if not 0 < number < 65536:
+            raise ValueError(port)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            "%r: give IP[:PORT], as 127.0.0.1:5353 or [::1]:53" % text) \
+            from None
+    return str(address), number
+
+
+class _DnsLookup:
+    """One lookup's handle: its questions, their outcomes, its callback."""
+    __slots__ = ("name", "qtypes", "callback", "outcomes", "queries",
+                 "result", "cancelled")
+
+    def __init__(self, name: str, qtypes, callback):
+        self.name = name
+        self.qtypes = qtypes
+        self.callback = callback
+        self.outcomes = {}      # qtype -> DnsAnswer, or why it failed
+        self.queries = []
+        self.result = None      # the ResolverResult, once there is one
+        self.cancelled = False
+
+    def cancel(self):
+        self.cancelled = True
+        for query in self.queries:
+            query.stop()
+
+
+class _DnsQuery:
+    """One question asked until answered: a try per name server in turn, each
+    on a fresh UDP socket with a fresh id and its own deadline; the same
+    server over TCP when the UDP answer is truncated."""
+
+    def __init__(self, resolver: "DnsResolver", lookup: _DnsLookup,
+                 qtype: int, template: bytes):
+        self.resolver = resolver
+        self.lookup = lookup
+        self.qtype = qtype
+        self.template = template    # the query, its id to be replaced
+        self.tries = 0
+        self.nameserver = None
+        self.query_id = None
+        self.sock = None
+        self.events = 0
+        self.over_tcp = False
+        self.outgoing = b""         # TCP: what is left to send
+        self.incoming = bytearray()     # TCP: the answer so far
+        self.deadline = None
+        self.failure = "no name server to ask"
+
+    def next_try(self):
+        resolver = self.resolver
+        self._close_socket()
+        self.over_tcp = False
+        while self.tries < resolver.attempts * len(resolver.nameservers):
+            self.nameserver = resolver.nameservers[
+                self.tries % len(resolver.nameservers)]
+            self.tries += 1
+            # Unguessable, like the kernel-chosen port: a forger must
+            # hit both (RFC 5452 §9.2).
+            self.query_id = int.from_bytes(os.urandom(2), "big")
+            try:
+                self._open(socket.SOCK_DGRAM)
+                self.sock.send(self._packet())
+                self._watch(selectors.EVENT_READ)
+            except OSError as error:
+                self._failed(error)
+                continue
+            self._set_deadline()
+            return
+        self.stop()
+        resolver.query_done(self, self.failure)
+
+    def stop(self):
+        self.deadline = None
+        self._close_socket()
+        self.resolver.queries.discard(self)
+
+    def _packet(self) -> bytes:
+        return struct.pack("!H", self.query_id) + self.template[2:]
+
+    def _open(self, kind: int):
+        host, port = self.nameserver
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, kind)
+        self.sock.setblocking(False)
+        # Connected, so only the name server's datagrams arrive.
+        code = self.sock.connect_ex((host, port))
+        if code not in (0, errno.EINPROGRESS):
+            raise OSError(code, os.strerror(code))
+
+    def _watch(self, events: int):
+        if events != self.events:
+            self.resolver.server.watch(self.sock, self.events, events,
+                                       self.on_event)
+            self.events = events
+
+    def _close_socket(self):
+        if self.sock is None:
+            return
+        if self.events and self.resolver.server.selector is not None:
+            self._watch(0)
+        self.sock.close()
+        self.sock, self.events = None, 0
+        self.outgoing, self.incoming = b"", bytearray()
+
+    def _set_deadline(self):
+        self.deadline = time.monotonic() + self.resolver.timeout
+        self.resolver.server.call_at(self.deadline, self._on_deadline,
+                                     self.deadline)
+
+    def _on_deadline(self, when):
+        if when == self.deadline:
+            self.failure = "name server %s did not answer in time" \
+                % self.nameserver[0]
+            log.debug("dns: %s", self.failure)
+            self.next_try()
+
+    def _failed(self, error: OSError):
+        self.failure = "name server %s: %s" % (self.nameserver[0],
+                                               error.strerror or error)
+        log.debug("dns: %s", self.failure)
+        self._close_socket()
+
+    # -- events from the loop -------------------------------------------------
+
+    def on_event(self, mask: int):
+        if self.sock is None:
+            return      # stopped earlier in this round of events
+        try:
+            if self.over_tcp:
+                self._tcp_ready()
+            else:
+                self._udp_readable()
+        except OSError as error:
+            self._failed(error)
+            self.next_try()
+
+    def _udp_readable(self):
+        for _ in range(DNS_READS_PER_WAKEUP):
+            try:
+                message = self.sock.recv(MAX_DNS_MESSAGE)
+            except BlockingIOError:
+                return
+            if self._consider(message):
+                return
+
+    def _tcp_ready(self):
+        if self.outgoing:
+            sent = self.sock.send(self.outgoing)
+            self.outgoing = self.outgoing[sent:]
+            self._watch(selectors.EVENT_WRITE if self.outgoing
+                        else selectors.EVENT_READ)
+            return
+        data = self.sock.recv(DNS_TCP_LENGTH.size + MAX_DNS_MESSAGE
+                              - len(self.incoming))
+        if not data:
+            raise OSError(errno.ECONNRESET, "closed before answering")
+        self.incoming += data
+        if len(self.incoming) < DNS_TCP_LENGTH.size:
+            return
+        size, = DNS_TCP_LENGTH.unpack_from(self.incoming)
+        if len(self.incoming) < DNS_TCP_LENGTH.size + size:
+            return
+        if not self._consider(bytes(self.incoming[DNS_TCP_LENGTH.size:])):
+            raise OSError(errno.EPROTO, "TCP answer does not fit the question")
+
+    def _consider(self, message: bytes) -> bool:
+        """Act on a message; False when it is not an answer to this try."""
+        try:
+            answer = parse_dns_response(message, self.query_id,
+                                        self.lookup.name, self.qtype)
+        except DnsFormatError:
+            answer = None
+        if answer is None or (answer.truncated and self.over_tcp):
+            return False
+        if answer.truncated:
+            self._close_socket()
+            self.over_tcp = True
+            self._open(socket.SOCK_STREAM)
+            packet = self._packet()
+            self.outgoing = DNS_TCP_LENGTH.pack(len(packet)) + packet
+            self._watch(selectors.EVENT_WRITE)
+            self._set_deadline()
+        elif answer.rcode in (DnsRcode.NOERROR, DnsRcode.NXDOMAIN):
+            self.stop()
+            self.resolver.query_done(self, answer)
+        else:
+            rcode = answer.rcode    # SERVFAIL, REFUSED: ask the next one
+            self.failure = "name server %s answered %s" % (
+                self.nameserver[0], DnsRcode(rcode).name
+                if rcode <= DnsRcode.REFUSED else "rcode %d" % rcode)
+            self.next_try()
+        return True
+
+
+class DnsResolver:
+    """A stub resolver that runs in the server's loop (--nameserver).
+
+    DnsResolver([("192.0.2.53", 53)]) asks A and AAAA at once (PTR for
+    reverse), each over UDP from a fresh socket with a random id; a try
+    lasts timeout seconds, then the next name server is asked, attempts
+    rounds in all; a truncated answer is asked again over TCP.  Answers are
+    cached for their TTL (at most MAX_DNS_TTL; "no such name" for at most
+    MAX_NEGATIVE_TTL), the oldest dropped past cache_size entries.
+    lookup() and reverse() run in the loop; callbacks come from it.
+    """
+
+    def __init__(self, nameservers, timeout: float = 2.0, attempts: int = 2,
+                 cache_size: int = 1024):
+        if not nameservers:
+            raise ValueError("DnsResolver needs a name server")
+        self.nameservers = [(str(ipaddress.ip_address(host)), int(port))
+                            for host, port in nameservers]
+        self.timeout = timeout
+        self.attempts = max(1, attempts)
+        self.cache_size = cache_size
+        # (name, qtype) -> (monotonic expiry, DnsAnswer), oldest first
+        self.cache = collections.OrderedDict()
+        self.queries = set()        # in flight
+        self.server = None
+
+    def attach(self, server):
+        self.server = server
+
+    def lookup(self, hostname: str, callback) -> _DnsLookup:
+        address = ip_literal(hostname)
+        if address is not None:     # never asked
+            lookup = _DnsLookup(hostname, (), callback)
+            self._finish(lookup, ResolverResult((address,)))
+            return lookup
+        return self._start(hostname, (DnsType.A, DnsType.AAAA), callback)
+
+    def reverse(self, address, callback) -> _DnsLookup:
+        return self._start(address.reverse_pointer, (DnsType.PTR,), callback)
+
+    def close(self):
+        for query in list(self.queries):
+            query.stop()
+
+    def _start(self, name: str, qtypes, callback) -> _DnsLookup:
+        lookup = _DnsLookup(name, qtypes, callback)
+        for qtype in qtypes:
+            try:
+                template = encode_dns_query(0, name, qtype)
+            except DnsFormatError as error:
+                lookup.outcomes[qtype] = str(error)
+                continue
+            cached = self._cached(name, qtype)
+            if cached is not None:
+                lookup.outcomes[qtype] = cached
+                continue
+            query = _DnsQuery(self, lookup, qtype, template)
+            lookup.queries.append(query)
+            self.queries.add(query)
+        for query in list(lookup.queries):
+            query.next_try()
+        if not lookup.queries:
+            self._finish(lookup, self._result(lookup))
+        return lookup
+
+    def query_done(self, query: _DnsQuery, outcome):
+        if isinstance(outcome, DnsAnswer):
+            self._remember(query.lookup.name, query.qtype, outcome)
+        lookup = query.lookup
+        lookup.outcomes[query.qtype] = outcome
+        if len(lookup.outcomes) == len(lookup.qtypes):
+            self._finish(lookup, self._result(lookup))
+
+    def _finish(self, lookup: _DnsLookup, result: ResolverResult):
+        # Through the timer heap, so a callback never runs inside lookup().
+        lookup.result = result
+        self.server.call_at(time.monotonic(), self._deliver, lookup)
+
+    @staticmethod
+    def _deliver(lookup: _DnsLookup):
+        if not lookup.cancelled:
+            lookup.callback(lookup.result)
+
+    @staticmethod
+    def _result(lookup: _DnsLookup) -> ResolverResult:
+        records, reasons = [], []
+        for qtype in lookup.qtypes:     # A before AAAA
+            outcome = lookup.outcomes[qtype]
+            if isinstance(outcome, str):
+                reasons.append(outcome)
+            elif outcome.rcode == DnsRcode.NXDOMAIN:
+                reasons.append("no such name (NXDOMAIN)")
+            else:
+                records.extend(outcome.records)
+        if records:
+            return ResolverResult(tuple(records))
+        reasons.append("no %s record" % "/".join(DnsType(qtype).name
+                                                 for qtype in lookup.qtypes))
+        return ResolverResult((), Reply.HOST_UNREACHABLE, reasons[0])
+
+    def _cached(self, name: str, qtype: int) -> Optional[DnsAnswer]:
+        key = (_dns_name(name), qtype)
+        expiry, answer = self.cache.get(key, (0, None))
+        if answer is not None and expiry <= time.monotonic():
+            del self.cache[key]
+            return None
+        return answer
+
+    def _remember(self, name: str, qtype: int, answer: DnsAnswer):
+        ttl = min(answer.ttl, MAX_DNS_TTL if answer.records
+                  else MAX_NEGATIVE_TTL)
+        if ttl <= 0 or self.cache_size <= 0:
+            return
+        key = (_dns_name(name), qtype)
+        self.cache.pop(key, None)
+        self.cache[key] = (time.monotonic() + ttl, answer)
+        while len(self.cache) > self.cache_size:
+            self.cache.popitem(last=False)
 
 
 # =============================================================================
@@ -1938,7 +2486,10 @@ class Server:
             remaining = max(0.0, wake_at - time.monotonic())
             timeout = remaining if timeout is None else min(timeout, remaining)
         for key, mask in self.selector.select(timeout):
-            key.data(mask)
+            try:
+                key.data(mask)
+            except Exception:
+                self._contain_bug(key.data)
         ready = self._ready
         while ready:
             function, args = ready.popleft()
@@ -1948,6 +2499,17 @@ class Server:
         while timers and timers[0][0] <= now:
             _, _, function, argument = heapq.heappop(timers)
             function(argument)
+
+    def _contain_bug(self, handler):
+        """A bug met while handling one event: log it, close the connection
+        it belongs to, and keep serving everyone else."""
+        log.exception("internal error; closing the connection concerned")
+        owner = getattr(handler, "__self__", None)
+        if owner is None:
+            owner = getattr(getattr(handler, "func", None), "__self__", None)
+        if isinstance(owner, Connection) and owner.state is not State.CLOSED:
+            owner.outcome += ", then an internal error"
+            owner.close()
 
     def call_at(self, when: float, function, argument):
         """Run function(argument) in the loop at monotonic time when."""
@@ -2610,6 +3172,11 @@ def build_argument_parser() -> argparse.ArgumentParser:
     limits.add_argument("--max-connections", type=int, metavar="N",
                         help="connections served at once (default: what the "
                              "file descriptor limit allows)")
+    limits.add_argument("--nameserver", metavar="IP[:PORT]", action="append",
+                        default=[], type=parse_nameserver,
+                        help="ask this DNS server directly, from the event "
+                             "loop, instead of the system resolver "
+                             "(repeatable; [IPv6]:PORT)")
     limits.add_argument("--resolver-threads", type=int, default=4,
                         metavar="N",
                         help="threads for name lookups (default %(default)s)")
@@ -2713,7 +3280,8 @@ def main(argv=None) -> int:
     server = Server(
         options.listen or [(options.address, options.port)],
         sockets=listeners,
-        resolver=SystemResolver(workers=options.resolver_threads),
+        resolver=(DnsResolver(options.nameserver) if options.nameserver
+                  else SystemResolver(workers=options.resolver_threads)),
         handshake_timeout=options.handshake_timeout,
         connect_timeout=options.connect_timeout,
         idle_timeout=options.idle_timeout,

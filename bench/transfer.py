@@ -135,6 +135,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mib", type=int, default=256)
     parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--proxy-args", default="",
+                        help='extra torsocksd options, e.g. "--splice"')
     options = parser.parse_args()
     size = options.mib * 1024 * 1024
 
@@ -147,7 +149,8 @@ def main():
 
     proxy_port = free_port()
     proxy = subprocess.Popen([sys.executable, TORSOCKSD, "--port",
-                              str(proxy_port), "--log-level", "warning"])
+                              str(proxy_port), "--log-level", "warning",
+                              *options.proxy_args.split()])
     try:
         deadline = time.monotonic() + 10
         while True:

@@ -8,8 +8,10 @@ import ipaddress
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -236,3 +238,44 @@ def socks5_connect_request(host, port):
     else:
         target = (b"\x01" if address.version == 4 else b"\x04") + address.packed
     return b"\x05\x01\x00", b"\x05\x01\x00" + target + port.to_bytes(2, "big")
+
+
+@pytest.fixture
+def dnsmasq():
+    """dnsmasq on 127.0.0.1 answering only from its own records: v4.test A
+    192.0.2.10, v6.test AAAA 2001:db8::42, and the PTR of 192.0.2.10.
+    Yields its (address, port)."""
+    path = require_program("dnsmasq")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen(
+        [path, "--no-daemon", "--no-resolv", "--no-hosts",
+         "--listen-address=127.0.0.1", "--port=%d" % port, "--bind-interfaces",
+         "--address=/v4.test/192.0.2.10", "--address=/v6.test/2001:db8::42",
+         "--ptr-record=10.2.0.192.in-addr.arpa,v4.test"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for_dns(("127.0.0.1", port), process)
+        yield ("127.0.0.1", port)
+    finally:
+        process.terminate()
+        process.wait(TIMEOUT)
+        process.stderr.close()
+
+
+def wait_for_dns(address, process):
+    """Until the server at address answers a query (dnsmasq binds late)."""
+    query = torsocksd.encode_dns_query(1, "v4.test", torsocksd.DnsType.A)
+    deadline = time.monotonic() + TIMEOUT
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.settimeout(0.05)
+        while time.monotonic() < deadline:
+            assert process.poll() is None, process.stderr.read().decode()
+            probe.sendto(query, address)
+            try:
+                probe.recv(512)
+                return
+            except OSError:
+                continue
+    pytest.fail("dnsmasq did not answer")

@@ -99,3 +99,26 @@ def test_torsocks_end_to_end_in_a_network_namespace():
                for line in lines)
     assert any("CONNECT " in line and ":8000: relayed" in line
                for line in lines)
+
+
+def test_tor_resolve_through_the_daemon_and_its_dns_client(dnsmasq):
+    """The whole chain with real programs: tor-resolve -> torsocksd (the
+    command, with --nameserver) -> dnsmasq on loopback."""
+    from test_cli import Daemon, free_port
+    daemon = Daemon("--port", str(free_port()),
+                    "--nameserver", "%s:%d" % dnsmasq)
+    try:
+        class Listening:
+            address = ("127.0.0.1", int(daemon.listening[0].rsplit(":")[1]))
+        for flags, name, printed in ((["-4"], "v4.test", "192.0.2.10"),
+                                     (["-5"], "v4.test", "192.0.2.10"),
+                                     (["-5"], "v6.test", "2001:db8::42"),
+                                     (["-x"], "192.0.2.10", "v4.test")):
+            result = tor_resolve(Listening, *flags, name)
+            assert result.returncode == 0, result.stderr
+            assert result.stdout.strip() == printed
+        missing = tor_resolve(Listening, "-5", "nowhere.test")
+        assert missing.returncode == 1
+        assert "'4'" in missing.stderr
+    finally:
+        daemon.kill()

@@ -1,14 +1,15 @@
 """Run inside a fresh network namespace (unshare -n): torsocks -> torsocksd.
 
 Brings lo up, adds the test host address 192.0.2.10, serves HTTP there,
-starts torsocksd (in this process, with a resolver that knows web.test),
-and has torsocks run a Python fetch of http://web.test:8000/.  Prints what
-was fetched and torsocksd's log lines; exits non-zero on any failure.
+starts dnsmasq on 127.0.0.1 knowing web.test, starts torsocksd (in this
+process, with its built-in DNS client pointed at that dnsmasq), and has
+torsocks run a Python fetch of http://web.test:8000/.  Prints what was
+fetched and torsocksd's log lines; exits non-zero on any failure.
 """
 
 import http.server
-import ipaddress
 import logging
+import socket
 import os
 import subprocess
 import sys
@@ -34,20 +35,10 @@ class WebHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-class OneNameResolver:
-    """Knows web.test only; answers from the calling thread (the loop)."""
-
-    def lookup(self, hostname, callback):
-        if hostname == "web.test":
-            callback(torsocksd.ResolverResult(
-                (ipaddress.ip_address(TEST_HOST),)))
-        else:
-            callback(torsocksd.ResolverResult(
-                (), torsocksd.Reply.HOST_UNREACHABLE, "unknown"))
-
-    def reverse(self, address, callback):
-        callback(torsocksd.ResolverResult(
-            (), torsocksd.Reply.HOST_UNREACHABLE, "unknown"))
+def free_udp_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def main():
@@ -64,9 +55,16 @@ def main():
     torsocksd.log.addHandler(handler)
     torsocksd.log.setLevel(logging.INFO)
 
-    server = torsocksd.Server(listen=[("127.0.0.1", 0)],
-                              resolver=OneNameResolver(),
-                              log_destinations=True).start()
+    dns_port = free_udp_port()
+    dnsmasq = subprocess.Popen(
+        ["dnsmasq", "--no-daemon", "--no-resolv", "--no-hosts",
+         "--listen-address=127.0.0.1", "--port=%d" % dns_port,
+         "--bind-interfaces", "--address=/web.test/" + TEST_HOST],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = torsocksd.Server(
+        listen=[("127.0.0.1", 0)],
+        resolver=torsocksd.DnsResolver([("127.0.0.1", dns_port)]),
+        log_destinations=True).start()
     with tempfile.NamedTemporaryFile("w", suffix=".conf") as conf:
         conf.write("TorAddress 127.0.0.1\nTorPort %d\n" % server.address[1])
         conf.flush()
@@ -79,6 +77,8 @@ def main():
                                 stderr=subprocess.PIPE, timeout=30,
                                 universal_newlines=True)
     server.stop()
+    dnsmasq.terminate()
+    dnsmasq.wait()
     web.shutdown()
     web.server_close()
     print("fetched: " + result.stdout.strip())
