@@ -2946,6 +2946,7 @@ def install_signal_handlers(server: Server, on_reload):
 
 
 WORKER_RESTART_PAUSE = 1.0      # seconds between restarts of a crashing worker
+PASSED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 
 
 def run_workers(server: Server, count: int, on_reload) -> int:
@@ -2957,14 +2958,19 @@ def run_workers(server: Server, count: int, on_reload) -> int:
     server.open_listeners()
     workers = {}            # pid -> when it started
     stopping = False
+    parent = os.getpid()
 
     def spawn():
+        # Signals wait until the child has its own handlers in place.
+        signal.pthread_sigmask(signal.SIG_BLOCK, PASSED_SIGNALS)
         pid = os.fork()
         if pid == 0:
             status = 1
             try:
                 server._unix_paths = []     # the parent removes them
                 install_signal_handlers(server, on_reload)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, PASSED_SIGNALS)
+                watch_parent(server, parent)
                 server.serve_forever()
                 status = 0
             except BaseException:
@@ -2973,6 +2979,7 @@ def run_workers(server: Server, count: int, on_reload) -> int:
                 logging.shutdown()
                 os._exit(status)
         workers[pid] = time.monotonic()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, PASSED_SIGNALS)
 
     def pass_on(number, frame):
         nonlocal stopping
@@ -2985,8 +2992,7 @@ def run_workers(server: Server, count: int, on_reload) -> int:
             except ProcessLookupError:
                 pass
 
-    for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
-                   signal.SIGUSR1):
+    for number in PASSED_SIGNALS:
         signal.signal(number, pass_on)
     for _ in range(count):
         spawn()
@@ -3008,6 +3014,18 @@ def run_workers(server: Server, count: int, on_reload) -> int:
             spawn()
     server._close_listeners()
     return 0
+
+
+def watch_parent(server: Server, parent: int):
+    """A worker whose parent died (SIGKILL, a crash) drains and exits
+    instead of serving on as an orphan nobody supervises."""
+    def check(_):
+        if os.getppid() != parent:
+            log.warning("the parent process is gone: draining")
+            server.request_shutdown()
+        else:
+            server.call_at(time.monotonic() + 1.0, check, None)
+    server.call_at(time.monotonic() + 1.0, check, None)
 
 
 def log_statistics(server: Server):
@@ -3305,8 +3323,17 @@ def main(argv=None) -> int:
         splice=options.splice)
     if connections:
         server.listen = []      # one client, no listener of our own
+    def reload():
+        if options.log_file:
+            configure_logging(options.log_level, options.log_file)
+        server.reload(options.credentials)
+
+    workers = options.workers > 1 and not connections
+    if not workers:
+        # Before the first "listening" line: a signal from then on drains.
+        install_signal_handlers(server, reload)
     try:
-        if options.workers > 1 and not connections:
+        if workers:
             server.open_listeners()
         else:
             server.bind()
@@ -3318,15 +3345,8 @@ def main(argv=None) -> int:
     except (OSError, KeyError) as error:
         log.error("cannot start: %s", error)
         return EX_UNAVAILABLE
-
-    def reload():
-        if options.log_file:
-            configure_logging(options.log_level, options.log_file)
-        server.reload(options.credentials)
-
-    if options.workers > 1 and not connections:
+    if workers:
         return run_workers(server, options.workers, reload)
-    install_signal_handlers(server, reload)
     if connections:
         for extra in connections[1:]:
             extra.close()

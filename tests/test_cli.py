@@ -1,6 +1,7 @@
 """The command line: defaults, options, signals, exit statuses."""
 
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -34,7 +35,13 @@ class Daemon:
         Daemon.started.append(self)
         self.lines = []
         self.listening = []
+        deadline = time.monotonic() + TIMEOUT
         while len(self.listening) < listeners:
+            ready, _, _ = select.select([self.process.stderr], [], [],
+                                        max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise AssertionError("daemon not listening after %.0f s: %r"
+                                     % (TIMEOUT, self.lines))
             line = self.process.stderr.readline()
             if not line:
                 raise AssertionError("daemon exited: %r" % self.lines)
