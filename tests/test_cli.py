@@ -25,29 +25,37 @@ def reap_daemons():
 
 
 class Daemon:
-    """torsocksd as a child process; waits for its "listening on" lines."""
+    """torsocksd as a child process; waits (bounded) for its "listening on"
+    lines."""
     started = []
 
     def __init__(self, *args, listeners=1):
-        self.process = subprocess.Popen(
-            [sys.executable, SCRIPT, *args], stderr=subprocess.PIPE,
-            universal_newlines=True)
+        self.process = subprocess.Popen([sys.executable, SCRIPT, *args],
+                                        stderr=subprocess.PIPE)
         Daemon.started.append(self)
         self.lines = []
         self.listening = []
+        unread = b""
         deadline = time.monotonic() + TIMEOUT
         while len(self.listening) < listeners:
+            # os.read, not readline: a buffered reader would hide lines
+            # from select.
             ready, _, _ = select.select([self.process.stderr], [], [],
                                         max(0.0, deadline - time.monotonic()))
             if not ready:
                 raise AssertionError("daemon not listening after %.0f s: %r"
                                      % (TIMEOUT, self.lines))
-            line = self.process.stderr.readline()
-            if not line:
+            chunk = os.read(self.process.stderr.fileno(), 65536)
+            if not chunk:
                 raise AssertionError("daemon exited: %r" % self.lines)
-            self.lines.append(line)
-            if " listening on " in line:
-                self.listening.append(line.rsplit(" ", 1)[1].strip())
+            unread += chunk
+            *complete, unread = unread.split(b"\n")
+            for line in complete:
+                line = line.decode() + "\n"
+                self.lines.append(line)
+                if " listening on " in line:
+                    self.listening.append(line.rsplit(" ", 1)[1].strip())
+        self.unread = unread
 
     def kill(self):
         if self.process.poll() is None:
@@ -56,7 +64,7 @@ class Daemon:
 
     def finish(self, timeout=TIMEOUT):
         _, rest = self.process.communicate(timeout=timeout)
-        self.lines.extend(rest.splitlines(True))
+        self.lines.extend((self.unread + rest).decode().splitlines(True))
         return self.process.returncode
 
 
