@@ -2778,7 +2778,11 @@ def open_unix_listener(path: str, mode: int) -> socket.socket:
         if not stat_is_socket(path):
             raise OSError(errno.EEXIST, "not a socket, will not replace", path)
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-            if probe.connect_ex(path) == 0:
+            # Non-blocking: a live server with a full queue must not hang us.
+            # Only "refused" proves nobody is there; anything else (EAGAIN,
+            # EACCES, success) leaves the path to whoever owns it.
+            probe.setblocking(False)
+            if probe.connect_ex(path) != errno.ECONNREFUSED:
                 raise OSError(errno.EADDRINUSE, "a server listens there", path)
         os.unlink(path)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -246,9 +246,7 @@ def dnsmasq():
     192.0.2.10, v6.test AAAA 2001:db8::42, and the PTR of 192.0.2.10.
     Yields its (address, port)."""
     path = require_program("dnsmasq")
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_udp_and_tcp_port()
     process = subprocess.Popen(
         [path, "--no-daemon", "--no-resolv", "--no-hosts",
          "--listen-address=127.0.0.1", "--port=%d" % port, "--bind-interfaces",
@@ -262,6 +260,21 @@ def dnsmasq():
         process.terminate()
         process.wait(TIMEOUT)
         process.stderr.close()
+
+
+def free_udp_and_tcp_port():
+    """A loopback port free for both UDP and TCP (dnsmasq binds both)."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, \
+                socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+            udp.bind(("127.0.0.1", 0))
+            port = udp.getsockname()[1]
+            try:
+                tcp.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no port free for both UDP and TCP")
 
 
 def wait_for_dns(address, process):
