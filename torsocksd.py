@@ -1424,6 +1424,7 @@ READS_PER_WAKEUP = 4                # fewer selects under load, still fair
 HIGH_WATER = 256 * 1024             # stop reading a side past this backlog
 MAX_CONNECT_ATTEMPTS = 16           # addresses of one name tried in turn
 CLOSING_LINGER = 2.0                # seconds a last reply may take to drain
+PAUSED_CHECK_INTERVAL = 1.0         # seconds between looks at a paused socket
 
 # The splice relay (Linux, Python 3.10+): socket -> pipe -> socket in the
 # kernel.  Each moving direction borrows a pipe from a small pool.
@@ -1476,7 +1477,7 @@ class Connection:
                  "command", "host", "port", "userid", "candidates",
                  "attempts", "last_reply", "lookup", "deadline", "idle_mark",
                  "upstream", "downstream", "client_events", "target_events",
-                 "outcome", "opened")
+                 "paused_check", "outcome", "opened")
 
     def __init__(self, server: "Server", client: socket.socket, peer,
                  number: int):
@@ -1504,6 +1505,7 @@ class Connection:
         self.downstream = _Flow(None, client)   # target -> client
         self.client_events = 0
         self.target_events = 0
+        self.paused_check = False   # a look at an unwatched socket is due
         self.outcome = "closed during handshake"
         self.opened = time.monotonic()
         self.userid = None
@@ -1531,7 +1533,11 @@ class Connection:
             self.deadline = None
             return
         self.deadline = time.monotonic() + seconds
-        self.server.call_at(self.deadline, self._on_deadline, self.deadline)
+        self.server.call_at(self.deadline, self._deadline_passed,
+                            self.deadline)
+
+    def _deadline_passed(self, when):
+        self._handle(self._on_deadline, when)
 
     def _on_deadline(self, when):
         if when != self.deadline or self.state is State.CLOSED:
@@ -1554,33 +1560,39 @@ class Connection:
                 self.close()
         else:
             self.close()
-        self._update_interest()
 
     # -- events from the loop -------------------------------------------------
 
-    def on_client_event(self, mask: int):
+    # Every way into a connection (socket events, deadlines, resolver
+    # answers, connect attempts) goes through _handle: a socket error there
+    # ends this connection only, and the sockets' interest is derived anew.
+
+    def _handle(self, work, *args):
         if self.state is State.CLOSED:
             return
         try:
-            if mask & EVENT_WRITE:
-                self._flush(self.downstream)
-            if mask & EVENT_READ and self.state is not State.CLOSED:
-                self._client_readable()
+            work(*args)
         except OSError as error:
-            self._fail(error, client_side=True)
+            self._fail(error)
         self._update_interest()
 
+    def on_client_event(self, mask: int):
+        self._handle(self._client_event, mask)
+
     def on_target_event(self, mask: int):
-        if self.state is State.CLOSED:
-            return
-        try:
-            if mask & EVENT_WRITE:
-                self._flush(self.upstream)
-            if mask & EVENT_READ and self.state is State.RELAYING:
-                self._move(self.downstream)
-        except OSError as error:
-            self._fail(error, client_side=False)
-        self._update_interest()
+        self._handle(self._target_event, mask)
+
+    def _client_event(self, mask: int):
+        if mask & EVENT_WRITE:
+            self._flush(self.downstream)
+        if mask & EVENT_READ and self.state is not State.CLOSED:
+            self._client_readable()
+
+    def _target_event(self, mask: int):
+        if mask & EVENT_WRITE:
+            self._flush(self.upstream)
+        if mask & EVENT_READ and self.state is State.RELAYING:
+            self._move(self.downstream)
 
     def _client_readable(self):
         state = self.state
@@ -1606,16 +1618,14 @@ class Connection:
             if not self.client.recv(RECV_BUFFER_SIZE):
                 self.close()
 
-    def _fail(self, error: OSError, client_side: bool):
+    def _fail(self, error: OSError):
         if isinstance(error, (BlockingIOError, InterruptedError)):
             return
-        side = "client" if client_side else "target"
+        reason = "socket error: %s" % errno.errorcode.get(error.errno, error)
         if self.state in (State.RELAYING, State.CLOSING):
-            self.outcome += ", then %s error: %s" % (
-                side, errno.errorcode.get(error.errno, error))
+            self.outcome += ", then " + reason
         else:
-            self.outcome = "%s error: %s" % (
-                side, errno.errorcode.get(error.errno, error))
+            self.outcome = reason
         # Pass a reset on as a reset (resetting the side that failed is
         # harmless, and the error may have shown on either socket).
         reset = error.errno in RESET_ERRORS
@@ -1763,7 +1773,10 @@ class Connection:
 
     def _start_lookup(self, method, query):
         self._enter(State.RESOLVING)
-        self.lookup = method(query, self.server.deliver(self._on_resolved))
+        self.lookup = method(query, self.server.deliver(self._resolved))
+
+    def _resolved(self, result: ResolverResult):
+        self._handle(self._on_resolved, result)
 
     def _on_resolved(self, result: ResolverResult):
         if self.state is not State.RESOLVING:
@@ -1778,7 +1791,6 @@ class Connection:
             self._answer_resolve(result.answers)
         else:
             self._start_connecting(result.answers)
-        self._update_interest()
 
     def _answer_resolve(self, answers):
         """RESOLVE answers: the first address of the preferred family (IPv4
@@ -1842,12 +1854,14 @@ class Connection:
                 self.last_reply = reply_for_errno(error_number)
                 continue
             self.attempts.append(target)
-            server.selector.register(target, EVENT_WRITE,
-                                     functools.partial(self._attempt_ready,
-                                                       target))
+            server.selector.register(
+                target, EVENT_WRITE,
+                functools.partial(self._handle, self._attempt_ready, target))
             if self.candidates:
                 server.call_at(time.monotonic() + server.happy_eyeballs_delay,
-                               self._attempt_overdue, target)
+                               functools.partial(self._handle,
+                                                 self._attempt_overdue),
+                               target)
             return
         if not self.attempts:
             self._refuse(self.last_reply, "could not connect: %s" % (
@@ -1857,7 +1871,6 @@ class Connection:
         """An attempt is still pending after the delay: start the next too."""
         if self.state is State.CONNECTING and target in self.attempts:
             self._attempt_next()
-            self._update_interest()
 
     def _attempt_ready(self, target, mask):
         if self.state is not State.CONNECTING or target not in self.attempts:
@@ -1877,11 +1890,7 @@ class Connection:
             self.server.selector.modify(target, EVENT_READ,
                                         self.on_target_event)
             self.target_events = EVENT_READ
-            try:
-                self._connected()
-            except OSError as error:
-                self._fail(error, client_side=True)
-        self._update_interest()
+            self._connected()
 
     def _abandon_attempts(self):
         for attempt in self.attempts:
@@ -1911,14 +1920,14 @@ class Connection:
         self._flush(self.upstream)      # the client's early data
 
     def _read_early_data(self):
-        """Client bytes that arrive while the target is still being reached."""
-        if self.command is not Command.CONNECT:
-            return
+        """Client bytes that arrive while the answer is being worked out:
+        kept for the target of a CONNECT, dropped after a RESOLVE (as Tor
+        does).  Reading on also shows a client that resets meanwhile."""
         data = self.client.recv(HIGH_WATER)
-        if data:
-            self.upstream.pending += data
-        else:
+        if not data:
             self.upstream.reading = False
+        elif self.command is Command.CONNECT:
+            self.upstream.pending += data
 
     # -- relaying ---------------------------------------------------------------
 
@@ -2042,6 +2051,9 @@ class Connection:
             self.close()
 
     def _send_to_client(self, data: bytes):
+        """Queue a SOCKS reply.  The byte counts are of relayed data only,
+        so the reply is taken off the count that _flush will add it to."""
+        self.downstream.count -= len(data)
         self.downstream.pending += data
         self._flush(self.downstream)
 
@@ -2108,8 +2120,7 @@ class Connection:
         if state in HANDSHAKE_STATES:
             client_events = EVENT_READ
         elif state is State.RELAYING or state in SETUP_STATES:
-            if upstream.reading and upstream.backlog() < HIGH_WATER \
-                    and self.command is Command.CONNECT:
+            if upstream.reading and upstream.backlog() < HIGH_WATER:
                 client_events = EVENT_READ
         elif state is State.CLOSING:
             client_events = EVENT_READ
@@ -2136,6 +2147,24 @@ class Connection:
             server.watch(self.target, self.target_events, target_events,
                          self.on_target_event)
             self.target_events = target_events
+        if state is State.RELAYING and not self.paused_check \
+                and not (client_events and target_events):
+            # A socket the loop does not watch cannot report a reset, so
+            # look at it now and then while it is paused.
+            self.paused_check = True
+            server.call_at(time.monotonic() + PAUSED_CHECK_INTERVAL,
+                           functools.partial(self._handle,
+                                             self._check_paused), None)
+
+    def _check_paused(self, _):
+        self.paused_check = False
+        for sock, events in ((self.client, self.client_events),
+                             (self.target, self.target_events)):
+            if not events:
+                error_number = sock.getsockopt(socket.SOL_SOCKET,
+                                               socket.SO_ERROR)
+                if error_number:
+                    raise OSError(error_number, os.strerror(error_number))
 
     def log_outcome(self):
         destination = ""
@@ -2493,20 +2522,25 @@ class Server:
         ready = self._ready
         while ready:
             function, args = ready.popleft()
-            function(*args)
+            try:
+                function(*args)
+            except Exception:
+                self._contain_bug(function)
         timers = self._timers
         now = time.monotonic()
         while timers and timers[0][0] <= now:
             _, _, function, argument = heapq.heappop(timers)
-            function(argument)
+            try:
+                function(argument)
+            except Exception:
+                self._contain_bug(function)
 
     def _contain_bug(self, handler):
         """A bug met while handling one event: log it, close the connection
         it belongs to, and keep serving everyone else."""
         log.exception("internal error; closing the connection concerned")
-        owner = getattr(handler, "__self__", None)
-        if owner is None:
-            owner = getattr(getattr(handler, "func", None), "__self__", None)
+        # A bound method of the connection, or a partial of one.
+        owner = getattr(getattr(handler, "func", handler), "__self__", None)
         if isinstance(owner, Connection) and owner.state is not State.CLOSED:
             owner.outcome += ", then an internal error"
             owner.close()
@@ -3292,6 +3326,13 @@ def main(argv=None) -> int:
         connections = [socket.socket(fileno=0)]
     elif options.inetd_wait:
         listeners = [socket.socket(fileno=0)]
+    if inetd:
+        # stdout and stderr may be the client's socket: nothing may reach
+        # it, not even logging's own complaint about an absent syslog.
+        logging.raiseExceptions = False
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 1)
+            os.dup2(null.fileno(), 2)
     credentials = None
     if options.credentials:
         try:

@@ -1,0 +1,311 @@
+"""Run inside a fresh network namespace (unshare -n), as root: a client from
+another host may not use torsocksd to reach this host's loopback.
+
+Brings lo up and adds the test host address 192.0.2.1/32 (TEST-NET-1) to it.
+Echo servers listen on 127.0.0.1 and on 192.0.2.1.  torsocksd listens on
+0.0.0.0, once with open_proxy=True and once with a client policy that lets
+192.0.2.0/24 in; a client whose socket is bound to 192.0.2.1 before it
+connects is, as far as torsocksd can tell, on another host.  That client
+must get 02 (SOCKS4: 5b) for every way of naming a loopback, unspecified,
+link-local or multicast destination, and a working tunnel to 192.0.2.1; the
+echo server on 127.0.0.1 must never see a connection of its.  A client on
+127.0.0.1 (the control) reaches 127.0.0.1.  A third server, whose policy
+lets only 127.0.0.0/8 in, closes the remote client at accept without a byte.
+
+Prints one line per check and exits non-zero if any fails.
+"""
+
+import ipaddress
+import os
+import socket
+import subprocess
+import sys
+import threading
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir,
+                                os.pardir))
+import torsocksd  # noqa: E402
+
+HOST = "192.0.2.1"
+TIMEOUT = 10.0
+FAILURES = []
+
+
+def check(label, condition, detail=""):
+    print("%s: %s%s" % ("ok" if condition else "FAILED", label,
+                        (" (%s)" % detail) if detail else ""))
+    if not condition:
+        FAILURES.append(label)
+
+
+class Resolver:
+    """Answers at once from a table; never DNS."""
+    NAMES = {"loop.test": "127.0.0.1", "localhost": "127.0.0.1",
+             "loop6.test": "::1", "host.test": HOST,
+             "meta.test": "169.254.169.254"}
+
+    def lookup(self, hostname, callback):
+        address = self.NAMES.get(hostname)
+        if address is None:
+            callback(torsocksd.ResolverResult(
+                (), torsocksd.Reply.HOST_UNREACHABLE, "unknown"))
+        else:
+            callback(torsocksd.ResolverResult(
+                (ipaddress.ip_address(address),)))
+
+    def reverse(self, address, callback):
+        callback(torsocksd.ResolverResult(
+            (), torsocksd.Reply.HOST_UNREACHABLE, "unknown"))
+
+
+class Echo:
+    def __init__(self, host):
+        self.listener = socket.socket()
+        self.listener.bind((host, 0))
+        self.listener.listen(64)
+        self.port = self.listener.getsockname()[1]
+        self.peers = []
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self):
+        while True:
+            try:
+                sock, peer = self.listener.accept()
+            except OSError:
+                return
+            self.peers.append(peer)
+            threading.Thread(target=self.echo, args=(sock,),
+                             daemon=True).start()
+
+    @staticmethod
+    def echo(sock):
+        with sock:
+            sock.settimeout(TIMEOUT)
+            try:
+                while True:
+                    data = sock.recv(65536)
+                    if not data:
+                        return
+                    sock.sendall(data)
+            except OSError:
+                return
+
+
+def recv_exactly(sock, size):
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def rest_until_eof(sock):
+    data = b""
+    try:
+        while True:
+            chunk = sock.recv(4096)
+            if not chunk:
+                return data, "eof"
+            data += chunk
+    except ConnectionResetError:
+        return data, "reset"
+    except socket.timeout:
+        return data, "no end"
+
+
+def client(server_port, source):
+    sock = socket.socket()
+    sock.settimeout(TIMEOUT)
+    sock.bind((source, 0))
+    sock.connect((HOST if source == HOST else "127.0.0.1", server_port))
+    return sock
+
+
+def socks5_target(host, port):
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        name = host.encode()
+        return b"\x03" + bytes((len(name),)) + name + port.to_bytes(2, "big")
+    return (b"\x01" if address.version == 4 else b"\x04") + address.packed \
+        + port.to_bytes(2, "big")
+
+
+def socks5_connect(server_port, source, target):
+    """(reply, what followed and how it ended) for a SOCKS5 CONNECT."""
+    with client(server_port, source) as sock:
+        sock.sendall(b"\x05\x01\x00")
+        method = recv_exactly(sock, 2)
+        if method != b"\x05\x00":
+            return method, rest_until_eof(sock)
+        sock.sendall(b"\x05\x01\x00" + target)
+        reply = recv_exactly(sock, 10)
+        if reply[:2] == b"\x05\x00":
+            sock.sendall(b"ping")
+            echoed = recv_exactly(sock, 4)
+            sock.shutdown(socket.SHUT_WR)
+            data, end = rest_until_eof(sock)
+            return reply, (echoed + data, end)
+        return reply, rest_until_eof(sock)
+
+
+def socks4_connect(server_port, source, address, port, name=None):
+    with client(server_port, source) as sock:
+        request = b"\x04\x01" + port.to_bytes(2, "big")
+        if name is None:
+            request += socket.inet_aton(address) + b"\0"
+        else:
+            request += b"\0\0\0\x01\0" + name.encode() + b"\0"
+        sock.sendall(request)
+        reply = recv_exactly(sock, 8)
+        if reply[:2] == b"\x00\x5a":
+            sock.sendall(b"ping")
+            echoed = recv_exactly(sock, 4)
+            sock.shutdown(socket.SHUT_WR)
+            data, end = rest_until_eof(sock)
+            return reply, (echoed + data, end)
+        return reply, rest_until_eof(sock)
+
+
+NOT_ALLOWED = b"\x05\x02\x00\x01" + bytes(6)
+SUCCEEDED = b"\x05\x00\x00\x01" + bytes(6)
+S4_REJECTED = b"\x00\x5b" + bytes(6)
+S4_GRANTED = b"\x00\x5a" + bytes(6)
+
+
+def run_checks(label, server, loop_echo, host_echo):
+    port = server.address[1]
+    before = len(loop_echo.peers)
+    lport, hport = loop_echo.port, host_echo.port
+    refused = [
+        ("127.0.0.1", socks5_target("127.0.0.1", lport)),
+        ("127.0.0.2", socks5_target("127.0.0.2", lport)),
+        ("::1", socks5_target("::1", lport)),
+        ("::ffff:127.0.0.1", socks5_target("::ffff:127.0.0.1", lport)),
+        ("0.0.0.0", socks5_target("0.0.0.0", lport)),
+        ("::", socks5_target("::", lport)),
+        ("169.254.169.254", socks5_target("169.254.169.254", 80)),
+        ("fe80::1", socks5_target("fe80::1", 80)),
+        ("224.0.0.1", socks5_target("224.0.0.1", 80)),
+        ("ff02::1", socks5_target("ff02::1", 80)),
+        ("name loop.test", socks5_target("loop.test", lport)),
+        ("name localhost", socks5_target("localhost", lport)),
+        ("name loop6.test", socks5_target("loop6.test", lport)),
+        ("name meta.test", socks5_target("meta.test", 80)),
+        ("literal name 127.0.0.1",
+         b"\x03\x09127.0.0.1" + lport.to_bytes(2, "big")),
+        ("literal name [::1]", b"\x03\x05[::1]" + lport.to_bytes(2, "big")),
+        ("literal name ::ffff:127.0.0.1",
+         b"\x03\x10::ffff:127.0.0.1" + lport.to_bytes(2, "big")),
+    ]
+    for what, target in refused:
+        reply, (rest, end) = socks5_connect(port, HOST, target)
+        check("%s: remote client, SOCKS5 CONNECT %s -> 05 02 and close"
+              % (label, what), reply == NOT_ALLOWED and rest == b""
+              and end == "eof", "got %s, then %r, %s" % (reply.hex(), rest,
+                                                         end))
+    for what, address, name in (("127.0.0.1", "127.0.0.1", None),
+                                ("SOCKS4A loop.test", None, "loop.test"),
+                                ("SOCKS4A localhost", None, "localhost")):
+        reply, (rest, end) = socks4_connect(port, HOST, address, lport, name)
+        check("%s: remote client, SOCKS4 CONNECT %s -> 5b and close"
+              % (label, what), reply == S4_REJECTED and rest == b""
+              and end == "eof", "got %s, then %r, %s" % (reply.hex(), rest,
+                                                         end))
+    check("%s: the loopback echo server saw no connection from those"
+          % label, len(loop_echo.peers) == before,
+          "peers %r" % loop_echo.peers[before:])
+
+    for what, target in (("192.0.2.1", socks5_target(HOST, hport)),
+                         ("name host.test", socks5_target("host.test",
+                                                          hport))):
+        reply, (rest, end) = socks5_connect(port, HOST, target)
+        check("%s: remote client, SOCKS5 CONNECT %s (this host, not "
+              "loopback) works" % (label, what),
+              reply == SUCCEEDED and rest == b"ping" and end == "eof",
+              "got %s, then %r, %s" % (reply.hex(), rest, end))
+    reply, (rest, end) = socks4_connect(port, HOST, HOST, hport)
+    check("%s: remote client, SOCKS4 CONNECT 192.0.2.1 works" % label,
+          reply == S4_GRANTED and rest == b"ping" and end == "eof",
+          "got %s, then %r, %s" % (reply.hex(), rest, end))
+
+    reply, (rest, end) = socks5_connect(port, "127.0.0.1",
+                                        socks5_target("127.0.0.1", lport))
+    check("%s: loopback client (control), SOCKS5 CONNECT 127.0.0.1 works"
+          % label, reply == SUCCEEDED and rest == b"ping" and end == "eof",
+          "got %s, then %r, %s" % (reply.hex(), rest, end))
+    peers = loop_echo.peers[before:]
+    check("%s: the loopback echo server's only client was the control's "
+          "tunnel, from 127.0.0.1" % label,
+          len(peers) == 1 and peers[0][0] == "127.0.0.1", "peers %r" % peers)
+
+
+def main():
+    if os.geteuid() != 0:
+        print("needs root (unshare -n as root)")
+        return 2
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    subprocess.run(["ip", "addr", "add", HOST + "/32", "dev", "lo"],
+                   check=True)
+    loop_echo = Echo("127.0.0.1")
+    host_echo = Echo(HOST)
+
+    try:
+        torsocksd.Server([("0.0.0.0", 0)], resolver=Resolver()).bind()
+    except ValueError as error:
+        check("0.0.0.0 without open_proxy, policy or credentials is refused",
+              True, str(error)[:60])
+    else:
+        check("0.0.0.0 without open_proxy, policy or credentials is refused",
+              False, "it started")
+
+    with torsocksd.Server([("0.0.0.0", 0)], resolver=Resolver(),
+                          open_proxy=True) as server:
+        run_checks("open_proxy", server, loop_echo, host_echo)
+        check("open_proxy: no connection left open",
+              wait_idle(server), "active %d" % server.stats()["active"])
+
+    policy = torsocksd.ClientPolicy([(True, "192.0.2.0/24"),
+                                     (True, "127.0.0.0/8")])
+    with torsocksd.Server([("0.0.0.0", 0)], resolver=Resolver(),
+                          client_policy=policy) as server:
+        run_checks("client policy 192.0.2.0/24", server, loop_echo,
+                   host_echo)
+        check("client policy: no connection left open", wait_idle(server),
+              "active %d" % server.stats()["active"])
+
+    policy = torsocksd.ClientPolicy([(True, "127.0.0.0/8")])
+    with torsocksd.Server([("0.0.0.0", 0)], resolver=Resolver(),
+                          client_policy=policy) as server:
+        with client(server.address[1], HOST) as sock:
+            sock.sendall(b"\x05\x01\x00")
+            data, end = rest_until_eof(sock)
+        check("client policy 127.0.0.0/8 only: a remote client gets no "
+              "byte and a closed socket", data == b"" and end in ("eof",
+                                                                  "reset"),
+              "got %r, %s" % (data, end))
+        check("client policy 127.0.0.0/8 only: counted as refused at accept",
+              server.stats()["refused_at_accept"] == 1,
+              repr(server.stats()))
+
+    if FAILURES:
+        print("%d check(s) failed" % len(FAILURES))
+        return 1
+    print("all checks passed")
+    return 0
+
+
+def wait_idle(server, seconds=5.0):
+    import time
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if server.stats()["active"] == 0:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+if __name__ == "__main__":
+    sys.exit(main())
