@@ -82,6 +82,7 @@ import queue
 import selectors
 import signal
 import socket
+import ssl
 import stat
 import struct
 import sys
@@ -90,6 +91,9 @@ import time
 from typing import NamedTuple, Optional, Union
 
 log = logging.getLogger("torsocksd")
+
+EVENT_READ = selectors.EVENT_READ       # what the loop waits for on a socket
+EVENT_WRITE = selectors.EVENT_WRITE
 
 
 # =============================================================================
@@ -110,6 +114,9 @@ class Command(enum.IntEnum):
     RESOLVE_PTR = 0xF1      # Tor socks-extensions §2
     CONNECT_DIR = 0xF2      # the seed-era spec; not served yet
 
+
+# Commands after whose reply bytes flow: the client's early data is kept.
+RELAYED_COMMANDS = frozenset((Command.CONNECT, Command.CONNECT_DIR))
 
 # SOCKS4 has no UDP ASSOCIATE; Tor's grammar takes CONNECT, BIND, RESOLVE and
 # RESOLVE_PTR, and the seed era added CONNECT_DIR.
@@ -1398,6 +1405,1593 @@ class DnsResolver:
 
 
 # =============================================================================
+# The Tor link protocol for CONNECT_DIR: constants
+# =============================================================================
+# CONNECT_DIR reaches a relay's directory service the way Tor's own directory
+# fetches do: TLS to the ORPort, one CREATE_FAST circuit, RELAY_BEGIN_DIR
+# streams on it (tor-spec.txt §2 to §7).  Enum values are the bytes on the
+# wire.
+
+class CellCommand(enum.IntEnum):
+    """Cell commands (tor-spec §3)."""
+    PADDING = 0
+    RELAY = 3
+    DESTROY = 4
+    CREATE_FAST = 5
+    CREATED_FAST = 6
+    VERSIONS = 7
+    NETINFO = 8
+    RELAY_EARLY = 9
+    VPADDING = 128
+    CERTS = 129
+    AUTH_CHALLENGE = 130
+
+
+class RelayCommand(enum.IntEnum):
+    """Relay cell commands (tor-spec §6.1)."""
+    DATA = 2
+    END = 3
+    CONNECTED = 4
+    SENDME = 5
+    TRUNCATED = 9
+    DROP = 10
+    BEGIN_DIR = 13
+
+
+class EndReason(enum.IntEnum):
+    """RELAY_END reasons (tor-spec §6.3)."""
+    MISC = 1
+    RESOLVEFAILED = 2
+    CONNECTREFUSED = 3
+    EXITPOLICY = 4
+    DESTROY = 5
+    DONE = 6
+    TIMEOUT = 7
+    NOROUTE = 8
+    HIBERNATING = 9
+    INTERNAL = 10
+    RESOURCELIMIT = 11
+    CONNRESET = 12
+    TORPROTOCOL = 13
+    NOTDIRECTORY = 14
+
+
+class CertType(enum.IntEnum):
+    """CERTS cell certificate types used here (tor-spec §4.2)."""
+    LINK = 1                # X.509: the TLS key, signed by the RSA identity
+    IDENTITY = 2            # X.509: the RSA1024 identity, self-signed
+
+
+# Offered link versions (tor-spec §4.1).  4 brings 4-byte circuit ids and the
+# initiator-sets-the-MSB rule; 3 is left out (2-byte ids, ids chosen by key
+# comparison), as every relay since 0.2.4 speaks 4.
+LINK_VERSIONS = (4, 5)
+PAYLOAD_LEN = 509           # tor-spec §0.2
+CIRC_ID_LEN = 4             # link protocol 4 and later
+FIXED_CELL_LEN = CIRC_ID_LEN + 1 + PAYLOAD_LEN       # 514
+VERSIONS_CIRC_ID_LEN = 2    # the first VERSIONS cell, whatever follows
+HASH_LEN = 20               # SHA-1
+KEY_LEN = 16                # AES-128
+RELAY_HEADER_LEN = 11       # command, recognized, stream, digest, length
+RELAY_DATA_MAX = PAYLOAD_LEN - RELAY_HEADER_LEN      # 498
+RELAY_DIGEST = slice(5, 9)  # where the running digest goes in a relay header
+CIRCUIT_ID_INITIATOR = 0x80000000   # tor-spec §5.1.1: the initiator's MSB
+ADDRESS_TYPE_IPV4 = 4       # NETINFO address types (tor-spec §4.5)
+ADDRESS_TYPE_IPV6 = 6
+DESTROY_REASON_NONE = 0     # tor-spec §5.4: a client always says NONE
+
+# Flow control (tor-spec §7.3, §7.4): fixed windows, as CREATE_FAST circuits
+# negotiate no congestion control.
+CIRCUIT_WINDOW = 1000
+CIRCUIT_SENDME_INCREMENT = 100
+STREAM_WINDOW = 500
+STREAM_SENDME_INCREMENT = 50
+SENDME_VERSION_AUTHENTICATED = 1    # prop 289: carries a 20-byte digest
+
+# Certificate clock slop: Tor's TOR_X509_PAST_SLOP and TOR_X509_FUTURE_SLOP.
+CERT_EXPIRED_SLOP = 2 * 24 * 3600
+CERT_NOT_YET_VALID_SLOP = 30 * 24 * 3600
+IDENTITY_KEY_BITS = 1024    # tor-spec §4.2: the ID certificate's key size
+
+LINK_HIGH_WATER = 256 * 1024   # TLS bytes queued before streams stop sending
+LINK_LOW_WATER = 64 * 1024     # ... and when they are told to resume
+LINK_RECV_SIZE = 64 * 1024
+LINK_IDLE_TIMEOUT = 60.0       # seconds an unused circuit stays open for reuse
+
+
+class TorProtocolError(Exception):
+    """The relay broke the link protocol, or could not prove its identity."""
+
+
+# =============================================================================
+# AES-128 (FIPS-197) and AES-128-CTR (SP 800-38A), encryption only
+# =============================================================================
+# The standard library has no AES.  This is the classic table version: the
+# round function of one column is four lookups in 256-entry tables of 32-bit
+# words (Te0..Te3).  To spare the shifts and masks that cost most in Python,
+# each table is also kept pre-shifted into the four column positions of a
+# 128-bit state, and the state is held as 16 bytes between rounds, so a round
+# is 16 byte indexings, 16 lookups and 16 XORs.  CTR needs only encryption.
+
+def _times_x(byte: int) -> int:
+    """Multiply by x in GF(2^8), modulo x^8 + x^4 + x^3 + x + 1 (FIPS-197
+    §4.2.1)."""
+    byte <<= 1
+    return byte ^ 0x11B if byte & 0x100 else byte
+
+
+def _make_sbox():
+    """FIPS-197 §5.1.1: the multiplicative inverse, then the affine map."""
+    exponent, logarithm = [0] * 255, [0] * 256
+    power = 1
+    for i in range(255):            # 3 generates the multiplicative group
+        exponent[i], logarithm[power] = power, i
+        power ^= _times_x(power)
+    sbox = []
+    for value in range(256):
+        inverse = exponent[-logarithm[value] % 255] if value else 0
+        result = inverse
+        for shift in range(1, 5):
+            result ^= ((inverse << shift) | (inverse >> (8 - shift))) & 0xFF
+        sbox.append(result ^ 0x63)
+    return sbox
+
+
+def _make_round_tables(sbox):
+    """Te0..Te3 (S-box, then MixColumns' column for a byte in row 0..3), and
+    each placed at the four column positions of a 128-bit state."""
+    te0 = [(_times_x(s) << 24) | (s << 16) | (s << 8) | (_times_x(s) ^ s)
+           for s in sbox]
+    words = [[((word >> (8 * row)) | (word << (32 - 8 * row))) & 0xFFFFFFFF
+              for word in te0] for row in range(4)]
+    return [[[word << (96 - 32 * column) for word in table] for table in words]
+            for column in range(4)]
+
+
+def _make_final_tables(sbox):
+    """The last round has no MixColumns: S-box values placed at each of the
+    16 byte positions of the state."""
+    return [[value << (120 - 8 * position) for value in sbox]
+            for position in range(16)]
+
+
+AES_SBOX = _make_sbox()
+_AES_ROUND_TABLES = _make_round_tables(AES_SBOX)
+_AES_FINAL_TABLES = _make_final_tables(AES_SBOX)
+AES_BLOCK_LEN = 16
+_MASK128 = (1 << 128) - 1
+
+
+def aes128_round_keys(key: bytes):
+    """The 11 round keys of AES-128 (FIPS-197 §5.2), each a 128-bit int."""
+    if len(key) != 16:
+        raise ValueError("AES-128 needs a 16-byte key")
+    words = list(struct.unpack(">4I", key))
+    round_constant = 1
+    for i in range(4, 44):
+        word = words[i - 1]
+        if i % 4 == 0:      # RotWord, SubWord, Rcon
+            word = ((AES_SBOX[(word >> 16) & 0xFF] << 24)
+                    | (AES_SBOX[(word >> 8) & 0xFF] << 16)
+                    | (AES_SBOX[word & 0xFF] << 8)
+                    | AES_SBOX[word >> 24]) ^ (round_constant << 24)
+            round_constant = _times_x(round_constant)
+        words.append(words[i - 4] ^ word)
+    return [(words[i] << 96) | (words[i + 1] << 64) | (words[i + 2] << 32)
+            | words[i + 3] for i in range(0, 44, 4)]
+
+
+def _aes_round(state: bytes, round_key: int) -> int:
+    """SubBytes, ShiftRows, MixColumns and AddRoundKey: output column c takes
+    row r from input column c + r, so each term is one table lookup."""
+    ((a0, b0, c0, d0), (a1, b1, c1, d1), (a2, b2, c2, d2),
+     (a3, b3, c3, d3)) = _AES_ROUND_TABLES
+    s = state
+    return (a0[s[0]] ^ b0[s[5]] ^ c0[s[10]] ^ d0[s[15]]
+            ^ a1[s[4]] ^ b1[s[9]] ^ c1[s[14]] ^ d1[s[3]]
+            ^ a2[s[8]] ^ b2[s[13]] ^ c2[s[2]] ^ d2[s[7]]
+            ^ a3[s[12]] ^ b3[s[1]] ^ c3[s[6]] ^ d3[s[11]] ^ round_key)
+
+
+def _aes_final_round(state: bytes, round_key: int) -> int:
+    """The last round: no MixColumns."""
+    (f0, f1, f2, f3, f4, f5, f6, f7, f8, f9, f10, f11, f12, f13, f14,
+     f15) = _AES_FINAL_TABLES
+    s = state
+    return (f0[s[0]] ^ f1[s[5]] ^ f2[s[10]] ^ f3[s[15]]
+            ^ f4[s[4]] ^ f5[s[9]] ^ f6[s[14]] ^ f7[s[3]]
+            ^ f8[s[8]] ^ f9[s[13]] ^ f10[s[2]] ^ f11[s[7]]
+            ^ f12[s[12]] ^ f13[s[1]] ^ f14[s[6]] ^ f15[s[11]] ^ round_key)
+
+
+def aes128_encrypt_block(key: bytes, block: bytes) -> bytes:
+    """One block (FIPS-197 §5.1); plain and unhurried, for the vectors."""
+    round_keys = aes128_round_keys(key)
+    state = int.from_bytes(block, "big") ^ round_keys[0]
+    for round_key in round_keys[1:10]:
+        state = _aes_round(state.to_bytes(16, "big"), round_key)
+    return _aes_final_round(state.to_bytes(16, "big"),
+                            round_keys[10]).to_bytes(16, "big")
+
+
+def aes128_ctr_blocks(round_keys, start: int, count: int) -> bytes:
+    """The encrypted counter blocks start, start + 1, ... (mod 2**128).
+
+    Counter-mode caching: across 256 consecutive counters only the last
+    byte changes, so the first round differs by one lookup and the second
+    by four (one column); both are computed once per 256 blocks.  Rounds 3
+    to 10 are _aes_round and _aes_final_round written out inline, as a
+    call per round costs a fifth of the time."""
+    ((a0, b0, c0, d0), (a1, b1, c1, d1), (a2, b2, c2, d2),
+     (a3, b3, c3, d3)) = _AES_ROUND_TABLES
+    (f0, f1, f2, f3, f4, f5, f6, f7, f8, f9, f10, f11, f12, f13, f14,
+     f15) = _AES_FINAL_TABLES
+    middle, last = round_keys[3:10], round_keys[10]
+    output = []
+    append = output.append
+    counter, end = start, start + count
+    while counter < end:
+        run_end = min(end, (counter | 0xFF) + 1)
+        s = (((counter & ~0xFF) & _MASK128) ^ round_keys[0]).to_bytes(16, "big")
+        low_key = s[15]             # the first round key's last byte
+        first = _aes_round(s, round_keys[1]) ^ d0[low_key]  # all but s[15]
+        r = first.to_bytes(16, "big")
+        second = (_aes_round(r, round_keys[2])               # all but column 0
+                  ^ a0[r[0]] ^ b3[r[1]] ^ c2[r[2]] ^ d1[r[3]])
+        for low in range(counter & 0xFF, (counter & 0xFF) + run_end - counter):
+            w = (first ^ d0[low ^ low_key]) >> 96       # column 0 after round 1
+            s = (second ^ a0[w >> 24] ^ b3[(w >> 16) & 0xFF]
+                 ^ c2[(w >> 8) & 0xFF] ^ d1[w & 0xFF]).to_bytes(16, "big")
+            for round_key in middle:
+                s = (a0[s[0]] ^ b0[s[5]] ^ c0[s[10]] ^ d0[s[15]]
+                     ^ a1[s[4]] ^ b1[s[9]] ^ c1[s[14]] ^ d1[s[3]]
+                     ^ a2[s[8]] ^ b2[s[13]] ^ c2[s[2]] ^ d2[s[7]]
+                     ^ a3[s[12]] ^ b3[s[1]] ^ c3[s[6]] ^ d3[s[11]]
+                     ^ round_key).to_bytes(16, "big")
+            append((f0[s[0]] ^ f1[s[5]] ^ f2[s[10]] ^ f3[s[15]]
+                    ^ f4[s[4]] ^ f5[s[9]] ^ f6[s[14]] ^ f7[s[3]]
+                    ^ f8[s[8]] ^ f9[s[13]] ^ f10[s[2]] ^ f11[s[7]]
+                    ^ f12[s[12]] ^ f13[s[1]] ^ f14[s[6]] ^ f15[s[11]]
+                    ^ last).to_bytes(16, "big"))
+        counter = run_end
+    return b"".join(output)
+
+
+class Aes128Ctr:
+    """AES-128 in counter mode: the counter is the whole 16-byte block, big
+    endian, starting at initial_counter (Tor uses an all-zero IV, tor-spec
+    §0.3).  process() encrypts or decrypts; calls continue one keystream."""
+
+    def __init__(self, key: bytes, initial_counter: int = 0):
+        self._round_keys = aes128_round_keys(key)
+        self._counter = initial_counter
+        self._spare = b""       # keystream left over from the last call
+
+    def keystream(self, size: int) -> bytes:
+        spare = self._spare
+        if size <= len(spare):
+            self._spare = spare[size:]
+            return spare[:size]
+        count = -(-(size - len(spare)) // AES_BLOCK_LEN)
+        start = self._counter
+        self._counter = (start + count) & _MASK128
+        stream = spare + aes128_ctr_blocks(self._round_keys, start, count)
+        self._spare = stream[size:]
+        return stream[:size]
+
+    def process(self, data) -> bytes:
+        size = len(data)
+        stream = self.keystream(size)
+        return (int.from_bytes(data, "big")
+                ^ int.from_bytes(stream, "big")).to_bytes(size, "big")
+
+
+# =============================================================================
+# KDF-TOR and CREATE_FAST keys
+# =============================================================================
+
+def kdf_tor(seed: bytes, size: int) -> bytes:
+    """tor-spec §5.2.1: SHA1(K0 | [00]) | SHA1(K0 | [01]) | ..., cut."""
+    output = bytearray()
+    counter = 0
+    while len(output) < size:
+        output += hashlib.sha1(seed + bytes((counter,))).digest()
+        counter += 1
+    return bytes(output[:size])
+
+
+class CircuitKeys(NamedTuple):
+    """The KDF-TOR output of a handshake, in its order (tor-spec §5.2.1)."""
+    key_hash: bytes         # KH: proves the relay derived the same keys
+    forward_digest: bytes   # Df: seeds the client-to-relay running digest
+    backward_digest: bytes  # Db
+    forward_key: bytes      # Kf: AES key, client to relay
+    backward_key: bytes     # Kb
+
+
+def create_fast_keys(client_material: bytes,
+                     relay_material: bytes) -> CircuitKeys:
+    """The circuit keys from CREATE_FAST's X and CREATED_FAST's Y (§5.1.5)."""
+    material = kdf_tor(client_material + relay_material,
+                       3 * HASH_LEN + 2 * KEY_LEN)
+    return CircuitKeys(material[0:20], material[20:40], material[40:60],
+                       material[60:76], material[76:92])
+
+
+# =============================================================================
+# Cells
+# =============================================================================
+
+class Cell(NamedTuple):
+    circuit_id: int
+    command: int
+    payload: bytes
+
+
+def is_variable_length(command: int) -> bool:
+    """tor-spec §3: VERSIONS and commands 128 and up carry a length field."""
+    return command == CellCommand.VERSIONS or command >= 128
+
+
+def encode_cell(circuit_id: int, command: int, payload: bytes = b"",
+                circuit_id_len: int = CIRC_ID_LEN) -> bytes:
+    """A fixed cell (payload padded with NULs to 509 bytes) or a variable
+    one."""
+    header = circuit_id.to_bytes(circuit_id_len, "big") + bytes((command,))
+    if is_variable_length(command):
+        return header + struct.pack(">H", len(payload)) + payload
+    if len(payload) > PAYLOAD_LEN:
+        raise ValueError("cell payload longer than %d bytes" % PAYLOAD_LEN)
+    return header + payload + bytes(PAYLOAD_LEN - len(payload))
+
+
+def parse_cell(data, circuit_id_len: int = CIRC_ID_LEN):
+    """tor-spec §3: one cell from the front of data, or NEED_MORE."""
+    header_len = circuit_id_len + 1
+    if len(data) < header_len:
+        return NEED_MORE
+    circuit_id = int.from_bytes(data[:circuit_id_len], "big")
+    command = data[circuit_id_len]
+    if is_variable_length(command):
+        if len(data) < header_len + 2:
+            return NEED_MORE
+        size = int.from_bytes(data[header_len:header_len + 2], "big")
+        start = header_len + 2
+    else:
+        size = PAYLOAD_LEN
+        start = header_len
+    if len(data) < start + size:
+        return NEED_MORE
+    return Parsed(Cell(circuit_id, command, bytes(data[start:start + size])),
+                  start + size)
+
+
+def versions_cell(versions=LINK_VERSIONS) -> bytes:
+    """The first cell a client sends, with a 2-byte circuit id (§4.1)."""
+    return encode_cell(0, CellCommand.VERSIONS,
+                       b"".join(struct.pack(">H", v) for v in versions),
+                       VERSIONS_CIRC_ID_LEN)
+
+
+def negotiate_link_version(payload: bytes, offered=LINK_VERSIONS) -> int:
+    """The highest version both sides list (tor-spec §4.1)."""
+    if len(payload) % 2:
+        raise TorProtocolError("VERSIONS cell of odd length")
+    theirs = {int.from_bytes(payload[i:i + 2], "big")
+              for i in range(0, len(payload), 2)}
+    common = theirs.intersection(offered)
+    if not common:
+        raise TorProtocolError("no common link protocol version (relay offers "
+                               "%s)" % sorted(theirs))
+    return max(common)
+
+
+def netinfo_payload(relay_address) -> bytes:
+    """tor-spec §4.5 as a client sends it: time 0 (clients need not tell
+    their clock), the relay's address, none of our own."""
+    address = ipaddress.ip_address(relay_address)
+    kind = ADDRESS_TYPE_IPV4 if address.version == 4 else ADDRESS_TYPE_IPV6
+    return (struct.pack(">IBB", 0, kind, len(address.packed)) + address.packed
+            + b"\x00")
+
+
+def parse_certs_cell(payload: bytes) -> dict:
+    """tor-spec §4.2: {certificate type: certificate bytes}; each type once."""
+    if not payload:
+        raise TorProtocolError("empty CERTS cell")
+    certificates = {}
+    position = 1
+    for _ in range(payload[0]):
+        if position + 3 > len(payload):
+            raise TorProtocolError("truncated CERTS cell")
+        kind = payload[position]
+        size = int.from_bytes(payload[position + 1:position + 3], "big")
+        position += 3
+        if position + size > len(payload):
+            raise TorProtocolError("truncated certificate in CERTS cell")
+        if kind in certificates:
+            raise TorProtocolError("two certificates of type %d" % kind)
+        certificates[kind] = payload[position:position + size]
+        position += size
+    return certificates        # bytes after the last certificate are ignored
+
+
+# =============================================================================
+# X.509 and RSA: who the relay is (the CERTS cell)
+# =============================================================================
+# A relay proves its RSA identity with two X.509 certificates (types 1 and 2).
+# What is needed of X.509 is small: a DER walker that finds the signed part,
+# the signature, the validity and the RSA key, and PKCS#1 v1.5 verification,
+# which is one pow().  Types 4, 5 and 7 (Ed25519) are not checked: the
+# standard library has no Ed25519, and the RSA identity is what is pinned.
+
+DER_INTEGER = 0x02
+DER_BIT_STRING = 0x03
+DER_OCTET_STRING = 0x04
+DER_NULL = 0x05
+DER_OID = 0x06
+DER_UTC_TIME = 0x17
+DER_GENERALIZED_TIME = 0x18
+DER_SEQUENCE = 0x30
+DER_EXPLICIT_0 = 0xA0       # the version field of a TBSCertificate
+
+OID_RSA_ENCRYPTION = bytes.fromhex("2a864886f70d010101")  # 1.2.840.113549.1.1.1
+# PKCS#1 signature algorithms: OID -> (hashlib name, the hash's own OID).
+RSA_SIGNATURE_ALGORITHMS = {
+    bytes.fromhex("2a864886f70d010105"): ("sha1", bytes.fromhex("2b0e03021a")),
+    bytes.fromhex("2a864886f70d01010b"):
+        ("sha256", bytes.fromhex("608648016503040201")),
+    bytes.fromhex("2a864886f70d01010c"):
+        ("sha384", bytes.fromhex("608648016503040202")),
+    bytes.fromhex("2a864886f70d01010d"):
+        ("sha512", bytes.fromhex("608648016503040203")),
+}
+
+
+class DerElement(NamedTuple):
+    tag: int
+    start: int          # where the element's tag is
+    value_start: int
+    end: int
+
+
+def der_element(data, start: int, limit: int) -> DerElement:
+    """One tag-length-value at data[start:], which must end by limit."""
+    if start + 2 > limit:
+        raise TorProtocolError("truncated DER")
+    tag, length = data[start], data[start + 1]
+    position = start + 2
+    if tag & 0x1F == 0x1F:
+        raise TorProtocolError("DER tag numbers above 30 are not used here")
+    if length & 0x80:
+        count = length & 0x7F
+        if not 1 <= count <= 4 or position + count > limit:
+            raise TorProtocolError("bad DER length")
+        length = int.from_bytes(data[position:position + count], "big")
+        position += count
+    if position + length > limit:
+        raise TorProtocolError("DER element runs past its container")
+    return DerElement(tag, start, position, position + length)
+
+
+def der_children(data, parent: DerElement, tag: int = DER_SEQUENCE):
+    """The elements inside a constructed element of the given tag."""
+    if parent.tag != tag:
+        raise TorProtocolError("expected DER tag %#x, got %#x"
+                               % (tag, parent.tag))
+    children = []
+    position = parent.value_start
+    while position < parent.end:
+        child = der_element(data, position, parent.end)
+        children.append(child)
+        position = child.end
+    return children
+
+
+def der_value(data, element: DerElement, tag: int) -> bytes:
+    if element.tag != tag:
+        raise TorProtocolError("expected DER tag %#x, got %#x"
+                               % (tag, element.tag))
+    return bytes(data[element.value_start:element.end])
+
+
+def der_positive_integer(data, element: DerElement) -> int:
+    value = int.from_bytes(der_value(data, element, DER_INTEGER), "big",
+                           signed=True)
+    if value <= 0:
+        raise TorProtocolError("RSA numbers must be positive")
+    return value
+
+
+def der_bit_string(data, element: DerElement) -> bytes:
+    value = der_value(data, element, DER_BIT_STRING)
+    if not value or value[0] != 0:
+        raise TorProtocolError("BIT STRING with unused bits")
+    return value[1:]
+
+
+def _days_from_civil(year: int, month: int, day: int) -> int:
+    """Days since 1970-01-01 in the proleptic Gregorian calendar."""
+    year -= month <= 2
+    era = year // 400
+    year_of_era = year - era * 400
+    day_of_year = (153 * (month + (-3 if month > 2 else 9)) + 2) // 5 + day - 1
+    day_of_era = (year_of_era * 365 + year_of_era // 4 - year_of_era // 100
+                  + day_of_year)
+    return era * 146097 + day_of_era - 719468
+
+
+def der_time(data, element: DerElement) -> int:
+    """UTCTime or GeneralizedTime (RFC 5280 §4.1.2.5), as POSIX seconds."""
+    text = bytes(data[element.value_start:element.end])
+    if element.tag == DER_UTC_TIME and len(text) == 13:
+        year = int(text[0:2])
+        year += 1900 if year >= 50 else 2000
+        rest = text[2:12]
+    elif element.tag == DER_GENERALIZED_TIME and len(text) == 15:
+        year = int(text[0:4])
+        rest = text[4:14]
+    else:
+        raise TorProtocolError("unsupported certificate time %r" % text)
+    if not text.endswith(b"Z") or not rest.isdigit():
+        raise TorProtocolError("unsupported certificate time %r" % text)
+    month, day, hour, minute, second = (int(rest[i:i + 2])
+                                        for i in range(0, 10, 2))
+    return (_days_from_civil(year, month, day) * 86400 + hour * 3600
+            + minute * 60 + second)
+
+
+class Certificate(NamedTuple):
+    """What a relay certificate says, from its DER (RFC 5280 §4.1)."""
+    signed_part: bytes          # the TBSCertificate, as signed
+    signature_algorithm: bytes  # OID
+    signature: bytes
+    not_before: int             # POSIX seconds
+    not_after: int
+    public_key_info: bytes      # the SubjectPublicKeyInfo element
+    rsa_public_key: bytes       # DER RSAPublicKey (PKCS#1): what Tor hashes
+    modulus: int
+    exponent: int
+
+
+def parse_certificate(der: bytes) -> Certificate:
+    top = der_element(der, 0, len(der))
+    if top.end != len(der):
+        raise TorProtocolError("bytes after the certificate")
+    parts = der_children(der, top)
+    if len(parts) != 3:
+        raise TorProtocolError("a certificate has three parts")
+    signed, algorithm, signature = parts
+    fields = der_children(der, signed)
+    if fields and fields[0].tag == DER_EXPLICIT_0:
+        fields = fields[1:]         # version
+    if len(fields) < 6:
+        raise TorProtocolError("short TBSCertificate")
+    # serialNumber, signature, issuer, validity, subject, subjectPublicKeyInfo
+    validity = der_children(der, fields[3])
+    key_info = fields[5]
+    key_algorithm, key_bits = der_children(der, key_info)[:2]
+    if der_value(der, der_children(der, key_algorithm)[0], DER_OID) \
+            != OID_RSA_ENCRYPTION:
+        raise TorProtocolError("certificate key is not RSA")
+    rsa_public_key = der_bit_string(der, key_bits)
+    rsa_top = der_element(rsa_public_key, 0, len(rsa_public_key))
+    modulus, exponent = der_children(rsa_public_key, rsa_top)[:2]
+    return Certificate(
+        signed_part=bytes(der[signed.start:signed.end]),
+        signature_algorithm=der_value(
+            der, der_children(der, algorithm)[0], DER_OID),
+        signature=der_bit_string(der, signature),
+        not_before=der_time(der, validity[0]),
+        not_after=der_time(der, validity[1]),
+        public_key_info=bytes(der[key_info.start:key_info.end]),
+        rsa_public_key=rsa_public_key,
+        modulus=der_positive_integer(rsa_public_key, modulus),
+        exponent=der_positive_integer(rsa_public_key, exponent))
+
+
+def _der_encode(tag: int, value: bytes) -> bytes:
+    size = len(value)
+    if size < 0x80:
+        return bytes((tag, size)) + value
+    length = size.to_bytes((size.bit_length() + 7) // 8, "big")
+    return bytes((tag, 0x80 | len(length))) + length + value
+
+
+def rsa_pkcs1_verify(modulus: int, exponent: int, message: bytes,
+                     signature: bytes, algorithm: bytes) -> bool:
+    """RSASSA-PKCS1-v1_5 verification (RFC 8017 §8.2.2) for the signature
+    algorithm OID a certificate names."""
+    if algorithm not in RSA_SIGNATURE_ALGORITHMS:
+        return False
+    hash_name, hash_oid = RSA_SIGNATURE_ALGORITHMS[algorithm]
+    size = (modulus.bit_length() + 7) // 8
+    value = int.from_bytes(signature, "big")
+    if len(signature) != size or value >= modulus:
+        return False
+    algorithm_identifier = _der_encode(
+        DER_SEQUENCE,
+        _der_encode(DER_OID, hash_oid) + _der_encode(DER_NULL, b""))
+    digest = hashlib.new(hash_name, message).digest()
+    digest_info = _der_encode(DER_SEQUENCE, algorithm_identifier
+                              + _der_encode(DER_OCTET_STRING, digest))
+    if size < len(digest_info) + 11:
+        return False
+    expected = (b"\x00\x01" + b"\xff" * (size - len(digest_info) - 3) + b"\x00"
+                + digest_info)
+    recovered = pow(value, exponent, modulus).to_bytes(size, "big")
+    return hmac.compare_digest(recovered, expected)
+
+
+def _check_lifetime(certificate: Certificate, name: str, now: float):
+    if now > certificate.not_after + CERT_EXPIRED_SLOP:
+        raise TorProtocolError("the relay's %s certificate has expired" % name)
+    if now < certificate.not_before - CERT_NOT_YET_VALID_SLOP:
+        raise TorProtocolError("the relay's %s certificate is not valid yet"
+                               % name)
+
+
+def _check_signature(certificate: Certificate, signer: Certificate, name: str):
+    if not rsa_pkcs1_verify(signer.modulus, signer.exponent,
+                            certificate.signed_part, certificate.signature,
+                            certificate.signature_algorithm):
+        raise TorProtocolError("bad signature on the relay's %s certificate"
+                               % name)
+
+
+def rsa_fingerprint(rsa_public_key: bytes) -> bytes:
+    """tor-spec §0.3: SHA-1 of the DER (PKCS#1) RSA public key."""
+    return hashlib.sha1(rsa_public_key).digest()
+
+
+def verify_relay_certs(certificates: dict, tls_certificate: bytes,
+                       now: float) -> bytes:
+    """tor-spec §4.2 "to authenticate the responder as having a given RSA
+    identity": the ID certificate is a self-signed 1024-bit RSA key that
+    signed the link certificate, whose key is the TLS connection's; both are
+    in date.  Returns the relay's fingerprint (20 bytes)."""
+    missing = [kind.name for kind in (CertType.LINK, CertType.IDENTITY)
+               if kind not in certificates]
+    if missing:
+        raise TorProtocolError("CERTS cell lacks the %s certificate"
+                               % " and ".join(missing))
+    identity = parse_certificate(certificates[CertType.IDENTITY])
+    link = parse_certificate(certificates[CertType.LINK])
+    if identity.modulus.bit_length() != IDENTITY_KEY_BITS:
+        raise TorProtocolError("identity key is not 1024-bit RSA")
+    _check_lifetime(identity, "identity", now)
+    _check_lifetime(link, "link", now)
+    _check_signature(identity, identity, "identity")
+    _check_signature(link, identity, "link")
+    tls_key = parse_certificate(tls_certificate).public_key_info
+    if tls_key != link.public_key_info:
+        raise TorProtocolError("the TLS key is not the certified link key")
+    return rsa_fingerprint(identity.rsa_public_key)
+
+
+def parse_fingerprint(text: str) -> bytes:
+    """A relay fingerprint as users write it: 40 hex digits, maybe with a
+    leading "$" and spaces between groups."""
+    digits = text.strip().lstrip("$").replace(" ", "")
+    if len(digits) != 2 * HASH_LEN:
+        raise ValueError("a fingerprint is 40 hex digits: %r" % text)
+    return bytes.fromhex(digits)
+
+
+# =============================================================================
+# Relay cells and their crypto
+# =============================================================================
+
+class RelayCell(NamedTuple):
+    command: int
+    stream_id: int
+    data: bytes
+
+
+def relay_payload(command: int, stream_id: int, data: bytes = b"") -> bytearray:
+    """An unencrypted relay payload with a zero digest (tor-spec §6.1).  The
+    padding is 4 zero bytes and then random bytes, so that the SENDME digests
+    cannot be predicted (prop 289)."""
+    if len(data) > RELAY_DATA_MAX:
+        raise ValueError("relay data longer than %d bytes" % RELAY_DATA_MAX)
+    payload = bytearray(struct.pack(">BHHIH", command, 0, stream_id, 0,
+                                    len(data)))
+    payload += data
+    padding = PAYLOAD_LEN - len(payload)
+    if padding > 4:
+        payload += bytes(4) + os.urandom(padding - 4)
+    else:
+        payload += bytes(padding)
+    return payload
+
+
+def parse_relay_payload(payload) -> RelayCell:
+    command, _, stream_id, _, size = struct.unpack_from(">BHHIH", payload)
+    if size > RELAY_DATA_MAX:
+        raise TorProtocolError("relay cell length %d" % size)
+    return RelayCell(command, stream_id,
+                     bytes(payload[RELAY_HEADER_LEN:RELAY_HEADER_LEN + size]))
+
+
+class RelayCrypto:
+    """One end of a hop's relay crypto (tor-spec §5.5, §6.1): an AES-128-CTR
+    keystream and a running SHA-1 per direction.  The digest runs over every
+    whole 509-byte payload sent or recognized, taken with its digest field
+    zeroed; the header carries its first four bytes."""
+
+    def __init__(self, send_key: bytes, send_seed: bytes,
+                 receive_key: bytes, receive_seed: bytes):
+        self._send_cipher = Aes128Ctr(send_key)
+        self._send_digest = hashlib.sha1(send_seed)
+        self._receive_cipher = Aes128Ctr(receive_key)
+        self._receive_digest = hashlib.sha1(receive_seed)
+
+    @classmethod
+    def for_client(cls, keys: CircuitKeys) -> "RelayCrypto":
+        return cls(keys.forward_key, keys.forward_digest,
+                   keys.backward_key, keys.backward_digest)
+
+    @classmethod
+    def for_relay(cls, keys: CircuitKeys) -> "RelayCrypto":
+        """The relay's end, for tests."""
+        return cls(keys.backward_key, keys.backward_digest,
+                   keys.forward_key, keys.forward_digest)
+
+    def seal(self, payload: bytearray) -> bytes:
+        """Stamp the digest into an unencrypted payload, then encrypt it."""
+        self._send_digest.update(payload)
+        payload[RELAY_DIGEST] = self._send_digest.digest()[:4]
+        return self._send_cipher.process(payload)
+
+    def open(self, encrypted: bytes) -> Optional[bytearray]:
+        """Decrypt a payload; None unless it is recognized (recognized field
+        zero and the digest right); only then does the running digest move
+        on."""
+        payload = bytearray(self._receive_cipher.process(encrypted))
+        if payload[1] or payload[2]:
+            return None
+        claimed = bytes(payload[RELAY_DIGEST])
+        payload[RELAY_DIGEST] = bytes(4)
+        digest = self._receive_digest.copy()
+        digest.update(payload)
+        if not hmac.compare_digest(digest.digest()[:4], claimed):
+            return None
+        self._receive_digest = digest
+        return payload
+
+    def sent_digest(self) -> bytes:
+        """The full running digest after the last cell sent (prop 289)."""
+        return self._send_digest.digest()
+
+    def received_digest(self) -> bytes:
+        """The full running digest after the last cell recognized."""
+        return self._receive_digest.digest()
+
+
+# =============================================================================
+# Circuits and directory streams (sans-I/O)
+# =============================================================================
+# A Circuit is one CREATE_FAST hop with its BEGIN_DIR streams.  It never
+# touches a socket: it hands cells to its transport (the TorLink) and the
+# transport feeds it the cells that arrive.  Transport interface:
+#   send_cell(command, payload)   queue one cell of this circuit
+#   flush()                       push queued cells towards the relay
+#   cell_room() -> int            cells it takes now without overfilling
+#   call_soon(function, argument) run function(argument) from the loop
+# Stream callbacks run from loop events or call_soon, never inside a call the
+# application made on a stream (link.close() ends the streams at once).
+
+class StreamState(enum.Enum):
+    WAITING = "waiting"         # BEGIN_DIR queued or sent, no CONNECTED yet
+    OPEN = "open"
+    ENDED = "ended"             # the relay or the circuit ended it
+    CLOSED = "closed"           # the application closed it
+
+
+class DirStream:
+    """One RELAY_BEGIN_DIR stream: the application's handle.
+
+    on_connected()     RELAY_CONNECTED arrived: send() may now take data
+    on_data(bytes)     data from the relay (not while paused)
+    on_end(reason)     the stream is over: an EndReason value (the relay's
+                       RELAY_END, or DESTROY, TIMEOUT, TORPROTOCOL, ... when
+                       the circuit failed); end_detail says more for the log
+    on_writable        set it to a callable to hear when send() would take
+                       more after it took less than offered
+    """
+
+    def __init__(self, circuit: "Circuit", stream_id: int, on_connected,
+                 on_data, on_end):
+        self.circuit = circuit
+        self.stream_id = stream_id
+        self.on_connected = on_connected
+        self.on_data = on_data
+        self.on_end = on_end
+        self.on_writable = None
+        self.state = StreamState.WAITING
+        self.end_reason = None
+        self.end_detail = ""
+        self.paused = False
+        self.package_window = STREAM_WINDOW
+        self.deliver_window = STREAM_WINDOW
+        self.wants_writable = False
+        self._held = collections.deque()    # data received while paused
+        self._end_pending = False           # on_end waits behind held data
+
+    def send(self, data) -> int:
+        """Queue as much of data as the windows allow; how much that was."""
+        if self.state is not StreamState.OPEN:
+            self.wants_writable = self.state is StreamState.WAITING
+            return 0
+        sent = self.circuit.send_data(self, data)
+        self.wants_writable = sent < len(data)
+        return sent
+
+    def close(self):
+        """End the stream from our side (RELAY_END DONE); no callback
+        follows."""
+        if self.state in (StreamState.WAITING, StreamState.OPEN):
+            self.circuit.close_stream(self)
+        self.state = StreamState.CLOSED
+        self._held.clear()
+
+    def shutdown(self, how):
+        """Tor streams cannot be half-closed: the client's EOF leaves the
+        stream open until the relay ends it (or the client closes)."""
+
+    def pause(self, paused: bool):
+        """Hold data back (and the stream SENDMEs with it) while the
+        application cannot take more; resume delivery later from the loop."""
+        self.paused = paused
+        if not paused and (self._held or self._end_pending
+                           or self.deliver_window <= STREAM_WINDOW
+                           - STREAM_SENDME_INCREMENT):
+            self.circuit.transport.call_soon(self._resume, None)
+
+    # -- called by the circuit -------------------------------------------------
+
+    def _deliver(self, data: bytes):
+        if self.paused or self._held:
+            self._held.append(data)
+        else:
+            self.on_data(data)
+
+    def _resume(self, _):
+        while (self._held and not self.paused
+               and self.state is not StreamState.CLOSED):
+            self.on_data(self._held.popleft())
+        if self.state is StreamState.OPEN:
+            self.circuit.consider_stream_sendme(self)
+        if self._end_pending and not self._held \
+                and self.state is StreamState.ENDED:
+            self._end_pending = False
+            self.on_end(self.end_reason)
+
+    def _ended(self, reason: int, detail: str):
+        if self.state in (StreamState.ENDED, StreamState.CLOSED):
+            return
+        self.state = StreamState.ENDED
+        self.end_reason = reason
+        self.end_detail = detail
+        if self._held:
+            self._end_pending = True    # after the held data, on resume
+        else:
+            self.on_end(reason)
+
+
+class Circuit:
+    """One CREATE_FAST hop and its directory streams (tor-spec §5.1.5, §6)."""
+
+    def __init__(self, transport):
+        self.transport = transport
+        self.crypto = None                  # RelayCrypto once CREATED_FAST came
+        self.closed = False
+        self.streams = {}                   # stream id -> DirStream
+        self._client_material = os.urandom(HASH_LEN)
+        self._next_stream_id = int.from_bytes(os.urandom(2), "big") or 1
+        self.package_window = CIRCUIT_WINDOW
+        self.deliver_window = CIRCUIT_WINDOW
+        self._data_cells_sent = 0
+        self._sendme_digests = collections.deque()  # what the relay must echo
+
+    # -- building --------------------------------------------------------------
+
+    def create_fast_payload(self) -> bytes:
+        return self._client_material
+
+    def on_created_fast(self, payload: bytes):
+        """CREATED_FAST: Y and KH; KH must match our derivation."""
+        keys = create_fast_keys(self._client_material, payload[:HASH_LEN])
+        if not hmac.compare_digest(keys.key_hash,
+                                   payload[HASH_LEN:2 * HASH_LEN]):
+            raise TorProtocolError("CREATED_FAST key hash does not match")
+        self.crypto = RelayCrypto.for_client(keys)
+        for stream in list(self.streams.values()):
+            self._send_relay(RelayCommand.BEGIN_DIR, stream.stream_id)
+
+    # -- streams ---------------------------------------------------------------
+
+    def open_stream(self, on_connected, on_data, on_end) -> DirStream:
+        stream = DirStream(self, self._allocate_stream_id(), on_connected,
+                           on_data, on_end)
+        self.streams[stream.stream_id] = stream
+        if self.crypto is not None:
+            self._send_relay(RelayCommand.BEGIN_DIR, stream.stream_id)
+            self.transport.flush()
+        return stream
+
+    def _allocate_stream_id(self) -> int:
+        if len(self.streams) >= 0xFFFF:
+            raise OSError(errno.EAGAIN, "no stream ids left on the circuit")
+        while True:
+            stream_id = self._next_stream_id
+            self._next_stream_id = stream_id % 0xFFFF + 1   # 1..65535
+            if stream_id not in self.streams:
+                return stream_id
+
+    def close_stream(self, stream: DirStream):
+        self.streams.pop(stream.stream_id, None)
+        if self.crypto is not None and not self.closed:
+            self._send_relay(RelayCommand.END, stream.stream_id,
+                             bytes((EndReason.DONE,)))
+            self.transport.flush()
+
+    def end_stream(self, stream: DirStream, reason: int, detail: str):
+        """End a stream from our side for a reason of our own (a deadline),
+        telling the relay and then the application."""
+        if stream.state not in (StreamState.WAITING, StreamState.OPEN):
+            return
+        self.close_stream(stream)
+        stream._ended(reason, detail)
+
+    def send_data(self, stream: DirStream, data) -> int:
+        """Package data as RELAY_DATA cells within both windows and the
+        transport's room; the number of bytes taken."""
+        cells = min(stream.package_window, self.package_window,
+                    self.transport.cell_room())
+        view = memoryview(data)
+        taken = 0
+        while cells > 0 and taken < len(view):
+            chunk = bytes(view[taken:taken + RELAY_DATA_MAX])
+            self._send_relay(RelayCommand.DATA, stream.stream_id, chunk)
+            taken += len(chunk)
+            cells -= 1
+            stream.package_window -= 1
+            self.package_window -= 1
+            self._data_cells_sent += 1
+            if self._data_cells_sent % CIRCUIT_SENDME_INCREMENT == 0:
+                # The relay's SENDME v1 will echo this digest (prop 289).
+                self._sendme_digests.append(self.crypto.sent_digest())
+        if taken:
+            self.transport.flush()
+        return taken
+
+    def consider_stream_sendme(self, stream: DirStream):
+        """tor-spec §7.4: a stream SENDME for every 50 cells the application
+        took, unless it is paused."""
+        sent = False
+        while (not stream.paused and stream.deliver_window
+               <= STREAM_WINDOW - STREAM_SENDME_INCREMENT):
+            stream.deliver_window += STREAM_SENDME_INCREMENT
+            self._send_relay(RelayCommand.SENDME, stream.stream_id)
+            sent = True
+        if sent:
+            self.transport.flush()
+
+    def notify_writable(self):
+        """Room again (a SENDME, or the transport drained): tell the streams
+        that took less than they were offered."""
+        for stream in list(self.streams.values()):
+            if (stream.wants_writable and stream.state is StreamState.OPEN
+                    and stream.package_window > 0 and self.package_window > 0
+                    and self.transport.cell_room() > 0):
+                stream.wants_writable = False
+                if stream.on_writable is not None:
+                    stream.on_writable()
+
+    # -- cells from the relay --------------------------------------------------
+
+    def on_relay_cell(self, encrypted_payload: bytes):
+        if self.crypto is None:
+            raise TorProtocolError("RELAY cell before CREATED_FAST")
+        payload = self.crypto.open(encrypted_payload)
+        if payload is None:
+            # One hop: nobody beyond the relay could have sent it.
+            raise TorProtocolError("unrecognized relay cell")
+        cell = parse_relay_payload(payload)
+        if cell.command == RelayCommand.DATA:
+            self._on_data_cell(cell)
+        elif cell.command == RelayCommand.SENDME:
+            self._on_sendme(cell)
+        elif cell.command == RelayCommand.CONNECTED:
+            self._on_connected(cell)
+        elif cell.command == RelayCommand.END:
+            self._on_end(cell)
+        elif cell.command == RelayCommand.TRUNCATED:
+            raise TorProtocolError("relay truncated the circuit")
+        # Anything else (DROP, commands we do not know) is ignored, §6.1.
+        self.transport.flush()
+
+    def _on_data_cell(self, cell: RelayCell):
+        self.deliver_window -= 1
+        if self.deliver_window < 0:
+            raise TorProtocolError("relay overran the circuit window")
+        if self.deliver_window <= CIRCUIT_WINDOW - CIRCUIT_SENDME_INCREMENT:
+            # This cell brought the window to a multiple of 100: echo the
+            # running digest as it stands right after it (prop 289).
+            self.deliver_window += CIRCUIT_SENDME_INCREMENT
+            self._send_relay(RelayCommand.SENDME, 0, struct.pack(
+                ">BH", SENDME_VERSION_AUTHENTICATED, HASH_LEN)
+                + self.crypto.received_digest())
+        stream = self.streams.get(cell.stream_id)
+        if stream is None:
+            return          # a stream we closed; the cell still counted above
+        if stream.state is not StreamState.OPEN:
+            raise TorProtocolError("data on a stream that is not connected")
+        stream.deliver_window -= 1
+        if stream.deliver_window < 0:
+            raise TorProtocolError("relay overran a stream window")
+        if cell.data:
+            stream._deliver(cell.data)
+        if stream.state is StreamState.OPEN:
+            self.consider_stream_sendme(stream)
+
+    def _on_sendme(self, cell: RelayCell):
+        if cell.stream_id:
+            stream = self.streams.get(cell.stream_id)
+            if stream is None:
+                return
+            if stream.package_window + STREAM_SENDME_INCREMENT > STREAM_WINDOW:
+                raise TorProtocolError("unexpected stream SENDME")
+            stream.package_window += STREAM_SENDME_INCREMENT
+        else:
+            self._check_circuit_sendme(cell.data)
+            self.package_window += CIRCUIT_SENDME_INCREMENT
+        self.notify_writable()
+
+    def _check_circuit_sendme(self, body: bytes):
+        """tor-spec §7.3.1: version 0 (or empty) is taken as it is; version 1
+        must echo the digest recorded after our 100th, 200th, ... DATA cell."""
+        if not self._sendme_digests or (self.package_window
+                                        + CIRCUIT_SENDME_INCREMENT
+                                        > CIRCUIT_WINDOW):
+            raise TorProtocolError("unexpected circuit SENDME")
+        expected = self._sendme_digests.popleft()
+        version = body[0] if body else 0
+        if version == 0:
+            return
+        if version != SENDME_VERSION_AUTHENTICATED or len(body) < 3:
+            raise TorProtocolError("SENDME version %d" % version)
+        size = int.from_bytes(body[1:3], "big")
+        if size < HASH_LEN or len(body) < 3 + HASH_LEN \
+                or not hmac.compare_digest(body[3:3 + HASH_LEN], expected):
+            raise TorProtocolError("SENDME digest does not match")
+
+    def _on_connected(self, cell: RelayCell):
+        stream = self.streams.get(cell.stream_id)
+        if stream is None or stream.state is not StreamState.WAITING:
+            return
+        stream.state = StreamState.OPEN
+        stream.on_connected()
+        if stream.wants_writable:
+            self.notify_writable()
+
+    def _on_end(self, cell: RelayCell):
+        stream = self.streams.pop(cell.stream_id, None)
+        if stream is None:
+            return
+        reason = cell.data[0] if cell.data else EndReason.MISC
+        stream._ended(reason, "the relay ended the stream: %s"
+                      % end_reason_name(reason))
+
+    # -- the whole circuit -----------------------------------------------------
+
+    def fail(self, reason: int, detail: str):
+        """The circuit is gone (or going): end every stream.  The transport
+        sends DESTROY if it should."""
+        self.closed = True
+        streams, self.streams = list(self.streams.values()), {}
+        for stream in streams:
+            stream._ended(reason, detail)
+
+    def _send_relay(self, command: int, stream_id: int, data: bytes = b""):
+        self.transport.send_cell(
+            CellCommand.RELAY,
+            self.crypto.seal(relay_payload(command, stream_id, data)))
+
+
+def end_reason_name(reason: int) -> str:
+    try:
+        return EndReason(reason).name
+    except ValueError:
+        return "reason %d" % reason
+
+
+# Tor's stream_end_reason_to_socks5_response (reasons.c); reasons not listed
+# (MISC, DESTROY, NOTDIRECTORY, TORPROTOCOL, unknown ones) are a general
+# failure.  DONE before CONNECTED means the relay closed before answering.
+# Tor maps 0 (no reason) to success; no reason is not success here.
+END_REASON_REPLIES = {
+    EndReason.RESOLVEFAILED: Reply.HOST_UNREACHABLE,
+    EndReason.CONNECTREFUSED: Reply.CONNECTION_REFUSED,
+    EndReason.EXITPOLICY: Reply.NOT_ALLOWED,
+    EndReason.DONE: Reply.CONNECTION_REFUSED,
+    EndReason.TIMEOUT: Reply.TTL_EXPIRED,
+    EndReason.NOROUTE: Reply.HOST_UNREACHABLE,
+    EndReason.CONNRESET: Reply.CONNECTION_REFUSED,
+}
+
+
+def end_reason_name(reason: int) -> str:
+    try:
+        return EndReason(reason).name
+    except ValueError:
+        return "reason %d" % reason
+
+
+def reply_for_end_reason(reason: int) -> Reply:
+    """The SOCKS5 reply for a stream that ended before RELAY_CONNECTED."""
+    return END_REASON_REPLIES.get(reason, Reply.GENERAL_FAILURE)
+
+
+# Tor's errno_to_stream_end_reason (reasons.c): how a failed connect to the
+# relay itself ends the streams waiting for it.
+ERRNO_END_REASONS = {
+    errno.EPIPE: EndReason.DONE,
+    errno.ENETUNREACH: EndReason.NOROUTE,
+    errno.EHOSTUNREACH: EndReason.NOROUTE,
+    errno.EACCES: EndReason.NOROUTE,
+    errno.EPERM: EndReason.NOROUTE,
+    errno.ECONNREFUSED: EndReason.CONNECTREFUSED,
+    errno.ECONNRESET: EndReason.CONNRESET,
+    errno.ETIMEDOUT: EndReason.TIMEOUT,
+    errno.ENOBUFS: EndReason.RESOURCELIMIT,
+    errno.ENOMEM: EndReason.RESOURCELIMIT,
+    errno.ENFILE: EndReason.RESOURCELIMIT,
+    errno.EMFILE: EndReason.RESOURCELIMIT,
+    errno.EADDRINUSE: EndReason.RESOURCELIMIT,
+    errno.EADDRNOTAVAIL: EndReason.RESOURCELIMIT,
+}
+
+
+def end_reason_for_errno(error_number) -> EndReason:
+    return ERRNO_END_REASONS.get(error_number, EndReason.MISC)
+
+
+# =============================================================================
+# TorLink: one TLS connection to a relay's ORPort, in the loop
+# =============================================================================
+# TLS runs through ssl.SSLObject and two MemoryBIOs, so the socket stays
+# non-blocking and the loop decides when to read and write.  The relay's
+# certificate is self-signed; who the relay is comes from the CERTS cell.
+
+class LinkState(enum.Enum):
+    CONNECTING = "connecting"           # TCP connect in progress
+    TLS_HANDSHAKE = "tls-handshake"
+    VERSIONS = "versions"               # our VERSIONS sent, waiting for theirs
+    CERTS = "certs"                     # waiting for CERTS ... NETINFO
+    CREATING = "creating"               # CREATE_FAST sent
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+def tor_tls_context() -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+class TorLink:
+    """A link to one relay carrying one CREATE_FAST circuit for BEGIN_DIR
+    streams.  open_stream() works at once: streams wait for the circuit.
+
+    server               the torsocksd Server whose loop runs the link
+    address, port        the relay's ORPort (address: an IP literal)
+    fingerprint          the relay's expected RSA identity (20 bytes), or None
+    timeout              seconds to build the circuit, and for each stream
+                         to be connected
+    idle_timeout         seconds the circuit stays open without streams
+    on_closed            called with the link once it has closed
+    """
+
+    def __init__(self, server, address: str, port: int,
+                 fingerprint: Optional[bytes] = None, timeout: float = 10.0,
+                 idle_timeout: float = LINK_IDLE_TIMEOUT, on_closed=None,
+                 tls_context: Optional[ssl.SSLContext] = None):
+        self.server = server
+        self.address = str(ipaddress.ip_address(address))
+        self.port = port
+        self.expected_fingerprint = fingerprint
+        self.fingerprint = None         # learned from CERTS
+        self.timeout = timeout
+        self.idle_timeout = idle_timeout
+        self.on_closed = on_closed
+        self.state = LinkState.CONNECTING
+        self.failure = ""               # why the link closed, for the log
+        self.link_version = None
+        self.circuit = Circuit(self)
+        self.circuit_id = CIRCUIT_ID_INITIATOR | int.from_bytes(
+            os.urandom(4), "big")
+        self._context = tls_context or tor_tls_context()
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._tls = None
+        self._tls_certificate = None
+        self._socket = None
+        self._events = 0
+        self._received = bytearray()    # TLS plaintext not yet parsed as cells
+        self._cells_out = bytearray()   # cells not yet given to TLS
+        self._wire_out = bytearray()    # TLS records not yet sent
+        self._last_active = time.monotonic()
+        self._connect()
+
+    # -- the application's side ------------------------------------------------
+
+    @property
+    def usable(self) -> bool:
+        return self.state is not LinkState.CLOSED and not self.circuit.closed
+
+    def open_stream(self, on_connected, on_data, on_end) -> DirStream:
+        """A new BEGIN_DIR stream (see DirStream)."""
+        if not self.usable:
+            raise OSError(errno.ENOTCONN, "the Tor link is closed")
+        stream = self.circuit.open_stream(on_connected, on_data, on_end)
+        self._last_active = time.monotonic()
+        self.server.call_at(time.monotonic() + self.timeout,
+                            self._stream_overdue, stream)
+        return stream
+
+    def close(self, detail: str = "closed"):
+        """Destroy the circuit and close the connection; streams still open
+        get on_end(DESTROY)."""
+        self._fail(EndReason.DESTROY, detail, quiet=True)
+
+    # -- transport interface for the circuit -----------------------------------
+
+    def send_cell(self, command: int, payload: bytes):
+        self._cells_out += encode_cell(self.circuit_id, command, payload)
+
+    def cell_room(self) -> int:
+        backlog = len(self._wire_out) + len(self._cells_out)
+        if self.state is LinkState.CLOSED or backlog >= LINK_HIGH_WATER:
+            return 0
+        return (LINK_HIGH_WATER - backlog) // FIXED_CELL_LEN + 1
+
+    def call_soon(self, function, argument):
+        self.server.call_at(0.0, function, argument)    # 0: due at once
+
+    def flush(self):
+        """Encrypt queued cells and send what the socket takes now."""
+        if self._cells_out and self._tls is not None \
+                and self.state is not LinkState.CLOSED:
+            data, self._cells_out = bytes(self._cells_out), bytearray()
+            try:
+                self._tls.write(data)
+            except ssl.SSLError as error:
+                self._fail_soon(EndReason.TORPROTOCOL, "TLS: %s" % error)
+                return
+        self._wire_out += self._outgoing.read()
+        self._send_wire()
+        self._update_interest()
+
+    # -- connecting ------------------------------------------------------------
+
+    def _connect(self):
+        self.server.call_at(time.monotonic() + self.timeout,
+                            self._setup_overdue, None)
+        try:
+            # The server's outbound socket: --outbound-address and
+            # --outbound-interface apply to relays too.
+            self._socket = self.server.outbound_socket(
+                ipaddress.ip_address(self.address))
+            with_nodelay(self._socket)
+            error = self._socket.connect_ex((self.address, self.port))
+        except OSError as failure:
+            error = failure.errno
+        if error not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
+            self._fail_soon(end_reason_for_errno(error),
+                            "connect: %s" % os.strerror(error))
+            return
+        self._update_interest()
+
+    def _on_socket_event(self, mask: int):
+        if self.state is LinkState.CONNECTING:
+            error = self._socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if error:
+                self._fail(end_reason_for_errno(error),
+                           "connect: %s" % os.strerror(error))
+                return
+            self._start_tls()
+        if mask & EVENT_READ:
+            try:
+                self._read_socket()
+            except OSError as error:
+                self._fail(end_reason_for_errno(error.errno), str(error))
+                return
+        try:
+            self._process_tls()
+        except TorProtocolError as error:
+            self._fail(EndReason.TORPROTOCOL, str(error))
+            return
+        except ssl.SSLError as error:
+            self._fail(EndReason.TORPROTOCOL, "TLS: %s" % error)
+            return
+        if self.state is not LinkState.CLOSED:
+            self.flush()
+            if mask & EVENT_WRITE and len(self._wire_out) < LINK_LOW_WATER:
+                self.circuit.notify_writable()
+
+    def _start_tls(self):
+        self.state = LinkState.TLS_HANDSHAKE
+        self._tls = self._context.wrap_bio(self._incoming, self._outgoing,
+                                           server_side=False)
+
+    def _read_socket(self):
+        for _ in range(4):              # a few reads, then let others run
+            try:
+                data = self._socket.recv(LINK_RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            if not data:
+                self._incoming.write_eof()
+                return
+            self._incoming.write(data)
+            if len(data) < LINK_RECV_SIZE:
+                return
+
+    def _process_tls(self):
+        if self.state is LinkState.TLS_HANDSHAKE:
+            try:
+                self._tls.do_handshake()
+            except ssl.SSLWantReadError:
+                return
+            self._tls_established()
+        closed_by_relay = False
+        while True:
+            try:
+                data = self._tls.read(LINK_RECV_SIZE)
+            except ssl.SSLWantReadError:
+                break
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                data = b""
+            if not data:
+                closed_by_relay = True
+                break
+            self._received += data
+        self._process_cells()       # what came before the close counts too
+        if closed_by_relay:
+            self._fail(EndReason.DESTROY, "the relay closed the connection")
+
+    def _tls_established(self):
+        self.state = LinkState.VERSIONS
+        self._tls_certificate = self._tls.getpeercert(binary_form=True)
+        if not self._tls_certificate:
+            raise TorProtocolError("the relay sent no TLS certificate")
+        self._tls.write(versions_cell())
+
+    # -- cells -----------------------------------------------------------------
+
+    def _process_cells(self):
+        used = 0
+        received = self._received
+        while self.state is not LinkState.CLOSED:
+            circuit_id_len = CIRC_ID_LEN
+            if self.state is LinkState.VERSIONS:
+                circuit_id_len = VERSIONS_CIRC_ID_LEN
+            result = parse_cell(memoryview(received)[used:], circuit_id_len)
+            if result is NEED_MORE:
+                break
+            used += result.used
+            self._handle_cell(result.message)
+        del received[:used]
+
+    def _handle_cell(self, cell: Cell):
+        command = cell.command
+        if command in (CellCommand.PADDING, CellCommand.VPADDING):
+            return
+        if self.state is LinkState.VERSIONS:
+            if command != CellCommand.VERSIONS:
+                raise TorProtocolError("expected VERSIONS, got cell %d"
+                                       % command)
+            self.link_version = negotiate_link_version(cell.payload)
+            self.state = LinkState.CERTS
+        elif self.state is LinkState.CERTS:
+            self._handle_handshake_cell(cell)
+        elif cell.circuit_id == self.circuit_id:
+            self._handle_circuit_cell(cell)
+        # Cells for other circuits, late NETINFOs and the like are dropped.
+
+    def _handle_handshake_cell(self, cell: Cell):
+        if cell.command == CellCommand.CERTS:
+            if self.fingerprint is not None:
+                raise TorProtocolError("a second CERTS cell")
+            self._check_identity(parse_certs_cell(cell.payload))
+        elif cell.command == CellCommand.AUTH_CHALLENGE:
+            pass        # we do not authenticate: clients need not (§4)
+        elif cell.command == CellCommand.NETINFO:
+            if self.fingerprint is None:
+                raise TorProtocolError("NETINFO before CERTS")
+            self._send_link_cell(CellCommand.NETINFO,
+                                 netinfo_payload(self.address))
+            self.send_cell(CellCommand.CREATE_FAST,
+                           self.circuit.create_fast_payload())
+            self.state = LinkState.CREATING
+        else:
+            raise TorProtocolError("unexpected cell %d in the handshake"
+                                   % cell.command)
+
+    def _send_link_cell(self, command: int, payload: bytes):
+        """A cell for the link itself (circuit id 0)."""
+        self._cells_out += encode_cell(0, command, payload)
+
+    def _check_identity(self, certificates: dict):
+        fingerprint = verify_relay_certs(certificates, self._tls_certificate,
+                                         time.time())
+        if self.expected_fingerprint is not None and not hmac.compare_digest(
+                fingerprint, self.expected_fingerprint):
+            raise TorProtocolError(
+                "relay identity %s is not the expected %s"
+                % (fingerprint.hex().upper(),
+                   self.expected_fingerprint.hex().upper()))
+        self.fingerprint = fingerprint
+
+    def _handle_circuit_cell(self, cell: Cell):
+        command = cell.command
+        if command == CellCommand.RELAY:
+            self.circuit.on_relay_cell(cell.payload)
+        elif command == CellCommand.CREATED_FAST \
+                and self.state is LinkState.CREATING:
+            self.circuit.on_created_fast(cell.payload)
+            self.state = LinkState.OPEN
+            log.debug("Tor link to %s: circuit open", self._name())
+            self._arm_idle_timer()
+        elif command == CellCommand.DESTROY:
+            self._fail(EndReason.DESTROY, "the relay destroyed the circuit "
+                       "(reason %d)" % cell.payload[0], send_destroy=False)
+        elif command == CellCommand.RELAY_EARLY:
+            raise TorProtocolError("inbound RELAY_EARLY")   # tor-spec §5.6
+
+    # -- deadlines -------------------------------------------------------------
+
+    def _setup_overdue(self, _):
+        if self.state not in (LinkState.OPEN, LinkState.CLOSED):
+            self._fail(EndReason.TIMEOUT, "no circuit after %.0f s (%s)"
+                       % (self.timeout, self.state.value))
+
+    def _stream_overdue(self, stream: DirStream):
+        if stream.state is StreamState.WAITING and not self.circuit.closed:
+            self.circuit.end_stream(stream, EndReason.TIMEOUT,
+                                    "no RELAY_CONNECTED after %.0f s"
+                                    % self.timeout)
+
+    def _arm_idle_timer(self):
+        self.server.call_at(self._last_active + self.idle_timeout,
+                            self._idle_overdue, None)
+
+    def _idle_overdue(self, _):
+        if self.state is LinkState.CLOSED:
+            return
+        now = time.monotonic()
+        if self.circuit.streams:
+            self._last_active = now
+        if now < self._last_active + self.idle_timeout:
+            self._arm_idle_timer()      # used since: look again later
+            return
+        self._fail(EndReason.DONE, "idle", quiet=True)
+
+    # -- socket output and closing ---------------------------------------------
+
+    def _send_wire(self):
+        if not self._wire_out or self.state in (LinkState.CONNECTING,
+                                                LinkState.CLOSED):
+            return
+        try:
+            sent = self._socket.send(self._wire_out)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as error:
+            self._fail_soon(end_reason_for_errno(error.errno), str(error))
+            return
+        del self._wire_out[:sent]
+
+    def _update_interest(self):
+        if self.state is LinkState.CLOSED:
+            return
+        events = EVENT_READ
+        if self.state is LinkState.CONNECTING or self._wire_out:
+            events = EVENT_READ | EVENT_WRITE
+        if events != self._events:
+            self.server.watch(self._socket, self._events, events,
+                              self._on_socket_event)
+            self._events = events
+
+    def _fail_soon(self, reason: int, detail: str):
+        """Fail from the loop, not inside the application's call."""
+        self.server.call_at(0.0, lambda _: self._fail(reason, detail), None)
+
+    def _fail(self, reason: int, detail: str, send_destroy: bool = True,
+              quiet: bool = False):
+        """Close the link and end its streams with reason."""
+        if self.state is LinkState.CLOSED:
+            return
+        if send_destroy and self.state in (LinkState.CREATING, LinkState.OPEN):
+            self.send_cell(CellCommand.DESTROY, bytes((DESTROY_REASON_NONE,)))
+            self.flush()            # one try; the close follows anyway
+        log.log(logging.DEBUG if quiet else logging.INFO,
+                "Tor link to %s closed: %s", self._name(), detail)
+        self.failure = detail
+        self.state = LinkState.CLOSED
+        if self._events:
+            self.server.watch(self._socket, self._events, 0, None)
+            self._events = 0
+        if self._socket is not None:
+            self._socket.close()
+        self.circuit.fail(reason, detail)
+        if self.on_closed is not None:
+            self.on_closed(self)
+
+    def _name(self) -> str:
+        if ":" in self.address:
+            return "[%s]:%d" % (self.address, self.port)
+        return "%s:%d" % (self.address, self.port)
+
+
+class TorLinkPool:
+    """The open links, one per relay (and pin): later BEGIN_DIR requests to
+    the same relay share its circuit."""
+
+    def __init__(self, server, timeout: float = 10.0,
+                 idle_timeout: float = LINK_IDLE_TIMEOUT):
+        self.server = server
+        self.timeout = timeout
+        self.idle_timeout = idle_timeout
+        self.links = {}     # (address, port, fingerprint or None) -> TorLink
+        self._tls_context = None
+
+    def open_stream(self, address: str, port: int, on_connected, on_data,
+                    on_end, fingerprint: Optional[bytes] = None) -> DirStream:
+        """A BEGIN_DIR stream to the relay at address:port, over a link that
+        is open already when there is one."""
+        address = str(ipaddress.ip_address(address))
+        link = self._find_link(address, port, fingerprint)
+        if link is None:
+            if self._tls_context is None:
+                self._tls_context = tor_tls_context()
+            link = TorLink(self.server, address, port, fingerprint,
+                           self.timeout, self.idle_timeout,
+                           on_closed=self._forget,
+                           tls_context=self._tls_context)
+            self.links[(address, port, fingerprint)] = link
+        return link.open_stream(on_connected, on_data, on_end)
+
+    def _find_link(self, address: str, port: int,
+                   fingerprint: Optional[bytes]) -> Optional[TorLink]:
+        """The link made for this request, or one to the same relay that has
+        already proved the identity asked for (any, when none is asked)."""
+        link = self.links.get((address, port, fingerprint))
+        if link is not None and link.usable:
+            return link
+        for (known_address, known_port, _), link in self.links.items():
+            if (known_address, known_port) == (address, port) and link.usable \
+                    and link.fingerprint is not None \
+                    and fingerprint in (None, link.fingerprint):
+                return link
+        return None
+
+    def close(self):
+        for link in list(self.links.values()):
+            link.close("shutting down")
+        self.links.clear()
+
+    def _forget(self, link: TorLink):
+        for key, known in list(self.links.items()):
+            if known is link:
+                del self.links[key]
+
+
+# =============================================================================
 # Connection: states, buffers, deadlines
 # =============================================================================
 
@@ -1416,8 +3010,6 @@ HANDSHAKE_STATES = frozenset((State.GREETING, State.AUTHENTICATING,
                               State.REQUESTING))
 SETUP_STATES = frozenset((State.RESOLVING, State.CONNECTING))
 
-EVENT_READ = selectors.EVENT_READ
-EVENT_WRITE = selectors.EVENT_WRITE
 
 RECV_BUFFER_SIZE = 256 * 1024       # one buffer for the whole loop
 READS_PER_WAKEUP = 4                # fewer selects under load, still fair
@@ -1476,8 +3068,8 @@ class Connection:
                  "state", "version", "handshake", "handshake_received",
                  "command", "host", "port", "userid", "candidates",
                  "attempts", "last_reply", "lookup", "deadline", "idle_mark",
-                 "upstream", "downstream", "client_events", "target_events",
-                 "paused_check", "outcome", "opened")
+                 "tunnel", "upstream", "downstream", "client_events",
+                 "target_events", "paused_check", "outcome", "opened")
 
     def __init__(self, server: "Server", client: socket.socket, peer,
                  number: int):
@@ -1497,6 +3089,7 @@ class Connection:
         self.port = 0
         self.candidates = []
         self.attempts = ()          # sockets connecting at once
+        self.tunnel = None          # the BEGIN_DIR stream of a CONNECT_DIR
         self.last_reply = Reply.GENERAL_FAILURE
         self.lookup = None
         self.deadline = None
@@ -1720,7 +3313,7 @@ class Connection:
                 return
         else:
             address_type = request.address_type
-        if self.command is Command.CONNECT:
+        if self.command in RELAYED_COMMANDS:
             self.upstream.pending = early_data
         self._decide(address_type)
 
@@ -1728,7 +3321,7 @@ class Connection:
         """What to do with a whole request: the process step after parsing."""
         command = self.command
         server = self.server
-        if command in (Command.BIND, Command.UDP_ASSOCIATE, Command.CONNECT_DIR):
+        if command in (Command.BIND, Command.UDP_ASSOCIATE):
             self._refuse(Reply.COMMAND_NOT_SUPPORTED,
                          "unsupported command %s" % command.name)
             return
@@ -1760,6 +3353,8 @@ class Connection:
         elif address is not None:
             if command is Command.RESOLVE:
                 self._answer_resolve((address,))
+            elif command is Command.CONNECT_DIR:
+                self._start_tunnel((address,))
             else:
                 self._start_connecting((address,))
         else:
@@ -1789,6 +3384,8 @@ class Connection:
                          "answered RESOLVE_PTR")
         elif self.command is Command.RESOLVE:
             self._answer_resolve(result.answers)
+        elif self.command is Command.CONNECT_DIR:
+            self._start_tunnel(result.answers)
         else:
             self._start_connecting(result.answers)
 
@@ -1907,17 +3504,69 @@ class Connection:
 
     def _connected(self):
         target = self.target
-        self._enter(State.RELAYING)
-        self.outcome = "relayed"
         with_nodelay(target)
         self.upstream.sink = target
         self.downstream.source = target
+        self._start_relaying()
+
+    def _start_relaying(self):
+        """The target answered: the success reply, then the early data."""
+        self._enter(State.RELAYING)
+        self.outcome = "relayed"
         if self.version is Version.SOCKS4:
             self._send_to_client(socks4_reply(Socks4Reply.GRANTED))
         else:
             self._send_to_client(socks5_reply(Reply.SUCCEEDED,
                                               self.client_family))
-        self._flush(self.upstream)      # the client's early data
+        self._flush(self.upstream)
+
+    # -- CONNECT_DIR: a BEGIN_DIR stream on a one-hop circuit ------------------
+
+    def _start_tunnel(self, addresses):
+        """Open a BEGIN_DIR stream to the relay whose ORPort is at the first
+        allowed address; the success reply waits for RELAY_CONNECTED."""
+        server = self.server
+        for address in server.usable_addresses(addresses):
+            if not server.destination_refusal(self.client_is_local, address,
+                                              self.port):
+                break
+        else:
+            self._refuse(Reply.NOT_ALLOWED, "no relay address allowed")
+            return
+        self._enter(State.CONNECTING)
+        handle = self._handle
+        self.tunnel = server.tor_links().open_stream(
+            str(address), self.port,
+            functools.partial(handle, self._tunnel_connected),
+            functools.partial(handle, self._tunnel_data),
+            functools.partial(handle, self._tunnel_ended),
+            fingerprint=server.relay_pins.get((str(address), self.port)))
+        self.tunnel.on_writable = functools.partial(handle, self._flush,
+                                                    self.upstream)
+
+    def _tunnel_connected(self):
+        if self.state is State.CONNECTING:
+            self.upstream.sink = self.tunnel
+            self._start_relaying()
+
+    def _tunnel_data(self, data: bytes):
+        self.downstream.pending += data
+        self._flush(self.downstream)
+
+    def _tunnel_ended(self, reason: int):
+        if self.state is State.CONNECTING:
+            self._refuse(reply_for_end_reason(reason),
+                         "the relay ended the stream (%s): %s"
+                         % (end_reason_name(reason), self.tunnel.end_detail))
+            return
+        # Tor streams have no half-close: once the relay ends the stream,
+        # nothing more goes to it, and what came drains to the client.
+        self.tunnel = None
+        upstream = self.upstream
+        upstream.reading, upstream.shut = False, True
+        upstream.pending = bytearray()
+        self.downstream.reading = False
+        self._flush(self.downstream)
 
     def _read_early_data(self):
         """Client bytes that arrive while the answer is being worked out:
@@ -1926,13 +3575,13 @@ class Connection:
         data = self.client.recv(HIGH_WATER)
         if not data:
             self.upstream.reading = False
-        elif self.command is Command.CONNECT:
+        elif self.command in RELAYED_COMMANDS:
             self.upstream.pending += data
 
     # -- relaying ---------------------------------------------------------------
 
     def _move(self, flow: _Flow):
-        if self.server.splice:
+        if self.server.splice and self.tunnel is None:
             self._splice(flow)
         else:
             self._relay(flow)
@@ -2077,6 +3726,9 @@ class Connection:
             self._abandon_attempts()
         if self.target is not None:
             self._drop_target()
+        if self.tunnel is not None:
+            self.tunnel.close()
+            self.tunnel = None
         self.upstream.pending = bytearray()
         if not reply:
             self.close()
@@ -2099,6 +3751,9 @@ class Connection:
             self.lookup.cancel()
         if self.attempts:
             self._abandon_attempts()
+        if self.tunnel is not None:
+            self.tunnel.close()     # RELAY_END DONE
+            self.tunnel = None
         close_socket(self.client, reset_client)
         if self.target is not None:
             close_socket(self.target, reset_target)
@@ -2133,11 +3788,17 @@ class Connection:
                     return
         if downstream.pending or downstream.in_pipe:
             client_events |= EVENT_WRITE
-        if state is State.RELAYING:
+        if state is State.RELAYING and self.target is not None:
             if downstream.reading and downstream.backlog() < HIGH_WATER:
                 target_events = EVENT_READ
             if upstream.pending or upstream.in_pipe:
                 target_events |= EVENT_WRITE
+        elif self.tunnel is not None:
+            # The relay's data waits in the circuit (no SENDME goes back)
+            # while the client is slow to read.
+            paused = downstream.backlog() >= HIGH_WATER
+            if paused != self.tunnel.paused:
+                self.tunnel.pause(paused)
         server = self.server
         if client_events != self.client_events:
             server.watch(self.client, self.client_events, client_events,
@@ -2148,7 +3809,7 @@ class Connection:
                          self.on_target_event)
             self.target_events = target_events
         if state is State.RELAYING and not self.paused_check \
-                and not (client_events and target_events):
+                and not (client_events and (target_events or self.tunnel)):
             # A socket the loop does not watch cannot report a reset, so
             # look at it now and then while it is paused.
             self.paused_check = True
@@ -2160,7 +3821,7 @@ class Connection:
         self.paused_check = False
         for sock, events in ((self.client, self.client_events),
                              (self.target, self.target_events)):
-            if not events:
+            if sock is not None and not events:
                 error_number = sock.getsockopt(socket.SOL_SOCKET,
                                                socket.SO_ERROR)
                 if error_number:
@@ -2295,6 +3956,8 @@ class Server:
                           serve_forever() returns (inetd "wait")
     splice                relay with os.splice through pipes instead of
                           copying through Python (Linux, Python 3.10+)
+    relay_pins            {(relay IP, ORPort): 20-byte fingerprint}: a
+                          CONNECT_DIR to that relay must prove that identity
     """
 
     def __init__(self, listen=((DEFAULT_ADDRESS, DEFAULT_PORT),), *,
@@ -2312,7 +3975,7 @@ class Server:
                  outbound_addresses=(), outbound_interface: Optional[str] = None,
                  unix_mode: int = 0o600,
                  exit_when_idle: Optional[float] = None,
-                 splice: bool = False):
+                 splice: bool = False, relay_pins=None):
         self.listen = [] if sockets else list(listen)
         self.listeners = list(sockets)
         self.addresses = []     # where the listeners listen, once bound
@@ -2343,6 +4006,7 @@ class Server:
         if splice and not HAVE_SPLICE:
             raise ValueError("the splice relay needs Linux and Python 3.10+")
         self.splice = splice
+        self.relay_pins = dict(relay_pins or {})
 
         self.selector = None
         self.recv_view = None
@@ -2361,6 +4025,7 @@ class Server:
         self.per_client = collections.Counter()   # remote address -> open
         self._exit_when_done = False
         self._pipes = []                # idle pipes for the splice relay
+        self._tor_links = None          # TorLinkPool, once CONNECT_DIR is used
         self._last_busy = time.monotonic()
         self.connections = set()
         self.accepted = 0
@@ -2544,6 +4209,8 @@ class Server:
         if isinstance(owner, Connection) and owner.state is not State.CLOSED:
             owner.outcome += ", then an internal error"
             owner.close()
+        elif isinstance(owner, TorLink):
+            owner.close("internal error")
 
     def call_at(self, when: float, function, argument):
         """Run function(argument) in the loop at monotonic time when."""
@@ -2743,6 +4410,12 @@ class Server:
         if self._drain_deadline is None or deadline < self._drain_deadline:
             self._drain_deadline = deadline
 
+    def tor_links(self) -> "TorLinkPool":
+        """The open links to Tor relays, for CONNECT_DIR (made on first use)."""
+        if self._tor_links is None:
+            self._tor_links = TorLinkPool(self, timeout=self.connect_timeout)
+        return self._tor_links
+
     def _close_listeners(self):
         for listener in self.listeners:
             listener.close()
@@ -2778,6 +4451,8 @@ class Server:
         for connection in list(self.connections):
             connection.outcome += ", cut at shutdown"
             connection.close()
+        if self._tor_links is not None:
+            self._tor_links.close()     # while the selector is still open
         self.selector = None
         selector.close()
         self._close_listeners()
@@ -3121,6 +4796,20 @@ def policy_rule(text: str) -> str:
     return text
 
 
+def relay_pin(text: str):
+    """"ADDR:PORT=FINGERPRINT" -> ((ADDR, PORT), 20-byte fingerprint)."""
+    where, equals, fingerprint = text.partition("=")
+    if not equals:
+        raise argparse.ArgumentTypeError("%r: write ADDR:PORT=FINGERPRINT"
+                                         % text)
+    host, port = parse_listen(where)
+    try:
+        return (str(ipaddress.ip_address(host)), port), \
+            parse_fingerprint(fingerprint)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error))
+
+
 def ip_argument(text: str) -> str:
     try:
         return str(ipaddress.ip_address(text))
@@ -3192,6 +4881,11 @@ def build_argument_parser() -> argparse.ArgumentParser:
                              'never reach loopback, link-local, unspecified '
                              'or multicast addresses unless a rule accepts '
                              'them')
+    access.add_argument("--pin-relay", metavar="ADDR:PORT=FINGERPRINT",
+                        action="append", default=[], type=relay_pin,
+                        help="CONNECT_DIR to the relay at ADDR:PORT (its "
+                             "ORPort) must prove this identity (40 hex "
+                             "digits); repeatable")
     access.add_argument("--open-proxy", action="store_true",
                         help="allow a non-loopback listener without --allow, "
                              "--deny or --credentials")
@@ -3365,7 +5059,8 @@ def main(argv=None) -> int:
         outbound_interface=options.outbound_interface,
         unix_mode=options.unix_mode,
         exit_when_idle=options.idle_exit if options.inetd_wait else None,
-        splice=options.splice)
+        splice=options.splice,
+        relay_pins=dict(options.pin_relay))
     if connections:
         server.listen = []      # one client, no listener of our own
     def reload():
