@@ -700,7 +700,7 @@ class DestinationPolicy:
             raise ValueError("%r: a rule is accept|reject ADDR[/MASK]"
                              "[:PORT[-PORT]]" % text)
         target = target.strip()
-        low, high = 1, 65535
+        low, high = 0, 65535        # no port given, or "*": every port
         if target.startswith("["):
             address, _, ports = target[1:].partition("]")
             ports = ports[1:] if ports.startswith(":") else ports
@@ -2933,9 +2933,8 @@ class TorLink:
             self.on_closed(self)
 
     def _name(self) -> str:
-        if ":" in self.address:
-            return "[%s]:%d" % (self.address, self.port)
-        return "%s:%d" % (self.address, self.port)
+        """The relay as the log may show it (scrubbed unless asked)."""
+        return self.server.scrub(format_address((self.address, self.port)))
 
 
 class TorLinkPool:

@@ -823,8 +823,7 @@ class Model:
 
         if type(request) is Socks4Request and self.credentials:
             return refuse(2, "SOCKS4 with credentials")
-        if command in (Command.BIND, Command.UDP_ASSOCIATE,
-                       Command.CONNECT_DIR):
+        if command in (Command.BIND, Command.UDP_ASSOCIATE):
             return refuse(7, "unsupported command")
         if command == Command.RESOLVE_PTR and version == 4:
             return refuse(7, "SOCKS4 PTR")
@@ -863,6 +862,19 @@ class Model:
                 reply = bytes((5, 0, 0, 1 if best.version == 4 else 4)) \
                     + best.packed + b"\0\0"
             return Expectation(out + reply, "close", label="RESOLVE answered")
+        if command == Command.CONNECT_DIR:
+            # The first address the policy allows is taken as a relay's
+            # ORPort.  The campaign's targets are echo servers (TLS fails:
+            # 01) or a refused port (05); none is a Tor relay.
+            for candidate in answers:
+                if not self.policy.refusal(True, candidate, port):
+                    break
+            else:
+                return refuse(2, "CONNECT_DIR refused by policy")
+            plain = getattr(candidate, "ipv4_mapped", None) or candidate
+            echo = (plain == LOOPBACK4 and port == self.echo4) or (
+                candidate == LOOPBACK6 and port == self.echo6)
+            return refuse(1 if echo else 5, "CONNECT_DIR to a non-relay")
         # CONNECT
         last, unsafe = 1, False
         for candidate in torsocksd.happy_eyeballs_order(answers)[:16]:
