@@ -123,34 +123,45 @@ def fetch_when_ready(loop, pool, relay, ready):
         time.sleep(0.1)
 
 
+@pytest.fixture(scope="module")
+def relays():
+    require_program("tor")
+    directory, not_directory = Relay(dircache=1), Relay(dircache=0)
+    yield directory, not_directory
+    directory.stop()
+    not_directory.stop()
+
+
+@pytest.fixture(scope="module")
+def live_loop():
+    server = torsocksd.Server(listen=[("127.0.0.1", 0)]).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def live_pool(live_loop):
+    links = torsocksd.TorLinkPool(live_loop, timeout=10.0)
+    yield links
+    run_in_loop(live_loop, links.close)
+
+
+@pytest.fixture(scope="module")
+def directory_relay(relays, live_loop, live_pool):
+    relay = relays[0]
+    fetch_when_ready(live_loop, live_pool, relay,
+                     lambda w: w.data.startswith(b"HTTP/1.0 200"))
+    return relay
+
+
+@pytest.fixture(scope="module")
+def socks(directory_relay):
+    server = torsocksd.Server(listen=[("127.0.0.1", 0)]).start()
+    yield server
+    server.stop()
+
+
 class TestLiveRelay:
-
-    @pytest.fixture(scope="class")
-    def relays(self):
-        require_program("tor")
-        directory, not_directory = Relay(dircache=1), Relay(dircache=0)
-        yield directory, not_directory
-        directory.stop()
-        not_directory.stop()
-
-    @pytest.fixture(scope="class")
-    def live_loop(self):
-        server = torsocksd.Server(listen=[("127.0.0.1", 0)]).start()
-        yield server
-        server.stop()
-
-    @pytest.fixture(scope="class")
-    def live_pool(self, live_loop):
-        links = torsocksd.TorLinkPool(live_loop, timeout=10.0)
-        yield links
-        run_in_loop(live_loop, links.close)
-
-    @pytest.fixture(scope="class")
-    def directory_relay(self, relays, live_loop, live_pool):
-        relay = relays[0]
-        fetch_when_ready(live_loop, live_pool, relay,
-                         lambda w: w.data.startswith(b"HTTP/1.0 200"))
-        return relay
 
     def test_fetch_the_relay_descriptor(self, live_loop, live_pool,
                                         directory_relay):
@@ -261,12 +272,6 @@ class TestLiveRelay:
             == torsocksd.Reply.GENERAL_FAILURE
 
     # -- CONNECT_DIR through a SOCKS server, byte for byte ---------------------
-
-    @pytest.fixture(scope="class")
-    def socks(self, directory_relay):
-        server = torsocksd.Server(listen=[("127.0.0.1", 0)]).start()
-        yield server
-        server.stop()
 
     def test_socks5_connect_dir_fetches_the_descriptor(self, socks,
                                                        directory_relay):
