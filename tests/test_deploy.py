@@ -1239,7 +1239,7 @@ def test_the_readme_fixture(socks_proxy):
 def test_readme_embedding_example_works_as_written(tmp_path):
     with open(README) as readme:
         text = readme.read()
-    embedding = text.split("### Embedding", 1)[1]
+    embedding = text.split("**Embedding.**", 1)[1]
     block = re.search(r"```python\n(.*?)```", embedding, re.S).group(1)
     assert "torsocksd.Server(" in block
     # The man page shows the same example.
@@ -1257,3 +1257,30 @@ def test_readme_embedding_example_works_as_written(tmp_path):
         universal_newlines=True, timeout=60)
     assert result.returncode == 0, result.stdout
     assert "1 passed" in result.stdout
+
+
+def test_readme_deploying_section_matches_contrib_and_man_page():
+    """Where the README's "Deploying" section, contrib/ and the man page
+    say the same thing, they say it word for word."""
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
+    with open(os.path.join(root, "README.md")) as file:
+        readme = file.read()
+    section = readme.split("## Deploying", 1)[1].split("\n## ", 1)[0]
+    commands = [line[4:] for line in section.splitlines()
+                if line.startswith("    $ ") or line.startswith("    # ")]
+    assert len(commands) >= 7
+    with open(os.path.join(root, "man", "torsocksd.8")) as file:
+        man = file.read()
+    examples = man.split(".Sh EXAMPLES", 1)[1].split(".Sh ", 1)[0]
+    plain = examples.replace("\\-", "-").replace("\\e\n", "").replace("\\e", "\\")
+    for command in commands:
+        assert command in plain, command
+    with open(os.path.join(root, "contrib", "inetd.conf")) as file:
+        inetd_line = [line for line in file.read().splitlines()
+                      if line and not line.startswith("#")][0]
+    assert "\n    %s\n" % inetd_line in section
+    with open(os.path.join(root, "contrib", "xinetd.d", "torsocksd")) as file:
+        server_args = [line.split("=", 1)[1].strip()
+                       for line in file.read().splitlines()
+                       if line.strip().startswith("server_args")][0]
+    assert "server_args = %s" % server_args in section
