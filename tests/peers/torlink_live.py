@@ -288,6 +288,31 @@ class TestLiveRelay:
         assert body.startswith(b"router labrelay 127.0.0.1 %d 0 0\n"
                                % directory_relay.port)
 
+    def test_time_from_request_to_first_descriptor_byte(self,
+                                                        directory_relay):
+        """A figure for the notes: a fresh server builds its link (TLS,
+        CERTS check, CREATE_FAST) on the first request; the second reuses
+        the circuit."""
+        server = torsocksd.Server(listen=[("127.0.0.1", 0)]).start()
+        try:
+            times = []
+            for _ in range(2):
+                with socket.create_connection(server.address,
+                                              timeout=TIMEOUT) as c:
+                    started = time.perf_counter()
+                    c.sendall(b"\x05\x01\x00\x05\xf2\x00\x01\x7f\x00\x00"
+                              b"\x01" + directory_relay.port.to_bytes(2, "big")
+                              + b"GET /tor/server/authority HTTP/1.0\r\n\r\n")
+                    assert recv_exactly(c, 12)[:4] == b"\x05\x00\x05\x00"
+                    assert recv_exactly(c, 1) == b"H"
+                    times.append(time.perf_counter() - started)
+                    assert recv_until_eof(c).startswith(b"TTP/1.0 200 OK")
+        finally:
+            server.stop()
+        print("CONNECT_DIR request to first descriptor byte: %.1f ms with a "
+              "new link, %.1f ms on the open circuit" % (times[0] * 1000,
+                                                         times[1] * 1000))
+
     def test_socks4_and_socks4a_connect_dir(self, socks, directory_relay):
         port = directory_relay.port.to_bytes(2, "big")
         for request in (b"\x04\xf2" + port + b"\x7f\x00\x00\x01\x00",
