@@ -3091,7 +3091,7 @@ class Connection:
         self.tunnel = None          # the BEGIN_DIR stream of a CONNECT_DIR
         self.last_reply = Reply.GENERAL_FAILURE
         self.lookup = None
-        self.deadline = None
+        self.deadline = None        # the timer of the state's deadline
         self.idle_mark = 0
         self.upstream = _Flow(client, None)     # client -> target
         self.downstream = _Flow(None, client)   # target -> client
@@ -3112,28 +3112,30 @@ class Connection:
             log.debug("conn %d: %s -> %s", self.number, self.state.value,
                       state.value)
         self.state = state
-        if state in SETUP_STATES:
-            self._set_deadline(self.server.connect_timeout)
-        elif state is State.RELAYING:
+        if state is State.RELAYING:
             self._set_deadline(self.server.idle_timeout)
+        elif state is State.RESOLVING or state is State.CONNECTING:
+            self._set_deadline(self.server.connect_timeout)
         elif state is State.CLOSING:
             self._set_deadline(CLOSING_LINGER)
+        elif state is State.CLOSED:
+            self._set_deadline(None)
         # The handshake states share the deadline set at accept.
 
     def _set_deadline(self, seconds):
-        if seconds is None:
+        """Replace the connection's one deadline (None: no deadline)."""
+        if self.deadline is not None:
+            self.server.cancel_timer(self.deadline)
             self.deadline = None
-            return
-        self.deadline = time.monotonic() + seconds
-        self.server.call_at(self.deadline, self._deadline_passed,
-                            self.deadline)
+        if seconds is not None:
+            self.deadline = self.server.call_at(time.monotonic() + seconds,
+                                                self._deadline_passed, None)
 
-    def _deadline_passed(self, when):
-        self._handle(self._on_deadline, when)
+    def _deadline_passed(self, _):
+        self.deadline = None
+        self._handle(self._on_deadline)
 
-    def _on_deadline(self, when):
-        if when != self.deadline or self.state is State.CLOSED:
-            return      # a deadline of an earlier state
+    def _on_deadline(self):
         if self.state in HANDSHAKE_STATES:
             self._refuse(Reply.GENERAL_FAILURE, "handshake timed out")
         elif self.state is State.RESOLVING:
@@ -3771,11 +3773,11 @@ class Connection:
             return
         upstream, downstream = self.upstream, self.downstream
         client_events = target_events = 0
-        if state in HANDSHAKE_STATES:
-            client_events = EVENT_READ
-        elif state is State.RELAYING or state in SETUP_STATES:
+        if state is State.RELAYING or state in SETUP_STATES:
             if upstream.reading and upstream.backlog() < HIGH_WATER:
                 client_events = EVENT_READ
+        elif state in HANDSHAKE_STATES:
+            client_events = EVENT_READ
         elif state is State.CLOSING:
             client_events = EVENT_READ
             if not downstream.pending and not downstream.shut:
@@ -4009,7 +4011,7 @@ class Server:
 
         self.selector = None
         self.recv_view = None
-        self._timers = []               # heap of (when, sequence, fn, arg)
+        self._timers = []               # heap of [when, sequence, fn, arg]
         self._sequence = itertools.count()
         self._ready = collections.deque()   # calls posted from other threads
         self._wakeup_reader = self._wakeup_writer = None
@@ -4194,6 +4196,8 @@ class Server:
         now = time.monotonic()
         while timers and timers[0][0] <= now:
             _, _, function, argument = heapq.heappop(timers)
+            if function is None:
+                continue        # cancelled
             try:
                 function(argument)
             except Exception:
@@ -4212,9 +4216,17 @@ class Server:
             owner.close("internal error")
 
     def call_at(self, when: float, function, argument):
-        """Run function(argument) in the loop at monotonic time when."""
-        heapq.heappush(self._timers, (when, next(self._sequence), function,
-                                      argument))
+        """Run function(argument) in the loop at monotonic time when.
+        Returns the timer, for cancel_timer()."""
+        timer = [when, next(self._sequence), function, argument]
+        heapq.heappush(self._timers, timer)
+        return timer
+
+    @staticmethod
+    def cancel_timer(timer):
+        """Disarm a timer; it also lets go of what it would have called, so
+        a closed connection is not kept in memory until its deadline."""
+        timer[2] = timer[3] = None
 
     def call_soon_threadsafe(self, function, *args):
         self._ready.append((function, args))
