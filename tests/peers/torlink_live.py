@@ -18,29 +18,12 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                 os.pardir))
 import torsocksd  # noqa: E402
-from conftest import require_program  # noqa: E402
+from conftest import (recv_exactly, recv_until_eof,  # noqa: E402
+                      require_program)
 from test_torlink import StreamWatcher, run_in_loop  # noqa: E402
 
 TIMEOUT = 30.0
 
-
-def recv_exactly(sock, size):
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            raise EOFError("closed after %r" % data)
-        data += chunk
-    return data
-
-
-def recv_until_eof(sock):
-    data = b""
-    while True:
-        chunk = sock.recv(65536)
-        if not chunk:
-            return data
-        data += chunk
 
 RELAY_TORRC = """\
 DataDirectory {datadir}
