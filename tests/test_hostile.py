@@ -568,6 +568,8 @@ PUSH_BYTES = 64 << 20       # what the fast side tries to push
 
 
 def pattern(size, seed):
+    if not size:
+        return b""
     return random.Random(seed).getrandbits(8 * size).to_bytes(size, "little")
 
 
