@@ -2,9 +2,10 @@
 """torsocksd: a small SOCKS server that speaks Tor's SOCKS dialect.
 
 It serves SOCKS4, SOCKS4A and SOCKS5 (RFC 1928, with RFC 1929 username and
-password) plus Tor's extensions: RESOLVE (0xF0), RESOLVE_PTR (0xF1) and the
-answer to a client that speaks HTTP to a SOCKS port.  Every name is looked up
-on the proxy side, never by the client.
+password) plus Tor's extensions: RESOLVE (0xF0), RESOLVE_PTR (0xF1),
+CONNECT_DIR (0xF2: a one-hop BEGIN_DIR stream to a Tor relay's directory
+service) and the answer to a client that speaks HTTP to a SOCKS port.  Every
+name is looked up on the proxy side, never by the client.
 
 Run it:      python3 torsocksd.py --port 9050
 Embed it:    with torsocksd.Server(listen=[("127.0.0.1", 0)]) as server: ...
@@ -57,6 +58,7 @@ __all__ = [
     "failure_reply", "http_reply", "reply_for_errno",
     # policy
     "choose_method", "special_name_refusal", "destination_refusal",
+    "Credentials", "ClientPolicy", "DestinationPolicy",
     # resolvers, the server, the command line
     "ResolverResult", "SystemResolver", "DnsResolver", "DnsAnswer",
     "DnsFormatError", "DnsType", "DnsRcode", "encode_dns_query",
@@ -112,11 +114,13 @@ class Command(enum.IntEnum):
     UDP_ASSOCIATE = 0x03
     RESOLVE = 0xF0          # Tor socks-extensions §2
     RESOLVE_PTR = 0xF1      # Tor socks-extensions §2
-    CONNECT_DIR = 0xF2      # the seed-era spec; not served yet
+    CONNECT_DIR = 0xF2      # the seed-era spec: a one-hop BEGIN_DIR tunnel
 
 
 # Commands after whose reply bytes flow: the client's early data is kept.
 RELAYED_COMMANDS = frozenset((Command.CONNECT, Command.CONNECT_DIR))
+# Commands whose answer is a lookup's result, then a close.
+LOOKUP_COMMANDS = frozenset((Command.RESOLVE, Command.RESOLVE_PTR))
 
 # SOCKS4 has no UDP ASSOCIATE; Tor's grammar takes CONNECT, BIND, RESOLVE and
 # RESOLVE_PTR, and the seed era added CONNECT_DIR.
@@ -173,7 +177,6 @@ TLS_HANDSHAKE_RECORD = 0x16        # first byte of a TLS ClientHello record
 MAX_SOCKS4_USERID = 512            # Tor's MAX_SOCKS_MESSAGE_LEN: 512 ok, 513 refused
 MAX_HOSTNAME = 255                 # SOCKS5 length byte; Tor's MAX_SOCKS_ADDR_LEN - 1
 MAX_HANDSHAKE_BYTES = 1024         # DECISIONS row 17: bytes buffered before a request
-SOCKS4A_MARKER_MAX = 0xFF          # DSTIP 0.0.0.x with x != 0 announces a hostname
 SPECIAL_SUFFIXES = (".onion", ".exit")   # never sent to DNS (DECISIONS row 16)
 
 ZERO_IPV4 = bytes(4)
@@ -799,8 +802,10 @@ class SystemResolver:
             threads, self._threads = self._threads, []
         for _ in threads:
             self._jobs.put(None)
+        # Daemon threads: one stuck in getaddrinfo must not hold up a stop.
+        deadline = time.monotonic() + 1.0
         for thread in threads:
-            thread.join(timeout=1.0)
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
     def _submit(self, job: _Lookup) -> _Lookup:
         if self._jobs.qsize() >= self.max_pending or self._closed:
@@ -824,10 +829,14 @@ class SystemResolver:
             if job.cancelled:
                 continue
             kind, query = job.query
-            if kind == "name":
-                result = self._getaddrinfo(query)
-            else:
-                result = self._getnameinfo(query)
+            try:
+                if kind == "name":
+                    result = self._getaddrinfo(query)
+                else:
+                    result = self._getnameinfo(query)
+            except Exception as error:      # a worker must outlive any one
+                result = ResolverResult((), Reply.GENERAL_FAILURE,
+                                        "lookup failed: %r" % error)
             if not job.cancelled:
                 job.callback(result)
 
@@ -1955,6 +1964,15 @@ class Certificate(NamedTuple):
 
 
 def parse_certificate(der: bytes) -> Certificate:
+    """The parts of an X.509 certificate that the identity check needs;
+    anything malformed is the relay's protocol error, never ours."""
+    try:
+        return _parse_certificate(der)
+    except (ValueError, IndexError, TypeError) as error:
+        raise TorProtocolError("malformed certificate: %s" % error) from None
+
+
+def _parse_certificate(der: bytes) -> Certificate:
     top = der_element(der, 0, len(der))
     if top.end != len(der):
         raise TorProtocolError("bytes after the certificate")
@@ -2522,13 +2540,6 @@ END_REASON_REPLIES = {
 }
 
 
-def end_reason_name(reason: int) -> str:
-    try:
-        return EndReason(reason).name
-    except ValueError:
-        return "reason %d" % reason
-
-
 def reply_for_end_reason(reason: int) -> Reply:
     """The SOCKS5 reply for a stream that ended before RELAY_CONNECTED."""
     return END_REASON_REPLIES.get(reason, Reply.GENERAL_FAILURE)
@@ -2831,10 +2842,11 @@ class TorLink:
                                          time.time())
         if self.expected_fingerprint is not None and not hmac.compare_digest(
                 fingerprint, self.expected_fingerprint):
+            scrub = self.server.scrub       # a fingerprint names the relay
             raise TorProtocolError(
                 "relay identity %s is not the expected %s"
-                % (fingerprint.hex().upper(),
-                   self.expected_fingerprint.hex().upper()))
+                % (scrub(fingerprint.hex().upper()),
+                   scrub(self.expected_fingerprint.hex().upper())))
         self.fingerprint = fingerprint
 
     def _handle_circuit_cell(self, cell: Cell):
@@ -3442,11 +3454,14 @@ class Connection:
                 continue
             try:
                 target = server.outbound_socket(address)
-                error_number = target.connect_ex((str(address), self.port))
             except OSError as error:
                 self.last_reply = reply_for_errno(error.errno)
                 log.warning("cannot open an outbound socket: %s", error)
                 continue
+            try:
+                error_number = target.connect_ex((str(address), self.port))
+            except OSError as error:
+                error_number = error.errno or errno.EINVAL
             if error_number not in (0, errno.EINPROGRESS):
                 target.close()
                 self.last_reply = reply_for_errno(error_number)
@@ -3582,7 +3597,9 @@ class Connection:
     # -- relaying ---------------------------------------------------------------
 
     def _move(self, flow: _Flow):
-        if self.server.splice and self.tunnel is None:
+        if not flow.reading:
+            return      # a stale event after the source ended
+        if self.server.splice and self.target is not None:
             self._splice(flow)
         else:
             self._relay(flow)
@@ -3713,9 +3730,15 @@ class Connection:
         """Send the version's refusal for reply, then close."""
         if self.version is None:
             self._reject(b"", reason)
-        else:
-            self._reject(failure_reply(self.version, reply,
-                                       self.client_family), reason)
+            return
+        family = self.client_family
+        if self.command in LOOKUP_COMMANDS:
+            # Every failed lookup is "host unreachable", in the 10-byte
+            # form, whatever went wrong (DECISIONS row 11).
+            family = socket.AF_INET
+            if self.state is State.RESOLVING:
+                reply = Reply.HOST_UNREACHABLE
+        self._reject(failure_reply(self.version, reply, family), reason)
 
     def _reject(self, reply: bytes, reason: str):
         self.outcome = "refused: " + reason
@@ -3774,7 +3797,10 @@ class Connection:
         upstream, downstream = self.upstream, self.downstream
         client_events = target_events = 0
         if state is State.RELAYING or state in SETUP_STATES:
-            if upstream.reading and upstream.backlog() < HIGH_WATER:
+            # A pipe that still holds bytes may be full whatever its count
+            # says: wait for the sink before reading more into it.
+            if upstream.reading and upstream.backlog() < HIGH_WATER \
+                    and not upstream.in_pipe:
                 client_events = EVENT_READ
         elif state in HANDSHAKE_STATES:
             client_events = EVENT_READ
@@ -3790,7 +3816,8 @@ class Connection:
         if downstream.pending or downstream.in_pipe:
             client_events |= EVENT_WRITE
         if state is State.RELAYING and self.target is not None:
-            if downstream.reading and downstream.backlog() < HIGH_WATER:
+            if downstream.reading and downstream.backlog() < HIGH_WATER \
+                    and not downstream.in_pipe:
                 target_events = EVENT_READ
             if upstream.pending or upstream.in_pipe:
                 target_events |= EVENT_WRITE
@@ -3876,9 +3903,12 @@ ACCEPT_PAUSE = 1.0                  # seconds a listener rests after EMFILE & co
 ACCEPT_PAUSE_ERRORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS,
                                  errno.ENOMEM))
 LISTEN_BACKLOG = 1024
-# Linux values, for Pythons whose socket module lacks the names.
-SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
-IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+# Linux socket options, by number where an older Python lacks the name;
+# None elsewhere.
+ON_LINUX = sys.platform.startswith("linux")
+SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25 if ON_LINUX else None)
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT",
+                                  24 if ON_LINUX else None)
 DEFAULT_PORT = 9050
 DEFAULT_ADDRESS = "127.0.0.1"       # never listen beyond this host unless told
 
@@ -4015,7 +4045,9 @@ class Server:
         self._sequence = itertools.count()
         self._ready = collections.deque()   # calls posted from other threads
         self._wakeup_reader = self._wakeup_writer = None
-        self._thread = None
+        self._thread = None             # the thread start() made
+        self._loop_thread = None        # the thread in serve_forever()
+        self._loop_done = threading.Event()
         self._stop_requested = False
         self._drain_deadline = None
         self._accepting = False
@@ -4042,8 +4074,10 @@ class Server:
 
     def open_listeners(self):
         """Create the listeners given by listen (once); refuse an exposed
-        listener that has no client policy or credentials."""
+        listener, made here or handed in, that has no client policy or
+        credentials."""
         if not self.listen:
+            self._check_exposure()
             return
         try:
             for spec in self.listen:
@@ -4093,21 +4127,25 @@ class Server:
     def serve_forever(self):
         """Serve until stop() or a shutdown request; then close everything."""
         self.bind()
+        self._loop_thread = threading.current_thread()
         try:
             while not self._finished():
                 self._run_once()
         finally:
             self._close_everything()
+            self._loop_done.set()
 
     def stop(self, drain_timeout: float = 0.0):
         """Stop accepting, give open connections drain_timeout seconds, close
         everything and wait for the loop to end.  Safe to call twice."""
         self.request_shutdown(drain_timeout)
-        thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join()
-        elif self.selector is not None and thread is None:
-            self._close_everything()
+        loop_thread = self._loop_thread
+        if loop_thread is None:
+            self._close_everything()    # bound, but never served
+        elif loop_thread is not threading.current_thread():
+            self._loop_done.wait()
+            if self._thread is not None:
+                self._thread.join()
 
     def request_shutdown(self, drain_timeout: Optional[float] = None):
         """Ask the loop to shut down (from any thread or a signal handler);
@@ -4399,9 +4437,14 @@ class Server:
             if source is not None:
                 # Let connect() pick the port: bind() alone would reserve one
                 # per connection and exhaust them.
-                sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+                if IP_BIND_ADDRESS_NO_PORT is not None:
+                    sock.setsockopt(socket.IPPROTO_IP,
+                                    IP_BIND_ADDRESS_NO_PORT, 1)
                 sock.bind((source, 0))
             if self.outbound_interface:
+                if SO_BINDTODEVICE is None:
+                    raise OSError(errno.EOPNOTSUPP, "--outbound-interface "
+                                  "needs SO_BINDTODEVICE (Linux)")
                 sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE,
                                 self.outbound_interface.encode())
         except OSError:
@@ -4415,6 +4458,7 @@ class Server:
         if self._drain_deadline is None:
             log.info("shutting down: %d connection(s) open, %.1f s to finish",
                      len(self.connections), drain_timeout)
+            sd_notify("STOPPING=1")
         self._pause_accepting()
         self._close_listeners()     # new clients get "refused", not a wait
         deadline = time.monotonic() + drain_timeout
@@ -4651,8 +4695,6 @@ def install_signal_handlers(server: Server, on_reload):
     does it (Python runs handlers in the main thread, between bytecodes).
     """
     def on_stop(number, frame):
-        log.info("received %s", signal.Signals(number).name)
-        sd_notify("STOPPING=1")
         server.request_shutdown()
 
     def on_hangup(number, frame):
@@ -4766,7 +4808,6 @@ def log_statistics(server: Server):
 
 EX_USAGE = 64           # sysexits.h
 EX_UNAVAILABLE = 69
-EX_OSERR = 71
 
 EPILOG = """\
 examples:
@@ -4861,7 +4902,8 @@ def build_argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="torsocksd",
         description="A SOCKS4/4A/5 server that speaks Tor's SOCKS dialect "
-                    "(RESOLVE, RESOLVE_PTR) and resolves every name itself.",
+                    "(RESOLVE, RESOLVE_PTR, CONNECT_DIR) and resolves every "
+                    "name itself.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     listen = parser.add_argument_group("where to listen")
     listen.add_argument("--port", type=int, default=DEFAULT_PORT,

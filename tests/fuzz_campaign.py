@@ -816,6 +816,8 @@ class Model:
     def decide(self, request, version, family, out, after):
         command = request.command
         host, port = request.host, request.port
+        if command in (Command.RESOLVE, Command.RESOLVE_PTR):
+            family = socket.AF_INET     # lookup failures: always 10 bytes
 
         def refuse(code, label):
             return Expectation(out + self.refusal(version, code, family),

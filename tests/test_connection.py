@@ -952,3 +952,74 @@ def test_stop_closes_open_tunnels(make_server, echo_server):
         server.stop()
         assert recv_until_eof(client) == b""
     server.stop()
+
+
+# -- found by a second reading ---------------------------------------------------
+
+def test_stalled_sink_does_not_spin_the_loop(make_server, make_peer):
+    """A target that stops reading: the relay must wait for it, not poll.
+    (The splice relay once kept reading interest on a full pipe.)"""
+    stop = threading.Event()
+    peer = make_peer(lambda sock: stop.wait(TIMEOUT))
+    server = make_server()
+    greeting, request = socks5_connect_request("127.0.0.1", peer.port)
+    try:
+        with connect(server) as client:
+            client.sendall(greeting + request)
+            assert recv_exactly(client, 12)[:4] == b"\x05\x00\x05\x00"
+            client.setblocking(False)
+            chunk = bytes(65536)
+            deadline = time.monotonic() + TIMEOUT
+            while time.monotonic() < deadline:     # fill every buffer
+                try:
+                    client.send(chunk)
+                except BlockingIOError:
+                    time.sleep(0.2)
+                    try:
+                        client.send(chunk)
+                    except BlockingIOError:
+                        break
+            started = time.process_time()
+            time.sleep(1.0)
+            busy = time.process_time() - started
+    finally:
+        stop.set()
+    # The whole test process, server thread included, stays nearly idle.
+    assert busy < 0.5, "%.2f s of CPU in 1 s while the target is stalled" % busy
+
+
+def test_resolve_failures_are_04_in_the_10_byte_form(make_server):
+    server = make_server(listen=[("::1", 0)], resolver=FakeResolver(
+        silent=["slow.test"]), connect_timeout=0.5)
+    for name in (b"unknown.test", b"slow.test"):
+        with socket.create_connection(server.address[:2],
+                                      timeout=TIMEOUT) as client:
+            client.sendall(b"\x05\x01\x00\x05\xf0\x00\x03" + bytes([len(name)])
+                           + name + b"\x00\x00")
+            assert recv_until_eof(client) == \
+                b"\x05\x00" + b"\x05\x04\x00\x01" + bytes(6)
+
+
+def test_handed_in_listener_on_all_interfaces_needs_a_policy(relay_mode):
+    listener = socket.socket()
+    listener.bind(("0.0.0.0", 0))
+    listener.listen(1)
+    server = torsocksd.Server(sockets=[listener])
+    with pytest.raises(ValueError, match="--open-proxy"):
+        server.bind()
+    listener.close()
+
+
+def test_stop_from_another_thread_than_serve_forever(relay_mode):
+    server = torsocksd.Server(listen=[("127.0.0.1", 0)])
+    server.bind()
+    thread = threading.Thread(target=server.serve_forever)
+    thread.start()
+    with socket.create_connection(server.address, timeout=TIMEOUT) as client:
+        client.sendall(b"\x05\x01\x00")
+        assert recv_exactly(client, 2) == b"\x05\x00"
+        server.stop()
+        assert recv_until_eof(client) == b""
+    thread.join(TIMEOUT)
+    assert not thread.is_alive()
+    server.stop()

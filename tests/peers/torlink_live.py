@@ -117,7 +117,9 @@ def relays():
 
 @pytest.fixture(scope="module")
 def live_loop():
-    server = torsocksd.Server(listen=[("127.0.0.1", 0)]).start()
+    # Destinations in the log, so failure details show the fingerprints.
+    server = torsocksd.Server(listen=[("127.0.0.1", 0)],
+                              log_destinations=True).start()
     yield server
     server.stop()
 
