@@ -113,11 +113,13 @@ class EchoServer:
     """A threaded loopback TCP server; each accepted connection is handled by
     handler(sock) in its own thread (default: echo until EOF, then close)."""
 
-    def __init__(self, handler=None, family=socket.AF_INET, host="127.0.0.1"):
+    def __init__(self, handler=None, family=None, host="127.0.0.1", port=0):
         self.handler = handler or self.echo
+        if family is None:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.listener = socket.socket(family, socket.SOCK_STREAM)
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind((host, 0))
+        self.listener.bind((host, port))
         self.listener.listen(128)
         self.address = self.listener.getsockname()[:2]
         self.port = self.address[1]
@@ -192,6 +194,18 @@ def make_peer():
     yield make
     for peer in peers:
         peer.close()
+
+
+def ipv6_loopback():
+    """Whether ::1 can be bound here."""
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
 
 
 def free_port():

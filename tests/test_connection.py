@@ -21,7 +21,7 @@ import torsocksd
 from conftest import (TIMEOUT, FakeResolver, connect, free_port, recv_exactly,
                       recv_until_eof, socks5_connect_request)
 
-from conftest import RELAY_MODES  # noqa: E402
+from conftest import RELAY_MODES, ipv6_loopback  # noqa: E402
 
 # Every test runs over both relays: copying through Python, and os.splice.
 pytestmark = pytest.mark.parametrize("relay_mode", RELAY_MODES, indirect=True)
@@ -122,18 +122,7 @@ def open_socks5_tunnel(server, host, port):
     return sock
 
 
-def ipv6_loopback_available():
-    if not socket.has_ipv6:
-        return False
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
-            probe.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
-needs_ipv6 = pytest.mark.skipif(not ipv6_loopback_available(),
+needs_ipv6 = pytest.mark.skipif(not ipv6_loopback(),
                                 reason="no IPv6 loopback (::1) here")
 
 

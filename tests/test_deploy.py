@@ -31,8 +31,8 @@ import time
 import pytest
 
 import torsocksd
-from conftest import (TIMEOUT, EchoServer, recv_exactly, recv_until_eof,
-                      require_program, socks5_connect_request)
+from conftest import (TIMEOUT, EchoServer, ipv6_loopback, recv_exactly,
+                      recv_until_eof, require_program, socks5_connect_request)
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
 SCRIPT = os.path.join(ROOT, "torsocksd.py")
@@ -319,17 +319,6 @@ def notify():
 
 
 # -- sockets ------------------------------------------------------------------
-
-def ipv6_loopback():
-    if not socket.has_ipv6:
-        return False
-    try:
-        with socket.socket(socket.AF_INET6) as probe:
-            probe.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
 
 def tcp_listener(host="127.0.0.1", port=0):
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

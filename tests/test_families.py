@@ -33,8 +33,9 @@ import time
 import pytest
 
 import torsocksd
-from conftest import (TIMEOUT, FakeResolver, free_port, recv_exactly,
-                      recv_until_eof, require_program, socks5_connect_request)
+from conftest import (TIMEOUT, FakeResolver, free_port, ipv6_loopback,
+                      recv_exactly, recv_until_eof, require_program,
+                      socks5_connect_request)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NETNS_SCRIPT = os.path.join(HERE, "peers", "families_netns.py")
@@ -49,17 +50,6 @@ def ipv4_reply(code):
 
 def ipv6_reply(code):
     return bytes((5, code, 0, 4)) + bytes(18)
-
-
-def ipv6_loopback():
-    if not socket.has_ipv6:
-        return False
-    try:
-        with socket.socket(socket.AF_INET6) as probe:
-            probe.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
 
 
 needs_ipv6 = pytest.mark.skipif(not ipv6_loopback(),

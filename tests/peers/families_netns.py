@@ -58,7 +58,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, os.pardir))
 sys.path.insert(0, os.path.join(HERE, os.pardir, os.pardir))
 import torsocksd  # noqa: E402
-from conftest import FakeResolver  # noqa: E402
+from conftest import EchoServer, FakeResolver, recv_exactly  # noqa: E402
 
 SCRIPT = os.path.join(HERE, os.pardir, os.pardir, "torsocksd.py")
 HOSTS4 = ["192.0.2.5", "192.0.2.10", "192.0.2.11"]
@@ -111,51 +111,16 @@ def dead_address_hangs(address, wait=0.15):
         return not writable
 
 
-class Target:
+class Target(EchoServer):
     """An echo server on (host, port) that records each peer address."""
 
     def __init__(self, host, port):
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.listener = socket.socket(family, socket.SOCK_STREAM)
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind((host, port))
-        self.listener.listen(64)
+        super().__init__(host=host, port=port)
         self.name = torsocksd.format_address(self.listener.getsockname())
-        self.peers = []
-        threading.Thread(target=self._accept, daemon=True).start()
 
-    def _accept(self):
-        while True:
-            try:
-                sock, peer = self.listener.accept()
-            except OSError:
-                return
-            self.peers.append(peer[0])
-            threading.Thread(target=self._echo, args=(sock,),
-                             daemon=True).start()
-
-    @staticmethod
-    def _echo(sock):
-        with sock:
-            sock.settimeout(TIMEOUT)
-            try:
-                while True:
-                    data = sock.recv(65536)
-                    if not data:
-                        return
-                    sock.sendall(data)
-            except OSError:
-                return
-
-
-def recv_exactly(sock, size):
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            raise EOFError("closed after %r" % data)
-        data += chunk
-    return data
+    @property
+    def peers(self):
+        return [peer[0] for peer in self.accepted]
 
 
 def request_bytes(command, host, port):
