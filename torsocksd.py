@@ -3130,6 +3130,10 @@ class Connection:
             self._set_deadline(self.server.connect_timeout)
         elif state is State.CLOSING:
             self._set_deadline(CLOSING_LINGER)
+            # Nothing more goes to the client after the last reply: once it
+            # is flushed, the client's side is shut down (_flush does it).
+            self.downstream.reading = False
+            self._flush(self.downstream)
         elif state is State.CLOSED:
             self._set_deadline(None)
         # The handshake states share the deadline set at accept.
@@ -3551,12 +3555,17 @@ class Connection:
             return
         self._enter(State.CONNECTING)
         handle = self._handle
-        self.tunnel = server.tor_links().open_stream(
-            str(address), self.port,
-            functools.partial(handle, self._tunnel_connected),
-            functools.partial(handle, self._tunnel_data),
-            functools.partial(handle, self._tunnel_ended),
-            fingerprint=server.relay_pins.get((str(address), self.port)))
+        try:
+            self.tunnel = server.tor_links().open_stream(
+                str(address), self.port,
+                functools.partial(handle, self._tunnel_connected),
+                functools.partial(handle, self._tunnel_data),
+                functools.partial(handle, self._tunnel_ended),
+                fingerprint=server.relay_pins.get((str(address), self.port)))
+        except OSError as error:    # no socket, or no stream id left
+            self._refuse(reply_for_errno(error.errno),
+                         "cannot reach the relay: %s" % error)
+            return
         self.tunnel.on_writable = functools.partial(handle, self._flush,
                                                     self.upstream)
 
@@ -3757,8 +3766,8 @@ class Connection:
         if not reply:
             self.close()
             return
-        self._enter(State.CLOSING)
         self._send_to_client(reply)
+        self._enter(State.CLOSING)
 
     def close(self, reset_client=False, reset_target=False):
         """Close both sockets at once and forget the connection."""
@@ -3806,13 +3815,6 @@ class Connection:
             client_events = EVENT_READ
         elif state is State.CLOSING:
             client_events = EVENT_READ
-            if not downstream.pending and not downstream.shut:
-                downstream.shut = True
-                try:
-                    self.client.shutdown(socket.SHUT_WR)
-                except OSError:
-                    self.close()
-                    return
         if downstream.pending or downstream.in_pipe:
             client_events |= EVENT_WRITE
         if state is State.RELAYING and self.target is not None:
@@ -4891,6 +4893,16 @@ def parse_listen(spec: str):
     return (host or DEFAULT_ADDRESS, number)
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a whole number" % text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return value
+
+
 def positive_seconds(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -4963,16 +4975,17 @@ def build_argument_parser() -> argparse.ArgumentParser:
                              "(default %(default)s)")
     limits.add_argument("--idle-timeout", type=positive_seconds,
                         metavar="SECONDS",
-                        help="close relayed connections idle this long "
-                             "(default: never)")
-    limits.add_argument("--max-per-client", type=int, metavar="N",
+                        help="close relayed connections idle at least this "
+                             "long (checked every SECONDS, so within twice "
+                             "that; default: never)")
+    limits.add_argument("--max-per-client", type=positive_int, metavar="N",
                         help="connections from one remote address (default: "
                              "no cap; loopback clients are never capped)")
     limits.add_argument("--drain-timeout", type=float, default=5.0,
                         metavar="SECONDS",
                         help="time open connections get at shutdown "
                              "(default %(default)s)")
-    limits.add_argument("--max-connections", type=int, metavar="N",
+    limits.add_argument("--max-connections", type=positive_int, metavar="N",
                         help="connections served at once (default: what the "
                              "file descriptor limit allows)")
     limits.add_argument("--nameserver", metavar="IP[:PORT]", action="append",
@@ -5021,7 +5034,8 @@ def build_argument_parser() -> argparse.ArgumentParser:
     process.add_argument("--idle-exit", type=positive_seconds, default=60.0,
                          metavar="SECONDS",
                          help="with --inetd-wait (default %(default)s)")
-    process.add_argument("--workers", type=int, default=1, metavar="N",
+    process.add_argument("--workers", type=positive_int, default=1,
+                         metavar="N",
                          help="worker processes sharing the listeners "
                               "(default %(default)s)")
     process.add_argument("--splice", action="store_true",
