@@ -17,7 +17,6 @@ import re
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
@@ -27,7 +26,6 @@ import torsocksd
 from conftest import REQUIRE_PEERS, require_program
 
 
-IN_NETNS = os.environ.get("TORSOCKSD_IN_NETNS") == "1"
 TIMEOUT = 30.0
 
 
@@ -1021,7 +1019,7 @@ def test_live_relay_in_network_namespace():
                         "torlink_live.py")
     inner = "ip link set lo up && exec %s -m pytest -q -p no:cacheprovider " \
             "-W error -s %s" % (sys.executable, live)
-    environment = dict(os.environ, TORSOCKSD_IN_NETNS="1",
+    environment = dict(os.environ,
                        PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     result = subprocess.run(unshare + ["sh", "-c", inner], env=environment,
                             capture_output=True, text=True, timeout=300,
