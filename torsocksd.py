@@ -3082,14 +3082,15 @@ class Connection:
                  "tunnel", "upstream", "downstream", "client_events",
                  "target_events", "paused_check", "outcome", "opened")
 
-    def __init__(self, server: "Server", client: socket.socket, peer,
-                 number: int):
+    def __init__(self, server: "Server", client: socket.socket,
+                 client_label: str, remote, number: int):
         self.server = server
         self.number = number
         self.client = client
         self.client_family = client.family
-        self.client_label, self.client_is_local = describe_peer(client.family,
-                                                                peer)
+        self.client_label = client_label
+        self.remote = remote        # the client's address unless it is local
+        self.client_is_local = remote is None
         self.target = None
         self.state = State.GREETING
         self.version = None
@@ -3113,7 +3114,6 @@ class Connection:
         self.outcome = "closed during handshake"
         self.opened = time.monotonic()
         self.userid = None
-        self.remote = None          # the remote client address it counts for
         self._set_deadline(server.handshake_timeout)
         self._update_interest()
 
@@ -3870,13 +3870,6 @@ class Connection:
                  time.monotonic() - self.opened)
 
 
-def describe_peer(family: int, peer):
-    """A client's address for the log, and whether it is on this host."""
-    if family == socket.AF_UNIX:
-        return "unix socket", True
-    return format_address(peer), ip_of(peer[0]).is_loopback
-
-
 def with_nodelay(sock: socket.socket):
     """Small relayed writes go out at once: the client's own stack already
     decided when to send them."""
@@ -4346,14 +4339,15 @@ class Server:
 
     def _serve(self, client: socket.socket, peer):
         self.accepted += 1
-        remote = None
+        remote = None               # a Unix or loopback client is local
+        label = "unix socket"
         if client.family != socket.AF_UNIX:
+            label = format_address(peer)
             address = ip_of(peer[0])
             refusal = self._client_refusal(address)
             if refusal:
                 self.refused_at_accept += 1
-                log.info("refused %s at accept: %s",
-                         format_address(peer), refusal)
+                log.info("refused %s at accept: %s", label, refusal)
                 client.close()
                 return
             if not address.is_loopback:
@@ -4361,12 +4355,12 @@ class Server:
             with_nodelay(client)
         client.setblocking(False)
         try:
-            connection = Connection(self, client, peer, next(self._numbers))
+            connection = Connection(self, client, label, remote,
+                                    next(self._numbers))
         except OSError as error:
             log.warning("cannot serve a new connection: %s", error)
             client.close()
             return
-        connection.remote = remote
         if remote is not None:
             self.per_client[remote] += 1
         self.connections.add(connection)
