@@ -35,6 +35,19 @@ def require_program(name):
     return path
 
 
+def require_network_namespace():
+    """unshare and ip, and the root needed to make a loopback-only network
+    namespace with test host addresses; skip without them, fail under
+    TORSOCKSD_REQUIRE_PEERS=1 (CI runs as root)."""
+    require_program("unshare")
+    require_program("ip")
+    if os.geteuid() != 0:
+        message = "a network namespace with test addresses needs root"
+        if REQUIRE_PEERS:
+            pytest.fail(message + " (TORSOCKSD_REQUIRE_PEERS=1)")
+        pytest.skip(message)
+
+
 class FakeResolver:
     """A resolver answering from a dict, for tests: name -> list of address
     strings (or a torsocksd.Reply to fail with); address -> name for reverse.
@@ -241,9 +254,9 @@ def recv_until_eof(sock, limit=1 << 20):
     raise AssertionError("more than %d bytes before EOF" % limit)
 
 
-def socks5_connect_request(host, port):
-    """Greeting (no auth) + CONNECT request bytes for host:port, where host is
-    an IPv4 literal, an IPv6 literal or a name."""
+def socks5_target(host, port):
+    """ATYP, DST.ADDR and DST.PORT of a SOCKS5 request for host:port, where
+    host is an IPv4 literal, an IPv6 literal or a name."""
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
@@ -251,7 +264,24 @@ def socks5_connect_request(host, port):
         target = b"\x03" + bytes([len(name)]) + name
     else:
         target = (b"\x01" if address.version == 4 else b"\x04") + address.packed
-    return b"\x05\x01\x00", b"\x05\x01\x00" + target + port.to_bytes(2, "big")
+    return target + port.to_bytes(2, "big")
+
+
+def socks5_connect_request(host, port):
+    """Greeting (no auth) and CONNECT request bytes for host:port."""
+    return b"\x05\x01\x00", b"\x05\x01\x00" + socks5_target(host, port)
+
+
+def recv_up_to(sock, size):
+    """Up to size bytes: fewer when the peer closes first (for checks that
+    compare what did arrive)."""
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
 
 
 @pytest.fixture

@@ -34,8 +34,8 @@ import pytest
 
 import torsocksd
 from conftest import (TIMEOUT, FakeResolver, free_port, ipv6_loopback,
-                      recv_exactly, recv_until_eof, require_program,
-                      socks5_connect_request)
+                      recv_exactly, recv_until_eof, require_network_namespace,
+                      require_program, socks5_connect_request)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NETNS_SCRIPT = os.path.join(HERE, "peers", "families_netns.py")
@@ -493,10 +493,7 @@ TARGETS = [[LIVE4, PORT], [LIVE6, PORT]]
 
 def in_namespace(spec):
     """Run peers/families_netns.py with spec under unshare -n; its report."""
-    require_program("unshare")
-    require_program("ip")
-    if os.geteuid() != 0:
-        pytest.skip("needs root for a network namespace")
+    require_network_namespace()
     started = time.monotonic()
     result = subprocess.run(
         ["unshare", "-n", sys.executable, NETNS_SCRIPT, json.dumps(spec)],

@@ -24,7 +24,6 @@ import os
 import random
 import resource
 import selectors
-import shutil
 import signal
 import socket
 import struct
@@ -38,7 +37,7 @@ import pytest
 import fuzz_campaign
 import torsocksd
 from conftest import (TIMEOUT, FakeResolver, connect, free_port, recv_exactly,
-                      recv_until_eof)
+                      recv_until_eof, require_network_namespace)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, os.pardir, "torsocksd.py")
@@ -1007,11 +1006,7 @@ def test_remote_client_cannot_reach_loopback_in_a_network_namespace():
     192.0.2.1: a client bound to 192.0.2.1 gets 02 for every loopback (and
     unspecified, link-local, multicast) destination, and reaches 192.0.2.1
     itself (tests/peers/remote_client_policy.py)."""
-    for program in ("unshare", "ip"):
-        if not shutil.which(program):
-            pytest.skip("%s is not installed" % program)
-    if os.geteuid() != 0:
-        pytest.skip("needs root for a network namespace")
+    require_network_namespace()
     script = os.path.join(HERE, "peers", "remote_client_policy.py")
     result = subprocess.run(
         ["unshare", "-n", sys.executable, script], stdout=subprocess.PIPE,

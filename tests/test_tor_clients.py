@@ -11,7 +11,8 @@ import sys
 
 import pytest
 
-from conftest import FakeResolver, require_program
+from conftest import (FakeResolver, require_network_namespace,
+                      require_program)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -81,10 +82,7 @@ def test_torsocks_end_to_end_in_a_network_namespace():
     inside the namespace, and torsocksd's log shows the RESOLVE and the
     CONNECT it relayed."""
     require_program("torsocks")
-    require_program("unshare")
-    require_program("ip")
-    if os.geteuid() != 0:
-        pytest.skip("needs root for a network namespace")
+    require_network_namespace()
     script = os.path.join(HERE, "peers", "torsocks_e2e.py")
     result = subprocess.run(
         ["unshare", "-n", sys.executable, script],

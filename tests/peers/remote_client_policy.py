@@ -20,11 +20,12 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir,
                                 os.pardir))
 import torsocksd  # noqa: E402
+from conftest import EchoServer, recv_up_to, socks5_target  # noqa: E402
 
 HOST = "192.0.2.1"
 TIMEOUT = 10.0
@@ -58,49 +59,6 @@ class Resolver:
             (), torsocksd.Reply.HOST_UNREACHABLE, "unknown"))
 
 
-class Echo:
-    def __init__(self, host):
-        self.listener = socket.socket()
-        self.listener.bind((host, 0))
-        self.listener.listen(64)
-        self.port = self.listener.getsockname()[1]
-        self.peers = []
-        threading.Thread(target=self.serve, daemon=True).start()
-
-    def serve(self):
-        while True:
-            try:
-                sock, peer = self.listener.accept()
-            except OSError:
-                return
-            self.peers.append(peer)
-            threading.Thread(target=self.echo, args=(sock,),
-                             daemon=True).start()
-
-    @staticmethod
-    def echo(sock):
-        with sock:
-            sock.settimeout(TIMEOUT)
-            try:
-                while True:
-                    data = sock.recv(65536)
-                    if not data:
-                        return
-                    sock.sendall(data)
-            except OSError:
-                return
-
-
-def recv_exactly(sock, size):
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return data
-
-
 def rest_until_eof(sock):
     data = b""
     try:
@@ -123,31 +81,26 @@ def client(server_port, source):
     return sock
 
 
-def socks5_target(host, port):
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        name = host.encode()
-        return b"\x03" + bytes((len(name),)) + name + port.to_bytes(2, "big")
-    return (b"\x01" if address.version == 4 else b"\x04") + address.packed \
-        + port.to_bytes(2, "big")
+def ping_through(sock, reply):
+    """After a success reply: one echo through the tunnel, then the end."""
+    sock.sendall(b"ping")
+    echoed = recv_up_to(sock, 4)
+    sock.shutdown(socket.SHUT_WR)
+    data, end = rest_until_eof(sock)
+    return reply, (echoed + data, end)
 
 
 def socks5_connect(server_port, source, target):
     """(reply, what followed and how it ended) for a SOCKS5 CONNECT."""
     with client(server_port, source) as sock:
         sock.sendall(b"\x05\x01\x00")
-        method = recv_exactly(sock, 2)
+        method = recv_up_to(sock, 2)
         if method != b"\x05\x00":
             return method, rest_until_eof(sock)
         sock.sendall(b"\x05\x01\x00" + target)
-        reply = recv_exactly(sock, 10)
+        reply = recv_up_to(sock, 10)
         if reply[:2] == b"\x05\x00":
-            sock.sendall(b"ping")
-            echoed = recv_exactly(sock, 4)
-            sock.shutdown(socket.SHUT_WR)
-            data, end = rest_until_eof(sock)
-            return reply, (echoed + data, end)
+            return ping_through(sock, reply)
         return reply, rest_until_eof(sock)
 
 
@@ -159,13 +112,9 @@ def socks4_connect(server_port, source, address, port, name=None):
         else:
             request += b"\0\0\0\x01\0" + name.encode() + b"\0"
         sock.sendall(request)
-        reply = recv_exactly(sock, 8)
+        reply = recv_up_to(sock, 8)
         if reply[:2] == b"\x00\x5a":
-            sock.sendall(b"ping")
-            echoed = recv_exactly(sock, 4)
-            sock.shutdown(socket.SHUT_WR)
-            data, end = rest_until_eof(sock)
-            return reply, (echoed + data, end)
+            return ping_through(sock, reply)
         return reply, rest_until_eof(sock)
 
 
@@ -177,7 +126,7 @@ S4_GRANTED = b"\x00\x5a" + bytes(6)
 
 def run_checks(label, server, loop_echo, host_echo):
     port = server.address[1]
-    before = len(loop_echo.peers)
+    before = len(loop_echo.accepted)
     lport, hport = loop_echo.port, host_echo.port
     refused = [
         ("127.0.0.1", socks5_target("127.0.0.1", lport)),
@@ -215,8 +164,8 @@ def run_checks(label, server, loop_echo, host_echo):
               and end == "eof", "got %s, then %r, %s" % (reply.hex(), rest,
                                                          end))
     check("%s: the loopback echo server saw no connection from those"
-          % label, len(loop_echo.peers) == before,
-          "peers %r" % loop_echo.peers[before:])
+          % label, len(loop_echo.accepted) == before,
+          "peers %r" % loop_echo.accepted[before:])
 
     for what, target in (("192.0.2.1", socks5_target(HOST, hport)),
                          ("name host.test", socks5_target("host.test",
@@ -236,7 +185,7 @@ def run_checks(label, server, loop_echo, host_echo):
     check("%s: loopback client (control), SOCKS5 CONNECT 127.0.0.1 works"
           % label, reply == SUCCEEDED and rest == b"ping" and end == "eof",
           "got %s, then %r, %s" % (reply.hex(), rest, end))
-    peers = loop_echo.peers[before:]
+    peers = loop_echo.accepted[before:]
     check("%s: the loopback echo server's only client was the control's "
           "tunnel, from 127.0.0.1" % label,
           len(peers) == 1 and peers[0][0] == "127.0.0.1", "peers %r" % peers)
@@ -249,8 +198,8 @@ def main():
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     subprocess.run(["ip", "addr", "add", HOST + "/32", "dev", "lo"],
                    check=True)
-    loop_echo = Echo("127.0.0.1")
-    host_echo = Echo(HOST)
+    loop_echo = EchoServer(host="127.0.0.1")
+    host_echo = EchoServer(host=HOST)
 
     try:
         torsocksd.Server([("0.0.0.0", 0)], resolver=Resolver()).bind()
