@@ -748,6 +748,240 @@ def is_unsafe_request(version: Version, address_type, command: Command) -> bool:
 
 
 # =============================================================================
+# The SOCKS handshake (sans-I/O): bytes in, replies and one decision out
+# =============================================================================
+# SocksHandshake holds the client's side of the conversation until a request
+# is accepted or refused: version detection, method choice, RFC 1929, request
+# parsing, and the checks on a whole request in the order Tor makes them
+# (command, address type, hostname, then safe-socks).  Tor splits its code
+# the same way: parse_socks*() reads a message, process_socks*() decides.
+# It never touches a socket, a clock or a resolver.  It also builds the
+# replies that end the conversation, whose shape depends on what the client
+# spoke.
+
+class HandshakeState(enum.Enum):
+    GREETING = "greeting"               # a SOCKS4 request or a SOCKS5 greeting
+    AUTHENTICATING = "authenticating"   # an RFC 1929 message is due
+    REQUESTING = "requesting"           # a SOCKS5 request is due
+    DONE = "done"                       # a request was accepted, or refused
+
+
+class Request(NamedTuple):
+    """A request the handshake accepted."""
+    version: Version
+    command: Command
+    host: str           # as the client wrote it: an IP literal or a name
+    port: int
+    address: object     # host as an IPv4Address or IPv6Address; None: a name
+    userid: Optional[bytes]     # SOCKS4 userid or RFC 1929 username
+    unsafe: bool        # the client gave only an IP address (SafeSocks)
+
+
+# Commands each version can carry, and those served by default (BIND and UDP
+# ASSOCIATE are answered "not supported", as Tor does).
+SERVED_COMMANDS = frozenset((Command.CONNECT, Command.RESOLVE,
+                             Command.RESOLVE_PTR, Command.CONNECT_DIR))
+
+
+class SocksHandshake:
+    """One client's SOCKS handshake, from its first byte to its request.
+
+    receive(data) takes bytes from the client and returns the replies to send
+    now, in order.  Once state is DONE, request holds the accepted Request,
+    or refusal says why the client was turned away (its reply, if it gets
+    one, was among the bytes returned).  The bytes the client sent after its
+    request are early_data.  success_reply(), failure_reply() and the answer
+    builders give the replies that end the conversation.
+
+    credentials_required  only RFC 1929 will do, and SOCKS4 is refused
+    authenticate          authenticate(username, password) -> bool, asked
+                          when credentials are required
+    safe_socks            refuse requests that give only an IP address
+    client_family         the client socket's family: a SOCKS5 reply's ATYP
+    """
+    __slots__ = ("credentials_required", "authenticate", "safe_socks",
+                 "client_family", "state", "version", "command", "host", "port",
+                 "unsafe",
+                 "buffered", "received", "request", "refusal", "userid",
+                 "early_data")
+
+    def __init__(self, credentials_required: bool = False, authenticate=None,
+                 safe_socks: bool = False,
+                 client_family: int = socket.AF_INET):
+        self.credentials_required = credentials_required
+        self.authenticate = authenticate
+        self.safe_socks = safe_socks
+        self.client_family = client_family
+        self.state = HandshakeState.GREETING
+        self.version = None         # known from the first message on
+        self.command = None         # known once a request is parsed,
+        self.host = ""              # with its destination
+        self.port = 0
+        self.unsafe = None          # whether the request gave only an IP
+        self.buffered = bytearray()
+        self.received = 0           # bytes taken, across all messages
+        self.request = None
+        self.refusal = ""           # why the client was refused
+        self.userid = None
+        self.early_data = b""
+
+    def room(self) -> int:
+        """How many more bytes the handshake may take (MAX_HANDSHAKE_BYTES
+        in all: what follows a request waits in the kernel until relayed)."""
+        return MAX_HANDSHAKE_BYTES - self.received
+
+    def receive(self, data) -> bytes:
+        """Parse every whole message buffered, in order, answering each."""
+        self.received += len(data)
+        self.buffered += data
+        replies = b""
+        while self.state is not HandshakeState.DONE and self.buffered:
+            result = self._parse_next()
+            if result is NEED_MORE:
+                if self.received >= MAX_HANDSHAKE_BYTES:
+                    replies += self.refuse(Reply.GENERAL_FAILURE,
+                                           "handshake longer than %d bytes"
+                                           % MAX_HANDSHAKE_BYTES)
+                break
+            if isinstance(result, Rejected):
+                replies += self._refused(result.reply, result.reason)
+                break
+            del self.buffered[:result.used]
+            replies += self._take(result.message)
+        return replies
+
+    def refuse(self, reply: Reply, reason: str) -> bytes:
+        """End the handshake with the version's refusal; the bytes to send
+        (none while the version is unknown)."""
+        return self._refused(self.failure_reply(reply), reason)
+
+    # -- replies that end the conversation ------------------------------------
+
+    def success_reply(self) -> bytes:
+        """The request succeeded: bytes flow from now on."""
+        if self.version is Version.SOCKS4:
+            return socks4_reply(Socks4Reply.GRANTED)
+        return socks5_reply(Reply.SUCCEEDED, self.client_family)
+
+    def failure_reply(self, reply: Reply) -> bytes:
+        """The request failed with reply (SOCKS4 knows only "rejected")."""
+        if self.version is None:
+            return b""
+        family = self.client_family
+        if self.command in LOOKUP_COMMANDS:
+            # A lookup's failure is always the 10-byte form (the README's
+            # "RESOLVE failure" row).
+            family = socket.AF_INET
+        return failure_reply(self.version, reply, family)
+
+    def resolve_reply(self, address) -> bytes:
+        """A RESOLVE answer carrying address (SOCKS4: IPv4 only)."""
+        if self.version is Version.SOCKS4:
+            return socks4_reply(Socks4Reply.GRANTED, address.packed)
+        return socks5_address_reply(address)
+
+    # -- the messages ---------------------------------------------------------
+
+    def _parse_next(self) -> ParseResult:
+        buffered = self.buffered
+        if self.state is HandshakeState.AUTHENTICATING:
+            return parse_username_password(buffered)
+        if self.state is HandshakeState.REQUESTING:
+            return parse_socks5_request(buffered)
+        protocol = detect_protocol(buffered[0])
+        if protocol is Protocol.SOCKS4:
+            self.version = Version.SOCKS4
+            return parse_socks4_request(buffered)
+        if protocol is Protocol.SOCKS5:
+            return parse_socks5_greeting(buffered)
+        if protocol is Protocol.HTTP:
+            method = parse_http_method(buffered)
+            if method is NEED_MORE:
+                return NEED_MORE
+            return Rejected(http_reply(method.message),
+                            "client speaks HTTP to a SOCKS port")
+        if protocol is Protocol.TLS:
+            return Rejected(b"", "client speaks TLS to a SOCKS port")
+        return Rejected(b"", "unknown protocol, first byte 0x%02x"
+                        % buffered[0])
+
+    def _take(self, message) -> bytes:
+        if isinstance(message, Socks5Greeting):
+            return self._on_greeting(message)
+        if isinstance(message, UsernamePassword):
+            return self._on_username_password(message)
+        return self._on_request(message)
+
+    def _on_greeting(self, greeting: Socks5Greeting) -> bytes:
+        self.version = Version.SOCKS5
+        method = choose_method(greeting.methods, self.credentials_required)
+        reply = socks5_method_reply(method)
+        if method is Method.NO_ACCEPTABLE:
+            return self._refused(reply, "no acceptable authentication method")
+        if method is Method.USERNAME_PASSWORD:
+            self.state = HandshakeState.AUTHENTICATING
+        else:
+            self.state = HandshakeState.REQUESTING
+        return reply
+
+    def _on_username_password(self, message: UsernamePassword) -> bytes:
+        accepted = (not self.credentials_required
+                    or self.authenticate(message.username, message.password))
+        reply = username_password_reply(accepted)
+        if not accepted:
+            return self._refused(reply, "bad username or password")
+        self.userid = message.username
+        self.state = HandshakeState.REQUESTING
+        return reply
+
+    def _on_request(self, message) -> bytes:
+        """Decide on a whole request: the process step after parsing."""
+        # Bytes after the request are the client's early data (the README's
+        # "several messages in one segment" row).
+        self.early_data, self.buffered = bytes(self.buffered), bytearray()
+        self.command = command = message.command
+        self.host, self.port = message.host, message.port
+        if isinstance(message, Socks4Request):
+            address_type = (AddressType.DOMAIN if message.is_4a
+                            else AddressType.IPV4)
+            self.userid = message.userid
+            if self.credentials_required:
+                return self.refuse(Reply.NOT_ALLOWED, "SOCKS4 cannot present "
+                                   "the password that credentials require")
+        else:
+            address_type = message.address_type
+        if command not in SERVED_COMMANDS:
+            return self.refuse(Reply.COMMAND_NOT_SUPPORTED,
+                               "unsupported command %s" % command.name)
+        if command is Command.RESOLVE_PTR and self.version is Version.SOCKS4:
+            return self.refuse(Reply.COMMAND_NOT_SUPPORTED,
+                               "RESOLVE_PTR over SOCKS4")
+        self.unsafe = is_unsafe_request(self.version, address_type, command)
+        if self.unsafe and self.safe_socks:
+            return self.refuse(Reply.NOT_ALLOWED, "client gave only an IP "
+                               "address (--safe-socks)")
+        address = ip_literal(message.host)
+        if command is Command.RESOLVE_PTR and address is None:
+            return self.refuse(Reply.ADDRESS_TYPE_NOT_SUPPORTED,
+                               "RESOLVE_PTR of something that is not an "
+                               "address")
+        if address is None:
+            refusal = special_name_refusal(message.host)
+            if refusal:
+                return self.refuse(Reply.HOST_UNREACHABLE, refusal)
+        self.request = Request(self.version, command, message.host,
+                               message.port, address, self.userid,
+                               self.unsafe)
+        self.state = HandshakeState.DONE
+        return b""
+
+    def _refused(self, reply: bytes, reason: str) -> bytes:
+        self.state = HandshakeState.DONE
+        self.refusal = reason
+        return reply
+
+
+# =============================================================================
 # Resolvers: names looked up on the proxy side, never blocking the loop
 # =============================================================================
 # A resolver has lookup(hostname, callback) and reverse(address, callback);
@@ -3003,24 +3237,154 @@ class TorLinkPool:
 
 
 # =============================================================================
+# The event loop: readiness, timers, calls from other threads
+# =============================================================================
+# One selectors loop per Server.  Everything that waits (connections,
+# listeners, the DNS client, Tor links) registers its sockets here with an
+# owner: when a handler raises, the loop logs the bug and tells the owner to
+# close (owner.close_after_bug()), and everyone else is served on.
+
+class Handle(list):
+    """A call the loop will make: [when, sequence, function, args, owner].
+    A list, so that the timer heap compares (when, sequence) in C."""
+    __slots__ = ()
+
+    def cancel(self):
+        """Disarm it; it also lets go of what it would have called, so that
+        a closed connection is not kept in memory until its deadline."""
+        self[2] = None
+        self[3] = self[4] = None
+
+
+class EventLoop:
+    """A selectors loop with a timer heap and a wake-up socketpair.
+
+    watch(sock, old, new, handler)   wait for events on sock; handler is a
+                                     (callback, owner) pair, callback(mask)
+    call_at(when, function, *args)   at monotonic time when; a Handle
+    call_soon(function, *args)       after the current round of events
+    call_soon_threadsafe(...)        the same, from any thread
+    run_once(limit)                  one round; limit caps the wait (seconds)
+    """
+
+    def __init__(self):
+        self.selector = selectors.DefaultSelector()
+        self.recv_view = memoryview(bytearray(RECV_BUFFER_SIZE))
+        self._timers = []               # heap of Handles
+        self._ready = collections.deque()   # Handles due now
+        self._sequence = itertools.count()
+        self._wakeup_reader, self._wakeup_writer = socket.socketpair()
+        self._wakeup_reader.setblocking(False)
+        self._wakeup_writer.setblocking(False)
+        self.watch(self._wakeup_reader, 0, EVENT_READ, (self._on_wakeup, None))
+        self.closed = False
+
+    def watch(self, sock, old_events: int, new_events: int, handler):
+        """Change what the loop waits for on sock (0 means nothing)."""
+        if old_events == 0:
+            self.selector.register(sock, new_events, handler)
+        elif new_events == 0:
+            self.selector.unregister(sock)
+        else:
+            self.selector.modify(sock, new_events, handler)
+
+    def call_at(self, when: float, function, *args, owner=None) -> Handle:
+        handle = Handle((when, next(self._sequence), function, args, owner))
+        heapq.heappush(self._timers, handle)
+        return handle
+
+    def call_later(self, delay: float, function, *args, owner=None) -> Handle:
+        return self.call_at(time.monotonic() + delay, function, *args,
+                            owner=owner)
+
+    def call_soon(self, function, *args, owner=None) -> Handle:
+        handle = Handle((0.0, 0, function, args, owner))
+        self._ready.append(handle)
+        return handle
+
+    def call_soon_threadsafe(self, function, *args) -> Handle:
+        handle = self.call_soon(function, *args)    # deque.append is atomic
+        try:
+            self._wakeup_writer.send(b"\0")
+        except OSError:
+            pass    # full (a wake-up is pending anyway) or closed
+        return handle
+
+    def threadsafe_callback(self, callback):
+        """A callable any thread may call with one argument; callback then
+        runs with it in the loop (for resolvers' answers)."""
+        def post(result):
+            self.call_soon_threadsafe(callback, result)
+        return post
+
+    def run_once(self, limit: Optional[float] = None):
+        """Wait for events (no longer than the next timer, or limit), then
+        run what is due: socket handlers, calls made soon, timers."""
+        timeout = limit
+        if self._ready:
+            timeout = 0
+        elif self._timers:
+            until_timer = max(0.0, self._timers[0][0] - time.monotonic())
+            timeout = until_timer if limit is None else min(limit, until_timer)
+        for key, mask in self.selector.select(timeout):
+            callback, owner = key.data
+            try:
+                callback(mask)
+            except Exception:
+                self._contain_bug(owner)
+        ready = self._ready
+        for _ in range(len(ready)):     # not those that these calls add
+            _, _, function, args, owner = ready.popleft()
+            if function is not None:
+                try:
+                    function(*args)
+                except Exception:
+                    self._contain_bug(owner)
+        timers = self._timers
+        now = time.monotonic()
+        while timers and timers[0][0] <= now:
+            _, _, function, args, owner = heapq.heappop(timers)
+            if function is not None:
+                try:
+                    function(*args)
+                except Exception:
+                    self._contain_bug(owner)
+
+    @staticmethod
+    def _contain_bug(owner):
+        """A bug met while handling one event: log it, close what it
+        belongs to, and keep serving everyone else."""
+        log.exception("internal error; closing what it concerns")
+        if owner is not None:
+            try:
+                owner.close_after_bug()
+            except Exception:
+                log.exception("internal error while closing after a bug")
+
+    def _on_wakeup(self, mask):
+        try:
+            while self._wakeup_reader.recv(4096):
+                pass
+        except OSError:
+            pass
+
+    def close(self):
+        if self.closed:
+            return
+        self.closed = True
+        self.selector.close()
+        for sock in (self._wakeup_reader, self._wakeup_writer):
+            sock.close()
+        self._timers = []
+        self._ready.clear()
+
+
+# =============================================================================
 # Connection: states, buffers, deadlines
 # =============================================================================
 
-class State(enum.Enum):
-    GREETING = "greeting"           # first message: SOCKS4 request, SOCKS5 greeting
-    AUTHENTICATING = "authenticating"   # RFC 1929 username/password expected
-    REQUESTING = "requesting"       # SOCKS5 request expected
-    RESOLVING = "resolving"         # waiting for the resolver
-    CONNECTING = "connecting"       # outbound connect() in progress
-    RELAYING = "relaying"           # bytes flow both ways
-    CLOSING = "closing"             # flushing a last reply, then closing
-    CLOSED = "closed"
-
-
-HANDSHAKE_STATES = frozenset((State.GREETING, State.AUTHENTICATING,
-                              State.REQUESTING))
-SETUP_STATES = frozenset((State.RESOLVING, State.CONNECTING))
-
+# Commands after whose reply bytes flow: the client's early data is kept.
+RELAYED_COMMANDS = frozenset((Command.CONNECT, Command.CONNECT_DIR))
 
 RECV_BUFFER_SIZE = 256 * 1024       # one buffer for the whole loop
 READS_PER_WAKEUP = 4                # fewer selects under load, still fair
@@ -3042,6 +3406,46 @@ PIPE_POOL_SIZE = 64                 # idle pipes kept for the next transfer
 RESET_ERRORS = frozenset((errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED))
 
 
+class State(enum.Enum):
+    HANDSHAKE = "handshake"         # the SocksHandshake talks with the client
+    RESOLVING = "resolving"         # waiting for the resolver
+    CONNECTING = "connecting"       # outbound connect() or BEGIN_DIR pending
+    RELAYING = "relaying"           # bytes flow both ways
+    CLOSING = "closing"             # flushing a last reply, then closing
+    CLOSED = "closed"
+
+
+class Phase(NamedTuple):
+    """What a state allows: where it may move, and its deadline."""
+    moves_to: frozenset
+    deadline: object            # seconds, or the Settings attribute giving
+                                # them (whose None means no deadline)
+    on_deadline: str            # the Connection method called when it passes
+
+
+# The state machine in one place.  _enter() checks every move against it (a
+# move it does not list is a bug, and ends that connection) and sets the new
+# state's deadline; the deadline handler is looked up here too.  A
+# connection starts in HANDSHAKE with the deadline set at accept (the whole
+# handshake gets one), and close() ends any state.
+PHASES = {
+    State.HANDSHAKE: Phase(
+        frozenset((State.RESOLVING, State.CONNECTING, State.CLOSING,
+                   State.CLOSED)),
+        None, "_handshake_overdue"),
+    State.RESOLVING: Phase(
+        frozenset((State.CONNECTING, State.CLOSING, State.CLOSED)),
+        "connect_timeout", "_lookup_overdue"),
+    State.CONNECTING: Phase(
+        frozenset((State.RELAYING, State.CLOSING, State.CLOSED)),
+        "connect_timeout", "_connect_overdue"),
+    State.RELAYING: Phase(
+        frozenset((State.CLOSED,)), "idle_timeout", "_idle_check"),
+    State.CLOSING: Phase(
+        frozenset((State.CLOSED,)), CLOSING_LINGER, "close"),
+    State.CLOSED: Phase(frozenset(), None, "close"),
+}
+
 class _Flow:
     """One direction of a relay: bytes read from source, written to sink.
 
@@ -3050,7 +3454,7 @@ class _Flow:
     shutdown(SHUT_WR).
     """
     __slots__ = ("source", "sink", "pending", "pipe", "in_pipe", "reading",
-                 "shut", "count")
+                 "sink_shut", "count")
 
     def __init__(self, source, sink):
         self.source = source
@@ -3059,7 +3463,7 @@ class _Flow:
         self.pipe = None            # (read fd, write fd) while splicing
         self.in_pipe = 0            # bytes waiting in that pipe
         self.reading = True         # source not at EOF yet
-        self.shut = False           # sink has been shut down for writing
+        self.sink_shut = False      # sink has been shut down for writing
         self.count = 0              # bytes delivered to the sink
 
     def backlog(self) -> int:
@@ -3069,115 +3473,123 @@ class _Flow:
 class Connection:
     """One client and, once it asks for one, its target.
 
-    The state moves only through _enter(), which also sets the deadline that
-    belongs to the new state.  What the sockets wait for is derived from the
-    state and the buffers after every event (_update_interest), never toggled
-    by hand.
+    The SocksHandshake decides what the client asked for; the Connection
+    owns the sockets, the lookup, the connect attempts, the relay and the
+    close.  The state moves only through _enter(), checked against PHASES,
+    which also sets the state's deadline.  What the sockets wait for is
+    derived from the state and the buffers after every event
+    (_update_interest), never toggled by hand.
     """
-    __slots__ = ("server", "number", "client", "client_family",
-                 "client_label", "client_is_local", "remote", "target",
-                 "state", "version", "handshake", "handshake_received",
-                 "command", "host", "port", "userid", "candidates",
+    __slots__ = ("server", "loop", "settings", "number", "client",
+                 "client_label", "remote_address", "client_is_local",
+                 "target", "state", "handshake", "request", "candidates",
                  "attempts", "last_reply", "lookup", "deadline", "idle_mark",
                  "tunnel", "upstream", "downstream", "client_events",
-                 "target_events", "paused_check", "outcome", "opened")
+                 "target_events", "client_handler", "target_handler",
+                 "paused_check", "outcome", "opened")
 
     def __init__(self, server: "Server", client: socket.socket,
-                 client_label: str, remote, number: int):
+                 client_label: str, remote_address, number: int):
         self.server = server
+        self.loop = server._loop
+        self.settings = settings = server.settings     # fixed from accept on
         self.number = number
         self.client = client
-        self.client_family = client.family
         self.client_label = client_label
-        self.remote = remote        # the client's address unless it is local
-        self.client_is_local = remote is None
+        # The client's address unless it is on this host (loopback or Unix).
+        self.remote_address = remote_address
+        self.client_is_local = remote_address is None
         self.target = None
-        self.state = State.GREETING
-        self.version = None
-        self.handshake = bytearray()
-        self.handshake_received = 0
-        self.command = None
-        self.host = ""
-        self.port = 0
+        self.state = State.HANDSHAKE
+        credentials = settings.credentials
+        self.handshake = SocksHandshake(
+            credentials_required=bool(credentials),
+            authenticate=credentials.check if credentials else None,
+            safe_socks=settings.safe_socks, client_family=client.family)
+        self.request = None
         self.candidates = []
         self.attempts = ()          # sockets connecting at once
         self.tunnel = None          # the BEGIN_DIR stream of a CONNECT_DIR
         self.last_reply = Reply.GENERAL_FAILURE
         self.lookup = None
-        self.deadline = None        # the timer of the state's deadline
+        self.deadline = None        # the Handle of the state's deadline
         self.idle_mark = 0
         self.upstream = _Flow(client, None)     # client -> target
         self.downstream = _Flow(None, client)   # target -> client
         self.client_events = 0
         self.target_events = 0
+        self.client_handler = (self.on_client_event, self)
+        self.target_handler = (self.on_target_event, self)
         self.paused_check = False   # a look at an unwatched socket is due
         self.outcome = "closed during handshake"
         self.opened = time.monotonic()
-        self.userid = None
-        self._set_deadline(server.handshake_timeout)
+        self._set_deadline(settings.handshake_timeout)
         self._update_interest()
 
     # -- state and deadlines ------------------------------------------------
 
     def _enter(self, state: State):
+        if state not in PHASES[self.state].moves_to:
+            log.error("conn %d: internal error: no move from %s to %s",
+                      self.number, self.state.value, state.value)
+            self.outcome += ", then an internal error"
+            self.close()
+            return
         if log.isEnabledFor(logging.DEBUG):
             log.debug("conn %d: %s -> %s", self.number, self.state.value,
                       state.value)
         self.state = state
-        if state is State.RELAYING:
-            self._set_deadline(self.server.idle_timeout)
-        elif state is State.RESOLVING or state is State.CONNECTING:
-            self._set_deadline(self.server.connect_timeout)
-        elif state is State.CLOSING:
-            self._set_deadline(CLOSING_LINGER)
+        deadline = PHASES[state].deadline
+        if isinstance(deadline, str):
+            deadline = getattr(self.settings, deadline)
+        self._set_deadline(deadline)
+        if state is State.CLOSING:
             # Nothing more goes to the client after the last reply: once it
             # is flushed, the client's side is shut down (_flush does it).
             self.downstream.reading = False
             self._flush(self.downstream)
-        elif state is State.CLOSED:
-            self._set_deadline(None)
-        # The handshake states share the deadline set at accept.
 
     def _set_deadline(self, seconds):
         """Replace the connection's one deadline (None: no deadline)."""
         if self.deadline is not None:
-            self.server.cancel_timer(self.deadline)
+            self.deadline.cancel()
             self.deadline = None
         if seconds is not None:
-            self.deadline = self.server.call_at(time.monotonic() + seconds,
-                                                self._deadline_passed, None)
+            self.deadline = self.loop.call_later(
+                seconds, self._deadline_passed, owner=self)
 
-    def _deadline_passed(self, _):
+    def _deadline_passed(self):
         self.deadline = None
-        self._handle(self._on_deadline)
+        self._run_guarded(getattr(self, PHASES[self.state].on_deadline))
 
-    def _on_deadline(self):
-        if self.state in HANDSHAKE_STATES:
-            self._refuse(Reply.GENERAL_FAILURE, "handshake timed out")
-        elif self.state is State.RESOLVING:
-            self._refuse(Reply.TTL_EXPIRED, "name lookup timed out")
-        elif self.state is State.CONNECTING:
-            self._refuse(Reply.TTL_EXPIRED, "connect timed out")
-        elif self.state is State.RELAYING:
-            # Idle means no byte moved since the last check: re-arming here
-            # instead of on every chunk keeps the relay path free of timers.
-            moved = self.upstream.count + self.downstream.count
-            if moved != self.idle_mark:
-                self.idle_mark = moved
-                self._set_deadline(self.server.idle_timeout)
-            else:
-                self.outcome += ", then idle timeout"
-                self.close()
+    def _handshake_overdue(self):
+        self._refuse(Reply.GENERAL_FAILURE, "handshake timed out")
+
+    def _lookup_overdue(self):
+        self._refuse(Reply.TTL_EXPIRED, "name lookup timed out")
+
+    def _connect_overdue(self):
+        self._refuse(Reply.TTL_EXPIRED, "connect timed out")
+
+    def _idle_check(self):
+        # Idle means no byte moved since the last check: re-arming here
+        # instead of on every chunk keeps the relay path free of timers.
+        moved = self.upstream.count + self.downstream.count
+        if moved != self.idle_mark:
+            self.idle_mark = moved
+            self._set_deadline(self.settings.idle_timeout)
         else:
+            self.outcome += ", then idle timeout"
             self.close()
 
     # -- events from the loop -------------------------------------------------
 
     # Every way into a connection (socket events, deadlines, resolver
-    # answers, connect attempts) goes through _handle: a socket error there
-    # ends this connection only, and the sockets' interest is derived anew.
+    # answers, connect attempts) goes through _run_guarded: a socket error
+    # there ends this connection only, and the sockets' interest is derived
+    # anew.
 
-    def _handle(self, work, *args):
+    def _run_guarded(self, work, *args):
         if self.state is State.CLOSED:
             return
         try:
@@ -3187,10 +3599,16 @@ class Connection:
         self._update_interest()
 
     def on_client_event(self, mask: int):
-        self._handle(self._client_event, mask)
+        self._run_guarded(self._client_event, mask)
 
     def on_target_event(self, mask: int):
-        self._handle(self._target_event, mask)
+        self._run_guarded(self._target_event, mask)
+
+    def close_after_bug(self):
+        """The loop met a bug in one of this connection's handlers."""
+        if self.state is not State.CLOSED:
+            self.outcome += ", then an internal error"
+            self.close()
 
     def _client_event(self, mask: int):
         if mask & EVENT_WRITE:
@@ -3202,25 +3620,20 @@ class Connection:
         if mask & EVENT_WRITE:
             self._flush(self.upstream)
         if mask & EVENT_READ and self.state is State.RELAYING:
-            self._move(self.downstream)
+            self._forward(self.downstream)
 
     def _client_readable(self):
         state = self.state
         if state is State.RELAYING:
-            self._move(self.upstream)
-        elif state in HANDSHAKE_STATES:
-            # The whole handshake gets MAX_HANDSHAKE_BYTES; what follows a
-            # request stays in the kernel until the relay reads it.
-            room = MAX_HANDSHAKE_BYTES - self.handshake_received
-            data = self.client.recv(room)
+            self._forward(self.upstream)
+        elif state is State.HANDSHAKE:
+            data = self.client.recv(self.handshake.room())
             if not data:
                 self.outcome = "client closed during handshake"
                 self.close()
                 return
-            self.handshake_received += len(data)
-            self.handshake += data
-            self._process_handshake()
-        elif state in SETUP_STATES:
+            self._on_handshake_bytes(data)
+        elif state is State.RESOLVING or state is State.CONNECTING:
             self._read_early_data()
         elif state is State.CLOSING:
             # Discard what the client still sends, so that closing does not
@@ -3243,152 +3656,68 @@ class Connection:
 
     # -- the handshake --------------------------------------------------------
 
-    def _process_handshake(self):
-        """Parse every whole message buffered, in order, answering each."""
-        while self.state in HANDSHAKE_STATES and self.handshake:
-            result = self._parse_next()
-            if result is NEED_MORE:
-                if self.handshake_received >= MAX_HANDSHAKE_BYTES:
-                    self._refuse(Reply.GENERAL_FAILURE,
-                                 "handshake longer than %d bytes"
-                                 % MAX_HANDSHAKE_BYTES)
-                return
-            if isinstance(result, Rejected):
-                self._reject(result.reply, result.reason)
-                return
-            message = result.message
-            del self.handshake[:result.used]
-            if isinstance(message, Socks5Greeting):
-                self._on_greeting(message)
-            elif isinstance(message, UsernamePassword):
-                self._on_username_password(message)
-            else:
-                self._on_request(message)
+    def _on_handshake_bytes(self, data: bytes):
+        handshake = self.handshake
+        replies = handshake.receive(data)
+        if handshake.state is not HandshakeState.DONE:
+            if replies:
+                self._send_to_client(replies)
+            return
+        request = handshake.request
+        settings = self.settings
+        if handshake.unsafe and settings.safe_socks:
+            self.server._warn_unsafe_socks(handshake.version)
+        elif settings.test_socks and handshake.unsafe is not None:
+            self._log_request_safety()
+        if request is None:
+            self._end_with(replies, handshake.refusal)
+            return
+        if replies:
+            self._send_to_client(replies)
+        self.request = request
+        if request.command in RELAYED_COMMANDS:
+            self.upstream.pending = bytearray(handshake.early_data)
+        self._start_request(request)
 
-    def _parse_next(self) -> ParseResult:
-        buffered = self.handshake
-        if self.state is State.AUTHENTICATING:
-            return parse_username_password(buffered)
-        if self.state is State.REQUESTING:
-            return parse_socks5_request(buffered)
-        protocol = detect_protocol(buffered[0])
-        if protocol is Protocol.SOCKS4:
-            self.version = Version.SOCKS4
-            return parse_socks4_request(buffered)
-        if protocol is Protocol.SOCKS5:
-            return parse_socks5_greeting(buffered)
-        if protocol is Protocol.HTTP:
-            method = parse_http_method(buffered)
-            if method is NEED_MORE:
-                return NEED_MORE
-            return Rejected(http_reply(method.message),
-                            "client speaks HTTP to a SOCKS port")
-        if protocol is Protocol.TLS:
-            return Rejected(b"", "client speaks TLS to a SOCKS port")
-        return Rejected(b"", "unknown protocol, first byte 0x%02x"
-                        % buffered[0])
+    def _log_request_safety(self):
+        handshake = self.handshake
+        log.info("conn %d: %s %s request for %s:%d is %s", self.number,
+                 handshake.version.name, handshake.command.name,
+                 self.server._scrub(handshake.host), handshake.port,
+                 "unsafe (the client gave an IP address and may be "
+                 "leaking DNS)" if handshake.unsafe
+                 else "safe (torsocksd resolves the name)")
 
-    def _on_greeting(self, greeting: Socks5Greeting):
-        self.version = Version.SOCKS5
-        method = choose_method(greeting.methods,
-                               bool(self.server.credentials))
-        self._send_to_client(socks5_method_reply(method))
-        if method is Method.NO_ACCEPTABLE:
-            self.outcome = "refused: no acceptable authentication method"
-            self._enter(State.CLOSING)
-        elif method is Method.USERNAME_PASSWORD:
-            self._enter(State.AUTHENTICATING)
+    # -- serving a request: one dispatch ---------------------------------------
+
+    def _start_request(self, request: Request):
+        """Look the destination up (or take its IP literal), then hand the
+        answers to the command's handler."""
+        resolver = self.server.resolver
+        if request.command is Command.RESOLVE_PTR:
+            self._start_lookup(resolver.reverse, request.address)
+        elif request.address is not None:
+            self._serve_answers((request.address,))
         else:
-            self._enter(State.REQUESTING)
+            self._start_lookup(resolver.lookup, request.host)
 
-    def _on_username_password(self, message: UsernamePassword):
-        credentials = self.server.credentials
-        accepted = (not credentials
-                    or credentials.check(message.username, message.password))
-        self._send_to_client(username_password_reply(accepted))
-        if not accepted:
-            self.outcome = "refused: bad username or password"
-            self._enter(State.CLOSING)
+    def _serve_answers(self, answers):
+        handler = COMMAND_HANDLERS.get(self.request.command)
+        if handler is None:     # a command with no handler is never relayed
+            self._refuse(Reply.COMMAND_NOT_SUPPORTED, "command %s has no "
+                         "handler" % self.request.command.name)
             return
-        self.userid = message.username
-        self._enter(State.REQUESTING)
-
-    def _on_request(self, request):
-        # Bytes after the request are the client's early data, forwarded once
-        # the target is connected (DECISIONS row 14).
-        early_data, self.handshake = self.handshake, None
-        self.command = request.command
-        self.host = request.host
-        self.port = request.port
-        if isinstance(request, Socks4Request):
-            address_type = (AddressType.DOMAIN if request.is_4a
-                            else AddressType.IPV4)
-            self.userid = request.userid
-            if self.server.credentials:
-                self._refuse(Reply.NOT_ALLOWED, "SOCKS4 cannot present the "
-                             "password that credentials require")
-                return
-        else:
-            address_type = request.address_type
-        if self.command in RELAYED_COMMANDS:
-            self.upstream.pending = early_data
-        self._decide(address_type)
-
-    def _decide(self, address_type):
-        """What to do with a whole request: the process step after parsing."""
-        command = self.command
-        server = self.server
-        if command in (Command.BIND, Command.UDP_ASSOCIATE):
-            self._refuse(Reply.COMMAND_NOT_SUPPORTED,
-                         "unsupported command %s" % command.name)
-            return
-        if command is Command.RESOLVE_PTR and self.version is Version.SOCKS4:
-            self._refuse(Reply.COMMAND_NOT_SUPPORTED,
-                         "RESOLVE_PTR over SOCKS4")
-            return
-        unsafe = is_unsafe_request(self.version, address_type, command)
-        if unsafe and server.safe_socks:
-            server.warn_unsafe_socks(self.version)
-            self._refuse(Reply.NOT_ALLOWED, "client gave only an IP address "
-                         "(--safe-socks)")
-            return
-        if server.test_socks:
-            log.info("conn %d: %s %s request for %s:%d is %s", self.number,
-                     self.version.name, command.name,
-                     server.scrub(self.host), self.port,
-                     "unsafe (the client gave an IP address and may be "
-                     "leaking DNS)" if unsafe
-                     else "safe (torsocksd resolves the name)")
-
-        address = ip_literal(self.host)
-        if command is Command.RESOLVE_PTR:
-            if address is None:
-                self._refuse(Reply.ADDRESS_TYPE_NOT_SUPPORTED,
-                             "RESOLVE_PTR of something that is not an address")
-                return
-            self._start_lookup(server.resolver.reverse, address)
-        elif address is not None:
-            if command is Command.RESOLVE:
-                self._answer_resolve((address,))
-            elif command is Command.CONNECT_DIR:
-                self._start_tunnel((address,))
-            else:
-                self._start_connecting((address,))
-        else:
-            refusal = special_name_refusal(self.host)
-            if refusal:
-                self._refuse(Reply.HOST_UNREACHABLE, refusal)
-                return
-            self._start_lookup(server.resolver.lookup, self.host)
+        handler(self, answers)
 
     # -- resolving ------------------------------------------------------------
 
     def _start_lookup(self, method, query):
         self._enter(State.RESOLVING)
-        self.lookup = method(query, self.server.deliver(self._resolved))
+        self.lookup = method(query, self.loop.threadsafe_callback(
+            self._resolved))
 
     def _resolved(self, result: ResolverResult):
-        self._handle(self._on_resolved, result)
+        self._run_guarded(self._on_resolved, result)
 
     def _on_resolved(self, result: ResolverResult):
         if self.state is not State.RESOLVING:
@@ -3396,34 +3725,26 @@ class Connection:
         self.lookup = None
         if result.error is not None:
             self._refuse(result.error, result.reason or "name lookup failed")
-        elif self.command is Command.RESOLVE_PTR:
-            self._answer(socks5_hostname_reply(result.answers[0]),
-                         "answered RESOLVE_PTR")
-        elif self.command is Command.RESOLVE:
-            self._answer_resolve(result.answers)
-        elif self.command is Command.CONNECT_DIR:
-            self._start_tunnel(result.answers)
         else:
-            self._start_connecting(result.answers)
+            self._serve_answers(result.answers)
 
     def _answer_resolve(self, answers):
         """RESOLVE answers: the first address of the preferred family (IPv4
         unless told otherwise), else the first of the other; SOCKS4 carries
-        IPv4 only (DECISIONS row 11)."""
-        usable = self.server.usable_addresses(answers)
-        if self.version is Version.SOCKS4:
+        IPv4 only (the README's "RESOLVE" rows)."""
+        usable = self.server._usable_addresses(answers)
+        if self.request.version is Version.SOCKS4:
             usable = [a for a in usable if a.version == 4]
         if not usable:
             self._refuse(Reply.HOST_UNREACHABLE, "no answer the client can "
                          "use (SOCKS4 or --no-ipv6 takes IPv4 only)")
             return
-        preferred = self.server.preferred_ip_version or 4
+        preferred = self.settings.preferred_ip_version or 4
         best = next((a for a in usable if a.version == preferred), usable[0])
-        if self.version is Version.SOCKS4:
-            self._answer(socks4_reply(Socks4Reply.GRANTED, best.packed),
-                         "answered RESOLVE")
-        else:
-            self._answer(socks5_address_reply(best), "answered RESOLVE")
+        self._answer(self.handshake.resolve_reply(best), "answered RESOLVE")
+
+    def _answer_resolve_ptr(self, names):
+        self._answer(socks5_hostname_reply(names[0]), "answered RESOLVE_PTR")
 
     def _answer(self, reply: bytes, outcome: str):
         self._send_to_client(reply)
@@ -3437,33 +3758,35 @@ class Connection:
         one happy_eyeballs_delay apart (at once when one fails), families
         alternate, the first connected wins; the whole try has one deadline."""
         server = self.server
-        addresses = server.usable_addresses(addresses)
+        addresses = server._usable_addresses(addresses)
         if not addresses:
             self._refuse(Reply.NOT_ALLOWED, "IPv6 is off (--no-ipv6)")
             return
         self.candidates = happy_eyeballs_order(
-            addresses, server.preferred_ip_version)[:MAX_CONNECT_ATTEMPTS]
+            addresses, self.settings.preferred_ip_version
+        )[:MAX_CONNECT_ATTEMPTS]
         self.attempts = []
         self._enter(State.CONNECTING)
         self._attempt_next()
 
     def _attempt_next(self):
         server = self.server
+        port = self.request.port
         while self.candidates:
             address = self.candidates.pop(0)
-            refusal = server.destination_refusal(self.client_is_local,
-                                                 address, self.port)
+            refusal = self.settings.destination_policy.refusal(
+                self.client_is_local, address, port)
             if refusal:
                 self.last_reply = Reply.NOT_ALLOWED
                 continue
             try:
-                target = server.outbound_socket(address)
+                target = server._outbound_socket(address)
             except OSError as error:
                 self.last_reply = reply_for_errno(error.errno)
                 log.warning("cannot open an outbound socket: %s", error)
                 continue
             try:
-                error_number = target.connect_ex((str(address), self.port))
+                error_number = target.connect_ex((str(address), port))
             except OSError as error:
                 error_number = error.errno or errno.EINVAL
             if error_number not in (0, errno.EINPROGRESS):
@@ -3471,14 +3794,12 @@ class Connection:
                 self.last_reply = reply_for_errno(error_number)
                 continue
             self.attempts.append(target)
-            server.selector.register(
-                target, EVENT_WRITE,
-                functools.partial(self._handle, self._attempt_ready, target))
+            self.loop.watch(target, 0, EVENT_WRITE, (functools.partial(
+                self._run_guarded, self._attempt_ready, target), self))
             if self.candidates:
-                server.call_at(time.monotonic() + server.happy_eyeballs_delay,
-                               functools.partial(self._handle,
-                                                 self._attempt_overdue),
-                               target)
+                self.loop.call_later(
+                    self.settings.happy_eyeballs_delay, self._run_guarded,
+                    self._attempt_overdue, target, owner=self)
             return
         if not self.attempts:
             self._refuse(self.last_reply, "could not connect: %s" % (
@@ -3493,51 +3814,41 @@ class Connection:
         if self.state is not State.CONNECTING or target not in self.attempts:
             return
         error_number = target.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        self.attempts.remove(target)
         if error_number:
-            self.attempts.remove(target)
-            self.server.selector.unregister(target)
+            self.loop.watch(target, EVENT_WRITE, 0, None)
             target.close()
             self.last_reply = reply_for_errno(error_number)
             self._attempt_next()
-        else:
-            self.attempts.remove(target)
-            self._abandon_attempts()
-            self.target = target
-            # The winner stays registered; from now on it is the target.
-            self.server.selector.modify(target, EVENT_READ,
-                                        self.on_target_event)
-            self.target_events = EVENT_READ
-            self._connected()
-
-    def _abandon_attempts(self):
-        for attempt in self.attempts:
-            self.server.selector.unregister(attempt)
-            attempt.close()
-        self.attempts = ()
-
-    def _drop_target(self):
-        if self.target_events:
-            self.server.selector.unregister(self.target)
-            self.target_events = 0
-        self.target.close()
-        self.target = None
-
-    def _connected(self):
-        target = self.target
+            return
+        self._abandon_attempts()
+        self.target = target
+        # The winner stays registered; from now on it is the target.
+        self.loop.watch(target, EVENT_WRITE, EVENT_READ, self.target_handler)
+        self.target_events = EVENT_READ
         with_nodelay(target)
         self.upstream.sink = target
         self.downstream.source = target
         self._start_relaying()
 
+    def _abandon_attempts(self):
+        for attempt in self.attempts:
+            self.loop.watch(attempt, EVENT_WRITE, 0, None)
+            attempt.close()
+        self.attempts = ()
+
+    def _drop_target(self):
+        if self.target_events:
+            self.loop.watch(self.target, self.target_events, 0, None)
+            self.target_events = 0
+        self.target.close()
+        self.target = None
+
     def _start_relaying(self):
         """The target answered: the success reply, then the early data."""
         self._enter(State.RELAYING)
         self.outcome = "relayed"
-        if self.version is Version.SOCKS4:
-            self._send_to_client(socks4_reply(Socks4Reply.GRANTED))
-        else:
-            self._send_to_client(socks5_reply(Reply.SUCCEEDED,
-                                              self.client_family))
+        self._send_to_client(self.handshake.success_reply())
         self._flush(self.upstream)
 
     # -- CONNECT_DIR: a BEGIN_DIR stream on a one-hop circuit ------------------
@@ -3546,27 +3857,29 @@ class Connection:
         """Open a BEGIN_DIR stream to the relay whose ORPort is at the first
         allowed address; the success reply waits for RELAY_CONNECTED."""
         server = self.server
-        for address in server.usable_addresses(addresses):
-            if not server.destination_refusal(self.client_is_local, address,
-                                              self.port):
+        port = self.request.port
+        policy = self.settings.destination_policy
+        for address in server._usable_addresses(addresses):
+            if not policy.refusal(self.client_is_local, address, port):
                 break
         else:
             self._refuse(Reply.NOT_ALLOWED, "no relay address allowed")
             return
         self._enter(State.CONNECTING)
-        handle = self._handle
+        guarded = self._run_guarded
         try:
-            self.tunnel = server.tor_links().open_stream(
-                str(address), self.port,
-                functools.partial(handle, self._tunnel_connected),
-                functools.partial(handle, self._tunnel_data),
-                functools.partial(handle, self._tunnel_ended),
-                fingerprint=server.relay_pins.get((str(address), self.port)))
+            self.tunnel = server._tor_link_pool().open_stream(
+                str(address), port,
+                functools.partial(guarded, self._tunnel_connected),
+                functools.partial(guarded, self._tunnel_data),
+                functools.partial(guarded, self._tunnel_ended),
+                fingerprint=self.settings.relay_pins.get((str(address),
+                                                          port)))
         except OSError as error:    # no socket, or no stream id left
             self._refuse(reply_for_errno(error.errno),
                          "cannot reach the relay: %s" % error)
             return
-        self.tunnel.on_writable = functools.partial(handle, self._flush,
+        self.tunnel.on_writable = functools.partial(guarded, self._flush,
                                                     self.upstream)
 
     def _tunnel_connected(self):
@@ -3588,7 +3901,7 @@ class Connection:
         # nothing more goes to it, and what came drains to the client.
         self.tunnel = None
         upstream = self.upstream
-        upstream.reading, upstream.shut = False, True
+        upstream.reading, upstream.sink_shut = False, True
         upstream.pending = bytearray()
         self.downstream.reading = False
         self._flush(self.downstream)
@@ -3600,15 +3913,16 @@ class Connection:
         data = self.client.recv(HIGH_WATER)
         if not data:
             self.upstream.reading = False
-        elif self.command in RELAYED_COMMANDS:
+        elif self.request.command in RELAYED_COMMANDS:
             self.upstream.pending += data
 
     # -- relaying ---------------------------------------------------------------
 
-    def _move(self, flow: _Flow):
+    def _forward(self, flow: _Flow):
+        """Pass on what flow's source has to its sink."""
         if not flow.reading:
             return      # a stale event after the source ended
-        if self.server.splice and self.target is not None:
+        if self.settings.splice and self.target is not None:
             self._splice(flow)
         else:
             self._relay(flow)
@@ -3616,7 +3930,7 @@ class Connection:
     def _relay(self, flow: _Flow):
         """Move what the source has to the sink: read into the loop's one
         buffer, send at once, keep only what the sink would not take."""
-        view = self.server.recv_view
+        view = self.loop.recv_view
         source, sink = flow.source, flow.sink
         for _ in range(READS_PER_WAKEUP):
             room = HIGH_WATER - len(flow.pending)
@@ -3654,7 +3968,7 @@ class Connection:
             if flow.pending:
                 return
         if flow.pipe is None:
-            flow.pipe = self.server.take_pipe()
+            flow.pipe = self.server._take_pipe()
         write_end = flow.pipe[1]
         source = flow.source.fileno()
         try:
@@ -3691,7 +4005,7 @@ class Connection:
         # An idle connection holds no pipe: 4 fds only while data moves.
         if flow.pipe is not None and not flow.in_pipe \
                 and self.state is not State.CLOSED:
-            self.server.give_pipe(flow.pipe)
+            self.server._give_pipe(flow.pipe)
             flow.pipe = None
 
     def _flush(self, flow: _Flow):
@@ -3715,15 +4029,15 @@ class Connection:
                 del pending[:sent]
                 return
             flow.pending = bytearray()  # let a large backlog's memory go
-        if not flow.reading and not flow.shut:
-            flow.shut = True
+        if not flow.reading and not flow.sink_shut:
+            flow.sink_shut = True
             try:
                 sink.shutdown(socket.SHUT_WR)
             except OSError:
                 pass    # the peer is gone already; reading will tell
         if self.state is State.CLOSING:
             return
-        if self.upstream.shut and self.downstream.shut:
+        if self.upstream.sink_shut and self.downstream.sink_shut:
             self.close()
 
     def _send_to_client(self, data: bytes):
@@ -3736,20 +4050,18 @@ class Connection:
     # -- refusing and closing -----------------------------------------------------
 
     def _refuse(self, reply: Reply, reason: str):
-        """Send the version's refusal for reply, then close."""
-        if self.version is None:
-            self._reject(b"", reason)
-            return
-        family = self.client_family
-        if self.command in LOOKUP_COMMANDS:
-            # Every failed lookup is "host unreachable", in the 10-byte
-            # form, whatever went wrong (DECISIONS row 11).
-            family = socket.AF_INET
-            if self.state is State.RESOLVING:
-                reply = Reply.HOST_UNREACHABLE
-        self._reject(failure_reply(self.version, reply, family), reason)
+        """Send the client's refusal for reply, then close."""
+        if self.state is State.RESOLVING and self.request is not None \
+                and self.request.command in LOOKUP_COMMANDS:
+            # Every failed lookup is "host unreachable" (the README's
+            # "RESOLVE failure" row), whatever went wrong.
+            reply = Reply.HOST_UNREACHABLE
+        self._end_with(self.handshake.refuse(reply, reason)
+                       if self.state is State.HANDSHAKE
+                       else self.handshake.failure_reply(reply), reason)
 
-    def _reject(self, reply: bytes, reason: str):
+    def _end_with(self, reply: bytes, reason: str):
+        """Give up on the request: send reply (if any), then close."""
         self.outcome = "refused: " + reason
         self.candidates = []
         if self.lookup is not None:
@@ -3773,12 +4085,13 @@ class Connection:
         """Close both sockets at once and forget the connection."""
         if self.state is State.CLOSED:
             return
-        self._enter(State.CLOSED)
-        selector = self.server.selector
+        self.state = State.CLOSED   # from anywhere: no PHASES check
+        self._set_deadline(None)
+        loop = self.loop
         if self.client_events:
-            selector.unregister(self.client)
+            loop.watch(self.client, self.client_events, 0, None)
         if self.target_events:
-            selector.unregister(self.target)
+            loop.watch(self.target, self.target_events, 0, None)
         self.client_events = self.target_events = 0
         if self.lookup is not None:
             self.lookup.cancel()
@@ -3792,9 +4105,9 @@ class Connection:
             close_socket(self.target, reset_target)
         for flow in (self.upstream, self.downstream):
             if flow.pipe is not None:
-                self.server.drop_pipe(flow.pipe)
+                self.server._drop_pipe(flow.pipe)
                 flow.pipe = None
-        self.server.connection_closed(self)
+        self.server._connection_closed(self)
 
     # -- what the sockets wait for --------------------------------------------------
 
@@ -3805,15 +4118,14 @@ class Connection:
             return
         upstream, downstream = self.upstream, self.downstream
         client_events = target_events = 0
-        if state is State.RELAYING or state in SETUP_STATES:
+        if state is State.RELAYING or state is State.RESOLVING \
+                or state is State.CONNECTING:
             # A pipe that still holds bytes may be full whatever its count
             # says: wait for the sink before reading more into it.
             if upstream.reading and upstream.backlog() < HIGH_WATER \
                     and not upstream.in_pipe:
                 client_events = EVENT_READ
-        elif state in HANDSHAKE_STATES:
-            client_events = EVENT_READ
-        elif state is State.CLOSING:
+        else:       # the handshake, or closing (reading shows the client's end)
             client_events = EVENT_READ
         if downstream.pending or downstream.in_pipe:
             client_events |= EVENT_WRITE
@@ -3829,25 +4141,24 @@ class Connection:
             paused = downstream.backlog() >= HIGH_WATER
             if paused != self.tunnel.paused:
                 self.tunnel.pause(paused)
-        server = self.server
+        loop = self.loop
         if client_events != self.client_events:
-            server.watch(self.client, self.client_events, client_events,
-                         self.on_client_event)
+            loop.watch(self.client, self.client_events, client_events,
+                       self.client_handler)
             self.client_events = client_events
         if target_events != self.target_events:
-            server.watch(self.target, self.target_events, target_events,
-                         self.on_target_event)
+            loop.watch(self.target, self.target_events, target_events,
+                       self.target_handler)
             self.target_events = target_events
         if state is State.RELAYING and not self.paused_check \
                 and not (client_events and (target_events or self.tunnel)):
             # A socket the loop does not watch cannot report a reset, so
             # look at it now and then while it is paused.
             self.paused_check = True
-            server.call_at(time.monotonic() + PAUSED_CHECK_INTERVAL,
-                           functools.partial(self._handle,
-                                             self._check_paused), None)
+            loop.call_later(PAUSED_CHECK_INTERVAL, self._run_guarded,
+                            self._check_paused, owner=self)
 
-    def _check_paused(self, _):
+    def _check_paused(self):
         self.paused_check = False
         for sock, events in ((self.client, self.client_events),
                              (self.target, self.target_events)):
@@ -3857,17 +4168,32 @@ class Connection:
                 if error_number:
                     raise OSError(error_number, os.strerror(error_number))
 
+    # -- the log line -------------------------------------------------------------
+
     def log_outcome(self):
+        handshake = self.handshake
         destination = ""
-        if self.command is not None:
-            destination = " %s %s:%d" % (self.command.name,
-                                         self.server.scrub(self.host),
-                                         self.port)
-        version = self.version.name if self.version is not None else "-"
+        if handshake.command is not None:
+            destination = " %s %s:%d" % (handshake.command.name,
+                                         self.server._scrub(handshake.host),
+                                         handshake.port)
+        version = handshake.version.name if handshake.version is not None \
+            else "-"
         log.info("conn %d from %s: %s%s: %s; %d bytes up, %d down, %.3f s",
                  self.number, self.client_label, version, destination,
                  self.outcome, self.upstream.count, self.downstream.count,
                  time.monotonic() - self.opened)
+
+
+# The one dispatch from a command to what serves it, once its destination's
+# addresses (or, for RESOLVE_PTR, names) are known.  A command that is not
+# here is refused, never connected.
+COMMAND_HANDLERS = {
+    Command.CONNECT: Connection._start_connecting,
+    Command.CONNECT_DIR: Connection._start_tunnel,
+    Command.RESOLVE: Connection._answer_resolve,
+    Command.RESOLVE_PTR: Connection._answer_resolve_ptr,
+}
 
 
 def with_nodelay(sock: socket.socket):
@@ -3890,7 +4216,7 @@ def close_socket(sock: socket.socket, reset: bool = False):
 
 
 # =============================================================================
-# The loop and the Server
+# Settings and the Server
 # =============================================================================
 
 ACCEPTS_PER_WAKEUP = 64             # accept in batches, then serve the others
@@ -3898,14 +4224,99 @@ ACCEPT_PAUSE = 1.0                  # seconds a listener rests after EMFILE & co
 ACCEPT_PAUSE_ERRORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS,
                                  errno.ENOMEM))
 LISTEN_BACKLOG = 1024
+ON_LINUX = sys.platform.startswith("linux")
 # Linux socket options, by number where an older Python lacks the name;
 # None elsewhere.
-ON_LINUX = sys.platform.startswith("linux")
 SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25 if ON_LINUX else None)
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT",
                                   24 if ON_LINUX else None)
 DEFAULT_PORT = 9050
 DEFAULT_ADDRESS = "127.0.0.1"       # never listen beyond this host unless told
+
+# Every option a Server takes, and its default.  The command line's argparse
+# destinations have the same names, so an option is written here, in the
+# Server docstring and in build_argument_parser(), and nowhere else.
+SETTING_DEFAULTS = {
+    "handshake_timeout": 10.0,
+    "connect_timeout": 10.0,
+    "idle_timeout": None,
+    "drain_timeout": 5.0,
+    "max_connections": None,
+    "max_per_client": None,
+    "credentials": None,
+    "credentials_file": None,
+    "client_policy": None,
+    "destination_policy": None,
+    "open_proxy": False,
+    "safe_socks": False,
+    "test_socks": False,
+    "log_destinations": False,
+    "happy_eyeballs_delay": 0.25,
+    "preferred_ip_version": None,
+    "ipv6": True,
+    "outbound_addresses": (),
+    "outbound_interface": None,
+    "unix_mode": 0o600,
+    "exit_when_idle": None,
+    "splice": False,
+    "relay_pins": None,
+    "nameservers": (),
+    "resolver_threads": 4,
+}
+
+
+class Settings:
+    """A Server's options, checked and in the form the code uses.
+
+    Settings(**options) takes the names of SETTING_DEFAULTS; what is not
+    given keeps its default.  Policies and pins may be given as objects or
+    as the command line writes them (lists of rules).  A Settings is never
+    changed in place: replace() makes a new one, so a connection keeps the
+    settings it was accepted under.
+    """
+    __slots__ = tuple(SETTING_DEFAULTS)
+
+    def __init__(self, **options):
+        unknown = set(options) - set(SETTING_DEFAULTS)
+        if unknown:
+            raise TypeError("unknown option(s): %s"
+                            % ", ".join(sorted(unknown)))
+        for name, default in SETTING_DEFAULTS.items():
+            setattr(self, name, options.get(name, default))
+        self._normalise()
+
+    def replace(self, **changes) -> "Settings":
+        """A copy with changes made."""
+        options = {name: getattr(self, name) for name in SETTING_DEFAULTS}
+        options.update(changes)
+        return Settings(**options)
+
+    def _normalise(self):
+        if self.credentials is None and self.credentials_file:
+            self.credentials = Credentials.from_file(self.credentials_file)
+        if not isinstance(self.client_policy, ClientPolicy):
+            self.client_policy = ClientPolicy(self.client_policy or ())
+        if not isinstance(self.destination_policy, DestinationPolicy):
+            self.destination_policy = DestinationPolicy(
+                self.destination_policy or ())
+        if not isinstance(self.outbound_addresses, dict):
+            by_version = {}
+            for source in self.outbound_addresses:
+                by_version[ipaddress.ip_address(source).version] = str(source)
+            self.outbound_addresses = by_version
+        self.relay_pins = dict(self.relay_pins or {})
+        self.nameservers = tuple(self.nameservers)
+        if self.max_connections is None:
+            self.max_connections = default_max_connections()
+        if self.splice and not HAVE_SPLICE:
+            raise ValueError("the splice relay needs Linux and Python 3.10+")
+
+    def new_resolver(self):
+        """The resolver these settings ask for: the built-in DNS client with
+        nameservers, else the system's resolver in a thread pool."""
+        if self.nameservers:
+            return DnsResolver(self.nameservers)
+        return SystemResolver(workers=self.resolver_threads)
 
 
 def open_listener(host: str, port: int) -> socket.socket:
@@ -3942,19 +4353,30 @@ def default_max_connections() -> int:
     return max(16, (soft - 64) // 2)
 
 
+def is_listening(sock: socket.socket) -> bool:
+    """A listening socket, as opposed to one connected client (inetd
+    "nowait", systemd Accept=yes)."""
+    return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+
+
 class Server:
-    """A torsocksd server: listeners, one selectors loop, its connections.
+    """A torsocksd server: listeners, one event loop, its connections.
 
     Server(listen=[("127.0.0.1", 9050)], **options) binds nothing until
     bind(), start() or serve_forever().  A listen entry is (host, port) or
     "unix:/path".  start() binds and serves in a background thread,
-    returning once the listeners are bound, so port 0 works: .address then
-    tells the port.  stop() is safe to call twice, and the server is a
-    context manager.  Options mirror the command line:
+    returning once the listeners are bound, so port 0 works: address and url
+    then tell where.  stop() is safe to call twice, and the server is a
+    context manager.
 
-    sockets               listening sockets to adopt instead of binding
+    sockets               sockets to serve instead of binding: listening
+                          ones are served as listeners; a connected one is
+                          one client, and the server ends when it is done
+                          (inetd "nowait", systemd Accept=yes)
     resolver              an object with lookup() and reverse() (see
-                          SystemResolver); default SystemResolver()
+                          SystemResolver); default: from the options below
+
+    The options (keyword arguments; the command line's long options):
     handshake_timeout     seconds from accept for the whole handshake
     connect_timeout       seconds for a name lookup, and for connecting
     idle_timeout          seconds a relayed connection may sit idle (None:
@@ -3964,8 +4386,11 @@ class Server:
     max_per_client        connections from one remote address (None: no cap;
                           never applied to loopback clients)
     credentials           a Credentials object: RFC 1929 becomes mandatory
-    client_policy         a ClientPolicy (--allow / --deny)
-    destination_policy    a DestinationPolicy (--policy)
+    credentials_file      a file of user:password lines, read now and again
+                          by reload()
+    client_policy         a ClientPolicy, or [(allowed, CIDR), ...] (--allow,
+                          --deny)
+    destination_policy    a DestinationPolicy, or its rules (--policy)
     open_proxy            allow a non-loopback listener with neither a client
                           policy nor credentials
     safe_socks            refuse requests that give only an IP address
@@ -3984,173 +4409,143 @@ class Server:
                           copying through Python (Linux, Python 3.10+)
     relay_pins            {(relay IP, ORPort): 20-byte fingerprint}: a
                           CONNECT_DIR to that relay must prove that identity
+    nameservers           [(IP, port), ...]: resolve with the built-in DNS
+                          client instead of the system's resolver
+    resolver_threads      threads for the system's resolver
     """
 
     def __init__(self, listen=((DEFAULT_ADDRESS, DEFAULT_PORT),), *,
-                 sockets=(), resolver=None, handshake_timeout: float = 10.0,
-                 connect_timeout: float = 10.0,
-                 idle_timeout: Optional[float] = None,
-                 drain_timeout: float = 5.0,
-                 max_connections: Optional[int] = None,
-                 max_per_client: Optional[int] = None, credentials=None,
-                 client_policy=None, destination_policy=None,
-                 open_proxy: bool = False, safe_socks: bool = False,
-                 test_socks: bool = False, log_destinations: bool = False,
-                 happy_eyeballs_delay: float = 0.25,
-                 preferred_ip_version: Optional[int] = None, ipv6: bool = True,
-                 outbound_addresses=(), outbound_interface: Optional[str] = None,
-                 unix_mode: int = 0o600,
-                 exit_when_idle: Optional[float] = None,
-                 splice: bool = False, relay_pins=None):
-        self.listen = [] if sockets else list(listen)
-        self.listeners = list(sockets)
-        self.addresses = []     # where the listeners listen, once bound
-        self.resolver = resolver if resolver is not None else SystemResolver()
-        self.handshake_timeout = handshake_timeout
-        self.connect_timeout = connect_timeout
-        self.idle_timeout = idle_timeout
-        self.drain_timeout = drain_timeout
-        self.max_connections = max_connections or default_max_connections()
-        self.max_per_client = max_per_client
-        self.credentials = credentials
-        self.client_policy = client_policy or ClientPolicy()
-        self.destination_policy = destination_policy or DestinationPolicy()
-        self.open_proxy = open_proxy
-        self.safe_socks = safe_socks
-        self.test_socks = test_socks
-        self.log_destinations = log_destinations
-        self.happy_eyeballs_delay = happy_eyeballs_delay
-        self.preferred_ip_version = preferred_ip_version
-        self.ipv6 = ipv6
-        self.outbound_addresses = {}
-        for source in outbound_addresses:
-            self.outbound_addresses[ipaddress.ip_address(source).version] = \
-                str(source)
-        self.outbound_interface = outbound_interface
-        self.unix_mode = unix_mode
-        self.exit_when_idle = exit_when_idle
-        if splice and not HAVE_SPLICE:
-            raise ValueError("the splice relay needs Linux and Python 3.10+")
-        self.splice = splice
-        self.relay_pins = dict(relay_pins or {})
-
-        self.selector = None
-        self.recv_view = None
-        self._timers = []               # heap of [when, sequence, fn, arg]
-        self._sequence = itertools.count()
-        self._ready = collections.deque()   # calls posted from other threads
-        self._wakeup_reader = self._wakeup_writer = None
+                 sockets=(), resolver=None, **options):
+        self.settings = Settings(**options)
+        self.resolver = resolver if resolver is not None \
+            else self.settings.new_resolver()
+        self._listen = [] if sockets else list(listen)
+        self._handed_in = list(sockets)
+        self._listeners = []
+        self._unix_paths = []           # Unix listeners to unlink at the end
+        self._bound_by = None           # the process that made them
+        self._loop = None
         self._thread = None             # the thread start() made
         self._loop_thread = None        # the thread in serve_forever()
         self._loop_done = threading.Event()
         self._stop_requested = False
         self._drain_deadline = None
         self._accepting = False
+        self._exit_when_done = False    # serving handed-in clients only
         self._numbers = itertools.count(1)
         self._last_unsafe_warning = 0.0
         self._last_accept_error_log = 0.0
-        self._unix_paths = []           # Unix listeners to unlink at the end
-        self.per_client = collections.Counter()   # remote address -> open
-        self._exit_when_done = False
+        self._per_client = collections.Counter()  # remote address -> open
         self._pipes = []                # idle pipes for the splice relay
         self._tor_links = None          # TorLinkPool, once CONNECT_DIR is used
         self._last_busy = time.monotonic()
-        self.connections = set()
-        self.accepted = 0
-        self.refused_at_accept = 0
-        self.relayed_bytes = 0
+        self._connections = set()
+        self._accepted = 0
+        self._refused_at_accept = 0
+        self._relayed_bytes = 0
+        self._early_calls = []          # call_soon_threadsafe() before a loop
+        self.addresses = []     # where the listeners listen, once bound
 
-    # -- life cycle -------------------------------------------------------------
+    # -- what an embedder uses ----------------------------------------------------
 
     @property
     def address(self):
-        """The (host, port) of the first listener."""
-        return self.addresses[0][:2]
+        """Where the first listener listens: (host, port), or the path of a
+        Unix socket."""
+        first = self.addresses[0]
+        return first if isinstance(first, str) else first[:2]
 
-    def open_listeners(self):
-        """Create the listeners given by listen (once); refuse an exposed
-        listener, made here or handed in, that has no client policy or
-        credentials."""
-        if not self.listen:
-            self._check_exposure()
-            return
-        try:
-            for spec in self.listen:
-                if isinstance(spec, str) and spec.startswith("unix:"):
-                    path = spec[len("unix:"):]
-                    self.listeners.append(open_unix_listener(path,
-                                                             self.unix_mode))
-                    self._unix_paths.append(path)
-                else:
-                    self.listeners.append(open_listener(*spec))
-            self._check_exposure()
-        except (OSError, ValueError):
-            self._close_listeners()
-            self.listeners = []
-            raise
-        self.listen = []
+    @property
+    def url(self) -> str:
+        """The first listener as a proxy URL for clients that take one,
+        names resolved by the proxy: socks5h://127.0.0.1:9050,
+        socks5h://[::1]:9050, or socks5h://localhost/path for a Unix socket
+        (curl's form)."""
+        address = self.address
+        if isinstance(address, str):
+            return "socks5h://localhost" + address
+        return "socks5h://" + format_address(address)
 
     def bind(self):
-        """Create the listeners and the loop's resources (once)."""
-        if self.selector is not None:
+        """Create the listeners now (once): before forking workers, or
+        before dropping privileges.  Refuses a listener other hosts can
+        reach when there is no client policy and no credentials."""
+        if self._bound_by is not None:
             return
-        self.open_listeners()
-        self.addresses = [listener.getsockname() for listener in self.listeners]
-        self.selector = selectors.DefaultSelector()
-        self.recv_view = memoryview(bytearray(RECV_BUFFER_SIZE))
-        self._wakeup_reader, self._wakeup_writer = socket.socketpair()
-        self._wakeup_reader.setblocking(False)
-        self._wakeup_writer.setblocking(False)
-        self.selector.register(self._wakeup_reader, EVENT_READ, self._on_wakeup)
-        for listener in self.listeners:
-            listener.setblocking(False)
-        attach = getattr(self.resolver, "attach", None)
-        if attach is not None:
-            attach(self)        # a resolver that runs in this loop
-        self._resume_accepting()
+        self._bound_by = os.getpid()
+        try:
+            for spec in self._listen:
+                if isinstance(spec, str) and spec.startswith("unix:"):
+                    path = spec[len("unix:"):]
+                    self._listeners.append(
+                        open_unix_listener(path, self.settings.unix_mode))
+                    self._unix_paths.append(path)
+                else:
+                    self._listeners.append(open_listener(*spec))
+            for sock in self._handed_in:
+                if is_listening(sock):
+                    self._listeners.append(sock)
+            self._check_exposure(self.settings)
+        except (OSError, ValueError):
+            self._close_listeners()
+            self._listeners, self._bound_by = [], None
+            raise
+        self.addresses = [listener.getsockname()
+                          for listener in self._listeners]
         for name in self.addresses:
             log.info("listening on %s", format_address(name))
 
     def start(self):
         """Bind, then serve in a background thread; returns once bound."""
-        self.bind()
+        self._prepare_loop()
         self._thread = threading.Thread(target=self.serve_forever,
                                         name="torsocksd", daemon=True)
+        self._loop_thread = self._thread    # before stop() can ask
         self._thread.start()
         return self
 
     def serve_forever(self):
-        """Serve until stop() or a shutdown request; then close everything."""
-        self.bind()
+        """Serve until stop() (or, with only handed-in clients, until they
+        are done); then close everything."""
+        self._prepare_loop()
         self._loop_thread = threading.current_thread()
         try:
             while not self._finished():
-                self._run_once()
+                self._loop.run_once(self._wait_limit())
         finally:
             self._close_everything()
             self._loop_done.set()
 
-    def stop(self, drain_timeout: float = 0.0):
-        """Stop accepting, give open connections drain_timeout seconds, close
-        everything and wait for the loop to end.  Safe to call twice."""
-        self.request_shutdown(drain_timeout)
-        loop_thread = self._loop_thread
-        if loop_thread is None:
-            self._close_everything()    # bound, but never served
-        elif loop_thread is not threading.current_thread():
-            self._loop_done.wait()
-            if self._thread is not None:
-                self._thread.join()
-
-    def request_shutdown(self, drain_timeout: Optional[float] = None):
-        """Ask the loop to shut down (from any thread or a signal handler);
-        a second request ends the drain at once."""
+    def stop(self, drain_timeout: Optional[float] = None, wait: bool = True):
+        """Stop accepting at once, give open connections drain_timeout
+        seconds to finish (default: the drain_timeout option), then close
+        everything.  wait=False only asks, which a signal handler may do;
+        else it waits for the loop to end.  Asked a second time, it ends
+        the drain at once."""
         if drain_timeout is None:
-            drain_timeout = self.drain_timeout
+            drain_timeout = self.settings.drain_timeout
         if self._stop_requested:
             drain_timeout = 0.0
         self._stop_requested = True
         self.call_soon_threadsafe(self._begin_drain, drain_timeout)
+        if not wait or self._loop_thread is threading.current_thread():
+            return
+        if self._loop_thread is None:
+            self._close_everything()    # never served
+            return
+        self._loop_done.wait()
+        if self._thread is not None:
+            self._thread.join()
+
+    def call_soon_threadsafe(self, function, *args):
+        """Run function(*args) in the server's loop, soon: the one way in
+        from another thread or a signal handler.  Before the loop exists,
+        the call waits for it."""
+        loop = self._loop
+        if loop is None:
+            self._early_calls.append((function, args))
+        else:
+            loop.call_soon_threadsafe(function, *args)
 
     def __enter__(self):
         return self.start()
@@ -4161,160 +4556,118 @@ class Server:
     def stats(self) -> dict:
         """Counters since start: connections accepted, open now, refused at
         accept, and bytes relayed by connections that have closed."""
-        return {"accepted": self.accepted, "active": len(self.connections),
-                "refused_at_accept": self.refused_at_accept,
-                "relayed_bytes": self.relayed_bytes,
+        return {"accepted": self._accepted, "active": len(self._connections),
+                "refused_at_accept": self._refused_at_accept,
+                "relayed_bytes": self._relayed_bytes,
                 "listeners": [format_address(a) for a in self.addresses]}
 
-    def reload(self, credentials_path: Optional[str] = None):
+    def reload(self):
         """Re-read what can change without dropping a connection (SIGHUP):
-        the credentials file.  A file that does not parse keeps the old."""
-        if credentials_path:
-            try:
-                self.credentials = Credentials.from_file(credentials_path)
-            except (OSError, ValueError) as error:
-                log.error("reload: keeping the old credentials: %s", error)
-            else:
-                log.info("reload: credentials re-read from %s",
-                         credentials_path)
+        the credentials file.  A file that cannot be used keeps the old
+        credentials.  Connections already open keep the settings they were
+        accepted under."""
+        path = self.settings.credentials_file
+        if not path:
+            return
+        try:
+            settings = self.settings.replace(
+                credentials=Credentials.from_file(path))
+        except (OSError, ValueError) as error:
+            log.error("reload: keeping the old credentials: %s", error)
+            return
+        self.settings = settings
+        log.info("reload: credentials re-read from %s", path)
 
-    # -- the loop ---------------------------------------------------------------
+    # -- the loop -------------------------------------------------------------
 
-    def serve_connection(self, client: socket.socket):
-        """Serve one connected client (inetd "nowait", systemd Accept=yes)
-        until it is done, then close everything."""
+    def _prepare_loop(self):
+        """Bind, make the loop, serve the handed-in clients (once)."""
+        if self._loop is not None:
+            return
         self.bind()
-        self._exit_when_done = True
-        peer = client.getpeername()
-        self._serve(client, peer)
-        self.serve_forever()
+        self._loop = loop = EventLoop()
+        while self._early_calls:
+            function, args = self._early_calls.pop(0)
+            loop.call_soon(function, *args)
+        for listener in self._listeners:
+            listener.setblocking(False)
+        attach = getattr(self.resolver, "attach", None)
+        if attach is not None:
+            attach(self)        # a resolver that runs in this loop
+        clients = [sock for sock in self._handed_in if not is_listening(sock)]
+        if clients and not self._listeners:
+            self._exit_when_done = True
+        for client in clients:
+            self._serve(client, client.getpeername())
+        self._resume_accepting()
+        if os.getpid() != self._bound_by:   # a forked worker: say so too
+            for name in self.addresses:
+                log.info("worker listening on %s", format_address(name))
 
     def _finished(self) -> bool:
-        if self._exit_when_done and not self.connections:
+        if self._exit_when_done and not self._connections:
             return True
-        if self.exit_when_idle is not None and not self.connections:
-            if time.monotonic() - self._last_busy >= self.exit_when_idle:
-                log.info("idle for %.0f s: exiting", self.exit_when_idle)
+        exit_when_idle = self.settings.exit_when_idle
+        if exit_when_idle is not None and not self._connections:
+            if time.monotonic() - self._last_busy >= exit_when_idle:
+                log.info("idle for %.0f s: exiting", exit_when_idle)
                 return True
         if self._drain_deadline is None:
             return False
-        return (not self.connections
+        return (not self._connections
                 or time.monotonic() >= self._drain_deadline)
 
-    def _run_once(self):
-        timeout = None
-        if self._ready:
-            timeout = 0
-        elif self._timers:
-            timeout = max(0.0, self._timers[0][0] - time.monotonic())
+    def _wait_limit(self) -> Optional[float]:
+        """How long the loop may sleep for the server's own deadlines."""
         wake_at = self._drain_deadline
-        if self.exit_when_idle is not None and not self.connections:
-            wake_at = self._last_busy + self.exit_when_idle
-        if wake_at is not None:
-            remaining = max(0.0, wake_at - time.monotonic())
-            timeout = remaining if timeout is None else min(timeout, remaining)
-        for key, mask in self.selector.select(timeout):
-            try:
-                key.data(mask)
-            except Exception:
-                self._contain_bug(key.data)
-        ready = self._ready
-        while ready:
-            function, args = ready.popleft()
-            try:
-                function(*args)
-            except Exception:
-                self._contain_bug(function)
-        timers = self._timers
-        now = time.monotonic()
-        while timers and timers[0][0] <= now:
-            _, _, function, argument = heapq.heappop(timers)
-            if function is None:
-                continue        # cancelled
-            try:
-                function(argument)
-            except Exception:
-                self._contain_bug(function)
+        exit_when_idle = self.settings.exit_when_idle
+        if exit_when_idle is not None and not self._connections:
+            wake_at = self._last_busy + exit_when_idle
+        if wake_at is None:
+            return None
+        return max(0.0, wake_at - time.monotonic())
 
-    def _contain_bug(self, handler):
-        """A bug met while handling one event: log it, close the connection
-        it belongs to, and keep serving everyone else."""
-        log.exception("internal error; closing the connection concerned")
-        # A bound method of the connection, or a partial of one.
-        owner = getattr(getattr(handler, "func", handler), "__self__", None)
-        if isinstance(owner, Connection) and owner.state is not State.CLOSED:
-            owner.outcome += ", then an internal error"
-            owner.close()
-        elif isinstance(owner, TorLink):
-            owner.close("internal error")
-
+    # Until the DNS client and the Tor link take the loop itself.
     def call_at(self, when: float, function, argument):
-        """Run function(argument) in the loop at monotonic time when.
-        Returns the timer, for cancel_timer()."""
-        timer = [when, next(self._sequence), function, argument]
-        heapq.heappush(self._timers, timer)
-        return timer
+        return self._loop.call_at(when, function, argument)
 
     @staticmethod
     def cancel_timer(timer):
-        """Disarm a timer; it also lets go of what it would have called, so
-        a closed connection is not kept in memory until its deadline."""
-        timer[2] = timer[3] = None
-
-    def call_soon_threadsafe(self, function, *args):
-        self._ready.append((function, args))
-        writer = self._wakeup_writer
-        if writer is not None:
-            try:
-                writer.send(b"\0")
-            except OSError:
-                pass    # full (a wakeup is pending anyway) or closed
-
-    def deliver(self, callback):
-        """A callable any thread may call with one argument; callback then
-        runs with it in the loop (for resolvers)."""
-        def post(result):
-            self.call_soon_threadsafe(callback, result)
-        return post
-
-    def _on_wakeup(self, mask):
-        try:
-            while self._wakeup_reader.recv(4096):
-                pass
-        except OSError:
-            pass
+        timer.cancel()
 
     def watch(self, sock, old_events: int, new_events: int, callback):
-        """Change what the loop waits for on sock (0 means nothing)."""
-        if old_events == 0:
-            self.selector.register(sock, new_events, callback)
-        elif new_events == 0:
-            self.selector.unregister(sock)
-        else:
-            self.selector.modify(sock, new_events, callback)
+        owner = getattr(callback, "__self__", None)
+        self._loop.watch(sock, old_events, new_events, (callback, owner))
+
+    @property
+    def selector(self):
+        return None if self._loop is None or self._loop.closed \
+            else self._loop.selector
 
     # -- accepting ---------------------------------------------------------------
 
-    def _resume_accepting(self, _=None):
+    def _resume_accepting(self):
         if self._accepting or self._drain_deadline is not None:
             return
-        if len(self.connections) >= self.max_connections:
+        if len(self._connections) >= self.settings.max_connections:
             return
-        for listener in self.listeners:
-            self.selector.register(listener, EVENT_READ, self._accept_from)
+        handler = (self._accept_from, None)
+        for listener in self._listeners:
+            self._loop.watch(listener, 0, EVENT_READ, handler)
         self._accepting = True
 
     def _pause_accepting(self):
         if not self._accepting:
             return
-        for listener in self.listeners:
-            self.selector.unregister(listener)
+        for listener in self._listeners:
+            self._loop.watch(listener, EVENT_READ, 0, None)
         self._accepting = False
 
     def _accept_from(self, mask):
-        for listener in self.listeners:
+        max_connections = self.settings.max_connections
+        for listener in self._listeners:
             for _ in range(ACCEPTS_PER_WAKEUP):
-                if len(self.connections) >= self.max_connections:
+                if len(self._connections) >= max_connections:
                     self._pause_accepting()
                     return
                 try:
@@ -4330,67 +4683,67 @@ class Server:
         if error.errno in ACCEPT_PAUSE_ERRORS:
             # Out of descriptors or memory: rest instead of spinning.
             self._pause_accepting()
-            self.call_at(time.monotonic() + ACCEPT_PAUSE,
-                         self._resume_accepting, None)
+            self._loop.call_later(ACCEPT_PAUSE, self._resume_accepting)
         now = time.monotonic()
         if now - self._last_accept_error_log >= 1.0:
             self._last_accept_error_log = now
             log.warning("accept failed: %s", error)
 
     def _serve(self, client: socket.socket, peer):
-        self.accepted += 1
-        remote = None               # a Unix or loopback client is local
+        self._accepted += 1
+        remote_address = None       # a Unix or loopback client is local
         label = "unix socket"
         if client.family != socket.AF_UNIX:
             label = format_address(peer)
             address = ip_of(peer[0])
             refusal = self._client_refusal(address)
             if refusal:
-                self.refused_at_accept += 1
+                self._refused_at_accept += 1
                 log.info("refused %s at accept: %s", label, refusal)
                 client.close()
                 return
             if not address.is_loopback:
-                remote = address
+                remote_address = address
             with_nodelay(client)
         client.setblocking(False)
         try:
-            connection = Connection(self, client, label, remote,
+            connection = Connection(self, client, label, remote_address,
                                     next(self._numbers))
         except OSError as error:
             log.warning("cannot serve a new connection: %s", error)
             client.close()
             return
-        if remote is not None:
-            self.per_client[remote] += 1
-        self.connections.add(connection)
+        if remote_address is not None:
+            self._per_client[remote_address] += 1
+        self._connections.add(connection)
 
     def _client_refusal(self, address) -> Optional[str]:
-        if not self.client_policy.permits(address):
+        settings = self.settings
+        if not settings.client_policy.permits(address):
             return "not allowed by --allow/--deny"
-        if (self.max_per_client is not None and not address.is_loopback
-                and self.per_client[address] >= self.max_per_client):
+        if (settings.max_per_client is not None and not address.is_loopback
+                and self._per_client[address] >= settings.max_per_client):
             return "more than %d connections from one address" \
-                % self.max_per_client
+                % settings.max_per_client
         return None
 
-    def connection_closed(self, connection: Connection):
-        self.connections.discard(connection)
+    def _connection_closed(self, connection: Connection):
+        self._connections.discard(connection)
         self._last_busy = time.monotonic()
-        self.relayed_bytes += connection.upstream.count \
+        self._relayed_bytes += connection.upstream.count \
             + connection.downstream.count
-        remote = connection.remote
-        if remote is not None:
-            self.per_client[remote] -= 1
-            if not self.per_client[remote]:
-                del self.per_client[remote]
+        remote_address = connection.remote_address
+        if remote_address is not None:
+            self._per_client[remote_address] -= 1
+            if not self._per_client[remote_address]:
+                del self._per_client[remote_address]
         connection.log_outcome()
         if not self._accepting:
             self._resume_accepting()
 
     # -- pipes for the splice relay -------------------------------------------
 
-    def take_pipe(self):
+    def _take_pipe(self):
         if self._pipes:
             return self._pipes.pop()
         read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -4400,36 +4753,34 @@ class Server:
             pass    # the default 64 KiB will do
         return read_end, write_end
 
-    def give_pipe(self, pipe):
+    def _give_pipe(self, pipe):
         """Return an empty pipe to the pool."""
         if len(self._pipes) < PIPE_POOL_SIZE:
             self._pipes.append(pipe)
         else:
-            self.drop_pipe(pipe)
+            self._drop_pipe(pipe)
 
     @staticmethod
-    def drop_pipe(pipe):
+    def _drop_pipe(pipe):
         for fd in pipe:
             os.close(fd)
 
     # -- outbound -----------------------------------------------------------------
 
-    def usable_addresses(self, addresses):
-        if self.ipv6:
+    def _usable_addresses(self, addresses):
+        if self.settings.ipv6:
             return list(addresses)
         return [a for a in addresses if a.version == 4]
 
-    def destination_refusal(self, client_is_local: bool, address, port: int):
-        return self.destination_policy.refusal(client_is_local, address, port)
-
-    def outbound_socket(self, address) -> socket.socket:
+    def _outbound_socket(self, address) -> socket.socket:
         """A non-blocking socket for a connection to address, bound to the
         outbound address of its family when one is set."""
+        settings = self.settings
         family = socket.AF_INET if address.version == 4 else socket.AF_INET6
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setblocking(False)
-            source = self.outbound_addresses.get(address.version)
+            source = settings.outbound_addresses.get(address.version)
             if source is not None:
                 # Let connect() pick the port: bind() alone would reserve one
                 # per connection and exhaust them.
@@ -4437,23 +4788,30 @@ class Server:
                     sock.setsockopt(socket.IPPROTO_IP,
                                     IP_BIND_ADDRESS_NO_PORT, 1)
                 sock.bind((source, 0))
-            if self.outbound_interface:
+            if settings.outbound_interface:
                 if SO_BINDTODEVICE is None:
                     raise OSError(errno.EOPNOTSUPP, "--outbound-interface "
                                   "needs SO_BINDTODEVICE (Linux)")
                 sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE,
-                                self.outbound_interface.encode())
+                                settings.outbound_interface.encode())
         except OSError:
             sock.close()
             raise
         return sock
+
+    def _tor_link_pool(self) -> "TorLinkPool":
+        """The open links to Tor relays, for CONNECT_DIR (made on first use)."""
+        if self._tor_links is None:
+            self._tor_links = TorLinkPool(
+                self, timeout=self.settings.connect_timeout)
+        return self._tor_links
 
     # -- shutting down -----------------------------------------------------------
 
     def _begin_drain(self, drain_timeout: float):
         if self._drain_deadline is None:
             log.info("shutting down: %d connection(s) open, %.1f s to finish",
-                     len(self.connections), drain_timeout)
+                     len(self._connections), drain_timeout)
             sd_notify("STOPPING=1")
         self._pause_accepting()
         self._close_listeners()     # new clients get "refused", not a wait
@@ -4461,27 +4819,25 @@ class Server:
         if self._drain_deadline is None or deadline < self._drain_deadline:
             self._drain_deadline = deadline
 
-    def tor_links(self) -> "TorLinkPool":
-        """The open links to Tor relays, for CONNECT_DIR (made on first use)."""
-        if self._tor_links is None:
-            self._tor_links = TorLinkPool(self, timeout=self.connect_timeout)
-        return self._tor_links
-
     def _close_listeners(self):
-        for listener in self.listeners:
+        for listener in self._listeners:
             listener.close()
-        for path in self._unix_paths:
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+        # Only the process that made a Unix listener removes its path (a
+        # forked worker leaves it to its parent).
+        if self._bound_by == os.getpid():
+            for path in self._unix_paths:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
         self._unix_paths = []
 
-    def _check_exposure(self):
+    def _check_exposure(self, settings: Settings):
         """Refuse to be an open proxy by accident."""
-        if self.open_proxy or self.client_policy or self.credentials:
+        if settings.open_proxy or settings.client_policy \
+                or settings.credentials:
             return
-        for listener in self.listeners:
+        for listener in self._listeners:
             if listener.family not in (socket.AF_INET, socket.AF_INET6):
                 continue
             host = listener.getsockname()[0]
@@ -4493,42 +4849,50 @@ class Server:
                     % format_address(listener.getsockname()))
 
     def _close_everything(self):
-        selector = self.selector
-        if selector is None:
+        loop = self._loop
+        if loop is None:
+            self._close_listeners()
+            self._close_resolver()
+            return
+        if loop.closed:
             return
         self._pause_accepting()
         if self._drain_deadline is None:
             self._drain_deadline = time.monotonic()    # keeps listeners shut
-        for connection in list(self.connections):
+        for connection in list(self._connections):
             connection.outcome += ", cut at shutdown"
             connection.close()
         if self._tor_links is not None:
-            self._tor_links.close()     # while the selector is still open
-        self.selector = None
-        selector.close()
+            self._tor_links.close()     # while the loop is still open
+        loop.close()
         self._close_listeners()
-        for sock in (self._wakeup_reader, self._wakeup_writer):
-            sock.close()
-        self._wakeup_writer = None
         while self._pipes:
-            self.drop_pipe(self._pipes.pop())
+            self._drop_pipe(self._pipes.pop())
+        self._close_resolver()
+
+    def _close_resolver(self):
         close = getattr(self.resolver, "close", None)
         if close is not None:
             close()
 
     # -- logging helpers -----------------------------------------------------------
 
-    def scrub(self, destination: str) -> str:
-        """A destination as the log may show it (DECISIONS row 20)."""
-        return destination if self.log_destinations else "[scrubbed]"
+    def _scrub(self, destination: str) -> str:
+        """A destination as the log may show it (Tor's SafeLogging habit)."""
+        return destination if self.settings.log_destinations \
+            else "[scrubbed]"
 
-    def warn_unsafe_socks(self, version: Version):
+    def _warn_unsafe_socks(self, version: Version):
         now = time.monotonic()
         if now - self._last_unsafe_warning >= 5.0:     # Tor's rate limit
             self._last_unsafe_warning = now
             log.warning("a %s client gave only an IP address: the application "
                         "may be leaking DNS; refused (--safe-socks)",
                         version.name)
+
+    # Until the Tor link takes the loop itself.
+    outbound_socket = _outbound_socket
+    scrub = _scrub
 
 
 def open_unix_listener(path: str, mode: int) -> socket.socket:
@@ -4691,7 +5055,7 @@ def install_signal_handlers(server: Server, on_reload):
     does it (Python runs handlers in the main thread, between bytecodes).
     """
     def on_stop(number, frame):
-        server.request_shutdown()
+        server.stop(wait=False)
 
     def on_hangup(number, frame):
         server.call_soon_threadsafe(on_reload)
@@ -4717,7 +5081,7 @@ def run_workers(server: Server, count: int, on_reload) -> int:
     The parent binds, forks, passes TERM, INT, HUP and USR1 on to the
     workers and restarts one that dies, until it is told to stop.
     """
-    server.open_listeners()
+    server.bind()
     workers = {}            # pid -> when it started
     stopping = False
     parent = os.getpid()
@@ -4729,7 +5093,6 @@ def run_workers(server: Server, count: int, on_reload) -> int:
         if pid == 0:
             status = 1
             try:
-                server._unix_paths = []     # the parent removes them
                 install_signal_handlers(server, on_reload)
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, PASSED_SIGNALS)
                 watch_parent(server, parent)
@@ -4774,7 +5137,7 @@ def run_workers(server: Server, count: int, on_reload) -> int:
             time.sleep(WORKER_RESTART_PAUSE)    # no fork storm
         if not stopping:
             spawn()
-    server._close_listeners()
+    server.stop()
     return 0
 
 
@@ -4784,10 +5147,10 @@ def watch_parent(server: Server, parent: int):
     def check(_):
         if os.getppid() != parent:
             log.warning("the parent process is gone: draining")
-            server.request_shutdown()
+            server.stop(wait=False)
         else:
             server.call_at(time.monotonic() + 1.0, check, None)
-    server.call_at(time.monotonic() + 1.0, check, None)
+    server.call_soon_threadsafe(check, None)
 
 
 def log_statistics(server: Server):
@@ -4905,12 +5268,17 @@ def positive_seconds(text: str) -> float:
 
 
 def build_argument_parser() -> argparse.ArgumentParser:
+    """The command line.  Every option that is a Server setting has the
+    setting's name as its destination (see SETTING_DEFAULTS); the others
+    (where to listen, how the process runs, logging) are main()'s own."""
     parser = argparse.ArgumentParser(
         prog="torsocksd",
         description="A SOCKS4/4A/5 server that speaks Tor's SOCKS dialect "
                     "(RESOLVE, RESOLVE_PTR, CONNECT_DIR) and resolves every "
                     "name itself.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    default = SETTING_DEFAULTS.get
+
     listen = parser.add_argument_group("where to listen")
     listen.add_argument("--port", type=int, default=DEFAULT_PORT,
                         help="port for --address (default %(default)s)")
@@ -4922,18 +5290,23 @@ def build_argument_parser() -> argparse.ArgumentParser:
                         help="listen here instead; repeatable "
                              "([::1]:9050 for IPv6, unix:/path for a Unix "
                              "socket)")
+    listen.add_argument("--unix-mode", type=lambda text: int(text, 8),
+                        default=default("unix_mode"), metavar="MODE",
+                        help="permissions of unix: listeners (default 600)")
+
     access = parser.add_argument_group("access")
-    access.add_argument("--allow", metavar="CIDR", dest="client_rules",
+    access.add_argument("--allow", metavar="CIDR", dest="client_policy",
                         action=OrderedRule, verdict=True, default=[],
                         help="let clients from CIDR in (repeatable; --allow "
                              "and --deny are checked in the order given, the "
                              "first match wins; with any --allow, others are "
                              "refused)")
-    access.add_argument("--deny", metavar="CIDR", dest="client_rules",
+    access.add_argument("--deny", metavar="CIDR", dest="client_policy",
                         action=OrderedRule, verdict=False,
                         help="refuse clients from CIDR (repeatable)")
     access.add_argument("--policy", metavar="RULE", action="append",
-                        default=[], type=policy_rule,
+                        dest="destination_policy", default=[],
+                        type=policy_rule,
                         help='destination rule "accept|reject ADDR[/MASK]'
                              '[:PORT[-PORT]]" (repeatable, first match '
                              'wins; ADDR may be *); remote clients may '
@@ -4941,7 +5314,8 @@ def build_argument_parser() -> argparse.ArgumentParser:
                              'or multicast addresses unless a rule accepts '
                              'them')
     access.add_argument("--pin-relay", metavar="ADDR:PORT=FINGERPRINT",
-                        action="append", default=[], type=relay_pin,
+                        action="append", dest="relay_pins", default=[],
+                        type=relay_pin,
                         help="CONNECT_DIR to the relay at ADDR:PORT (its "
                              "ORPort) must prove this identity (40 hex "
                              "digits); repeatable")
@@ -4949,6 +5323,7 @@ def build_argument_parser() -> argparse.ArgumentParser:
                         help="allow a non-loopback listener without --allow, "
                              "--deny or --credentials")
     access.add_argument("--credentials", metavar="FILE",
+                        dest="credentials_file",
                         help="file of user:password lines; SOCKS5 clients "
                              "must then present one (RFC 1929), and SOCKS4 "
                              "is refused")
@@ -4958,13 +5333,15 @@ def build_argument_parser() -> argparse.ArgumentParser:
     access.add_argument("--test-socks", action="store_true",
                         help="log for every request whether it was safe "
                              "(a name) or unsafe (an IP address)")
+
     limits = parser.add_argument_group("limits")
     limits.add_argument("--handshake-timeout", type=positive_seconds,
-                        default=10.0, metavar="SECONDS",
+                        default=default("handshake_timeout"),
+                        metavar="SECONDS",
                         help="time from accept for the whole SOCKS handshake "
                              "(default %(default)s)")
     limits.add_argument("--connect-timeout", type=positive_seconds,
-                        default=10.0, metavar="SECONDS",
+                        default=default("connect_timeout"), metavar="SECONDS",
                         help="time for a name lookup, and for connecting "
                              "(default %(default)s)")
     limits.add_argument("--idle-timeout", type=positive_seconds,
@@ -4975,24 +5352,26 @@ def build_argument_parser() -> argparse.ArgumentParser:
     limits.add_argument("--max-per-client", type=positive_int, metavar="N",
                         help="connections from one remote address (default: "
                              "no cap; loopback clients are never capped)")
-    limits.add_argument("--drain-timeout", type=float, default=5.0,
-                        metavar="SECONDS",
+    limits.add_argument("--drain-timeout", type=float,
+                        default=default("drain_timeout"), metavar="SECONDS",
                         help="time open connections get at shutdown "
                              "(default %(default)s)")
     limits.add_argument("--max-connections", type=positive_int, metavar="N",
                         help="connections served at once (default: what the "
                              "file descriptor limit allows)")
     limits.add_argument("--nameserver", metavar="IP[:PORT]", action="append",
-                        default=[], type=parse_nameserver,
+                        dest="nameservers", default=[], type=parse_nameserver,
                         help="ask this DNS server directly, from the event "
                              "loop, instead of the system resolver "
                              "(repeatable; [IPv6]:PORT)")
-    limits.add_argument("--resolver-threads", type=int, default=4,
-                        metavar="N",
+    limits.add_argument("--resolver-threads", type=positive_int,
+                        default=default("resolver_threads"), metavar="N",
                         help="threads for name lookups (default %(default)s)")
+
     outbound = parser.add_argument_group("outbound connections")
     outbound.add_argument("--outbound-address", metavar="ADDR",
-                          action="append", default=[], type=ip_argument,
+                          action="append", dest="outbound_addresses",
+                          default=[], type=ip_argument,
                           help="source address for outbound connections, one "
                                "per family (repeatable)")
     outbound.add_argument("--outbound-interface", metavar="NAME",
@@ -5007,15 +5386,14 @@ def build_argument_parser() -> argparse.ArgumentParser:
                         action="store_const", const=4,
                         help="try IPv4 addresses first (the default for "
                              "RESOLVE; connects follow the resolver's order)")
-    family.add_argument("--no-ipv6", action="store_true",
+    family.add_argument("--no-ipv6", dest="ipv6", action="store_false",
                         help="never connect to or answer with IPv6")
-    outbound.add_argument("--happy-eyeballs-delay", type=float, default=0.25,
+    outbound.add_argument("--happy-eyeballs-delay", type=float,
+                          default=default("happy_eyeballs_delay"),
                           metavar="SECONDS",
                           help="wait this long for an address before trying "
                                "the next one as well (default %(default)s)")
-    listen.add_argument("--unix-mode", type=lambda text: int(text, 8),
-                        default=0o600, metavar="MODE",
-                        help="permissions of unix: listeners (default 600)")
+
     process = parser.add_argument_group("process")
     process.add_argument("--inetd", action="store_true",
                          help='inetd "nowait": fd 0 is one connected client; '
@@ -5038,6 +5416,7 @@ def build_argument_parser() -> argparse.ArgumentParser:
                               "connection")
     process.add_argument("--user", metavar="NAME",
                          help="drop privileges to this user after binding")
+
     logs = parser.add_argument_group("logging")
     logs.add_argument("--log-level", default="info",
                       choices=["debug", "info", "warning", "error"],
@@ -5069,7 +5448,7 @@ def main(argv=None) -> int:
     except (OSError, ValueError) as error:
         log.error("socket activation: %s", error)
         return EX_USAGE
-    passed = listeners or connections
+    passed = listeners + connections
     if passed and (options.listen or inetd):
         parser.error("sockets came from systemd (LISTEN_FDS); --listen, "
                      "--inetd and --inetd-wait cannot be added to them")
@@ -5078,9 +5457,10 @@ def main(argv=None) -> int:
     if options.inetd and options.inetd_wait:
         parser.error("--inetd and --inetd-wait exclude each other")
     if options.inetd:
-        connections = [socket.socket(fileno=0)]
+        passed = [socket.socket(fileno=0)]
     elif options.inetd_wait:
-        listeners = [socket.socket(fileno=0)]
+        passed = [socket.socket(fileno=0)]
+        options.exit_when_idle = options.idle_exit
     if inetd:
         # stdout and stderr may be the client's socket: nothing may reach
         # it, not even logging's own complaint about an absent syslog.
@@ -5088,56 +5468,29 @@ def main(argv=None) -> int:
         with open(os.devnull, "wb") as null:
             os.dup2(null.fileno(), 1)
             os.dup2(null.fileno(), 2)
-    credentials = None
-    if options.credentials:
+    settings = {name: value for name, value in vars(options).items()
+                if name in SETTING_DEFAULTS}
+    if options.credentials_file:
         try:
-            credentials = Credentials.from_file(options.credentials)
+            settings["credentials"] = Credentials.from_file(
+                options.credentials_file)
         except (OSError, ValueError) as error:
             log.error("cannot read credentials: %s", error)
             return EX_USAGE
-    server = Server(
-        options.listen or [(options.address, options.port)],
-        sockets=listeners,
-        resolver=(DnsResolver(options.nameserver) if options.nameserver
-                  else SystemResolver(workers=options.resolver_threads)),
-        handshake_timeout=options.handshake_timeout,
-        connect_timeout=options.connect_timeout,
-        idle_timeout=options.idle_timeout,
-        drain_timeout=options.drain_timeout,
-        max_connections=options.max_connections,
-        max_per_client=options.max_per_client,
-        credentials=credentials,
-        client_policy=ClientPolicy(options.client_rules),
-        destination_policy=DestinationPolicy(options.policy),
-        open_proxy=options.open_proxy or bool(connections),
-        safe_socks=options.safe_socks,
-        test_socks=options.test_socks,
-        log_destinations=options.log_destinations,
-        happy_eyeballs_delay=options.happy_eyeballs_delay,
-        preferred_ip_version=options.preferred_ip_version,
-        ipv6=not options.no_ipv6,
-        outbound_addresses=options.outbound_address,
-        outbound_interface=options.outbound_interface,
-        unix_mode=options.unix_mode,
-        exit_when_idle=options.idle_exit if options.inetd_wait else None,
-        splice=options.splice,
-        relay_pins=dict(options.pin_relay))
-    if connections:
-        server.listen = []      # one client, no listener of our own
+    server = Server(options.listen or [(options.address, options.port)],
+                    sockets=passed, **settings)
+
     def reload():
         if options.log_file:
             configure_logging(options.log_level, options.log_file)
-        server.reload(options.credentials)
+        server.reload()
 
-    workers = options.workers > 1 and not connections
+    workers = options.workers > 1 and not connections and not options.inetd
     if not workers:
         # Before the first "listening" line: a signal from then on drains.
         install_signal_handlers(server, reload)
     try:
-        if workers:
-            server.open_listeners()
-        else:
-            server.bind()
+        server.bind()
         if options.user:
             drop_privileges(options.user)
     except ValueError as error:
@@ -5148,13 +5501,9 @@ def main(argv=None) -> int:
         return EX_UNAVAILABLE
     if workers:
         return run_workers(server, options.workers, reload)
-    if connections:
-        for extra in connections[1:]:
-            extra.close()
-        server.serve_connection(connections[0])
-        return 0
-    sd_notify("READY=1\nSTATUS=accepting on %s"
-              % ", ".join(server.stats()["listeners"]))
+    if not connections and not options.inetd:
+        sd_notify("READY=1\nSTATUS=accepting on %s"
+                  % ", ".join(server.stats()["listeners"]))
     server.serve_forever()
     log.info("stopped")
     return 0

@@ -108,6 +108,7 @@ def make_server(relay_mode):
     def make(**options):
         options.setdefault("listen", [("127.0.0.1", 0)])
         options.setdefault("splice", relay_mode == "splice")
+        options.setdefault("drain_timeout", 0.0)    # stop() at teardown
         server = torsocksd.Server(**options).start()
         servers.append(server)
         return server

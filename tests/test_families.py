@@ -106,8 +106,8 @@ def test_ipv4_listener_replies_with_atyp_1(make_server, echo_server):
 @needs_ipv6
 def test_ipv6_listener_replies_with_atyp_4(make_server, echo_server):
     server = make_server(listen=[("::1", 0)], resolver=FakeResolver(NAMES))
-    assert server.listeners[0].family == socket.AF_INET6
-    assert server.listeners[0].getsockopt(socket.IPPROTO_IPV6,
+    assert server._listeners[0].family == socket.AF_INET6
+    assert server._listeners[0].getsockopt(socket.IPPROTO_IPV6,
                                           socket.IPV6_V6ONLY) == 1
     address = server.addresses[0]
     # To an IPv4 target too: the reply follows the client's family.
@@ -162,7 +162,7 @@ def test_wildcard_listeners_of_both_families_share_a_port(make_server,
     if order == "ipv6 first":
         listen.reverse()
     server = make_server(listen=listen, open_proxy=True)
-    families = {listener.family: listener for listener in server.listeners}
+    families = {listener.family: listener for listener in server._listeners}
     assert set(families) == {socket.AF_INET, socket.AF_INET6}
     assert families[socket.AF_INET6].getsockopt(
         socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
@@ -185,7 +185,7 @@ def test_wildcard_listener_needs_open_proxy(host):
                               resolver=FakeResolver())
     with pytest.raises(ValueError, match="--open-proxy"):
         server.start()
-    assert server.listeners == []
+    assert server._listeners == []
 
 
 # -- Unix stream sockets --------------------------------------------------------
@@ -300,7 +300,7 @@ def test_live_unix_socket_is_an_error(sock_dir):
         print("live socket:", raised.value)
         assert raised.value.errno == errno.EADDRINUSE
         assert os.lstat(path).st_ino == inode
-        assert server.listeners == []
+        assert server._listeners == []
         # The other server still gets its clients.
         with unix_client(path):
             pass
