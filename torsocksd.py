@@ -189,6 +189,29 @@ HTTP_FIRST_BYTES = frozenset(b"GHPCODT")
 
 
 # =============================================================================
+# Text a peer chose, as a log line may carry it
+# =============================================================================
+
+MAX_LOGGED_PEER_TEXT = 512      # characters; a peer cannot flood the log
+
+
+def clip_for_log(text, limit: int = MAX_LOGGED_PEER_TEXT) -> str:
+    """text (str or bytes) fit for one log line: bytes shown as repr() shows
+    them and control characters escaped the same way, so that none reaches
+    the log; cut to limit characters with "…" appended when cut."""
+    if isinstance(text, (bytes, bytearray, memoryview)):
+        # limit + 1 bytes give more than limit characters: enough to cut.
+        text = repr(bytes(text[:limit + 1]))[2:-1]
+    else:
+        text = str(text)[:limit + 1]
+        if not text.isprintable():
+            text = repr(text)[1:-1]
+    if len(text) > limit:
+        return text[:limit] + "…"
+    return text
+
+
+# =============================================================================
 # Pure parsers: bytes in, one message (or "need more", or a rejection) out
 # =============================================================================
 # Every parser takes the bytes buffered so far and returns one of:
