@@ -189,6 +189,29 @@ HTTP_FIRST_BYTES = frozenset(b"GHPCODT")
 
 
 # =============================================================================
+# Text a peer chose, as a log line may carry it
+# =============================================================================
+
+MAX_LOGGED_PEER_TEXT = 512      # characters; a peer cannot flood the log
+
+
+def clip_for_log(text, limit: int = MAX_LOGGED_PEER_TEXT) -> str:
+    """text (str or bytes) fit for one log line: bytes shown as repr() shows
+    them and control characters escaped the same way, so that none reaches
+    the log; cut to limit characters with "…" appended when cut."""
+    if isinstance(text, (bytes, bytearray, memoryview)):
+        # limit + 1 bytes give more than limit characters: enough to cut.
+        text = repr(bytes(text[:limit + 1]))[2:-1]
+    else:
+        text = str(text)[:limit + 1]
+        if not text.isprintable():
+            text = repr(text)[1:-1]
+    if len(text) > limit:
+        return text[:limit] + "…"
+    return text
+
+
+# =============================================================================
 # Pure parsers: bytes in, one message (or "need more", or a rejection) out
 # =============================================================================
 # Every parser takes the bytes buffered so far and returns one of:
@@ -1734,7 +1757,26 @@ SENDME_VERSION_AUTHENTICATED = 1    # prop 289: carries a 20-byte digest
 # Certificate clock slop: Tor's TOR_X509_PAST_SLOP and TOR_X509_FUTURE_SLOP.
 CERT_EXPIRED_SLOP = 2 * 24 * 3600
 CERT_NOT_YET_VALID_SLOP = 30 * 24 * 3600
+
+# RSA keys a relay may show.  Tor makes 1024-bit identity keys and 2048-bit
+# link keys, all with the exponent 65537 (tor-spec §0.3, tortls.c); it takes
+# a link key of 1024 bits or more (tor_tls_cert_is_valid), and OpenSSL none
+# above 16384 bits.  The work of a verification, one pow(), grows with the
+# exponent's size: keys outside these bounds are refused before it.
 IDENTITY_KEY_BITS = 1024    # tor-spec §4.2: the ID certificate's key size
+MIN_LINK_KEY_BITS = 1024
+MAX_RSA_KEY_BITS = 16384    # OpenSSL's OPENSSL_RSA_MAX_MODULUS_BITS
+MAX_RSA_EXPONENT = 2 ** 32
+
+# What a relay can make the link parse and buffer, each bound far above what
+# tor sends (about 3 kB before the circuit is open, a CERTS cell of 1.5 kB
+# with five certificates of at most 600 bytes).
+MAX_VERSIONS_LISTED = 64        # link versions 1 to 5 exist (tor-spec §4.1)
+MAX_CERTS = 16                  # seven types, each at most once (§4.2)
+MAX_CERTIFICATE_BYTES = 4096    # room for a 16384-bit link key
+MAX_SETUP_CELL_PAYLOAD = 8192   # a variable cell before the circuit is open
+MAX_SETUP_BYTES = 32 * 1024     # all cells before the circuit is open
+MAX_DER_CHILDREN = 16           # a TBSCertificate has at most 10 fields
 
 LINK_HIGH_WATER = 256 * 1024   # TLS bytes queued before streams stop sending
 LINK_LOW_WATER = 64 * 1024     # ... and when they are told to resume
@@ -1976,6 +2018,13 @@ def is_variable_length(command: int) -> bool:
     return command == CellCommand.VERSIONS or command >= 128
 
 
+def cell_command_name(command: int) -> str:
+    try:
+        return CellCommand(command).name
+    except ValueError:
+        return "command %d" % command
+
+
 def encode_cell(circuit_id: int, command: int, payload: bytes = b"",
                 circuit_id_len: int = CIRC_ID_LEN) -> bytes:
     """A fixed cell (payload padded with NULs to 509 bytes) or a variable
@@ -1988,8 +2037,11 @@ def encode_cell(circuit_id: int, command: int, payload: bytes = b"",
     return header + payload + bytes(PAYLOAD_LEN - len(payload))
 
 
-def parse_cell(data, circuit_id_len: int = CIRC_ID_LEN):
-    """tor-spec §3: one cell from the front of data, or NEED_MORE."""
+def parse_cell(data, circuit_id_len: int = CIRC_ID_LEN,
+               max_payload: int = 0xFFFF):
+    """tor-spec §3: one cell from the front of data, or NEED_MORE.  A
+    variable cell longer than max_payload is a TorProtocolError as soon as
+    its length is in, before its payload is waited for."""
     header_len = circuit_id_len + 1
     if len(data) < header_len:
         return NEED_MORE
@@ -1999,6 +2051,10 @@ def parse_cell(data, circuit_id_len: int = CIRC_ID_LEN):
         if len(data) < header_len + 2:
             return NEED_MORE
         size = int.from_bytes(data[header_len:header_len + 2], "big")
+        if size > max_payload:
+            raise TorProtocolError("a %d-byte %s cell where at most %d bytes "
+                                   "are expected" % (size, cell_command_name(
+                                       command), max_payload))
         start = header_len + 2
     else:
         size = PAYLOAD_LEN
@@ -2020,12 +2076,15 @@ def negotiate_link_version(payload: bytes, offered=LINK_VERSIONS) -> int:
     """The highest version both sides list (tor-spec §4.1)."""
     if len(payload) % 2:
         raise TorProtocolError("VERSIONS cell of odd length")
+    if len(payload) > 2 * MAX_VERSIONS_LISTED:
+        raise TorProtocolError("VERSIONS cell lists %d versions, more than %d"
+                               % (len(payload) // 2, MAX_VERSIONS_LISTED))
     theirs = {int.from_bytes(payload[i:i + 2], "big")
               for i in range(0, len(payload), 2)}
     common = theirs.intersection(offered)
     if not common:
         raise TorProtocolError("no common link protocol version (relay offers "
-                               "%s)" % sorted(theirs))
+                               "%s)" % clip_for_log(str(sorted(theirs))))
     return max(common)
 
 
@@ -2039,9 +2098,16 @@ def netinfo_payload(relay_address) -> bytes:
 
 
 def parse_certs_cell(payload: bytes) -> dict:
-    """tor-spec §4.2: {certificate type: certificate bytes}; each type once."""
+    """tor-spec §4.2: {certificate type: certificate bytes}; each type once,
+    at most MAX_CERTS of them, none over MAX_CERTIFICATE_BYTES."""
     if not payload:
         raise TorProtocolError("empty CERTS cell")
+    if len(payload) > MAX_SETUP_CELL_PAYLOAD:
+        raise TorProtocolError("CERTS cell of %d bytes, more than %d"
+                               % (len(payload), MAX_SETUP_CELL_PAYLOAD))
+    if payload[0] > MAX_CERTS:
+        raise TorProtocolError("CERTS cell of %d certificates, more than %d"
+                               % (payload[0], MAX_CERTS))
     certificates = {}
     position = 1
     for _ in range(payload[0]):
@@ -2050,6 +2116,10 @@ def parse_certs_cell(payload: bytes) -> dict:
         kind = payload[position]
         size = int.from_bytes(payload[position + 1:position + 3], "big")
         position += 3
+        if size > MAX_CERTIFICATE_BYTES:
+            raise TorProtocolError("certificate of %d bytes in CERTS cell, "
+                                   "more than %d" % (size,
+                                                     MAX_CERTIFICATE_BYTES))
         if position + size > len(payload):
             raise TorProtocolError("truncated certificate in CERTS cell")
         if kind in certificates:
@@ -2067,6 +2137,9 @@ def parse_certs_cell(payload: bytes) -> dict:
 # the signature, the validity and the RSA key, and PKCS#1 v1.5 verification,
 # which is one pow().  Types 4, 5 and 7 (Ed25519) are not checked: the
 # standard library has no Ed25519, and the RSA identity is what is pinned.
+# The walker follows one fixed path into the certificate (no recursion, so
+# nesting costs nothing), looks at MAX_DER_CHILDREN elements of a SEQUENCE at
+# most, and refuses an RSA number by its length before converting it.
 
 DER_INTEGER = 0x02
 DER_BIT_STRING = 0x03
@@ -2118,13 +2191,17 @@ def der_element(data, start: int, limit: int) -> DerElement:
 
 
 def der_children(data, parent: DerElement, tag: int = DER_SEQUENCE):
-    """The elements inside a constructed element of the given tag."""
+    """The elements inside a constructed element of the given tag (at most
+    MAX_DER_CHILDREN)."""
     if parent.tag != tag:
         raise TorProtocolError("expected DER tag %#x, got %#x"
                                % (tag, parent.tag))
     children = []
     position = parent.value_start
     while position < parent.end:
+        if len(children) == MAX_DER_CHILDREN:
+            raise TorProtocolError("more than %d elements in a DER SEQUENCE"
+                                   % MAX_DER_CHILDREN)
         child = der_element(data, position, parent.end)
         children.append(child)
         position = child.end
@@ -2138,7 +2215,13 @@ def der_value(data, element: DerElement, tag: int) -> bytes:
     return bytes(data[element.value_start:element.end])
 
 
-def der_positive_integer(data, element: DerElement) -> int:
+def der_positive_integer(data, element: DerElement, max_bits: int,
+                         name: str) -> int:
+    """A positive INTEGER of at most max_bits bits, refused by its length
+    before it is converted."""
+    if element.end - element.value_start > max_bits // 8 + 1:  # + sign byte
+        raise TorProtocolError("an RSA %s of more than %d bits"
+                               % (name, max_bits))
     value = int.from_bytes(der_value(data, element, DER_INTEGER), "big",
                            signed=True)
     if value <= 0:
@@ -2175,9 +2258,11 @@ def der_time(data, element: DerElement) -> int:
         year = int(text[0:4])
         rest = text[4:14]
     else:
-        raise TorProtocolError("unsupported certificate time %r" % text)
+        raise TorProtocolError("unsupported certificate time %s"
+                               % clip_for_log(text))
     if not text.endswith(b"Z") or not rest.isdigit():
-        raise TorProtocolError("unsupported certificate time %r" % text)
+        raise TorProtocolError("unsupported certificate time %s"
+                               % clip_for_log(text))
     month, day, hour, minute, second = (int(rest[i:i + 2])
                                         for i in range(0, 10, 2))
     return (_days_from_civil(year, month, day) * 86400 + hour * 3600
@@ -2203,7 +2288,8 @@ def parse_certificate(der: bytes) -> Certificate:
     try:
         return _parse_certificate(der)
     except (ValueError, IndexError, TypeError) as error:
-        raise TorProtocolError("malformed certificate: %s" % error) from None
+        raise TorProtocolError("malformed certificate: %s"
+                               % clip_for_log(str(error))) from None
 
 
 def _parse_certificate(der: bytes) -> Certificate:
@@ -2238,8 +2324,11 @@ def _parse_certificate(der: bytes) -> Certificate:
         not_after=der_time(der, validity[1]),
         public_key_info=bytes(der[key_info.start:key_info.end]),
         rsa_public_key=rsa_public_key,
-        modulus=der_positive_integer(rsa_public_key, modulus),
-        exponent=der_positive_integer(rsa_public_key, exponent))
+        modulus=der_positive_integer(rsa_public_key, modulus,
+                                     MAX_RSA_KEY_BITS, "modulus"),
+        exponent=der_positive_integer(rsa_public_key, exponent,
+                                      MAX_RSA_EXPONENT.bit_length(),
+                                      "exponent"))
 
 
 def _der_encode(tag: int, value: bytes) -> bytes:
@@ -2250,10 +2339,30 @@ def _der_encode(tag: int, value: bytes) -> bytes:
     return bytes((tag, 0x80 | len(length))) + length + value
 
 
+def check_rsa_key(modulus: int, exponent: int, name: str,
+                  min_bits: int = 1, max_bits: int = MAX_RSA_KEY_BITS):
+    """Refuse, before any pow() with it, an RSA key whose modulus is not of
+    min_bits to max_bits bits, or whose exponent is even, below 3, not below
+    the modulus (RFC 8017 §3.1) or above MAX_RSA_EXPONENT."""
+    bits = modulus.bit_length()
+    if not min_bits <= bits <= max_bits:
+        allowed = ("%d" % max_bits if min_bits == max_bits
+                   else "%d to %d" % (min_bits, max_bits))
+        raise TorProtocolError("the relay's %s key is %d-bit RSA, not "
+                               "%s-bit" % (name, bits, allowed))
+    if (exponent > MAX_RSA_EXPONENT or exponent < 3 or not exponent & 1
+            or exponent >= modulus):
+        raise TorProtocolError("the relay's %s key has an RSA exponent of %d "
+                               "bits that tor would not use (it uses 65537)"
+                               % (name, exponent.bit_length()))
+
+
 def rsa_pkcs1_verify(modulus: int, exponent: int, message: bytes,
                      signature: bytes, algorithm: bytes) -> bool:
     """RSASSA-PKCS1-v1_5 verification (RFC 8017 §8.2.2) for the signature
-    algorithm OID a certificate names."""
+    algorithm OID a certificate names; TorProtocolError for a key that
+    check_rsa_key refuses."""
+    check_rsa_key(modulus, exponent, "signing")
     if algorithm not in RSA_SIGNATURE_ALGORITHMS:
         return False
     hash_name, hash_oid = RSA_SIGNATURE_ALGORITHMS[algorithm]
@@ -2301,7 +2410,8 @@ def verify_relay_certs(certificates: dict, tls_certificate: bytes,
     """tor-spec §4.2 "to authenticate the responder as having a given RSA
     identity": the ID certificate is a self-signed 1024-bit RSA key that
     signed the link certificate, whose key is the TLS connection's; both are
-    in date.  Returns the relay's fingerprint (20 bytes)."""
+    in date.  Both keys are checked (check_rsa_key) before any signature is.
+    Returns the relay's fingerprint (20 bytes)."""
     missing = [kind.name for kind in (CertType.LINK, CertType.IDENTITY)
                if kind not in certificates]
     if missing:
@@ -2309,8 +2419,9 @@ def verify_relay_certs(certificates: dict, tls_certificate: bytes,
                                % " and ".join(missing))
     identity = parse_certificate(certificates[CertType.IDENTITY])
     link = parse_certificate(certificates[CertType.LINK])
-    if identity.modulus.bit_length() != IDENTITY_KEY_BITS:
-        raise TorProtocolError("identity key is not 1024-bit RSA")
+    check_rsa_key(identity.modulus, identity.exponent, "identity",
+                  IDENTITY_KEY_BITS, IDENTITY_KEY_BITS)
+    check_rsa_key(link.modulus, link.exponent, "link", MIN_LINK_KEY_BITS)
     _check_lifetime(identity, "identity", now)
     _check_lifetime(link, "link", now)
     _check_signature(identity, identity, "identity")

@@ -11,10 +11,13 @@ import calendar
 import collections
 import errno
 import hashlib
+import logging
 import os
 import random
 import re
 import socket
+import ssl
+import struct
 import subprocess
 import sys
 import threading
@@ -23,7 +26,8 @@ import time
 import pytest
 
 import torsocksd
-from conftest import REQUIRE_PEERS, require_program
+from conftest import (REQUIRE_PEERS, connect, recv_exactly, recv_until_eof,
+                      require_program)
 
 
 TIMEOUT = 30.0
@@ -197,6 +201,33 @@ def test_negotiate_link_version():
         torsocksd.negotiate_link_version(bytes.fromhex("0003"))   # nothing common
     with pytest.raises(torsocksd.TorProtocolError):
         torsocksd.negotiate_link_version(bytes.fromhex("000400"))  # odd length
+
+
+def test_negotiate_link_version_bounds_the_list_and_its_message():
+    many = b"".join(n.to_bytes(2, "big") for n in range(6, 6 + 64))
+    with pytest.raises(torsocksd.TorProtocolError,
+                       match="no common link protocol version") as refused:
+        torsocksd.negotiate_link_version(many)
+    assert len(str(refused.value)) <= 600
+    with pytest.raises(torsocksd.TorProtocolError,
+                       match="lists 65 versions, more than 64") as refused:
+        torsocksd.negotiate_link_version(many + b"\x00\x04")
+    with pytest.raises(torsocksd.TorProtocolError, match="lists 30000"):
+        torsocksd.negotiate_link_version(bytes(60000))
+
+
+def test_parse_cell_refuses_a_long_variable_cell_from_its_header():
+    header = bytes.fromhex("00000000" "80" "2001")        # VPADDING, 8193
+    with pytest.raises(torsocksd.TorProtocolError,
+                       match="8193-byte VPADDING cell where at most 8192"):
+        torsocksd.parse_cell(header, max_payload=8192)
+    assert torsocksd.parse_cell(header) is torsocksd.NEED_MORE
+    assert torsocksd.parse_cell(header[:6], max_payload=8192) \
+        is torsocksd.NEED_MORE
+    assert torsocksd.parse_cell(header + bytes(8193)).used == 8200
+    unknown = bytes.fromhex("0000" "fe" "ffff")
+    with pytest.raises(torsocksd.TorProtocolError, match="command 254"):
+        torsocksd.parse_cell(unknown, 2, max_payload=0)
 
 
 def test_netinfo_payload():
@@ -381,18 +412,31 @@ def _is_probable_prime(n, rng):
     return True
 
 
-@pytest.fixture(scope="module")
-def rsa_key():
-    """A deterministic 1024-bit RSA key for signing test vectors: (n, e, d)."""
-    bits = 1024
-    rng = random.Random(1)
+class RsaKey(collections.namedtuple("RsaKey", "n e d p q")):
+    """An RSA key made by the tests."""
+
+
+SMALL_PRIMES = [n for n in range(3, 2000) if all(n % k for k in range(2, n))]
+
+
+def make_rsa_key(bits, seed):
+    """A deterministic RSA key of bits bits with exponent 65537."""
+    rng = random.Random(seed)
     primes = []
     while len(primes) < 2:
         candidate = rng.getrandbits(bits // 2) | (3 << (bits // 2 - 2)) | 1
-        if (candidate - 1) % 65537 and _is_probable_prime(candidate, rng):
+        if all(candidate % k for k in SMALL_PRIMES) \
+                and (candidate - 1) % 65537 \
+                and _is_probable_prime(candidate, rng):
             primes.append(candidate)
     p, q = primes
-    return p * q, 65537, pow(65537, -1, (p - 1) * (q - 1))
+    return RsaKey(p * q, 65537, pow(65537, -1, (p - 1) * (q - 1)), p, q)
+
+
+@pytest.fixture(scope="module")
+def rsa_key():
+    """A deterministic 1024-bit RSA key for signing test vectors."""
+    return make_rsa_key(1024, 1)
 
 
 DIGEST_INFO_PREFIXES = {   # RFC 8017 §9.2, note 1
@@ -408,7 +452,7 @@ SIGNATURE_OIDS = {
 
 
 def _pkcs1_sign(key, hash_name, message):
-    n, _, d = key
+    n, _, d = key[:3]
     size = (n.bit_length() + 7) // 8
     info = bytes.fromhex(DIGEST_INFO_PREFIXES[hash_name]) \
         + hashlib.new(hash_name, message).digest()
@@ -419,7 +463,7 @@ def _pkcs1_sign(key, hash_name, message):
 @pytest.mark.parametrize("hash_name", sorted(SIGNATURE_OIDS))
 def test_rsa_pkcs1_verify_each_algorithm(hash_name, rsa_key):
     key = rsa_key
-    n, e, _ = key
+    n, e = key.n, key.e
     message = b"to be signed"
     signature = _pkcs1_sign(key, hash_name, message)
     algorithm = bytes.fromhex(SIGNATURE_OIDS[hash_name])
@@ -434,6 +478,127 @@ def test_rsa_pkcs1_verify_each_algorithm(hash_name, rsa_key):
                                         bytes.fromhex(SIGNATURE_OIDS[other]))
     assert not torsocksd.rsa_pkcs1_verify(n, e, message, signature,
                                         bytes.fromhex("2a864886f70d010104"))  # md5
+
+
+@pytest.mark.parametrize("exponent", [(1 << 480000) + 1, (1 << 32) + 1,
+                                      65536, 1, 2],
+                         ids=["60 kB", "2**32 + 1", "even", "1", "2"])
+def test_rsa_pkcs1_verify_refuses_exponents_tor_never_uses(rsa_key, monkeypatch,
+                                                          exponent):
+    # pow() is what a huge exponent makes slow: it must not be reached.
+    powers = []
+    monkeypatch.setattr(torsocksd, "pow", lambda *args: powers.append(args)
+                        or 0, raising=False)
+    signature = _pkcs1_sign(rsa_key, "sha256", b"m")
+    with pytest.raises(torsocksd.TorProtocolError, match="RSA exponent"):
+        torsocksd.rsa_pkcs1_verify(rsa_key.n, exponent, b"m", signature,
+                                   bytes.fromhex(SIGNATURE_OIDS["sha256"]))
+    assert powers == []
+
+
+def test_rsa_pkcs1_verify_takes_exponents_up_to_2_to_the_32(rsa_key):
+    signature = _pkcs1_sign(rsa_key, "sha256", b"m")
+    algorithm = bytes.fromhex(SIGNATURE_OIDS["sha256"])
+    assert not torsocksd.rsa_pkcs1_verify(rsa_key.n, (1 << 32) - 1, b"m",
+                                          signature, algorithm)
+    assert torsocksd.rsa_pkcs1_verify(rsa_key.n, 65537, b"m", signature,
+                                      algorithm)
+
+
+def test_rsa_pkcs1_verify_refuses_a_modulus_over_16384_bits():
+    modulus = (1 << 16384) + 1
+    with pytest.raises(torsocksd.TorProtocolError, match="16385-bit RSA"):
+        torsocksd.rsa_pkcs1_verify(modulus, 65537, b"m", bytes(2049),
+                                   bytes.fromhex(SIGNATURE_OIDS["sha256"]))
+
+
+@pytest.mark.parametrize("modulus_bits, exponent, message", [
+    (1024, (1 << 480000) + 1, "exponent of more than 33 bits"),
+    (16400, 65537, "modulus of more than 16384 bits"),
+    (480000, 65537, "modulus of more than 16384 bits"),
+], ids=["60 kB exponent", "16400-bit modulus", "60 kB modulus"])
+def test_parse_certificate_refuses_huge_rsa_numbers_by_their_length(
+        rsa_key, modulus_bits, exponent, message):
+    modulus = (1 << (modulus_bits - 1)) + 1
+    der_certificate = make_certificate(rsa_public_key(modulus, exponent),
+                                       rsa_key, "www.x.net", "www.x.net")
+    with pytest.raises(torsocksd.TorProtocolError, match=message):
+        torsocksd.parse_certificate(der_certificate)
+
+
+@pytest.mark.parametrize("bits, exponent, message", [
+    (1024, 65537, None), (1024, 3, None), (1024, (1 << 32) - 1, None),
+    (1023, 65537, "identity key is 1023-bit RSA, not 1024-bit"),
+    (2048, 65537, "identity key is 2048-bit RSA, not 1024-bit"),
+    (1024, 1 << 16, "exponent of 17 bits"),
+    (1024, (1 << 32) + 1, "exponent of 33 bits"),
+])
+def test_check_rsa_key_for_an_identity(bits, exponent, message):
+    modulus = (1 << (bits - 1)) + 1
+    if message is None:
+        torsocksd.check_rsa_key(modulus, exponent, "identity", 1024, 1024)
+        return
+    with pytest.raises(torsocksd.TorProtocolError, match=message):
+        torsocksd.check_rsa_key(modulus, exponent, "identity", 1024, 1024)
+
+
+def test_check_rsa_key_for_a_link():
+    for bits in (1024, 2048, 16384):
+        torsocksd.check_rsa_key((1 << (bits - 1)) + 1, 65537, "link", 1024)
+    for bits in (512, 1023, 16385):
+        with pytest.raises(torsocksd.TorProtocolError,
+                           match="link key is %d-bit RSA, not 1024 to 16384"
+                           % bits):
+            torsocksd.check_rsa_key((1 << (bits - 1)) + 1, 65537, "link",
+                                    1024)
+    with pytest.raises(torsocksd.TorProtocolError, match="exponent"):
+        torsocksd.check_rsa_key(65537, 65537, "link")     # not below n
+
+
+def test_der_children_are_bounded():
+    sequence = der(0x30, der(0x05, b"") * 16)
+    top = torsocksd.der_element(sequence, 0, len(sequence))
+    assert len(torsocksd.der_children(sequence, top)) == 16
+    sequence = der(0x30, der(0x05, b"") * 2000)
+    top = torsocksd.der_element(sequence, 0, len(sequence))
+    with pytest.raises(torsocksd.TorProtocolError,
+                       match="more than 16 elements"):
+        torsocksd.der_children(sequence, top)
+
+
+def test_der_time_error_is_short():
+    encoded = der(0x17, b"\n" * 3000)
+    element = torsocksd.der_element(encoded, 0, len(encoded))
+    with pytest.raises(torsocksd.TorProtocolError) as refused:
+        torsocksd.der_time(encoded, element)
+    assert len(str(refused.value)) <= 600 and "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("payload, message", [
+    (b"\x11" + b"\x05\x00\x01x" * 17, "17 certificates, more than 16"),
+    (b"\x01\x02\x10\x01" + bytes(4097), "certificate of 4097 bytes"),
+    (b"\x01\x02\x00\x03abc" + bytes(8186), "CERTS cell of 8193 bytes"),
+], ids=["17 certificates", "a 4097-byte one", "8193 bytes"])
+def test_parse_certs_cell_bounds(payload, message):
+    with pytest.raises(torsocksd.TorProtocolError, match=message):
+        torsocksd.parse_certs_cell(payload)
+
+
+def test_parse_certs_cell_takes_what_tor_may_send():
+    most = b"\x10" + b"".join(bytes((kind,)) + b"\x00\x01x"
+                              for kind in range(16))
+    assert len(torsocksd.parse_certs_cell(most)) == 16
+    big = b"\x01\x01\x10\x00" + bytes(4096)
+    assert torsocksd.parse_certs_cell(big + bytes(8192 - len(big))) \
+        == {1: bytes(4096)}
+
+
+def test_keys_a_relay_makes_verify(relay_keys):
+    certificates = torsocksd.parse_certs_cell(relay_keys.certs())
+    fingerprint = torsocksd.verify_relay_certs(
+        certificates, relay_keys.link_certificate, time.time())
+    assert fingerprint == hashlib.sha1(rsa_public_key(
+        relay_keys.identity.n, relay_keys.identity.e)).digest()
 
 
 @pytest.mark.parametrize("text", [RELAY_FINGERPRINT, "$" + RELAY_FINGERPRINT,
@@ -996,6 +1161,328 @@ def test_link_to_a_non_tls_peer_fails(server, pool):
         thread.join(TIMEOUT)
     assert watcher.reason == torsocksd.EndReason.TORPROTOCOL
     assert "TLS" in watcher.detail
+
+
+# =============================================================================
+# A relay made by the tests, over TLS: honest, then hostile
+# =============================================================================
+
+C = torsocksd.CellCommand
+OID_COMMON_NAME = bytes.fromhex("550403")
+
+
+def der(tag, value):
+    size = len(value)
+    if size < 0x80:
+        return bytes((tag, size)) + value
+    length = size.to_bytes((size.bit_length() + 7) // 8, "big")
+    return bytes((tag, 0x80 | len(length))) + length + value
+
+
+def der_integer(number):
+    return der(0x02, number.to_bytes(number.bit_length() // 8 + 1, "big"))
+
+
+def der_name(common_name):
+    return der(0x30, der(0x31, der(0x30, der(0x06, OID_COMMON_NAME)
+                                   + der(0x0C, common_name.encode()))))
+
+
+def der_utc_time(when):
+    return der(0x17, time.strftime("%y%m%d%H%M%SZ",
+                                   time.gmtime(when)).encode())
+
+
+def rsa_public_key(n, e):
+    """DER RSAPublicKey (PKCS#1)."""
+    return der(0x30, der_integer(n) + der_integer(e))
+
+
+SHA256_WITH_RSA = der(0x30, der(0x06, bytes.fromhex(SIGNATURE_OIDS["sha256"]))
+                      + der(0x05, b""))
+
+
+def make_certificate(public_key, signer, subject, issuer, now=None):
+    """An X.509 v3 certificate (RFC 5280 §4.1) of public_key (a DER
+    RSAPublicKey), signed by signer with sha256WithRSAEncryption, valid from
+    a day before now to thirty days after."""
+    now = time.time() if now is None else now
+    key_info = der(0x30, der(0x30, der(0x06, torsocksd.OID_RSA_ENCRYPTION)
+                             + der(0x05, b""))
+                   + der(0x03, b"\0" + public_key))
+    signed = der(0x30, der(0xA0, der_integer(2))
+                 + der_integer(random.getrandbits(63)) + SHA256_WITH_RSA
+                 + der_name(issuer)
+                 + der(0x30, der_utc_time(now - 86400)
+                       + der_utc_time(now + 30 * 86400))
+                 + der_name(subject) + key_info)
+    return der(0x30, signed + SHA256_WITH_RSA
+               + der(0x03, b"\0" + _pkcs1_sign(signer, "sha256", signed)))
+
+
+def private_key_pem(key):
+    """key as a PEM RSAPrivateKey (RFC 8017 A.1.2), for ssl."""
+    n, e, d, p, q = key
+    body = base64.b64encode(der(0x30, b"".join(
+        der_integer(number) for number in
+        (0, n, e, d, p, q, d % (p - 1), d % (q - 1), pow(q, -1, p)))))
+    lines = [body[i:i + 64].decode() for i in range(0, len(body), 64)]
+    return "-----BEGIN RSA PRIVATE KEY-----\n%s\n" \
+           "-----END RSA PRIVATE KEY-----\n" % "\n".join(lines)
+
+
+def certs_payload(certificates):
+    """A CERTS cell's payload (tor-spec §4.2) from {type: certificate}."""
+    return bytes((len(certificates),)) + b"".join(
+        bytes((kind,)) + len(body).to_bytes(2, "big") + body
+        for kind, body in certificates.items())
+
+
+class RelayKeys:
+    """A relay's keys as tor makes them: a 1024-bit identity that signs
+    itself and a 2048-bit link key, whose certificate TLS shows."""
+
+    def __init__(self, directory):
+        self.identity = make_rsa_key(1024, 21)
+        self.link = make_rsa_key(2048, 22)
+        self.identity_certificate = make_certificate(
+            rsa_public_key(self.identity.n, self.identity.e), self.identity,
+            "www.identity.com", "www.identity.com")
+        self.link_certificate = self.certify(self.link.n, self.link.e)
+        self.certificate_file = str(directory / "link.pem")
+        self.key_file = str(directory / "link.key")
+        with open(self.certificate_file, "w") as out:
+            out.write(ssl.DER_cert_to_PEM_cert(self.link_certificate))
+        with open(self.key_file, "w") as out:
+            out.write(private_key_pem(self.link))
+
+    def certify(self, n, e, subject="www.link.net"):
+        """A certificate of the RSA key (n, e) signed by the identity."""
+        return make_certificate(rsa_public_key(n, e), self.identity, subject,
+                                "www.identity.com")
+
+    def certs(self, **changes):
+        """The CERTS payload with types 1 and 2, or with changes (link=...,
+        identity=...)."""
+        return certs_payload({
+            torsocksd.CertType.LINK:
+                changes.get("link", self.link_certificate),
+            torsocksd.CertType.IDENTITY:
+                changes.get("identity", self.identity_certificate)})
+
+
+@pytest.fixture(scope="module")
+def relay_keys(tmp_path_factory):
+    return RelayKeys(tmp_path_factory.mktemp("relay"))
+
+
+def read_cell(sock, circuit_id_len=4):
+    header = recv_exactly(sock, circuit_id_len + 1)
+    if torsocksd.is_variable_length(header[-1]):
+        payload = recv_exactly(sock, int.from_bytes(recv_exactly(sock, 2),
+                                                    "big"))
+    else:
+        payload = recv_exactly(sock, torsocksd.PAYLOAD_LEN)
+    return torsocksd.Cell(int.from_bytes(header[:-1], "big"), header[-1],
+                          payload)
+
+
+NETINFO_FROM_RELAY = bytes(4) + b"\x04\x04\x7f\x00\x00\x01" \
+    + b"\x01\x04\x04\x7f\x00\x00\x01"
+ANSWER = b"HTTP/1.0 200 OK\r\n\r\nrouter testrelay 127.0.0.1\n"
+
+
+class TlsRelay:
+    """A relay's ORPort on 127.0.0.1, as far as CONNECT_DIR needs it, served
+    by a thread: TLS with the link key; VERSIONS, then setup_cells, CERTS,
+    AUTH_CHALLENGE and NETINFO; CREATED_FAST; a BEGIN_DIR answered with
+    RELAY_CONNECTED, `flood` PADDING cells (before_flood() is called first,
+    after_flood() then), ANSWER and RELAY_END.  A hostile relay is one made
+    with other versions, setup_cells or certs."""
+
+    def __init__(self, keys, versions=b"\0\x03\0\x04\0\x05", setup_cells=b"",
+                 certs=None, flood=0, before_flood=None, after_flood=None):
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(keys.certificate_file, keys.key_file)
+        self.versions = versions
+        self.setup_cells = setup_cells
+        self.certs = keys.certs() if certs is None else certs
+        self.flood = flood
+        self.before_flood = before_flood
+        self.after_flood = after_flood
+        self.tls = None
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(1)
+        self.port = self.listener.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        try:
+            connection, _ = self.listener.accept()
+        except OSError:
+            return
+        connection.settimeout(TIMEOUT)
+        try:
+            with self.context.wrap_socket(connection, server_side=True) as tls:
+                self.tls = tls
+                self._talk(tls)
+        except (OSError, EOFError):
+            pass        # the link went away, as it does from a hostile relay
+        finally:
+            connection.close()
+
+    def _talk(self, tls):
+        read_cell(tls, torsocksd.VERSIONS_CIRC_ID_LEN)
+        tls.sendall(
+            torsocksd.encode_cell(0, C.VERSIONS, self.versions,
+                                  torsocksd.VERSIONS_CIRC_ID_LEN)
+            + self.setup_cells + torsocksd.encode_cell(0, C.CERTS, self.certs)
+            + torsocksd.encode_cell(0, C.AUTH_CHALLENGE,
+                                    os.urandom(32) + b"\0\x01\0\x01")
+            + torsocksd.encode_cell(0, C.NETINFO, NETINFO_FROM_RELAY))
+        crypto = None
+        while True:
+            cell = read_cell(tls)
+            if cell.command == C.CREATE_FAST:
+                material = os.urandom(20)
+                keys = torsocksd.create_fast_keys(cell.payload[:20], material)
+                crypto = torsocksd.RelayCrypto.for_relay(keys)
+                tls.sendall(torsocksd.encode_cell(
+                    cell.circuit_id, C.CREATED_FAST, material + keys.key_hash))
+            elif cell.command == C.RELAY:
+                request = torsocksd.parse_relay_payload(
+                    crypto.open(cell.payload))
+                if request.command == R.BEGIN_DIR:
+                    self._answer(tls, crypto, cell.circuit_id,
+                                 request.stream_id)
+            elif cell.command == C.DESTROY:
+                return
+
+    def _answer(self, tls, crypto, circuit_id, stream_id):
+        def relay_cell(command, data=b""):
+            return torsocksd.encode_cell(circuit_id, C.RELAY, crypto.seal(
+                torsocksd.relay_payload(command, stream_id, data)))
+        tls.sendall(relay_cell(R.CONNECTED))
+        if self.flood:
+            self.before_flood()
+            tls.sendall(torsocksd.encode_cell(0, C.PADDING) * self.flood)
+            self.after_flood()
+        tls.sendall(relay_cell(R.DATA, ANSWER) + relay_cell(
+            R.END, bytes((torsocksd.EndReason.DONE,))))
+
+    def close(self):
+        self.listener.close()
+        tls = self.tls
+        if tls is not None:
+            try:        # the socket's own shutdown wakes the thread's read
+                socket.socket.shutdown(tls, socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self.thread.join(TIMEOUT)
+
+
+@pytest.fixture
+def make_relay(relay_keys):
+    relays = []
+
+    def make(**options):
+        relay = TlsRelay(relay_keys, **options)
+        relays.append(relay)
+        return relay
+    yield make
+    for relay in relays:
+        relay.close()
+
+
+def connect_dir(server, port):
+    """A SOCKS5 CONNECT_DIR to 127.0.0.1:port: the reply's first two bytes,
+    and what came after the reply until the close."""
+    with connect(server) as client:
+        client.sendall(b"\x05\x01\x00")
+        assert recv_exactly(client, 2) == b"\x05\x00"
+        client.sendall(b"\x05\xf2\x00\x01\x7f\x00\x00\x01"
+                       + port.to_bytes(2, "big"))
+        reply = recv_exactly(client, 10)
+        return reply[:2], recv_until_eof(client)
+
+
+@pytest.fixture
+def link_log(caplog):
+    """The log lines of the server's loop thread, as they are written."""
+    caplog.set_level(logging.DEBUG, logger="torsocksd")
+    return caplog
+
+
+def test_connect_dir_to_the_test_relay(server, make_relay, link_log):
+    relay = make_relay()
+    assert connect_dir(server, relay.port) == (b"\x05\x00", ANSWER)
+
+
+def refusal_logged(log, words):
+    """The log line that names why the link closed; every line is short."""
+    messages = [record.getMessage() for record in log.records]
+    assert all(len(message) <= 600 for message in messages), \
+        max(messages, key=len)[:2000]
+    closed = [message for message in messages if "closed:" in message
+              and all(word in message for word in words)]
+    assert closed, messages
+    return closed[0]
+
+
+@pytest.mark.parametrize("exponent, words", [
+    ((1 << 24000) + 1, ["RSA exponent of more than 33 bits"]),
+    ((1 << 32) + 1, ["identity key has an RSA exponent of 33 bits"]),
+], ids=["3 kB", "2**32 + 1"])
+def test_identity_key_with_a_huge_exponent_is_refused_before_any_pow(
+        server, make_relay, relay_keys, link_log, monkeypatch, exponent,
+        words):
+    verified = []
+    monkeypatch.setattr(torsocksd, "rsa_pkcs1_verify",
+                        lambda *args: verified.append(args) or False)
+    identity = make_certificate(
+        rsa_public_key(relay_keys.identity.n, exponent),
+        relay_keys.identity, "www.identity.com", "www.identity.com")
+    relay = make_relay(certs=relay_keys.certs(identity=identity))
+    assert connect_dir(server, relay.port) == (b"\x05\x01", b"")
+    refusal_logged(link_log, words)
+    assert verified == []
+
+
+@pytest.mark.parametrize("versions, words", [
+    (b"".join(struct.pack(">H", v) for v in range(6, 206)),
+     ["VERSIONS cell lists 200 versions, more than 64"]),
+    (b"".join(struct.pack(">H", v) for v in range(6, 70)),
+     ["no common link protocol version", "69]"]),
+], ids=["200 versions", "64 versions"])
+def test_hostile_versions_cell_is_refused_in_a_short_log_line(
+        server, make_relay, link_log, versions, words):
+    relay = make_relay(versions=versions)
+    assert connect_dir(server, relay.port) == (b"\x05\x01", b"")
+    refusal_logged(link_log, words)
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda keys: keys.certs(link=keys.certify(
+        make_rsa_key(512, 23).n, 65537)), ["link key is 512-bit RSA"]),
+    (lambda keys: keys.certs(link=keys.certify(
+        keys.link.n, (1 << 32) + 1)), ["RSA exponent"]),
+    (lambda keys: certs_payload({1: keys.link_certificate,
+                                 2: keys.identity_certificate,
+                                 4: bytes(4097)}),
+     ["certificate of 4097 bytes"]),
+    (lambda keys: certs_payload({
+        1: keys.link_certificate, 2: keys.identity_certificate,
+        **{kind: b"x" for kind in range(3, 18)}}),
+     ["CERTS cell of 17 certificates, more than 16"]),
+], ids=["512-bit link key", "link exponent 2**32 + 1", "4097-byte entry",
+        "17 certificates"])
+def test_hostile_certs_cells_are_refused(server, make_relay, relay_keys,
+                                         link_log, change, words):
+    relay = make_relay(certs=change(relay_keys))
+    assert connect_dir(server, relay.port) == (b"\x05\x01", b"")
+    refusal_logged(link_log, words)
 
 
 # =============================================================================
