@@ -598,7 +598,11 @@ class Credentials:
 
     @classmethod
     def from_file(cls, path: str) -> "Credentials":
-        """One "user:password" a line; blank lines and "#" comments skipped."""
+        """One "user:password" a line; blank lines and "#" comments skipped.
+
+        A file without a single user is a ValueError, not "no credentials":
+        an emptied file must never switch authentication off.
+        """
         pairs = []
         with open(path, "rb") as lines:
             for number, line in enumerate(lines, 1):
@@ -610,6 +614,9 @@ class Credentials:
                     raise ValueError("%s:%d: not a user:password line of at "
                                      "most 255 bytes each" % (path, number))
                 pairs.append((user, password))
+        if not pairs:
+            raise ValueError("%s: no user:password line (blank lines and "
+                             "# comments do not count)" % path)
         return cls(pairs)
 
     def __bool__(self):
@@ -4168,15 +4175,19 @@ class Server:
 
     def reload(self, credentials_path: Optional[str] = None):
         """Re-read what can change without dropping a connection (SIGHUP):
-        the credentials file.  A file that does not parse keeps the old."""
-        if credentials_path:
-            try:
-                self.credentials = Credentials.from_file(credentials_path)
-            except (OSError, ValueError) as error:
-                log.error("reload: keeping the old credentials: %s", error)
-            else:
-                log.info("reload: credentials re-read from %s",
-                         credentials_path)
+        the credentials file.  A file that does not parse or names no user,
+        or a result that would make an open proxy, keeps the old."""
+        if not credentials_path:
+            return
+        old_credentials = self.credentials
+        try:
+            self.credentials = Credentials.from_file(credentials_path)
+            self._check_exposure()
+        except (OSError, ValueError) as error:
+            self.credentials = old_credentials
+            log.error("reload: keeping the old credentials: %s", error)
+        else:
+            log.info("reload: credentials re-read from %s", credentials_path)
 
     # -- the loop ---------------------------------------------------------------
 

@@ -14,6 +14,7 @@ import errno
 import ipaddress
 import os
 import random
+import re
 import socket
 
 import pytest
@@ -888,6 +889,19 @@ def test_credentials_file_with_a_malformed_line_raises(tmp_path, line):
     path = tmp_path / "users"
     path.write_bytes(b"alice:secret\n" + line + b"\n")
     with pytest.raises(ValueError):
+        torsocksd.Credentials.from_file(str(path))
+
+
+@pytest.mark.parametrize("contents", [
+    pytest.param(b"", id="empty"),
+    pytest.param(b"\n\r\n  \n", id="blank"),
+    pytest.param(b"# users\n#alice:secret\n", id="commented-out"),
+])
+def test_credentials_file_without_a_user_raises(tmp_path, contents):
+    path = tmp_path / "users"
+    path.write_bytes(contents)
+    with pytest.raises(ValueError, match="^%s: no user:password line"
+                       % re.escape(str(path))):
         torsocksd.Credentials.from_file(str(path))
 
 
