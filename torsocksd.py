@@ -638,18 +638,29 @@ def special_name_refusal(host: str) -> Optional[str]:
     return None
 
 
+def ip_of(address):
+    """The plain form of an address, the one every rule and lookup key
+    uses: an IPv4-mapped IPv6 address (::ffff:a.b.c.d) is the IPv4 address
+    it carries.  address is an ipaddress object, or a string such as a
+    socket peer's host, perhaps with a %scope."""
+    if isinstance(address, str):
+        address = ipaddress.ip_address(address.split("%")[0])
+    mapped = getattr(address, "ipv4_mapped", None)
+    return mapped if mapped is not None else address
+
+
 def destination_refusal(client_is_local: bool, destination) -> Optional[str]:
     """Why a destination address is off limits to this client, or None.
 
     A client on loopback (or a Unix socket) may reach anything it could reach
     itself.  A client from another host may not use the proxy to reach this
     host's loopback, link-local (cloud metadata at 169.254.169.254 among
-    them), unspecified or multicast addresses (DECISIONS row 19).
+    them), unspecified or multicast addresses (README, "Where torsocksd
+    differs from Tor").
     """
     if client_is_local:
         return None
-    if getattr(destination, "ipv4_mapped", None) is not None:
-        destination = destination.ipv4_mapped
+    destination = ip_of(destination)
     if (destination.is_loopback or destination.is_link_local
             or destination.is_unspecified or destination.is_multicast):
         return "a remote client may not reach a local-only address"
@@ -658,19 +669,24 @@ def destination_refusal(client_is_local: bool, destination) -> Optional[str]:
 
 def parse_network(text: str):
     """"192.0.2.0/24", "2001:db8::/32", "192.0.2.7" or "*" -> a network
-    (or None for "*": any address of either family)."""
+    (or None for "*": any address of either family).  IPv4-mapped networks
+    (::ffff:0:0/96 and longer prefixes) are the IPv4 networks they spell."""
     if text == "*":
         return None
     if text.startswith("[") and "]" in text:
         text = text[1:].replace("]", "", 1)
-    return ipaddress.ip_network(text, strict=False)
+    network = ipaddress.ip_network(text, strict=False)
+    start = ip_of(network.network_address)
+    if start.version != network.version:
+        network = ipaddress.ip_network((start, network.prefixlen - 96))
+    return network
 
 
 def network_contains(network, address) -> bool:
+    """Whether network (None: any) holds address, both in plain form."""
     if network is None:
         return True
-    if getattr(address, "ipv4_mapped", None) is not None:
-        address = address.ipv4_mapped
+    address = ip_of(address)
     return address.version == network.version and address in network
 
 
@@ -2972,7 +2988,7 @@ class TorLinkPool:
                     on_end, fingerprint: Optional[bytes] = None) -> DirStream:
         """A BEGIN_DIR stream to the relay at address:port, over a link that
         is open already when there is one."""
-        address = str(ipaddress.ip_address(address))
+        address = str(ip_of(address))
         link = self._find_link(address, port, fingerprint)
         if link is None:
             if self._tls_context is None:
@@ -4572,13 +4588,6 @@ def stat_is_socket(path: str) -> bool:
     return stat.S_ISSOCK(os.lstat(path).st_mode)
 
 
-def ip_of(host: str):
-    """The address of a socket peer, IPv4-mapped IPv6 made plain IPv4."""
-    address = ipaddress.ip_address(host.split("%")[0])
-    mapped = getattr(address, "ipv4_mapped", None)
-    return mapped if mapped is not None else address
-
-
 def format_address(sockaddr) -> str:
     if isinstance(sockaddr, str):
         return "unix:" + sockaddr
@@ -4863,8 +4872,7 @@ def relay_pin(text: str):
                                          % text)
     host, port = parse_listen(where)
     try:
-        return (str(ipaddress.ip_address(host)), port), \
-            parse_fingerprint(fingerprint)
+        return (str(ip_of(host)), port), parse_fingerprint(fingerprint)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error))
 

@@ -8,11 +8,165 @@ test_hostile.py).
 Only loopback addresses; names go through FakeResolver.
 """
 
+import ipaddress
 import logging
 import socket
 
+import pytest
+
 import torsocksd
-from conftest import FakeResolver
+from conftest import (TIMEOUT, FakeResolver, connect, free_port,
+                      recv_exactly, recv_until_eof, socks5_connect_request)
+from test_cli import Daemon
+
+SOCKS5_OK = b"\x05\x00\x00\x01" + bytes(6)
+SOCKS5_NOT_ALLOWED = b"\x05\x02\x00\x01" + bytes(6)
+SOCKS4_REJECTED = b"\x00\x5b" + bytes(6)
+FINGERPRINT = "2705DE41F653522E9A8CBA65051407D2D00AF8BF"
+
+@pytest.fixture(autouse=True)
+def reap_daemons():
+    yield
+    for daemon in Daemon.started:
+        daemon.kill()
+    Daemon.started.clear()
+
+
+def ip(text):
+    return ipaddress.ip_address(text)
+
+
+# =============================================================================
+# The plain form of an address: IPv4-mapped IPv6 is IPv4
+# =============================================================================
+
+@pytest.mark.parametrize("given, plain", [
+    ("::ffff:192.0.2.7", "192.0.2.7"),
+    ("::ffff:127.0.0.1", "127.0.0.1"),
+    ("::ffff:0.0.0.0", "0.0.0.0"),
+    ("192.0.2.7", "192.0.2.7"),
+    ("2001:db8::1", "2001:db8::1"),
+    ("::127.0.0.1", "::7f00:1"),        # IPv4-compatible: not mapped
+    ("fe80::1%lo", "fe80::1"),
+])
+def test_ip_of_gives_the_plain_form(given, plain):
+    assert torsocksd.ip_of(given) == ip(plain)
+    if "%" not in given:
+        assert torsocksd.ip_of(ip(given)) == ip(plain)
+
+
+@pytest.mark.parametrize("text, network", [
+    ("::ffff:192.0.2.2", "192.0.2.2/32"),
+    ("[::ffff:192.0.2.2]", "192.0.2.2/32"),
+    ("::ffff:192.0.2.0/120", "192.0.2.0/24"),
+    ("::ffff:0:0/96", "0.0.0.0/0"),
+    ("::ffff:127.0.0.0/104", "127.0.0.0/8"),
+    ("::fffe:0:0/95", "::fffe:0:0/95"),     # wider than the mapped range
+    ("192.0.2.0/24", "192.0.2.0/24"),
+    ("2001:db8::/32", "2001:db8::/32"),
+])
+def test_mapped_networks_are_ipv4_networks(text, network):
+    assert torsocksd.parse_network(text) == ipaddress.ip_network(network)
+
+
+@pytest.mark.parametrize("rules, address, permitted", [
+    ([(False, "::ffff:192.0.2.2")], "192.0.2.2", False),
+    ([(False, "::ffff:192.0.2.2")], "192.0.2.3", True),
+    ([(False, "::ffff:192.0.2.0/120")], "192.0.2.200", False),
+    ([(True, "::ffff:127.0.0.0/104")], "127.0.0.1", True),
+    ([(True, "::ffff:127.0.0.0/104")], "192.0.2.1", False),
+    ([(False, "::ffff:0:0/96")], "198.51.100.1", False),
+    ([(False, "::ffff:0:0/96")], "2001:db8::1", True),
+])
+def test_client_rules_written_as_mapped_addresses(rules, address, permitted):
+    assert torsocksd.ClientPolicy(rules).permits(ip(address)) is permitted
+
+
+@pytest.mark.parametrize("text, key", [
+    ("[::ffff:127.0.0.1]:9001=" + FINGERPRINT, ("127.0.0.1", 9001)),
+    ("127.0.0.1:9001=" + FINGERPRINT, ("127.0.0.1", 9001)),
+    ("[::1]:9001=" + FINGERPRINT, ("::1", 9001)),
+])
+def test_relay_pins_are_kept_under_the_plain_address(text, key):
+    assert torsocksd.relay_pin(text) == (key, bytes.fromhex(FINGERPRINT))
+
+
+# =============================================================================
+# Over sockets, clients on this host
+# =============================================================================
+
+def socks5_exchange(server, host, port):
+    """Greeting and CONNECT to host:port; the CONNECT reply, then what came
+    before the close (b"" when refused)."""
+    with connect(server) as client:
+        greeting, request = socks5_connect_request(host, port)
+        client.sendall(greeting + request)
+        assert recv_exactly(client, 2) == b"\x05\x00"
+        reply = recv_exactly(client, 10)
+        if reply != SOCKS5_OK:
+            return reply, recv_until_eof(client)
+        client.sendall(b"ping")
+        echoed = recv_exactly(client, 4)
+        client.shutdown(socket.SHUT_WR)
+        return reply, echoed + recv_until_eof(client)
+
+
+def first_bytes_or_end(sock):
+    """What one recv gives: b"" when the server closed (or reset) without a
+    byte, else the start of its answer."""
+    try:
+        return sock.recv(64)
+    except ConnectionResetError:
+        return b""
+
+
+def test_mapped_destination_rule_refuses_the_ipv4_address(make_server,
+                                                         echo_server):
+    """reject ::ffff:127.0.0.1 refuses 127.0.0.1 however it is written: an
+    IPv4 literal, a mapped literal, a name, SOCKS4."""
+    resolver = FakeResolver({"loop.test": ["127.0.0.1"]})
+    server = make_server(resolver=resolver,
+                         destination_policy=torsocksd.DestinationPolicy(
+                             ["reject ::ffff:127.0.0.1", "accept *:*"]))
+    port = echo_server.port
+    for host in ("127.0.0.1", "::ffff:127.0.0.1", "loop.test"):
+        assert socks5_exchange(server, host, port) == (SOCKS5_NOT_ALLOWED,
+                                                      b""), host
+    with connect(server) as client:
+        client.sendall(b"\x04\x01" + port.to_bytes(2, "big")
+                       + b"\x7f\x00\x00\x01\x00")
+        assert recv_until_eof(client) == SOCKS4_REJECTED
+    assert echo_server.accepted == []
+
+
+@pytest.mark.parametrize("rule", ["::ffff:127.0.0.1", "::ffff:127.0.0.0/104",
+                                  "::ffff:0:0/96"])
+def test_mapped_client_rule_refuses_the_ipv4_client(make_server, rule):
+    server = make_server(client_policy=torsocksd.ClientPolicy([(False,
+                                                                rule)]))
+    with connect(server) as client:
+        client.sendall(b"\x05\x01\x00")
+        assert first_bytes_or_end(client) == b""
+    assert server.stats()["refused_at_accept"] == 1
+
+
+def test_mapped_rules_from_the_command_line(echo_server):
+    """--deny and --policy given as IPv4-mapped addresses hold for the IPv4
+    addresses they name, in the real program."""
+    denied = Daemon("--port", str(free_port()), "--deny", "::ffff:127.0.0.1")
+    host, port = denied.listening[0].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=TIMEOUT) as c:
+        c.sendall(b"\x05\x01\x00")
+        assert first_bytes_or_end(c) == b""
+    policed = Daemon("--port", str(free_port()), "--policy",
+                     "reject [::ffff:127.0.0.1]:%d" % echo_server.port)
+    host, port = policed.listening[0].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=TIMEOUT) as c:
+        greeting, request = socks5_connect_request("127.0.0.1",
+                                                   echo_server.port)
+        c.sendall(greeting + request)
+        assert recv_until_eof(c) == b"\x05\x00" + SOCKS5_NOT_ALLOWED
+    assert echo_server.accepted == []
 
 
 # =============================================================================

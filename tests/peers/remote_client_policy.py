@@ -12,6 +12,10 @@ echo server on 127.0.0.1 must never see a connection of its.  A client on
 127.0.0.1 (the control) reaches 127.0.0.1.  A third server, whose policy
 lets only 127.0.0.0/8 in, closes the remote client at accept without a byte.
 
+A client rule written as an IPv4-mapped address (::ffff:192.0.2.2) refuses
+the IPv4 client 192.0.2.2, and a destination rule written that way refuses
+192.0.2.1 to remote and local clients alike.
+
 Prints one line per check and exits non-zero if any fails.
 """
 
@@ -28,6 +32,7 @@ import torsocksd  # noqa: E402
 from conftest import EchoServer, recv_up_to, socks5_target  # noqa: E402
 
 HOST = "192.0.2.1"
+OTHER_HOST = "192.0.2.2"     # a second remote client
 TIMEOUT = 10.0
 FAILURES = []
 
@@ -77,7 +82,8 @@ def client(server_port, source):
     sock = socket.socket()
     sock.settimeout(TIMEOUT)
     sock.bind((source, 0))
-    sock.connect((HOST if source == HOST else "127.0.0.1", server_port))
+    sock.connect((HOST if source != "127.0.0.1" else "127.0.0.1",
+                  server_port))
     return sock
 
 
@@ -196,8 +202,9 @@ def main():
         print("needs root (unshare -n as root)")
         return 2
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-    subprocess.run(["ip", "addr", "add", HOST + "/32", "dev", "lo"],
-                   check=True)
+    for address in (HOST, OTHER_HOST):
+        subprocess.run(["ip", "addr", "add", address + "/32", "dev", "lo"],
+                       check=True)
     loop_echo = EchoServer(host="127.0.0.1")
     host_echo = EchoServer(host=HOST)
 
@@ -239,11 +246,70 @@ def main():
               server.stats()["refused_at_accept"] == 1,
               repr(server.stats()))
 
+    run_mapped_rule_checks(loop_echo, host_echo)
+
     if FAILURES:
         print("%d check(s) failed" % len(FAILURES))
         return 1
     print("all checks passed")
     return 0
+
+
+REMOTE_CLIENTS = torsocksd.ClientPolicy([(True, "192.0.2.0/24"),
+                                         (True, "127.0.0.0/8")])
+
+
+def expect_socks5(label, port, source, what, target, expected):
+    """A SOCKS5 CONNECT from source: expected is the reply (a success must
+    then carry one echo through the tunnel)."""
+    reply, (rest, end) = socks5_connect(port, source, target)
+    if expected == SUCCEEDED:
+        ok = reply == SUCCEEDED and rest == b"ping" and end == "eof"
+    else:
+        ok = reply == expected and rest == b"" and end == "eof"
+    check("%s: %s client, SOCKS5 CONNECT %s -> %s"
+          % (label, "local" if source == "127.0.0.1" else "remote", what,
+             expected[:2].hex()), ok,
+          "got %s, then %r, %s" % (reply.hex(), rest, end))
+
+
+def run_mapped_rule_checks(loop_echo, host_echo):
+    hport = host_echo.port
+    label = "--deny ::ffff:192.0.2.2"
+    clients = torsocksd.ClientPolicy([(False, "::ffff:192.0.2.2"),
+                                      (True, "192.0.2.0/24")])
+    with torsocksd.Server([("0.0.0.0", 0)], resolver=Resolver(),
+                          client_policy=clients) as server:
+        port = server.address[1]
+        with client(port, OTHER_HOST) as sock:
+            sock.sendall(b"\x05\x01\x00")
+            data, end = rest_until_eof(sock)
+        check("%s: client 192.0.2.2 gets no byte and a closed socket"
+              % label, data == b"" and end in ("eof", "reset"),
+              "got %r, %s" % (data, end))
+        check("%s: counted as refused at accept" % label,
+              server.stats()["refused_at_accept"] == 1,
+              repr(server.stats()))
+        expect_socks5(label, port, HOST, "192.0.2.1 from 192.0.2.1",
+                      socks5_target(HOST, hport), SUCCEEDED)
+
+    label = "reject [::ffff:192.0.2.1]:%d, accept *:*" % hport
+    before = len(host_echo.accepted)
+    destinations = torsocksd.DestinationPolicy(
+        ["reject [::ffff:192.0.2.1]:%d" % hport, "accept *:*"])
+    with torsocksd.Server([("0.0.0.0", 0)], resolver=Resolver(),
+                          client_policy=REMOTE_CLIENTS,
+                          destination_policy=destinations) as server:
+        port = server.address[1]
+        for source in (HOST, "127.0.0.1"):
+            for what, host in (("192.0.2.1", HOST),
+                               ("::ffff:192.0.2.1", "::ffff:" + HOST),
+                               ("name host.test", "host.test")):
+                expect_socks5(label, port, source, what,
+                              socks5_target(host, hport), NOT_ALLOWED)
+        check("%s: the echo server on 192.0.2.1 saw no connection" % label,
+              len(host_echo.accepted) == before,
+              "peers %r" % host_echo.accepted[before:])
 
 
 def wait_idle(server, seconds=5.0):
