@@ -3584,7 +3584,8 @@ class Connection:
                 functools.partial(handle, self._tunnel_connected),
                 functools.partial(handle, self._tunnel_data),
                 functools.partial(handle, self._tunnel_ended),
-                fingerprint=server.relay_pins.get((str(address), self.port)))
+                fingerprint=server.relay_pins.get((str(ip_of(address)),
+                                                   self.port)))
         except OSError as error:    # no socket, or no stream id left
             self._refuse(reply_for_errno(error.errno),
                          "cannot reach the relay: %s" % error)
