@@ -649,6 +649,34 @@ def ip_of(address):
     return mapped if mapped is not None else address
 
 
+# What a client from another host may not reach through us unless an accept
+# rule names it (README, "Where torsocksd differs from Tor"): this host's
+# loopback and unspecified addresses, all of 0.0.0.0/8 ("this network",
+# RFC 6890: never a destination), link-local (cloud metadata at
+# 169.254.169.254) and multicast.
+LOCAL_ONLY_NETWORKS = tuple(ipaddress.ip_network(text) for text in (
+    "0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4",
+    "::/128", "::1/128", "fe80::/10", "ff00::/8"))
+
+# A connection to the unspecified address reaches this host's loopback
+# (Linux sends 0.0.0.0 to 127.0.0.1 and :: to ::1), so such a destination
+# matches every rule that the loopback address of its family matches.  Only
+# 0.0.0.0 itself: Linux routes the rest of 0.0.0.0/8 as ordinary unicast
+# (unreachable unless a route is added), never to loopback.
+UNSPECIFIED_REACHES = {
+    ipaddress.ip_address("0.0.0.0"): ipaddress.ip_address("127.0.0.1"),
+    ipaddress.ip_address("::"): ipaddress.ip_address("::1"),
+}
+
+
+def is_local_only(address_or_network) -> bool:
+    """Whether an address, or every address of a network, lies in
+    LOCAL_ONLY_NETWORKS."""
+    network = ipaddress.ip_network(address_or_network)
+    return any(network.version == local.version and network.subnet_of(local)
+               for local in LOCAL_ONLY_NETWORKS)
+
+
 def destination_refusal(client_is_local: bool, destination) -> Optional[str]:
     """Why a destination address is off limits to this client, or None.
 
@@ -658,13 +686,9 @@ def destination_refusal(client_is_local: bool, destination) -> Optional[str]:
     them), unspecified or multicast addresses (README, "Where torsocksd
     differs from Tor").
     """
-    if client_is_local:
+    if client_is_local or not is_local_only(ip_of(destination)):
         return None
-    destination = ip_of(destination)
-    if (destination.is_loopback or destination.is_link_local
-            or destination.is_unspecified or destination.is_multicast):
-        return "a remote client may not reach a local-only address"
-    return None
+    return "a remote client may not reach a local-only address"
 
 
 def parse_network(text: str):
@@ -713,8 +737,14 @@ class ClientPolicy:
 class DestinationPolicy:
     """Where clients may go: an ordered list of "accept|reject ADDR[/MASK]
     [:PORT[-PORT]]" rules (Tor's exit policy shape), the first match
-    deciding; then the built-in rule for remote clients (DECISIONS row 19);
-    then accept."""
+    deciding; then accept.
+
+    For a client from another host the guard of destination_refusal comes
+    before broad rules, as Tor's ExitPolicyRejectPrivate does: an accept
+    lifts it only when its network lies inside LOCAL_ONLY_NETWORKS, and only
+    for what it names ("accept 127.0.0.1:7001"); a broad accept ("accept
+    *:80", "accept 0.0.0.0/1") is passed over for a guarded destination.
+    """
 
     def __init__(self, rules=()):
         self.rules = [self.parse_rule(rule) for rule in rules]
@@ -740,10 +770,19 @@ class DestinationPolicy:
         return verdict == "accept", parse_network(address), low, high
 
     def refusal(self, client_is_local: bool, address, port: int):
+        address = ip_of(address)
+        matched_as = (address, UNSPECIFIED_REACHES.get(address, address))
+        guard = destination_refusal(client_is_local, address)
         for accepted, network, low, high in self.rules:
-            if low <= port <= high and network_contains(network, address):
-                return None if accepted else "refused by --policy"
-        return destination_refusal(client_is_local, address)
+            if not (low <= port <= high and any(
+                    network_contains(network, a) for a in matched_as)):
+                continue
+            if not accepted:
+                return "refused by --policy"
+            if guard is None or (network is not None
+                                 and is_local_only(network)):
+                return None
+        return guard
 
 
 def happy_eyeballs_order(addresses, preferred_version=None):
@@ -4956,10 +4995,13 @@ def build_argument_parser() -> argparse.ArgumentParser:
                         default=[], type=policy_rule,
                         help='destination rule "accept|reject ADDR[/MASK]'
                              '[:PORT[-PORT]]" (repeatable, first match '
-                             'wins; ADDR may be *); remote clients may '
+                             'wins; ADDR may be *; ::ffff:a.b.c.d is '
+                             'a.b.c.d; a rule that matches 127.0.0.1 or ::1 '
+                             'also matches 0.0.0.0 or ::); remote clients '
                              'never reach loopback, link-local, unspecified '
-                             'or multicast addresses unless a rule accepts '
-                             'them')
+                             'or multicast addresses unless an accept rule '
+                             'names them itself ("accept 127.0.0.1:7001" '
+                             'does, "accept *:80" never does)')
     access.add_argument("--pin-relay", metavar="ADDR:PORT=FINGERPRINT",
                         action="append", default=[], type=relay_pin,
                         help="CONNECT_DIR to the relay at ADDR:PORT (its "

@@ -16,13 +16,18 @@ import pytest
 
 import torsocksd
 from conftest import (TIMEOUT, FakeResolver, connect, free_port,
-                      recv_exactly, recv_until_eof, socks5_connect_request)
+                      ipv6_loopback, recv_exactly, recv_until_eof,
+                      socks5_connect_request)
 from test_cli import Daemon
 
 SOCKS5_OK = b"\x05\x00\x00\x01" + bytes(6)
 SOCKS5_NOT_ALLOWED = b"\x05\x02\x00\x01" + bytes(6)
 SOCKS4_REJECTED = b"\x00\x5b" + bytes(6)
 FINGERPRINT = "2705DE41F653522E9A8CBA65051407D2D00AF8BF"
+
+needs_ipv6 = pytest.mark.skipif(not ipv6_loopback(),
+                                reason="no IPv6 loopback (::1) here")
+
 
 @pytest.fixture(autouse=True)
 def reap_daemons():
@@ -92,6 +97,99 @@ def test_relay_pins_are_kept_under_the_plain_address(text, key):
 
 
 # =============================================================================
+# Destination rules
+# =============================================================================
+
+BROAD = ["accept *:7001", "reject *:*"]
+NARROW = ["accept 127.0.0.1:7001", "reject *:*"]
+NO_LOOPBACK = ["reject 127.0.0.0/8", "reject [::1]", "accept *:*"]
+REFUSED, ALLOWED = True, False
+
+
+@pytest.mark.parametrize("rules, local, address, port, refused", [
+    # A broad accept never opens the guarded ranges to a remote client.
+    (BROAD, False, "127.0.0.1", 7001, REFUSED),
+    (BROAD, False, "127.0.0.2", 7001, REFUSED),
+    (BROAD, False, "::1", 7001, REFUSED),
+    (BROAD, False, "::ffff:127.0.0.1", 7001, REFUSED),
+    (BROAD, False, "0.0.0.0", 7001, REFUSED),
+    (BROAD, False, "0.1.2.3", 7001, REFUSED),
+    (BROAD, False, "::", 7001, REFUSED),
+    (BROAD, False, "169.254.169.254", 7001, REFUSED),
+    (BROAD, False, "fe80::1", 7001, REFUSED),
+    (BROAD, False, "224.0.0.1", 7001, REFUSED),
+    (BROAD, False, "ff02::1", 7001, REFUSED),
+    (BROAD, False, "192.0.2.1", 7001, ALLOWED),
+    (BROAD, False, "2001:db8::1", 7001, ALLOWED),
+    (BROAD, False, "192.0.2.1", 7002, REFUSED),
+    (BROAD, True, "127.0.0.1", 7001, ALLOWED),
+    (BROAD, True, "127.0.0.1", 7002, REFUSED),
+    (["accept 0.0.0.0/1:7001"], False, "127.0.0.1", 7001, REFUSED),
+    (["accept 126.0.0.0/7:7001"], False, "127.0.0.1", 7001, REFUSED),
+    (["accept [::/0]:7001"], False, "::1", 7001, REFUSED),
+    # An accept inside the guarded ranges lifts the guard for what it names.
+    (NARROW, False, "127.0.0.1", 7001, ALLOWED),
+    (NARROW, False, "::ffff:127.0.0.1", 7001, ALLOWED),
+    (NARROW, False, "0.0.0.0", 7001, ALLOWED),     # reaches 127.0.0.1:7001
+    (NARROW, False, "127.0.0.1", 7002, REFUSED),
+    (NARROW, False, "127.0.0.2", 7001, REFUSED),
+    (NARROW, False, "::1", 7001, REFUSED),
+    (NARROW, False, "::", 7001, REFUSED),
+    (["accept 127.0.0.0/8"], False, "127.9.9.9", 1, ALLOWED),
+    (["accept 169.254.169.254:80"], False, "169.254.169.254", 80, ALLOWED),
+    (["accept 169.254.169.254:80"], False, "169.254.169.253", 80, REFUSED),
+    (["accept [fe80::/10]:80"], False, "fe80::1", 80, ALLOWED),
+    (["accept [::1]:7001"], False, "::", 7001, ALLOWED),
+    # A broad accept first does not hide a narrow one after it...
+    (["accept *:7001", "accept 127.0.0.1:7001"], False, "127.0.0.1", 7001,
+     ALLOWED),
+    # ...and rejects still decide in order.
+    (["reject *:*", "accept 127.0.0.1:7001"], False, "127.0.0.1", 7001,
+     REFUSED),
+    (["reject 127.0.0.1:7001", "accept 127.0.0.0/8"], False, "127.0.0.1",
+     7001, REFUSED),
+    # 0.0.0.0 and :: reach this host's loopback: rules about loopback cover
+    # them, for clients here as for remote ones.
+    (NO_LOOPBACK, True, "0.0.0.0", 7001, REFUSED),
+    (NO_LOOPBACK, True, "::ffff:0.0.0.0", 7001, REFUSED),
+    (NO_LOOPBACK, True, "::", 7001, REFUSED),
+    (NO_LOOPBACK, True, "127.0.0.1", 7001, REFUSED),
+    (NO_LOOPBACK, True, "::1", 7001, REFUSED),
+    (NO_LOOPBACK, True, "0.1.2.3", 7001, ALLOWED),  # not this host (Linux)
+    (NO_LOOPBACK, True, "192.0.2.1", 7001, ALLOWED),
+    (NO_LOOPBACK, False, "0.0.0.0", 7001, REFUSED),
+    (NO_LOOPBACK, False, "::", 7001, REFUSED),
+    (["reject 127.0.0.1:7001", "accept *:*"], True, "0.0.0.0", 7001, REFUSED),
+    (["reject 127.0.0.1:7001", "accept *:*"], True, "0.0.0.0", 7002, ALLOWED),
+    (["reject 127.0.0.2", "accept *:*"], True, "0.0.0.0", 7001, ALLOWED),
+    (["reject [::1]", "accept *:*"], True, "0.0.0.0", 7001, ALLOWED),
+    (["reject 127.0.0.0/8", "accept *:*"], True, "::", 7001, ALLOWED),
+    # Rules written as IPv4-mapped addresses are IPv4 rules.
+    (["reject ::ffff:192.0.2.7", "accept *:*"], True, "192.0.2.7", 80,
+     REFUSED),
+    (["reject ::ffff:192.0.2.7", "accept *:*"], False, "192.0.2.7", 80,
+     REFUSED),
+    (["reject ::ffff:192.0.2.7", "accept *:*"], True, "::ffff:192.0.2.7", 80,
+     REFUSED),
+    (["reject [::ffff:192.0.2.0/120]:80", "accept *:*"], True, "192.0.2.9",
+     80, REFUSED),
+    (["reject [::ffff:192.0.2.0/120]:80", "accept *:*"], True, "192.0.2.9",
+     81, ALLOWED),
+    (["reject ::ffff:127.0.0.1", "accept *:*"], True, "127.0.0.1", 80,
+     REFUSED),
+    (["reject ::ffff:127.0.0.1", "accept *:*"], True, "0.0.0.0", 80,
+     REFUSED),
+])
+def test_destination_rules(rules, local, address, port, refused):
+    refusal = torsocksd.DestinationPolicy(rules).refusal(local, ip(address),
+                                                         port)
+    if refused:
+        assert isinstance(refusal, str) and refusal
+    else:
+        assert refusal is None
+
+
+# =============================================================================
 # Over sockets, clients on this host
 # =============================================================================
 
@@ -109,6 +207,38 @@ def socks5_exchange(server, host, port):
         echoed = recv_exactly(client, 4)
         client.shutdown(socket.SHUT_WR)
         return reply, echoed + recv_until_eof(client)
+
+
+def test_unspecified_address_is_loopback_for_the_rules(make_server,
+                                                      echo_server):
+    """Rejecting loopback rejects 0.0.0.0 (and its IPv4-mapped spelling),
+    which the kernel sends to 127.0.0.1; without the rules it does reach
+    the echo server."""
+    port = echo_server.port
+    open_server = make_server()
+    assert socks5_exchange(open_server, "0.0.0.0", port) == (SOCKS5_OK,
+                                                            b"ping")
+    seen = len(echo_server.accepted)
+    server = make_server(destination_policy=torsocksd.DestinationPolicy(
+        NO_LOOPBACK))
+    for host in ("0.0.0.0", "::ffff:0.0.0.0", "127.0.0.1"):
+        assert socks5_exchange(server, host, port) == (SOCKS5_NOT_ALLOWED,
+                                                      b""), host
+    assert len(echo_server.accepted) == seen
+
+
+@needs_ipv6
+def test_unspecified_ipv6_address_is_loopback_for_the_rules(make_server,
+                                                           make_peer):
+    echo6 = make_peer(host="::1")
+    open_server = make_server()
+    assert socks5_exchange(open_server, "::", echo6.port) == (SOCKS5_OK,
+                                                             b"ping")
+    server = make_server(destination_policy=torsocksd.DestinationPolicy(
+        NO_LOOPBACK))
+    assert socks5_exchange(server, "::", echo6.port) == (SOCKS5_NOT_ALLOWED,
+                                                        b"")
+    assert len(echo6.accepted) == 1
 
 
 def first_bytes_or_end(sock):

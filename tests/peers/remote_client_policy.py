@@ -12,7 +12,10 @@ echo server on 127.0.0.1 must never see a connection of its.  A client on
 127.0.0.1 (the control) reaches 127.0.0.1.  A third server, whose policy
 lets only 127.0.0.0/8 in, closes the remote client at accept without a byte.
 
-A client rule written as an IPv4-mapped address (::ffff:192.0.2.2) refuses
+Then destination rules (--policy): a broad accept ("accept *:PORT") never
+opens loopback, 0.0.0.0 or :: to the remote client, while an accept that
+names a loopback address itself does, for that address and port only.  A
+client rule written as an IPv4-mapped address (::ffff:192.0.2.2) refuses
 the IPv4 client 192.0.2.2, and a destination rule written that way refuses
 192.0.2.1 to remote and local clients alike.
 
@@ -246,6 +249,7 @@ def main():
               server.stats()["refused_at_accept"] == 1,
               repr(server.stats()))
 
+    run_destination_rule_checks(loop_echo, host_echo)
     run_mapped_rule_checks(loop_echo, host_echo)
 
     if FAILURES:
@@ -271,6 +275,84 @@ def expect_socks5(label, port, source, what, target, expected):
           % (label, "local" if source == "127.0.0.1" else "remote", what,
              expected[:2].hex()), ok,
           "got %s, then %r, %s" % (reply.hex(), rest, end))
+
+
+def run_destination_rule_checks(loop_echo, host_echo):
+    lport, hport = loop_echo.port, host_echo.port
+    before = len(loop_echo.accepted)
+    label = "accept *:%d, reject *:*" % lport
+    broad = torsocksd.DestinationPolicy(["accept *:%d" % lport,
+                                         "accept *:%d" % hport, "reject *:*"])
+    with torsocksd.Server([("0.0.0.0", 0)], resolver=Resolver(),
+                          client_policy=REMOTE_CLIENTS,
+                          destination_policy=broad) as server:
+        port = server.address[1]
+        for what, host in (("127.0.0.1", "127.0.0.1"),
+                           ("name localhost", "localhost"),
+                           ("name loop.test", "loop.test"),
+                           ("::1", "::1"), ("0.0.0.0", "0.0.0.0"),
+                           ("::", "::"),
+                           ("::ffff:127.0.0.1", "::ffff:127.0.0.1")):
+            expect_socks5(label, port, HOST, what,
+                          socks5_target(host, lport), NOT_ALLOWED)
+        reply, (rest, end) = socks4_connect(port, HOST, "127.0.0.1", lport)
+        check("%s: remote client, SOCKS4 CONNECT 127.0.0.1 -> 5b" % label,
+              reply == S4_REJECTED and rest == b"" and end == "eof",
+              "got %s, then %r, %s" % (reply.hex(), rest, end))
+        check("%s: the loopback echo server saw no connection from those"
+              % label, len(loop_echo.accepted) == before,
+              "peers %r" % loop_echo.accepted[before:])
+        expect_socks5(label, port, HOST, "192.0.2.1 (accepted port)",
+                      socks5_target(HOST, hport), SUCCEEDED)
+        expect_socks5(label, port, HOST, "192.0.2.1 (another port)",
+                      socks5_target(HOST, lport + 1 if lport + 1 != hport
+                                    else lport + 2), NOT_ALLOWED)
+        expect_socks5(label, port, "127.0.0.1", "127.0.0.1 (control)",
+                      socks5_target("127.0.0.1", lport), SUCCEEDED)
+        check("%s: no connection left open" % label, wait_idle(server),
+              "active %d" % server.stats()["active"])
+
+    label = "accept 127.0.0.1:%d, reject *:*" % lport
+    narrow = torsocksd.DestinationPolicy(["accept 127.0.0.1:%d" % lport,
+                                          "reject *:*"])
+    with torsocksd.Server([("0.0.0.0", 0)], resolver=Resolver(),
+                          client_policy=REMOTE_CLIENTS,
+                          destination_policy=narrow) as server:
+        port = server.address[1]
+        for what, host in (("127.0.0.1", "127.0.0.1"),
+                           ("name loop.test", "loop.test"),
+                           ("::ffff:127.0.0.1", "::ffff:127.0.0.1"),
+                           ("0.0.0.0 (reaches 127.0.0.1)", "0.0.0.0")):
+            expect_socks5(label, port, HOST, what,
+                          socks5_target(host, lport), SUCCEEDED)
+        for what, target in (
+                ("127.0.0.1, another port",
+                 socks5_target("127.0.0.1", hport)),
+                ("127.0.0.2", socks5_target("127.0.0.2", lport)),
+                ("::1", socks5_target("::1", lport)),
+                ("::", socks5_target("::", lport)),
+                ("192.0.2.1", socks5_target(HOST, hport))):
+            expect_socks5(label, port, HOST, what, target, NOT_ALLOWED)
+        check("%s: no connection left open" % label, wait_idle(server),
+              "active %d" % server.stats()["active"])
+
+    label = "reject 127.0.0.0/8, reject [::1], accept *:*"
+    no_loopback = torsocksd.DestinationPolicy(["reject 127.0.0.0/8",
+                                               "reject [::1]", "accept *:*"])
+    before = len(loop_echo.accepted)
+    with torsocksd.Server([("0.0.0.0", 0)], resolver=Resolver(),
+                          client_policy=REMOTE_CLIENTS,
+                          destination_policy=no_loopback) as server:
+        port = server.address[1]
+        for source in (HOST, "127.0.0.1"):
+            for host in ("0.0.0.0", "::", "::ffff:0.0.0.0"):
+                expect_socks5(label, port, source, host,
+                              socks5_target(host, lport), NOT_ALLOWED)
+        expect_socks5(label, port, "127.0.0.1", "192.0.2.1",
+                      socks5_target(HOST, hport), SUCCEEDED)
+        check("%s: the loopback echo server saw no connection" % label,
+              len(loop_echo.accepted) == before,
+              "peers %r" % loop_echo.accepted[before:])
 
 
 def run_mapped_rule_checks(loop_echo, host_echo):
