@@ -4614,7 +4614,13 @@ def open_unix_listener(path: str, mode: int) -> socket.socket:
         os.unlink(path)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        listener.bind(path)
+        # bind() makes the file with the umask's permissions, and clients
+        # may connect before chmod(): make those no looser than mode.
+        old_umask = os.umask(~mode & 0o777)
+        try:
+            listener.bind(path)
+        finally:
+            os.umask(old_umask)
         os.chmod(path, mode)
         listener.listen(LISTEN_BACKLOG)
         listener.setblocking(False)
