@@ -564,7 +564,8 @@ def http_reply(method: bytes) -> bytes:
 # =============================================================================
 
 def choose_method(offered: bytes, credentials_required: bool) -> Method:
-    """Pick a SOCKS5 method from those offered (DECISIONS row 3).
+    """Pick a SOCKS5 method from those offered (RFC 1928 §3; README, "Where
+    torsocksd differs from Tor").
 
     Without configured credentials the client gets "no authentication" when it
     offers it, else username/password with any username accepted (Tor keeps
@@ -801,7 +802,7 @@ def happy_eyeballs_order(addresses, preferred_version=None):
 
 def is_unsafe_request(version: Version, address_type, command: Command) -> bool:
     """True when the client gave only an IP address, so it resolved the name
-    itself and may be leaking DNS (Tor's SafeSocks rule, DECISIONS row 18)."""
+    itself and may be leaking DNS (Tor's SafeSocks rule)."""
     if command not in (Command.CONNECT, Command.RESOLVE):
         return False
     if version == Version.SOCKS4:
