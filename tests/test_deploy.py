@@ -1024,15 +1024,22 @@ def authenticate(client, username, password):
     return recv_exactly(client, 2)
 
 
-def test_sighup_rereads_credentials_and_keeps_open_connections(
-        tmp_path, notify, echo_server):
-    users = tmp_path / "users"
-    users.write_text("# test users\nalice:old password\n")
+def daemon_with_credentials(users, notify):
+    """torsocksd on 127.0.0.1:0 with --credentials users, once it is ready;
+    (the Child, its address)."""
     ready = notify()
     daemon = Child([sys.executable, SCRIPT, "--listen", "127.0.0.1:0",
                     "--credentials", str(users)], env=ready.env())
     (address,) = daemon.listening()
     ready.wait_ready()
+    return daemon, address
+
+
+def test_sighup_rereads_credentials_and_keeps_open_connections(
+        tmp_path, notify, echo_server):
+    users = tmp_path / "users"
+    users.write_text("# test users\nalice:old password\n")
+    daemon, address = daemon_with_credentials(users, notify)
     with client_for(address) as kept:
         assert authenticate(kept, b"alice", b"old password") == b"\x01\x00"
         _, request = socks5_connect_request("127.0.0.1", echo_server.port)
@@ -1065,11 +1072,7 @@ def test_sighup_with_a_bad_credentials_file_keeps_the_old_ones(
         tmp_path, notify):
     users = tmp_path / "users"
     users.write_text("alice:secret\n")
-    ready = notify()
-    daemon = Child([sys.executable, SCRIPT, "--listen", "127.0.0.1:0",
-                    "--credentials", str(users)], env=ready.env())
-    (address,) = daemon.listening()
-    ready.wait_ready()
+    daemon, address = daemon_with_credentials(users, notify)
     users.write_text("no colon on this line\n")
     daemon.process.send_signal(signal.SIGHUP)
     daemon.wait_for("keeping the old credentials")
@@ -1090,11 +1093,7 @@ def test_sighup_with_no_user_left_keeps_the_old_credentials(
     05 ff, SOCKS4 still 5b, and the old user still gets through."""
     users = tmp_path / "users"
     users.write_text("alice:secret\n")
-    ready = notify()
-    daemon = Child([sys.executable, SCRIPT, "--listen", "127.0.0.1:0",
-                    "--credentials", str(users)], env=ready.env())
-    (address,) = daemon.listening()
-    ready.wait_ready()
+    daemon, address = daemon_with_credentials(users, notify)
     users.write_text(contents)
     daemon.process.send_signal(signal.SIGHUP)
     reloaded = daemon.wait_for("reload: ")

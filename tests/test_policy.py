@@ -18,7 +18,7 @@ import torsocksd
 from conftest import (TIMEOUT, FakeResolver, connect, free_port,
                       ipv6_loopback, recv_exactly, recv_until_eof,
                       socks5_connect_request)
-from test_cli import Daemon
+from test_cli import Daemon, reap_daemons  # noqa: F401 (autouse fixture)
 
 SOCKS5_OK = b"\x05\x00\x00\x01" + bytes(6)
 SOCKS5_NOT_ALLOWED = b"\x05\x02\x00\x01" + bytes(6)
@@ -27,14 +27,6 @@ FINGERPRINT = "2705DE41F653522E9A8CBA65051407D2D00AF8BF"
 
 needs_ipv6 = pytest.mark.skipif(not ipv6_loopback(),
                                 reason="no IPv6 loopback (::1) here")
-
-
-@pytest.fixture(autouse=True)
-def reap_daemons():
-    yield
-    for daemon in Daemon.started:
-        daemon.kill()
-    Daemon.started.clear()
 
 
 def ip(text):

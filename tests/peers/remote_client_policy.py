@@ -263,6 +263,14 @@ REMOTE_CLIENTS = torsocksd.ClientPolicy([(True, "192.0.2.0/24"),
                                          (True, "127.0.0.0/8")])
 
 
+def server_for_remote_clients(destination_rules, clients=REMOTE_CLIENTS):
+    """A server on every interface for these clients (by default
+    192.0.2.0/24 and loopback) with these destination rules."""
+    return torsocksd.Server(
+        [("0.0.0.0", 0)], resolver=Resolver(), client_policy=clients,
+        destination_policy=torsocksd.DestinationPolicy(destination_rules))
+
+
 def expect_socks5(label, port, source, what, target, expected):
     """A SOCKS5 CONNECT from source: expected is the reply (a success must
     then carry one echo through the tunnel)."""
@@ -281,11 +289,9 @@ def run_destination_rule_checks(loop_echo, host_echo):
     lport, hport = loop_echo.port, host_echo.port
     before = len(loop_echo.accepted)
     label = "accept *:%d, reject *:*" % lport
-    broad = torsocksd.DestinationPolicy(["accept *:%d" % lport,
-                                         "accept *:%d" % hport, "reject *:*"])
-    with torsocksd.Server([("0.0.0.0", 0)], resolver=Resolver(),
-                          client_policy=REMOTE_CLIENTS,
-                          destination_policy=broad) as server:
+    with server_for_remote_clients(["accept *:%d" % lport,
+                                    "accept *:%d" % hport,
+                                    "reject *:*"]) as server:
         port = server.address[1]
         for what, host in (("127.0.0.1", "127.0.0.1"),
                            ("name localhost", "localhost"),
@@ -313,11 +319,8 @@ def run_destination_rule_checks(loop_echo, host_echo):
               "active %d" % server.stats()["active"])
 
     label = "accept 127.0.0.1:%d, reject *:*" % lport
-    narrow = torsocksd.DestinationPolicy(["accept 127.0.0.1:%d" % lport,
-                                          "reject *:*"])
-    with torsocksd.Server([("0.0.0.0", 0)], resolver=Resolver(),
-                          client_policy=REMOTE_CLIENTS,
-                          destination_policy=narrow) as server:
+    with server_for_remote_clients(["accept 127.0.0.1:%d" % lport,
+                                    "reject *:*"]) as server:
         port = server.address[1]
         for what, host in (("127.0.0.1", "127.0.0.1"),
                            ("name loop.test", "loop.test"),
@@ -337,12 +340,9 @@ def run_destination_rule_checks(loop_echo, host_echo):
               "active %d" % server.stats()["active"])
 
     label = "reject 127.0.0.0/8, reject [::1], accept *:*"
-    no_loopback = torsocksd.DestinationPolicy(["reject 127.0.0.0/8",
-                                               "reject [::1]", "accept *:*"])
     before = len(loop_echo.accepted)
-    with torsocksd.Server([("0.0.0.0", 0)], resolver=Resolver(),
-                          client_policy=REMOTE_CLIENTS,
-                          destination_policy=no_loopback) as server:
+    with server_for_remote_clients(["reject 127.0.0.0/8", "reject [::1]",
+                                    "accept *:*"]) as server:
         port = server.address[1]
         for source in (HOST, "127.0.0.1"):
             for host in ("0.0.0.0", "::", "::ffff:0.0.0.0"):
@@ -360,8 +360,7 @@ def run_mapped_rule_checks(loop_echo, host_echo):
     label = "--deny ::ffff:192.0.2.2"
     clients = torsocksd.ClientPolicy([(False, "::ffff:192.0.2.2"),
                                       (True, "192.0.2.0/24")])
-    with torsocksd.Server([("0.0.0.0", 0)], resolver=Resolver(),
-                          client_policy=clients) as server:
+    with server_for_remote_clients([], clients) as server:
         port = server.address[1]
         with client(port, OTHER_HOST) as sock:
             sock.sendall(b"\x05\x01\x00")
@@ -377,11 +376,8 @@ def run_mapped_rule_checks(loop_echo, host_echo):
 
     label = "reject [::ffff:192.0.2.1]:%d, accept *:*" % hport
     before = len(host_echo.accepted)
-    destinations = torsocksd.DestinationPolicy(
-        ["reject [::ffff:192.0.2.1]:%d" % hport, "accept *:*"])
-    with torsocksd.Server([("0.0.0.0", 0)], resolver=Resolver(),
-                          client_policy=REMOTE_CLIENTS,
-                          destination_policy=destinations) as server:
+    with server_for_remote_clients(["reject [::ffff:192.0.2.1]:%d" % hport,
+                                    "accept *:*"]) as server:
         port = server.address[1]
         for source in (HOST, "127.0.0.1"):
             for what, host in (("192.0.2.1", HOST),
