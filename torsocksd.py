@@ -587,7 +587,8 @@ def http_reply(method: bytes) -> bytes:
 # =============================================================================
 
 def choose_method(offered: bytes, credentials_required: bool) -> Method:
-    """Pick a SOCKS5 method from those offered (DECISIONS row 3).
+    """Pick a SOCKS5 method from those offered (RFC 1928 §3; README, "Where
+    torsocksd differs from Tor").
 
     Without configured credentials the client gets "no authentication" when it
     offers it, else username/password with any username accepted (Tor keeps
@@ -621,7 +622,11 @@ class Credentials:
 
     @classmethod
     def from_file(cls, path: str) -> "Credentials":
-        """One "user:password" a line; blank lines and "#" comments skipped."""
+        """One "user:password" a line; blank lines and "#" comments skipped.
+
+        A file without a single user is a ValueError, not "no credentials":
+        an emptied file must never switch authentication off.
+        """
         pairs = []
         with open(path, "rb") as lines:
             for number, line in enumerate(lines, 1):
@@ -633,6 +638,9 @@ class Credentials:
                     raise ValueError("%s:%d: not a user:password line of at "
                                      "most 255 bytes each" % (path, number))
                 pairs.append((user, password))
+        if not pairs:
+            raise ValueError("%s: no user:password line (blank lines and "
+                             "# comments do not count)" % path)
         return cls(pairs)
 
     def __bool__(self):
@@ -654,39 +662,79 @@ def special_name_refusal(host: str) -> Optional[str]:
     return None
 
 
+def ip_of(address):
+    """The plain form of an address, the one every rule and lookup key
+    uses: an IPv4-mapped IPv6 address (::ffff:a.b.c.d) is the IPv4 address
+    it carries.  address is an ipaddress object, or a string such as a
+    socket peer's host, perhaps with a %scope."""
+    if isinstance(address, str):
+        address = ipaddress.ip_address(address.split("%")[0])
+    mapped = getattr(address, "ipv4_mapped", None)
+    return mapped if mapped is not None else address
+
+
+# What a client from another host may not reach through us unless an accept
+# rule names it (README, "Where torsocksd differs from Tor"): this host's
+# loopback and unspecified addresses, all of 0.0.0.0/8 ("this network",
+# RFC 6890: never a destination), link-local (cloud metadata at
+# 169.254.169.254) and multicast.
+LOCAL_ONLY_NETWORKS = tuple(ipaddress.ip_network(text) for text in (
+    "0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4",
+    "::/128", "::1/128", "fe80::/10", "ff00::/8"))
+
+# A connection to the unspecified address reaches this host's loopback
+# (Linux sends 0.0.0.0 to 127.0.0.1 and :: to ::1), so such a destination
+# matches every rule that the loopback address of its family matches.  Only
+# 0.0.0.0 itself: Linux routes the rest of 0.0.0.0/8 as ordinary unicast
+# (unreachable unless a route is added), never to loopback.
+UNSPECIFIED_REACHES = {
+    ipaddress.ip_address("0.0.0.0"): ipaddress.ip_address("127.0.0.1"),
+    ipaddress.ip_address("::"): ipaddress.ip_address("::1"),
+}
+
+
+def is_local_only(address_or_network) -> bool:
+    """Whether an address, or every address of a network, lies in
+    LOCAL_ONLY_NETWORKS."""
+    network = ipaddress.ip_network(address_or_network)
+    return any(network.version == local.version and network.subnet_of(local)
+               for local in LOCAL_ONLY_NETWORKS)
+
+
 def destination_refusal(client_is_local: bool, destination) -> Optional[str]:
     """Why a destination address is off limits to this client, or None.
 
     A client on loopback (or a Unix socket) may reach anything it could reach
     itself.  A client from another host may not use the proxy to reach this
     host's loopback, link-local (cloud metadata at 169.254.169.254 among
-    them), unspecified or multicast addresses (DECISIONS row 19).
+    them), unspecified or multicast addresses (README, "Where torsocksd
+    differs from Tor").
     """
-    if client_is_local:
+    if client_is_local or not is_local_only(ip_of(destination)):
         return None
-    if getattr(destination, "ipv4_mapped", None) is not None:
-        destination = destination.ipv4_mapped
-    if (destination.is_loopback or destination.is_link_local
-            or destination.is_unspecified or destination.is_multicast):
-        return "a remote client may not reach a local-only address"
-    return None
+    return "a remote client may not reach a local-only address"
 
 
 def parse_network(text: str):
     """"192.0.2.0/24", "2001:db8::/32", "192.0.2.7" or "*" -> a network
-    (or None for "*": any address of either family)."""
+    (or None for "*": any address of either family).  IPv4-mapped networks
+    (::ffff:0:0/96 and longer prefixes) are the IPv4 networks they spell."""
     if text == "*":
         return None
     if text.startswith("[") and "]" in text:
         text = text[1:].replace("]", "", 1)
-    return ipaddress.ip_network(text, strict=False)
+    network = ipaddress.ip_network(text, strict=False)
+    start = ip_of(network.network_address)
+    if start.version != network.version:
+        network = ipaddress.ip_network((start, network.prefixlen - 96))
+    return network
 
 
 def network_contains(network, address) -> bool:
+    """Whether network (None: any) holds address, both in plain form."""
     if network is None:
         return True
-    if getattr(address, "ipv4_mapped", None) is not None:
-        address = address.ipv4_mapped
+    address = ip_of(address)
     return address.version == network.version and address in network
 
 
@@ -713,8 +761,14 @@ class ClientPolicy:
 class DestinationPolicy:
     """Where clients may go: an ordered list of "accept|reject ADDR[/MASK]
     [:PORT[-PORT]]" rules (Tor's exit policy shape), the first match
-    deciding; then the built-in rule for remote clients (DECISIONS row 19);
-    then accept."""
+    deciding; then accept.
+
+    For a client from another host the guard of destination_refusal comes
+    before broad rules, as Tor's ExitPolicyRejectPrivate does: an accept
+    lifts it only when its network lies inside LOCAL_ONLY_NETWORKS, and only
+    for what it names ("accept 127.0.0.1:7001"); a broad accept ("accept
+    *:80", "accept 0.0.0.0/1") is passed over for a guarded destination.
+    """
 
     def __init__(self, rules=()):
         self.rules = [self.parse_rule(rule) for rule in rules]
@@ -740,10 +794,19 @@ class DestinationPolicy:
         return verdict == "accept", parse_network(address), low, high
 
     def refusal(self, client_is_local: bool, address, port: int):
+        address = ip_of(address)
+        matched_as = (address, UNSPECIFIED_REACHES.get(address, address))
+        guard = destination_refusal(client_is_local, address)
         for accepted, network, low, high in self.rules:
-            if low <= port <= high and network_contains(network, address):
-                return None if accepted else "refused by --policy"
-        return destination_refusal(client_is_local, address)
+            if not (low <= port <= high and any(
+                    network_contains(network, a) for a in matched_as)):
+                continue
+            if not accepted:
+                return "refused by --policy"
+            if guard is None or (network is not None
+                                 and is_local_only(network)):
+                return None
+        return guard
 
 
 def happy_eyeballs_order(addresses, preferred_version=None):
@@ -762,7 +825,7 @@ def happy_eyeballs_order(addresses, preferred_version=None):
 
 def is_unsafe_request(version: Version, address_type, command: Command) -> bool:
     """True when the client gave only an IP address, so it resolved the name
-    itself and may be leaking DNS (Tor's SafeSocks rule, DECISIONS row 18)."""
+    itself and may be leaking DNS (Tor's SafeSocks rule)."""
     if command not in (Command.CONNECT, Command.RESOLVE):
         return False
     if version == Version.SOCKS4:
@@ -3310,7 +3373,7 @@ class TorLinkPool:
                     on_end, fingerprint: Optional[bytes] = None) -> DirStream:
         """A BEGIN_DIR stream to the relay at address:port, over a link that
         is open already when there is one."""
-        address = str(ipaddress.ip_address(address))
+        address = str(ip_of(address))
         link = self._find_link(address, port, fingerprint)
         if link is None:
             if self._tls_context is None:
@@ -3984,8 +4047,8 @@ class Connection:
                 functools.partial(guarded, self._tunnel_connected),
                 functools.partial(guarded, self._tunnel_data),
                 functools.partial(guarded, self._tunnel_ended),
-                fingerprint=self.settings.relay_pins.get((str(address),
-                                                          port)))
+                fingerprint=self.settings.relay_pins.get(
+                    (str(ip_of(address)), port)))
         except OSError as error:    # no socket, or no stream id left
             self._refuse(reply_for_errno(error.errno),
                          "cannot reach the relay: %s" % error)
@@ -4674,7 +4737,8 @@ class Server:
 
     def reload(self):
         """Re-read what can change without dropping a connection (SIGHUP):
-        the credentials file.  A file that cannot be used keeps the old
+        the credentials file.  A file that does not parse or names no user,
+        or a result that would make an open proxy, keeps the old
         credentials.  Connections already open keep the settings they were
         accepted under."""
         path = self.settings.credentials_file
@@ -4683,6 +4747,7 @@ class Server:
         try:
             settings = self.settings.replace(
                 credentials=Credentials.from_file(path))
+            self._check_exposure(settings)
         except (OSError, ValueError) as error:
             log.error("reload: keeping the old credentials: %s", error)
             return
@@ -5022,7 +5087,13 @@ def open_unix_listener(path: str, mode: int) -> socket.socket:
         os.unlink(path)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        listener.bind(path)
+        # bind() makes the file with the umask's permissions, and clients
+        # may connect before chmod(): make those no looser than mode.
+        old_umask = os.umask(~mode & 0o777)
+        try:
+            listener.bind(path)
+        finally:
+            os.umask(old_umask)
         os.chmod(path, mode)
         listener.listen(LISTEN_BACKLOG)
         listener.setblocking(False)
@@ -5034,13 +5105,6 @@ def open_unix_listener(path: str, mode: int) -> socket.socket:
 
 def stat_is_socket(path: str) -> bool:
     return stat.S_ISSOCK(os.lstat(path).st_mode)
-
-
-def ip_of(host: str):
-    """The address of a socket peer, IPv4-mapped IPv6 made plain IPv4."""
-    address = ipaddress.ip_address(host.split("%")[0])
-    mapped = getattr(address, "ipv4_mapped", None)
-    return mapped if mapped is not None else address
 
 
 def format_address(sockaddr) -> str:
@@ -5326,8 +5390,7 @@ def relay_pin(text: str):
                                          % text)
     host, port = parse_listen(where)
     try:
-        return (str(ipaddress.ip_address(host)), port), \
-            parse_fingerprint(fingerprint)
+        return (str(ip_of(host)), port), parse_fingerprint(fingerprint)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error))
 
@@ -5420,10 +5483,13 @@ def build_argument_parser() -> argparse.ArgumentParser:
                         type=policy_rule,
                         help='destination rule "accept|reject ADDR[/MASK]'
                              '[:PORT[-PORT]]" (repeatable, first match '
-                             'wins; ADDR may be *); remote clients may '
+                             'wins; ADDR may be *; ::ffff:a.b.c.d is '
+                             'a.b.c.d; a rule that matches 127.0.0.1 or ::1 '
+                             'also matches 0.0.0.0 or ::); remote clients '
                              'never reach loopback, link-local, unspecified '
-                             'or multicast addresses unless a rule accepts '
-                             'them')
+                             'or multicast addresses unless an accept rule '
+                             'names them itself ("accept 127.0.0.1:7001" '
+                             'does, "accept *:80" never does)')
     access.add_argument("--pin-relay", metavar="ADDR:PORT=FINGERPRINT",
                         action="append", dest="relay_pins", default=[],
                         type=relay_pin,

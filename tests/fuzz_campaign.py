@@ -704,6 +704,9 @@ def fuzz_parsers(cases, seed, report_every=None, out=print):
 
 LOOPBACK4 = ipaddress.ip_address("127.0.0.1")
 LOOPBACK6 = ipaddress.ip_address("::1")
+# A connection to the unspecified address lands on loopback (Linux).
+LANDS_ON = {ipaddress.ip_address("0.0.0.0"): LOOPBACK4,
+            ipaddress.ip_address("::"): LOOPBACK6}
 HTTP_FIRST = frozenset(b"GHPCODT")
 
 
@@ -732,6 +735,13 @@ class Expectation:
         self.label = label
 
 
+def landing(address):
+    """Where a connection to address arrives: IPv4-mapped IPv6 is IPv4, and
+    the unspecified address is loopback."""
+    plain = getattr(address, "ipv4_mapped", None) or address
+    return LANDS_ON.get(plain, plain)
+
+
 class Model:
     def __init__(self, echo4, echo6, refused, names=NAMES, reverse=REVERSE,
                  credentials=None, policy=None):
@@ -752,6 +762,12 @@ class Model:
         if family == socket.AF_INET:
             return bytes((5, code, 0, 1)) + bytes(6)
         return bytes((5, code, 0, 4)) + bytes(18)
+
+    def is_echo(self, address, port) -> bool:
+        """Whether a connection to address:port reaches an echo target."""
+        landed = landing(address)
+        return (landed == LOOPBACK4 and port == self.echo4) or (
+            landed == LOOPBACK6 and port == self.echo6)
 
     def expect(self, data, family) -> Expectation:
         budget = data[:MAX_HANDSHAKE]
@@ -873,9 +889,7 @@ class Model:
                     break
             else:
                 return refuse(2, "CONNECT_DIR refused by policy")
-            plain = getattr(candidate, "ipv4_mapped", None) or candidate
-            echo = (plain == LOOPBACK4 and port == self.echo4) or (
-                candidate == LOOPBACK6 and port == self.echo6)
+            echo = self.is_echo(candidate, port)
             return refuse(1 if echo else 5, "CONNECT_DIR to a non-relay")
         # CONNECT
         last, unsafe = 1, False
@@ -883,11 +897,9 @@ class Model:
             if self.policy.refusal(True, candidate, port):
                 last = 2
                 continue
-            plain = getattr(candidate, "ipv4_mapped", None) or candidate
-            if not plain.is_loopback:
+            if not landing(candidate).is_loopback:
                 unsafe = True
-            if (plain == LOOPBACK4 and port == self.echo4) or (
-                    candidate == LOOPBACK6 and port == self.echo6):
+            if self.is_echo(candidate, port):
                 if version == 4:
                     reply = bytes((0, 0x5A)) + bytes(6)
                 else:

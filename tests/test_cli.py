@@ -153,6 +153,26 @@ def test_bad_listen_is_a_usage_error(spec):
     assert "--listen" in result.stderr
 
 
+@pytest.mark.parametrize("contents", [
+    pytest.param("", id="empty"),
+    pytest.param("# alice:secret\n\n   \n#bob:hunter2\n", id="commented-out"),
+])
+def test_credentials_file_without_a_user_is_refused_at_start(tmp_path,
+                                                             contents):
+    """Authentication never switches off by accident: a credentials file
+    with no user:password line stops the start, naming the file."""
+    users = tmp_path / "users"
+    users.write_text(contents)
+    result = subprocess.run(
+        [sys.executable, SCRIPT, "--port", str(free_port()),
+         "--credentials", str(users)],
+        stderr=subprocess.PIPE, universal_newlines=True, timeout=TIMEOUT)
+    assert result.returncode == torsocksd.EX_USAGE, result.stderr
+    assert "cannot read credentials: %s: no user:password line" % users \
+        in result.stderr
+    assert "listening on" not in result.stderr
+
+
 def test_destinations_are_scrubbed_by_default(echo_server):
     daemon = Daemon("--port", str(free_port()))
     host, port = daemon.listening[0].rsplit(":", 1)

@@ -1024,15 +1024,22 @@ def authenticate(client, username, password):
     return recv_exactly(client, 2)
 
 
-def test_sighup_rereads_credentials_and_keeps_open_connections(
-        tmp_path, notify, echo_server):
-    users = tmp_path / "users"
-    users.write_text("# test users\nalice:old password\n")
+def daemon_with_credentials(users, notify):
+    """torsocksd on 127.0.0.1:0 with --credentials users, once it is ready;
+    (the Child, its address)."""
     ready = notify()
     daemon = Child([sys.executable, SCRIPT, "--listen", "127.0.0.1:0",
                     "--credentials", str(users)], env=ready.env())
     (address,) = daemon.listening()
     ready.wait_ready()
+    return daemon, address
+
+
+def test_sighup_rereads_credentials_and_keeps_open_connections(
+        tmp_path, notify, echo_server):
+    users = tmp_path / "users"
+    users.write_text("# test users\nalice:old password\n")
+    daemon, address = daemon_with_credentials(users, notify)
     with client_for(address) as kept:
         assert authenticate(kept, b"alice", b"old password") == b"\x01\x00"
         _, request = socks5_connect_request("127.0.0.1", echo_server.port)
@@ -1065,16 +1072,51 @@ def test_sighup_with_a_bad_credentials_file_keeps_the_old_ones(
         tmp_path, notify):
     users = tmp_path / "users"
     users.write_text("alice:secret\n")
-    ready = notify()
-    daemon = Child([sys.executable, SCRIPT, "--listen", "127.0.0.1:0",
-                    "--credentials", str(users)], env=ready.env())
-    (address,) = daemon.listening()
-    ready.wait_ready()
+    daemon, address = daemon_with_credentials(users, notify)
     users.write_text("no colon on this line\n")
     daemon.process.send_signal(signal.SIGHUP)
     daemon.wait_for("keeping the old credentials")
     with client_for(address) as client:
         assert authenticate(client, b"alice", b"secret") == b"\x01\x00"
+    daemon.process.send_signal(signal.SIGTERM)
+    assert daemon.finish() == 0
+
+
+@pytest.mark.parametrize("contents", [
+    pytest.param("", id="emptied"),
+    pytest.param("# alice:secret\n\n", id="commented-out"),
+])
+def test_sighup_with_no_user_left_keeps_the_old_credentials(
+        tmp_path, notify, echo_server, contents):
+    """Emptying the credentials file (or commenting every user out) and
+    sending SIGHUP must not switch authentication off: no-auth still gets
+    05 ff, SOCKS4 still 5b, and the old user still gets through."""
+    users = tmp_path / "users"
+    users.write_text("alice:secret\n")
+    daemon, address = daemon_with_credentials(users, notify)
+    users.write_text(contents)
+    daemon.process.send_signal(signal.SIGHUP)
+    reloaded = daemon.wait_for("reload: ")
+    with client_for(address) as client:
+        client.sendall(b"\x05\x01\x00")
+        assert recv_exactly(client, 2) == b"\x05\xff"
+        assert recv_until_eof(client) == b""
+    with client_for(address) as client:
+        client.sendall(b"\x04\x01" + echo_server.port.to_bytes(2, "big")
+                       + b"\x7f\x00\x00\x01alice\x00")
+        assert recv_exactly(client, 8) == b"\x00\x5b" + bytes(6)
+        assert recv_until_eof(client) == b""
+    with client_for(address) as client:
+        assert authenticate(client, b"alice", b"secret") == b"\x01\x00"
+        _, request = socks5_connect_request("127.0.0.1", echo_server.port)
+        client.sendall(request)
+        assert recv_exactly(client, 10) == b"\x05\x00\x00\x01" + bytes(6)
+        client.sendall(PAYLOAD)
+        assert recv_exactly(client, len(PAYLOAD)) == PAYLOAD
+    assert len(echo_server.accepted) == 1
+    assert "keeping the old credentials: %s: no user:password line" \
+        % users in reloaded
+    assert " ERROR reload: " in reloaded
     daemon.process.send_signal(signal.SIGTERM)
     assert daemon.finish() == 0
 

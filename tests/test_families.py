@@ -223,6 +223,36 @@ def test_unix_listener_mode(make_server, sock_dir, mode):
     assert not os.path.lexists(path)
 
 
+@pytest.mark.parametrize("mode", [0o600, 0o660, 0o700])
+def test_unix_listener_is_never_looser_than_its_mode(make_server, sock_dir,
+                                                     monkeypatch, mode):
+    """Between bind() and chmod() the socket file is already there and
+    connectable: its permissions then must be no looser than unix_mode
+    (whatever the umask), and the umask is put back afterwards."""
+    path = os.path.join(sock_dir, "socks.sock")
+    modes_at_chmod = []
+    real_chmod = os.chmod
+
+    def chmod_right_after_bind(target, *args, **kwargs):
+        if target == path:
+            modes_at_chmod.append(stat.S_IMODE(os.stat(target).st_mode))
+        return real_chmod(target, *args, **kwargs)
+    monkeypatch.setattr(torsocksd.os, "chmod", chmod_right_after_bind)
+    old_umask = os.umask(0o022)
+    try:
+        make_server(listen=["unix:" + path], unix_mode=mode)
+        umask_after = os.umask(0o022)
+    finally:
+        os.umask(old_umask)
+    print("unix_mode %o: %s at bind" % (mode, " ".join(
+        "%o" % seen for seen in modes_at_chmod)))
+    assert umask_after == 0o022
+    assert modes_at_chmod, "the socket file was never chmod-ed"
+    assert modes_at_chmod[0] & ~mode == 0, \
+        "mode %o at bind is looser than %o" % (modes_at_chmod[0], mode)
+    assert stat.S_IMODE(os.stat(path).st_mode) == mode
+
+
 def test_unix_listener_replies_with_atyp_4(make_server, echo_server,
                                            sock_dir):
     path = os.path.join(sock_dir, "socks.sock")

@@ -14,6 +14,7 @@ import errno
 import ipaddress
 import os
 import random
+import re
 import socket
 
 import pytest
@@ -891,6 +892,19 @@ def test_credentials_file_with_a_malformed_line_raises(tmp_path, line):
         torsocksd.Credentials.from_file(str(path))
 
 
+@pytest.mark.parametrize("contents", [
+    pytest.param(b"", id="empty"),
+    pytest.param(b"\n\r\n  \n", id="blank"),
+    pytest.param(b"# users\n#alice:secret\n", id="commented-out"),
+])
+def test_credentials_file_without_a_user_raises(tmp_path, contents):
+    path = tmp_path / "users"
+    path.write_bytes(contents)
+    with pytest.raises(ValueError, match="^%s: no user:password line"
+                       % re.escape(str(path))):
+        torsocksd.Credentials.from_file(str(path))
+
+
 @pytest.mark.parametrize("host", [
     "abcdefghijklmnop.onion", "x.exit", "www.example.com.exit",
     "ABCDEFGHIJKLMNOP.ONION", "foo.Onion.", "x.EXIT.", "a.b.onion",
@@ -910,8 +924,9 @@ def test_plain_names_are_not_special(host):
 
 LOCAL_ONLY = ["127.0.0.1", "127.1.2.3", "::1", "::ffff:127.0.0.1",
               "169.254.169.254", "169.254.0.1", "fe80::1",
-              "::ffff:169.254.169.254", "0.0.0.0", "::", "224.0.0.1",
-              "239.255.255.250", "ff02::1"]
+              "::ffff:169.254.169.254", "0.0.0.0", "::", "::ffff:0.0.0.0",
+              "0.1.2.3", "0.255.255.255", "224.0.0.1", "239.255.255.250",
+              "ff02::1"]
 REACHABLE = ["192.0.2.1", "2001:db8::1", "8.8.8.8", "::ffff:192.0.2.1",
              "10.0.0.1", "192.168.1.1"]
 

@@ -12,6 +12,13 @@ echo server on 127.0.0.1 must never see a connection of its.  A client on
 127.0.0.1 (the control) reaches 127.0.0.1.  A third server, whose policy
 lets only 127.0.0.0/8 in, closes the remote client at accept without a byte.
 
+Then destination rules (--policy): a broad accept ("accept *:PORT") never
+opens loopback, 0.0.0.0 or :: to the remote client, while an accept that
+names a loopback address itself does, for that address and port only.  A
+client rule written as an IPv4-mapped address (::ffff:192.0.2.2) refuses
+the IPv4 client 192.0.2.2, and a destination rule written that way refuses
+192.0.2.1 to remote and local clients alike.
+
 Prints one line per check and exits non-zero if any fails.
 """
 
@@ -28,6 +35,7 @@ import torsocksd  # noqa: E402
 from conftest import EchoServer, recv_up_to, socks5_target  # noqa: E402
 
 HOST = "192.0.2.1"
+OTHER_HOST = "192.0.2.2"     # a second remote client
 TIMEOUT = 10.0
 FAILURES = []
 
@@ -77,7 +85,8 @@ def client(server_port, source):
     sock = socket.socket()
     sock.settimeout(TIMEOUT)
     sock.bind((source, 0))
-    sock.connect((HOST if source == HOST else "127.0.0.1", server_port))
+    sock.connect((HOST if source != "127.0.0.1" else "127.0.0.1",
+                  server_port))
     return sock
 
 
@@ -196,8 +205,9 @@ def main():
         print("needs root (unshare -n as root)")
         return 2
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-    subprocess.run(["ip", "addr", "add", HOST + "/32", "dev", "lo"],
-                   check=True)
+    for address in (HOST, OTHER_HOST):
+        subprocess.run(["ip", "addr", "add", address + "/32", "dev", "lo"],
+                       check=True)
     loop_echo = EchoServer(host="127.0.0.1")
     host_echo = EchoServer(host=HOST)
 
@@ -239,11 +249,145 @@ def main():
               server.stats()["refused_at_accept"] == 1,
               repr(server.stats()))
 
+    run_destination_rule_checks(loop_echo, host_echo)
+    run_mapped_rule_checks(loop_echo, host_echo)
+
     if FAILURES:
         print("%d check(s) failed" % len(FAILURES))
         return 1
     print("all checks passed")
     return 0
+
+
+REMOTE_CLIENTS = torsocksd.ClientPolicy([(True, "192.0.2.0/24"),
+                                         (True, "127.0.0.0/8")])
+
+
+def server_for_remote_clients(destination_rules, clients=REMOTE_CLIENTS):
+    """A server on every interface for these clients (by default
+    192.0.2.0/24 and loopback) with these destination rules."""
+    return torsocksd.Server(
+        [("0.0.0.0", 0)], resolver=Resolver(), client_policy=clients,
+        destination_policy=torsocksd.DestinationPolicy(destination_rules))
+
+
+def expect_socks5(label, port, source, what, target, expected):
+    """A SOCKS5 CONNECT from source: expected is the reply (a success must
+    then carry one echo through the tunnel)."""
+    reply, (rest, end) = socks5_connect(port, source, target)
+    if expected == SUCCEEDED:
+        ok = reply == SUCCEEDED and rest == b"ping" and end == "eof"
+    else:
+        ok = reply == expected and rest == b"" and end == "eof"
+    check("%s: %s client, SOCKS5 CONNECT %s -> %s"
+          % (label, "local" if source == "127.0.0.1" else "remote", what,
+             expected[:2].hex()), ok,
+          "got %s, then %r, %s" % (reply.hex(), rest, end))
+
+
+def run_destination_rule_checks(loop_echo, host_echo):
+    lport, hport = loop_echo.port, host_echo.port
+    before = len(loop_echo.accepted)
+    label = "accept *:%d, reject *:*" % lport
+    with server_for_remote_clients(["accept *:%d" % lport,
+                                    "accept *:%d" % hport,
+                                    "reject *:*"]) as server:
+        port = server.address[1]
+        for what, host in (("127.0.0.1", "127.0.0.1"),
+                           ("name localhost", "localhost"),
+                           ("name loop.test", "loop.test"),
+                           ("::1", "::1"), ("0.0.0.0", "0.0.0.0"),
+                           ("::", "::"),
+                           ("::ffff:127.0.0.1", "::ffff:127.0.0.1")):
+            expect_socks5(label, port, HOST, what,
+                          socks5_target(host, lport), NOT_ALLOWED)
+        reply, (rest, end) = socks4_connect(port, HOST, "127.0.0.1", lport)
+        check("%s: remote client, SOCKS4 CONNECT 127.0.0.1 -> 5b" % label,
+              reply == S4_REJECTED and rest == b"" and end == "eof",
+              "got %s, then %r, %s" % (reply.hex(), rest, end))
+        check("%s: the loopback echo server saw no connection from those"
+              % label, len(loop_echo.accepted) == before,
+              "peers %r" % loop_echo.accepted[before:])
+        expect_socks5(label, port, HOST, "192.0.2.1 (accepted port)",
+                      socks5_target(HOST, hport), SUCCEEDED)
+        expect_socks5(label, port, HOST, "192.0.2.1 (another port)",
+                      socks5_target(HOST, lport + 1 if lport + 1 != hport
+                                    else lport + 2), NOT_ALLOWED)
+        expect_socks5(label, port, "127.0.0.1", "127.0.0.1 (control)",
+                      socks5_target("127.0.0.1", lport), SUCCEEDED)
+        check("%s: no connection left open" % label, wait_idle(server),
+              "active %d" % server.stats()["active"])
+
+    label = "accept 127.0.0.1:%d, reject *:*" % lport
+    with server_for_remote_clients(["accept 127.0.0.1:%d" % lport,
+                                    "reject *:*"]) as server:
+        port = server.address[1]
+        for what, host in (("127.0.0.1", "127.0.0.1"),
+                           ("name loop.test", "loop.test"),
+                           ("::ffff:127.0.0.1", "::ffff:127.0.0.1"),
+                           ("0.0.0.0 (reaches 127.0.0.1)", "0.0.0.0")):
+            expect_socks5(label, port, HOST, what,
+                          socks5_target(host, lport), SUCCEEDED)
+        for what, target in (
+                ("127.0.0.1, another port",
+                 socks5_target("127.0.0.1", hport)),
+                ("127.0.0.2", socks5_target("127.0.0.2", lport)),
+                ("::1", socks5_target("::1", lport)),
+                ("::", socks5_target("::", lport)),
+                ("192.0.2.1", socks5_target(HOST, hport))):
+            expect_socks5(label, port, HOST, what, target, NOT_ALLOWED)
+        check("%s: no connection left open" % label, wait_idle(server),
+              "active %d" % server.stats()["active"])
+
+    label = "reject 127.0.0.0/8, reject [::1], accept *:*"
+    before = len(loop_echo.accepted)
+    with server_for_remote_clients(["reject 127.0.0.0/8", "reject [::1]",
+                                    "accept *:*"]) as server:
+        port = server.address[1]
+        for source in (HOST, "127.0.0.1"):
+            for host in ("0.0.0.0", "::", "::ffff:0.0.0.0"):
+                expect_socks5(label, port, source, host,
+                              socks5_target(host, lport), NOT_ALLOWED)
+        expect_socks5(label, port, "127.0.0.1", "192.0.2.1",
+                      socks5_target(HOST, hport), SUCCEEDED)
+        check("%s: the loopback echo server saw no connection" % label,
+              len(loop_echo.accepted) == before,
+              "peers %r" % loop_echo.accepted[before:])
+
+
+def run_mapped_rule_checks(loop_echo, host_echo):
+    hport = host_echo.port
+    label = "--deny ::ffff:192.0.2.2"
+    clients = torsocksd.ClientPolicy([(False, "::ffff:192.0.2.2"),
+                                      (True, "192.0.2.0/24")])
+    with server_for_remote_clients([], clients) as server:
+        port = server.address[1]
+        with client(port, OTHER_HOST) as sock:
+            sock.sendall(b"\x05\x01\x00")
+            data, end = rest_until_eof(sock)
+        check("%s: client 192.0.2.2 gets no byte and a closed socket"
+              % label, data == b"" and end in ("eof", "reset"),
+              "got %r, %s" % (data, end))
+        check("%s: counted as refused at accept" % label,
+              server.stats()["refused_at_accept"] == 1,
+              repr(server.stats()))
+        expect_socks5(label, port, HOST, "192.0.2.1 from 192.0.2.1",
+                      socks5_target(HOST, hport), SUCCEEDED)
+
+    label = "reject [::ffff:192.0.2.1]:%d, accept *:*" % hport
+    before = len(host_echo.accepted)
+    with server_for_remote_clients(["reject [::ffff:192.0.2.1]:%d" % hport,
+                                    "accept *:*"]) as server:
+        port = server.address[1]
+        for source in (HOST, "127.0.0.1"):
+            for what, host in (("192.0.2.1", HOST),
+                               ("::ffff:192.0.2.1", "::ffff:" + HOST),
+                               ("name host.test", "host.test")):
+                expect_socks5(label, port, source, what,
+                              socks5_target(host, hport), NOT_ALLOWED)
+        check("%s: the echo server on 192.0.2.1 saw no connection" % label,
+              len(host_echo.accepted) == before,
+              "peers %r" % host_echo.accepted[before:])
 
 
 def wait_idle(server, seconds=5.0):

@@ -327,6 +327,39 @@ class TestLiveRelay:
             finally:
                 server.stop()
 
+    def test_pins_hold_for_the_ipv4_mapped_spelling(self, directory_relay):
+        """A pin holds however the relay's address is written: a pin on
+        127.0.0.1 for CONNECT_DIR to ::ffff:127.0.0.1 (ATYP 4, or as a
+        name), and a pin written as [::ffff:127.0.0.1] for 127.0.0.1."""
+        port = directory_relay.port
+        mapped = b"::ffff:127.0.0.1"
+        targets = {
+            "127.0.0.1": b"\x01\x7f\x00\x00\x01",
+            "ATYP 4 ::ffff:127.0.0.1": b"\x04" + bytes(10) + b"\xff\xff"
+                                       b"\x7f\x00\x00\x01",
+            "name ::ffff:127.0.0.1": b"\x03" + bytes([len(mapped)]) + mapped,
+        }
+        for pinned_as in ("127.0.0.1", "[::ffff:127.0.0.1]"):
+            for fingerprint, expected in (
+                    (directory_relay.fingerprint(), b"\x05\x00"),
+                    ("00" * 20, b"\x05\x01")):
+                pin = torsocksd.relay_pin("%s:%d=%s"
+                                          % (pinned_as, port, fingerprint))
+                server = torsocksd.Server(listen=[("127.0.0.1", 0)],
+                                          relay_pins=dict([pin])).start()
+                try:
+                    for what, target in targets.items():
+                        with socket.create_connection(server.address,
+                                                      timeout=TIMEOUT) as c:
+                            c.sendall(b"\x05\x01\x00\x05\xf2\x00" + target
+                                      + port.to_bytes(2, "big"))
+                            assert recv_exactly(c, 2) == b"\x05\x00"
+                            assert recv_exactly(c, 10) == expected \
+                                + b"\x00\x01" + bytes(6), \
+                                (pinned_as, fingerprint, what)
+                finally:
+                    server.stop()
+
     def test_refusals_through_socks(self, socks, relays):
         not_directory = relays[1]
         with socket.socket() as probe:
