@@ -299,20 +299,22 @@ def test_reload_that_would_leave_an_open_proxy_keeps_the_old_credentials(
         tmp_path, monkeypatch, caplog):
     """Whatever a reload reads, the exposure check runs on the result: a
     listener on every interface with no client rules keeps its credentials
-    even if a credentials file somehow gave none.  (The socket is bound but
-    never listens, so nobody can reach it.)"""
+    even if a credentials file somehow gave none.  (Nobody connects to the
+    listener: it lives only for the test's few lines.)"""
     users = tmp_path / "users"
     users.write_text("alice:secret\n")
-    with socket.socket() as unlistened:
-        unlistened.bind(("0.0.0.0", 0))
-        old = torsocksd.Credentials.from_file(str(users))
-        server = torsocksd.Server(sockets=[unlistened], credentials=old,
-                                  resolver=FakeResolver())
-        server.open_listeners()
+    old = torsocksd.Credentials.from_file(str(users))
+    server = torsocksd.Server(listen=[("0.0.0.0", 0)], credentials=old,
+                              credentials_file=str(users),
+                              resolver=FakeResolver())
+    server.bind()
+    try:
         monkeypatch.setattr(torsocksd.Credentials, "from_file",
                             classmethod(lambda cls, path: cls([])))
         with caplog.at_level(logging.ERROR, logger="torsocksd"):
-            server.reload(str(users))
-        assert server.credentials is old
+            server.reload()
+        assert server.settings.credentials is old
         assert "keeping the old credentials" in caplog.text
         assert "--open-proxy" in caplog.text
+    finally:
+        server.stop()
