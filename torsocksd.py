@@ -48,6 +48,8 @@ __all__ = [
     # parse results and messages
     "NEED_MORE", "Parsed", "Rejected",
     "Socks4Request", "Socks5Greeting", "UsernamePassword", "Socks5Request",
+    # the handshake
+    "SocksHandshake", "HandshakeState", "Request",
     # pure parsers
     "detect_protocol", "parse_http_method", "parse_socks4_request",
     "parse_socks5_greeting", "parse_username_password", "parse_socks5_request",
@@ -288,29 +290,63 @@ def parse_http_method(data) -> ParseResult:
     return Parsed(b"HEAD", 0)
 
 
-def hostname_problem(name: bytes) -> Optional[str]:
-    """Why a hostname from the wire is unusable, or None (DECISIONS row 16)."""
-    if not name:
+def hostname_problem(host: str) -> Optional[str]:
+    """Why a destination a client named is unusable, or None.
+
+    Tor's rule (string_is_valid_dest in its address.c): an IPv4 or IPv6
+    literal, or a name whose dot-separated labels are made of ASCII letters,
+    digits, "-" and "_", none empty and none starting with "-" or "_", one
+    trailing dot allowed.  Unlike Tor, brackets are only valid around an
+    IPv6 literal, and a NUL is refused instead of cutting the name short
+    (the README's "hostnames" rows)."""
+    if not host:
         return "empty hostname"
-    if len(name) > MAX_HOSTNAME:
+    if len(host) > MAX_HOSTNAME:
         return "hostname longer than 255 bytes"
-    # Printable ASCII without the space: rejects NUL (Tor silently cuts a name
-    # at a NUL), control bytes and UTF-8.
-    if any(byte < 0x21 or byte > 0x7E for byte in name):
+    if not (host.isascii() and host.isprintable()) or " " in host:
         return "hostname has a byte outside printable ASCII"
+    if host.startswith("["):
+        if host.endswith("]") and _ipv6_literal(host[1:-1]) is not None:
+            return None
+        return "brackets around something that is not an IPv6 address"
+    if ip_literal(host) is not None:
+        return None
+    labels = host.split(".")
+    if not labels[-1]:
+        labels.pop()            # one trailing dot: a fully qualified name
+    for label in labels:
+        if not label or label[0] in "-_" \
+                or not label.replace("-", "").replace("_", "").isalnum():
+            return "not a valid hostname"
     return None
 
 
 def ip_literal(host: str):
     """The IPv4Address or IPv6Address that host spells, or None.
 
-    Accepts "192.0.2.1", "2001:db8::1" and "[2001:db8::1]" (clients send IP
-    literals as hostnames: torsocks does for every CONNECT).
+    IPv4 is four decimal numbers of up to three digits (leading zeros as
+    Tor reads them, whatever this Python's ipaddress thinks of them); IPv6
+    is bare or in brackets.  Clients send IP literals as hostnames: torsocks
+    does for every CONNECT.
     """
     if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
+        return _ipv6_literal(host[1:-1])
+    if ":" in host:
+        return _ipv6_literal(host)
+    numbers = host.split(".")
+    if len(numbers) != 4 or not all(
+            0 < len(number) <= 3 and number.isdigit() and number.isascii()
+            and int(number) <= 255 for number in numbers):
+        return None
+    return ipaddress.IPv4Address(".".join(str(int(n)) for n in numbers))
+
+
+def _ipv6_literal(text: str):
+    # A zone ("%eth0") is not a destination; newer Pythons would take one.
+    if "%" in text:
+        return None
     try:
-        return ipaddress.ip_address(host)
+        return ipaddress.IPv6Address(text)
     except ValueError:
         return None
 
@@ -355,12 +391,11 @@ def parse_socks4_request(data) -> ParseResult:
         return NEED_MORE
     if host_end < 0:
         return _socks4_rejection("SOCKS4A hostname longer than 255 bytes")
-    raw_host = bytes(data[userid_end + 1:host_end])
-    problem = hostname_problem(raw_host)
-    if problem:
-        return _socks4_rejection("SOCKS4A " + problem)
-    return Parsed(Socks4Request(command, port, raw_host.decode("ascii"),
-                                userid, True), host_end + 1)
+    # Whether the name is usable is the handshake's to say, after the
+    # command (Tor's order); latin-1 keeps every byte for that check.
+    host = bytes(data[userid_end + 1:host_end]).decode("latin-1")
+    return Parsed(Socks4Request(command, port, host, userid, True),
+                  host_end + 1)
 
 
 def _find_nul(data, start: int, limit: int):
@@ -465,11 +500,8 @@ def parse_socks5_request(data) -> ParseResult:
     elif address_type == AddressType.IPV6:
         host = str(ipaddress.IPv6Address(bytes(data[4:20])))
     else:
-        raw_host = bytes(data[5:address_end])
-        problem = hostname_problem(raw_host)
-        if problem:
-            return _socks5_rejection(Reply.GENERAL_FAILURE, problem)
-        host = raw_host.decode("ascii")
+        # Checked by the handshake, after the command (Tor's order).
+        host = bytes(data[5:address_end]).decode("latin-1")
     port = int.from_bytes(data[address_end:address_end + 2], "big")
     return Parsed(Socks5Request(command, address_type, host, port),
                   address_end + 2)
@@ -515,7 +547,8 @@ def socks5_hostname_reply(name: str) -> bytes:
         raw = name.rstrip(".").encode("ascii")
     except UnicodeEncodeError:
         raw = b""
-    if hostname_problem(raw):
+    if not raw or len(raw) > MAX_HOSTNAME \
+            or any(byte < 0x21 or byte > 0x7E for byte in raw):
         return socks5_reply(Reply.HOST_UNREACHABLE)
     return bytes((Version.SOCKS5, Reply.SUCCEEDED, 0, AddressType.DOMAIN,
                   len(raw))) + raw + ZERO_PORT
@@ -554,10 +587,13 @@ def reply_for_errno(error_number: int) -> Reply:
     return CONNECT_ERRNO_REPLIES.get(error_number, Reply.GENERAL_FAILURE)
 
 
+# The page for a client that speaks HTTP to the SOCKS port; %(where)s is the
+# address it reached, so that the examples can be pasted as they are.
 HTTP_PAGE = """\
 <!DOCTYPE html>
 <html lang="en">
-<head><meta charset="utf-8"><title>This is a SOCKS proxy</title></head>
+<head><meta charset="utf-8"><title>This is a SOCKS proxy</title>
+<style>code { white-space: nowrap; }</style></head>
 <body>
 <h1>This is a SOCKS proxy, not an HTTP proxy</h1>
 <p>Your browser or tool sent an HTTP request to torsocksd, which speaks only
@@ -565,21 +601,26 @@ SOCKS (versions 4, 4a and 5).</p>
 <p>To use it, set your program's proxy type to <b>SOCKS5</b> (or SOCKS4a) with
 this host and port, and let the proxy resolve host names: in Firefox, tick
 "Proxy DNS when using SOCKS v5"; with curl, use
-<code>--socks5-hostname HOST:PORT</code> or <code>-x socks5h://HOST:PORT</code>;
-elsewhere, set <code>ALL_PROXY=socks5h://HOST:PORT</code>.</p>
+<code>--socks5-hostname %(where)s</code> or <code>-x socks5h://%(where)s</code>;
+elsewhere, set <code>ALL_PROXY=socks5h://%(where)s</code>.</p>
 </body>
 </html>
-""".encode("utf-8")
+"""
 
 
-def http_reply(method: bytes) -> bytes:
-    """HTTP/1.0 501 with our page; HEAD gets the headers only (DECISIONS row 2)."""
+def http_reply(method: bytes, where: Optional[str] = None) -> bytes:
+    """HTTP/1.0 501 with our page, its examples naming where (the proxy's
+    "host:port"); HEAD gets the headers only (the README's "HTTP to the
+    SOCKS port" row)."""
+    where = (where or "HOST:PORT").replace("&", "&amp;").replace(
+        "<", "&lt;").replace(">", "&gt;")
+    page = (HTTP_PAGE % {"where": where}).encode("utf-8")
     head = ("HTTP/1.0 501 Not Implemented: this is a SOCKS proxy\r\n"
             "Content-Type: text/html; charset=utf-8\r\n"
             "Content-Length: %d\r\n"
             "Connection: close\r\n"
-            "\r\n" % len(HTTP_PAGE)).encode("ascii")
-    return head if method == b"HEAD" else head + HTTP_PAGE
+            "\r\n" % len(page)).encode("ascii")
+    return head if method == b"HEAD" else head + page
 
 
 # =============================================================================
@@ -884,21 +925,26 @@ class SocksHandshake:
                           when credentials are required
     safe_socks            refuse requests that give only an IP address
     client_family         the client socket's family: a SOCKS5 reply's ATYP
+    local_address         local_address() -> "host:port" the client reached,
+                          for the HTTP page (asked only for that page)
     """
     __slots__ = ("credentials_required", "authenticate", "safe_socks",
-                 "client_family", "state", "version", "command", "host", "port",
-                 "unsafe",
+                 "client_family", "local_address", "state", "version",
+                 "protocol", "method", "command", "host", "port", "unsafe",
                  "buffered", "received", "request", "refusal", "userid",
                  "early_data")
 
     def __init__(self, credentials_required: bool = False, authenticate=None,
                  safe_socks: bool = False,
-                 client_family: int = socket.AF_INET):
+                 client_family: int = socket.AF_INET, local_address=None):
         self.credentials_required = credentials_required
         self.authenticate = authenticate
         self.safe_socks = safe_socks
         self.client_family = client_family
+        self.local_address = local_address
         self.state = HandshakeState.GREETING
+        self.protocol = None        # what the first byte said
+        self.method = None          # the SOCKS5 method chosen
         self.version = None         # known from the first message on
         self.command = None         # known once a request is parsed,
         self.host = ""              # with its destination
@@ -973,8 +1019,13 @@ class SocksHandshake:
         if self.state is HandshakeState.AUTHENTICATING:
             return parse_username_password(buffered)
         if self.state is HandshakeState.REQUESTING:
+            if buffered[0] == USERPASS_VERSION \
+                    and self.method is Method.NO_AUTH:
+                # RFC 1929 although "no authentication" was chosen: Tor
+                # answers it and goes on (the README's "SOCKS5 methods").
+                return parse_username_password(buffered)
             return parse_socks5_request(buffered)
-        protocol = detect_protocol(buffered[0])
+        self.protocol = protocol = detect_protocol(buffered[0])
         if protocol is Protocol.SOCKS4:
             self.version = Version.SOCKS4
             return parse_socks4_request(buffered)
@@ -984,7 +1035,8 @@ class SocksHandshake:
             method = parse_http_method(buffered)
             if method is NEED_MORE:
                 return NEED_MORE
-            return Rejected(http_reply(method.message),
+            where = self.local_address() if self.local_address else None
+            return Rejected(http_reply(method.message, where),
                             "client speaks HTTP to a SOCKS port")
         if protocol is Protocol.TLS:
             return Rejected(b"", "client speaks TLS to a SOCKS port")
@@ -1000,7 +1052,8 @@ class SocksHandshake:
 
     def _on_greeting(self, greeting: Socks5Greeting) -> bytes:
         self.version = Version.SOCKS5
-        method = choose_method(greeting.methods, self.credentials_required)
+        self.method = method = choose_method(greeting.methods,
+                                             self.credentials_required)
         reply = socks5_method_reply(method)
         if method is Method.NO_ACCEPTABLE:
             return self._refused(reply, "no acceptable authentication method")
@@ -1017,11 +1070,14 @@ class SocksHandshake:
         if not accepted:
             return self._refused(reply, "bad username or password")
         self.userid = message.username
+        self.method = Method.USERNAME_PASSWORD     # once only
         self.state = HandshakeState.REQUESTING
         return reply
 
     def _on_request(self, message) -> bytes:
-        """Decide on a whole request: the process step after parsing."""
+        """Decide on a whole request: the process step after parsing.  The
+        checks come in Tor's order (the README's "order of checks" row):
+        command, address type, hostname, then what is allowed."""
         # Bytes after the request are the client's early data (the README's
         # "several messages in one segment" row).
         self.early_data, self.buffered = bytes(self.buffered), bytearray()
@@ -1042,19 +1098,27 @@ class SocksHandshake:
         if command is Command.RESOLVE_PTR and self.version is Version.SOCKS4:
             return self.refuse(Reply.COMMAND_NOT_SUPPORTED,
                                "RESOLVE_PTR over SOCKS4")
-        self.unsafe = is_unsafe_request(self.version, address_type, command)
-        if self.unsafe and self.safe_socks:
-            return self.refuse(Reply.NOT_ALLOWED, "client gave only an IP "
-                               "address (--safe-socks)")
         address = ip_literal(message.host)
         if command is Command.RESOLVE_PTR and address is None:
             return self.refuse(Reply.ADDRESS_TYPE_NOT_SUPPORTED,
                                "RESOLVE_PTR of something that is not an "
                                "address")
+        problem = hostname_problem(message.host)
+        if problem:
+            # A lookup's refusal is the lookup failure reply.
+            return self.refuse(Reply.HOST_UNREACHABLE
+                               if command in LOOKUP_COMMANDS
+                               else Reply.GENERAL_FAILURE, problem)
+        self.unsafe = is_unsafe_request(self.version, address_type, command)
+        if self.unsafe and self.safe_socks:
+            return self.refuse(Reply.NOT_ALLOWED, "client gave only an IP "
+                               "address (--safe-socks)")
         if address is None:
             refusal = special_name_refusal(message.host)
             if refusal:
                 return self.refuse(Reply.HOST_UNREACHABLE, refusal)
+        if message.port == 0 and command not in LOOKUP_COMMANDS:
+            return self.refuse(Reply.GENERAL_FAILURE, "destination port 0")
         self.request = Request(self.version, command, message.host,
                                message.port, address, self.userid,
                                self.unsafe)
@@ -3679,7 +3743,8 @@ class Connection:
         self.handshake = SocksHandshake(
             credentials_required=bool(credentials),
             authenticate=credentials.check if credentials else None,
-            safe_socks=settings.safe_socks, client_family=client.family)
+            safe_socks=settings.safe_socks, client_family=client.family,
+            local_address=self._local_address)
         self.request = None
         self.candidates = []
         self.attempts = ()          # sockets connecting at once
@@ -3844,6 +3909,9 @@ class Connection:
         elif settings.test_socks and handshake.unsafe is not None:
             self._log_request_safety()
         if request is None:
+            if handshake.protocol is Protocol.HTTP:
+                # The page is what the client gets: it counts as bytes down.
+                self.downstream.count += len(replies)
             self._end_with(replies, handshake.refusal)
             return
         if replies:
@@ -3853,11 +3921,18 @@ class Connection:
             self.upstream.pending = bytearray(handshake.early_data)
         self._start_request(request)
 
+    def _local_address(self) -> str:
+        """Where the client reached us, as a proxy URL writes it."""
+        where = self.client.getsockname()
+        if isinstance(where, str):
+            return "localhost" + where      # curl's form for a Unix socket
+        return format_address(where)
+
     def _log_request_safety(self):
         handshake = self.handshake
-        log.info("conn %d: %s %s request for %s:%d is %s", self.number,
+        log.info("conn %d: %s %s request for %s is %s", self.number,
                  handshake.version.name, handshake.command.name,
-                 self.server._scrub(handshake.host), handshake.port,
+                 self._destination_for_log(),
                  "unsafe (the client gave an IP address and may be "
                  "leaking DNS)" if handshake.unsafe
                  else "safe (torsocksd resolves the name)")
@@ -4344,13 +4419,21 @@ class Connection:
 
     # -- the log line -------------------------------------------------------------
 
+    def _destination_for_log(self) -> str:
+        """host:port (IPv6 in brackets), or [scrubbed]:port unless
+        --log-destinations; what the client wrote is clipped and escaped."""
+        handshake = self.handshake
+        host = self.server._scrub(clip_for_log(handshake.host))
+        if ":" in host:
+            host = "[%s]" % host.strip("[]")
+        return "%s:%d" % (host, handshake.port)
+
     def log_outcome(self):
         handshake = self.handshake
         destination = ""
         if handshake.command is not None:
-            destination = " %s %s:%d" % (handshake.command.name,
-                                         self.server._scrub(handshake.host),
-                                         handshake.port)
+            destination = " %s %s" % (handshake.command.name,
+                                      self._destination_for_log())
         version = handshake.version.name if handshake.version is not None \
             else "-"
         log.info("conn %d from %s: %s%s: %s; %d bytes up, %d down, %.3f s",
@@ -4468,6 +4551,9 @@ class Settings:
     def _normalise(self):
         if self.credentials is None and self.credentials_file:
             self.credentials = Credentials.from_file(self.credentials_file)
+        if self.credentials is not None and not self.credentials:
+            # Authentication never silently switches off.
+            raise ValueError("credentials that name no user")
         if not isinstance(self.client_policy, ClientPolicy):
             self.client_policy = ClientPolicy(self.client_policy or ())
         if not isinstance(self.destination_policy, DestinationPolicy):
@@ -4478,7 +4564,9 @@ class Settings:
             for source in self.outbound_addresses:
                 by_version[ipaddress.ip_address(source).version] = str(source)
             self.outbound_addresses = by_version
-        self.relay_pins = dict(self.relay_pins or {})
+        self.relay_pins = {(str(ip_of(host)), port): fingerprint
+                           for (host, port), fingerprint
+                           in dict(self.relay_pins or {}).items()}
         self.nameservers = tuple(self.nameservers)
         if self.max_connections is None:
             self.max_connections = default_max_connections()

@@ -485,7 +485,7 @@ def encode_parsed(message) -> bytes:
         elif message.address_type == AddressType.IPV6:
             address = b"\x04" + ipaddress.IPv6Address(message.host).packed
         else:
-            name = message.host.encode("ascii")
+            name = message.host.encode("latin-1")
             address = b"\x03" + bytes((len(name),)) + name
         return bytes((5, message.command, 0)) + address \
             + message.port.to_bytes(2, "big")
@@ -526,7 +526,7 @@ def check_parse(name, parser, data, result):
             raw = bytes(data[:used])
             head = bytes((4, message.command)) \
                 + message.port.to_bytes(2, "big")
-            tail = message.userid + b"\0" + message.host.encode("ascii") \
+            tail = message.userid + b"\0" + message.host.encode("latin-1") \
                 + b"\0"
             if not (raw[:4] == head and raw[4:7] == b"\0\0\0" and raw[7]
                     and raw[8:] == tail):
@@ -544,13 +544,12 @@ def check_parse(name, parser, data, result):
                 return "port %r" % message.port
             if message.command not in torsocksd.Command:
                 return "command %r" % message.command
-            # DECISIONS row 16: a hostname is 1-255 printable ASCII bytes.
+            # A name of at most 255 bytes is passed on for the handshake to
+            # judge (after the command, as Tor does).
             if (getattr(message, "is_4a", False) or getattr(
                     message, "address_type", None) == AddressType.DOMAIN):
-                name = message.host.encode("ascii", "replace")
-                if not (1 <= len(name) <= 255 and all(
-                        0x21 <= byte <= 0x7E for byte in name)):
-                    return "hostname %r accepted" % (message.host,)
+                if len(message.host) > 255:
+                    return "hostname of %d bytes" % len(message.host)
         if type(message) is Socks4Request and len(message.userid) > 512:
             return "userid of %d bytes accepted" % len(message.userid)
         return None
@@ -682,7 +681,7 @@ def fuzz_parsers(cases, seed, report_every=None, out=print):
                         address, (ipaddress.IPv4Address,
                                   ipaddress.IPv6Address)):
                     problem = "ip_literal(%r) -> %r" % (text, address)
-                reason = torsocksd.hostname_problem(bytes(data))
+                reason = torsocksd.hostname_problem(text)
                 if reason is not None and not isinstance(reason, str):
                     problem = "hostname_problem -> %r" % (reason,)
         except Exception as error:
@@ -751,6 +750,7 @@ class Model:
         self.reverse = reverse
         self.credentials = credentials
         self.policy = policy
+        self.where = {}     # family -> "host:port" the HTTP page names
 
     # replies of the server's own making (not the parsers')
     @staticmethod
@@ -771,7 +771,7 @@ class Model:
 
     def expect(self, data, family) -> Expectation:
         budget = data[:MAX_HANDSHAKE]
-        position, state, version = 0, "greeting", None
+        position, state, version, method = 0, "greeting", None, None
         out = bytearray()
         while True:
             buffered = budget[position:]
@@ -787,10 +787,13 @@ class Model:
                 elif first in HTTP_FIRST:
                     method = torsocksd.parse_http_method(buffered)
                     result = NEED_MORE if method is NEED_MORE else Rejected(
-                        torsocksd.http_reply(method.message), "http")
+                        torsocksd.http_reply(method.message,
+                                             self.where.get(family)), "http")
                 else:
                     result = Rejected(b"", "not SOCKS")
-            elif state == "auth":
+            elif state == "auth" or (state == "request" and buffered[0] == 1
+                                     and method == 0):
+                # RFC 1929 after "no authentication": answered once, as Tor.
                 result = torsocksd.parse_username_password(buffered)
             else:
                 result = torsocksd.parse_socks5_request(buffered)
@@ -818,13 +821,13 @@ class Model:
                 if method == 0xFF:
                     return Expectation(out, "close", label="no method")
                 state = "auth" if method == 2 else "request"
-            elif state == "auth":
+            elif type(message) is UsernamePassword:
                 accepted = not self.credentials or (
                     (message.username, message.password) in self.credentials)
                 out += bytes((1, 0 if accepted else 1))
                 if not accepted:
                     return Expectation(out, "close", label="bad password")
-                state = "request"
+                state, method = "request", 2
             else:
                 return self.decide(message, version, family, out,
                                    data[position:])
@@ -846,9 +849,12 @@ class Model:
         if command == Command.RESOLVE_PTR and version == 4:
             return refuse(7, "SOCKS4 PTR")
         address = torsocksd.ip_literal(host)
+        if command == Command.RESOLVE_PTR and address is None:
+            return refuse(8, "PTR of a name")
+        if torsocksd.hostname_problem(host):
+            lookup = command in (Command.RESOLVE, Command.RESOLVE_PTR)
+            return refuse(4 if lookup else 1, "malformed name")
         if command == Command.RESOLVE_PTR:
-            if address is None:
-                return refuse(8, "PTR of a name")
             name = self.reverse.get(str(address))
             if name is None:
                 return refuse(4, "PTR unknown")
@@ -866,6 +872,9 @@ class Model:
             if lowered.endswith((".onion", ".exit")) or lowered in (
                     "onion", "exit"):
                 return refuse(4, "special name")
+        if port == 0 and command in (Command.CONNECT, Command.CONNECT_DIR):
+            return refuse(1, "port 0")
+        if address is None:
             answers = self.names.get(host)
             if answers is None:
                 return refuse(4, "unknown name")
@@ -1198,6 +1207,8 @@ class LiveCampaign:
             family = socket.AF_INET6 if ":" in sockaddr[0] else socket.AF_INET
             addresses.setdefault(family, sockaddr[:2])
         families = sorted(addresses)
+        model.where = {family: torsocksd.format_address(address)
+                       for family, address in addresses.items()}
         failures = []
         figures = collections.Counter()
         before = socket_and_pipe_fds()
