@@ -763,92 +763,66 @@ for _name in HOSTNAMES.values():
 GOOD_ONIONS = ("onion", "onion-subdomain", "onion-upper")
 SPECIAL = GOOD_ONIONS + ("exit", "onion-bad-checksum", "onion-short")
 BRACKETED_NON_IPV6 = ("ipv4-bracketed", "bracketed-name")
-NUL_NAMES = ("nul-inside", "nul-first", "nul-after-ip")
-# Refused by Tor's parser (05 01 to a RESOLVE, where torsocksd sends its
-# RESOLVE failure reply instead).
+# Refused by Tor's parser (05 01 to a RESOLVE too, where torsocksd sends its
+# RESOLVE failure reply).  Bytes outside printable ASCII are not here:
+# torsocksd refuses those with 01 whatever the command, as Tor does.
 PARSER_REFUSED = ("empty", "dot", "two-dots", "double-dot", "leading-dot",
                   "double-trailing-dot", "leading-hyphen",
                   "leading-underscore", "label-leading-hyphen",
                   "label-leading-underscore", "at", "percent", "host-port",
-                  "space", "tab", "slash", "star", "utf8", "high-byte", "del",
-                  "leading-space-quad", "ipv6-scope", "ipv6-trailing-colon",
-                  "ipv6-two-gaps", "ipv6-group-5-digits", "ipv6-open-bracket",
+                  "space", "slash", "star", "leading-space-quad",
+                  "ipv6-scope", "ipv6-trailing-colon", "ipv6-two-gaps",
+                  "ipv6-group-5-digits", "ipv6-open-bracket",
                   "ipv6-close-bracket", "empty-brackets", "double-brackets")
-# torsocksd refuses these at the parser with 01 whatever the command.
-NON_PRINTABLE = ("tab", "utf8", "high-byte", "del")
+LOOPBACK_NAMES = ("localhost", "ipv4-loopback", "ipv6-loopback",
+                  "ipv6-loopback-bracketed")
 
-for label, name in HOSTNAMES.items():
-    # SOCKS5 CONNECT and RESOLVE (ATYP 3), SOCKS4A CONNECT and RESOLVE.
-    connect5 = dict(complete=True)
-    resolve5 = dict(complete=True)
-    connect4 = dict(complete=True)
-    resolve4 = dict(complete=True)
-    if label in SPECIAL:
-        # Tor: 01 for .exit and bad .onion names, a circuit for good ones;
-        # a RESOLVE of any of them fails at once (ATYP 0 for SOCKS5).
-        connect5 = dict(rules=("special-names",),
-                        expect=_after_greeting(r5(4)))
-        resolve5 = dict(rules=("resolve-failure",),
-                        expect=_after_greeting(RESOLVE_FAILED))
-        connect4 = resolve4 = {}
-        if label in GOOD_ONIONS:
-            connect4 = dict(rules=("special-names",),
-                            expect=Expect(S4_REJECTED))
-    elif label in BRACKETED_NON_IPV6:
-        # Tor: valid to its parser, refused at the attach stage: 01 for
-        # CONNECT, its ATYP 0 failure for RESOLVE; SOCKS4A: 5b either way.
-        connect5 = connect4 = resolve4 = {}
-        resolve5 = dict(rules=("resolve-failure",),
-                        expect=_after_greeting(RESOLVE_FAILED))
-    elif label == "nul-inside":
-        connect5 = dict(rules=("nul-in-name",), expect=_after_greeting(r5(1)))
-        resolve5 = connect5
-    elif label == "nul-after-ip":
-        connect5 = dict(rules=("nul-in-name",), expect=_after_greeting(r5(1)))
-        resolve5 = connect5
-        resolve4 = {}       # the 4A name is 1.2.3.4: answered at once
-    elif label == "nul-first":
-        # Tor cuts to "" and refuses with 01, as torsocksd does.
-        connect5 = resolve5 = {}
-    elif label in NON_PRINTABLE:
-        connect5 = resolve5 = connect4 = resolve4 = {}
-    elif label in PARSER_REFUSED:
-        connect5 = connect4 = resolve4 = {}
-        resolve5 = dict(rules=("refused-name-resolve",),
-                        expect=_after_greeting(RESOLVE_FAILED))
-    if label in ("ipv4", "ipv4-loopback"):
-        resolve5 = resolve4 = {}                 # answered at once
-    if label in ("ipv6", "ipv6-bracketed", "ipv6-loopback",
-                 "ipv6-loopback-bracketed", "ipv6-mapped"):
-        resolve5 = {}                            # answered at once
-        # Tor refuses IPv6 over SOCKS4; torsocksd uses the address: the
-        # connect fails in the namespace and SOCKS4 has one failure code.
-        connect4 = resolve4 = {}
-    if label in ("localhost", "ipv4-loopback", "ipv6-loopback",
-                 "ipv6-loopback-bracketed", "dot-local"):
-        connect5 = {} if label != "localhost" else dict(
-            rules=("local-destinations",), expect=_after_greeting(r5(5)))
-        if label in ("ipv4-loopback", "ipv6-loopback",
-                     "ipv6-loopback-bracketed"):
-            connect5 = dict(rules=("local-destinations",),
-                            expect=_after_greeting(r5(5)))
-        elif label == "dot-local":
+
+def hostname_difference(label, request):
+    """(rules, Expect) where torsocksd differs from Tor on purpose for a
+    hostname case, else None.  request: connect5, resolve5 (ATYP 3),
+    connect4a, resolve4a."""
+    if request == "connect5":
+        if label in SPECIAL:
+            # Tor: 01 for .exit and bad .onion names, a circuit for good ones.
+            return ("special-names",), _after_greeting(r5(4))
+        if label in ("nul-inside", "nul-after-ip"):
+            return ("nul-in-name",), _after_greeting(r5(1))
+        if label in LOOPBACK_NAMES:
+            return ("local-destinations",), _after_greeting(r5(5))
+        if label == "dot-local":
             # Tor refuses *.local; the test resolver does not know it.
-            connect5 = dict(rules=("local-destinations",),
-                            expect=_after_greeting(r5(4)))
-        connect4 = {}
-    dport = CLOSED_PORT if label in ("localhost", "ipv4-loopback",
-                                     "ipv6-loopback",
-                                     "ipv6-loopback-bracketed") else 80
+            return ("local-destinations",), _after_greeting(r5(4))
+    if request == "resolve5":
+        if label in PARSER_REFUSED:
+            return ("refused-name-resolve",), _after_greeting(RESOLVE_FAILED)
+        if label in SPECIAL + BRACKETED_NON_IPV6:
+            # Tor refuses these after its parser, with its ATYP 0 failure.
+            return ("resolve-failure",), _after_greeting(RESOLVE_FAILED)
+        if label in ("nul-inside", "nul-after-ip"):
+            return ("nul-in-name",), _after_greeting(r5(1))
+    if request == "connect4a" and label in GOOD_ONIONS:
+        return ("special-names",), Expect(S4_REJECTED)
+    return None
+
+
+# Every hostname case is a whole request: where Tor accepts the name it
+# waits for a circuit.  A SOCKS4A name ends at its NUL: what follows it is
+# early data.
+for label, name in HOSTNAMES.items():
+    dport = CLOSED_PORT if label in LOOPBACK_NAMES else 80
+    requests = {"connect4a": s4a(CONNECT, name, dport),
+                "resolve4a": s4a(RESOLVE, name)}
     if len(name) <= 255:
-        case("name5-connect-" + label, NOAUTH, s5_name(CONNECT, name, dport),
-             **connect5)
-        case("name5-resolve-" + label, NOAUTH, s5_name(RESOLVE, name),
-             **resolve5)
-    if label in NUL_NAMES:
-        continue            # a SOCKS4A name cannot hold a NUL
-    case("name4a-connect-" + label, s4a(CONNECT, name, dport), **connect4)
-    case("name4a-resolve-" + label, s4a(RESOLVE, name), **resolve4)
+        requests["connect5"] = NOAUTH, s5_name(CONNECT, name, dport)
+        requests["resolve5"] = NOAUTH, s5_name(RESOLVE, name)
+    for request, chunks in sorted(requests.items()):
+        if isinstance(chunks, bytes):
+            chunks = (chunks,)
+        difference = hostname_difference(label, request)
+        rules, expect = difference or ((), None)
+        case("name-%s-%s" % (request, label), *chunks, complete=True,
+             rules=rules, expect=expect)
 
 # --- Pipelining: several messages in one chunk ---------------------------------
 
