@@ -45,6 +45,7 @@ Documented differences cite the rows of the README's table "Where
 torsocksd differs from Tor" by their "case" text (Rule.readme).
 """
 
+import ipaddress
 from typing import NamedTuple, Optional, Tuple
 
 # =============================================================================
@@ -172,7 +173,6 @@ def ipv4(text: str) -> bytes:
 
 
 def ipv6(text: str) -> bytes:
-    import ipaddress
     return ipaddress.IPv6Address(text).packed
 
 
@@ -215,7 +215,6 @@ def resolved4(address: str) -> bytes:
 PROBE = s5(RESOLVE, 1, ipv4("1.2.3.4"), 0)
 PROBE_ANSWER = resolved4("1.2.3.4")
 PROBE4 = s4(RESOLVE, 0, ipv4("1.2.3.4"))
-PROBE4_ANSWER = b"\x00\x5a\x00\x00" + ipv4("1.2.3.4")
 
 # A valid v3 onion address (the Tor Project's; it is never reached here) and
 # the same with one character changed, so its checksum fails.

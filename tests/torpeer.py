@@ -183,67 +183,55 @@ class Outcome(NamedTuple):
     reset: bool = False
 
 
-def replay(address, chunks, pauses=(), silence=0.3, limit=2.0):
+def replay(address, chunks, pauses=(), pause=0.1, silence=0.3, limit=2.0):
     """Connect to address, send each chunk of bytes in turn, reading all the
     while, and return the Outcome.
 
-    pauses[i] is the number of seconds to wait before chunk i + 1 (0.1 when
-    not given), so that the server reads the chunks apart.  Sending stops
+    pauses[i] is the number of seconds to wait before chunk i + 1 (`pause`
+    when not given), so that the server reads the chunks apart.  Sending stops
     early once the server closes.  After the last chunk, reading goes on
     until the server closes, or nothing arrived for `silence` seconds, or
     `limit` seconds passed.
     """
     received = bytearray()
-    closed = reset = False
+    ending = None
     with socket.create_connection(address, timeout=limit) as sock:
-        sock.setblocking(False)
-
-        def read_for(seconds, stop_on_silence):
-            # Reads until close, or for `seconds`; with stop_on_silence,
-            # each byte received restarts a `silence` wait within them.
-            nonlocal closed, reset
-            now = time.monotonic()
-            end = now + seconds
-            quiet_until = now + silence
-            while not closed and now < end:
-                wait = end - now
-                if stop_on_silence:
-                    wait = min(wait, quiet_until - now)
-                    if wait <= 0:
-                        return
-                if not select.select([sock], [], [], wait)[0]:
-                    now = time.monotonic()
-                    continue
-                try:
-                    data = sock.recv(65536)
-                except BlockingIOError:
-                    data = None
-                except ConnectionResetError:
-                    closed = reset = True
-                    return
-                if data == b"":
-                    closed = True
-                    return
-                now = time.monotonic()
-                if data:
-                    received.extend(data)
-                    quiet_until = now + silence
-
         for index, chunk in enumerate(chunks):
             if index:
-                read_for(pauses[index - 1] if index - 1 < len(pauses)
-                         else 0.1, False)
-            if closed:
-                break
+                wait = pauses[index - 1] if index - 1 < len(pauses) else pause
+                ending = _read_for(sock, received, wait)
+                if ending:
+                    break
             try:
-                sock.settimeout(limit)
                 sock.sendall(chunk)
             except OSError:
                 break       # the server closed: read what it sent first
-            finally:
-                sock.setblocking(False)
-        read_for(limit, True)
-    return Outcome(bytes(received), closed, reset)
+        if ending is None:
+            ending = _read_for(sock, received, limit, silence)
+    return Outcome(bytes(received), ending is not None, ending == "reset")
+
+
+def _read_for(sock, received, seconds, silence=None):
+    """Read from sock into received for `seconds`, or until `silence`
+    seconds pass without a byte.  Returns None while the connection is
+    open, "closed" after an end of file, "reset" after a reset."""
+    now = time.monotonic()
+    end = quiet_until = now + seconds
+    if silence is not None:
+        quiet_until = now + silence
+    while min(end, quiet_until) > now:
+        if select.select([sock], [], [], min(end, quiet_until) - now)[0]:
+            try:
+                data = sock.recv(65536)
+            except ConnectionResetError:
+                return "reset"
+            if not data:
+                return "closed"
+            received.extend(data)
+            if silence is not None:
+                quiet_until = time.monotonic() + silence
+        now = time.monotonic()
+    return None
 
 
 def accepts(address):

@@ -23,7 +23,6 @@ import argparse
 import concurrent.futures
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -48,9 +47,8 @@ def run_case(case, tor_address, torsocksd_address):
     results = {"case": case.name}
     for label, address in (("tor", tor_address),
                            ("torsocksd", torsocksd_address)):
-        outcome = torpeer.replay(address, case.chunks, case.pauses or
-                                 [tor_corpus.DEFAULT_PAUSE]
-                                 * (len(case.chunks) - 1))
+        outcome = torpeer.replay(address, case.chunks, case.pauses,
+                                 pause=tor_corpus.DEFAULT_PAUSE)
         results[label] = outcome_json(outcome)
     return results
 
