@@ -46,10 +46,10 @@ LISTENER_OPENED = re.compile(
 TOR_VERSION = re.compile(r"\bTor (\d+\.\d+\.\d+\.\d+\S*) (?:opening|running)")
 
 
-def tor_program():
-    """The tor executable (also found in /usr/sbin), or None."""
-    return shutil.which("tor", path=os.pathsep.join(
-        (os.environ.get("PATH", ""), "/usr/sbin", "/sbin")))
+def find_program(name):
+    """The path of a program, also looked for in /usr/sbin and /sbin (where
+    Debian puts tor and ip), or None."""
+    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
 
 
 def client_torrc(data_directory, socks=True, http_tunnel=False, extra=()):
@@ -77,7 +77,7 @@ class TorClient:
 
     def __init__(self, socks=True, http_tunnel=False, extra=(), tor=None):
         self.wanted = {"Socks": socks, "HTTP tunnel": http_tunnel}
-        self.program = tor or tor_program()
+        self.program = tor or find_program("tor")
         self.directory = tempfile.TemporaryDirectory(prefix="torpeer-")
         self.data_directory = os.path.join(self.directory.name, "data")
         os.mkdir(self.data_directory, 0o700)

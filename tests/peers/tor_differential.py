@@ -76,7 +76,8 @@ def main():
             parser.error("no such case: %s" % ", ".join(sorted(unknown)))
         cases = [tor_corpus.BY_NAME[name] for name in wanted]
 
-    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    subprocess.run([torpeer.find_program("ip"), "link", "set", "lo", "up"],
+                   check=True)
     started = time.monotonic()
     peers = echo_servers()
     server = tor = None
