@@ -74,7 +74,7 @@ class Case(NamedTuple):
     name: str
     chunks: Tuple[bytes, ...]
     pauses: Tuple[float, ...] = ()  # before chunk 2, 3, ...; DEFAULT_PAUSE
-    complete: bool = False          # ends in a request Tor may hold for a circuit
+    complete: bool = False          # ends in a request Tor may hold
     rules: Tuple[str, ...] = ()     # documented differences (RULES keys)
     expect: Optional[Expect] = None  # torsocksd's outcome when rules is set
 
@@ -238,8 +238,8 @@ def _test_name(name: bytes):
     """Register a .test name with the test resolver, as torsocksd may ask
     for it (lower case, without a trailing dot, or as sent)."""
     text = name.decode("ascii", "replace")
-    for form in (text, text.lower(), text.rstrip("."), text.lower().rstrip(".")):
-        RESOLVER_NAMES[form] = [TEST_ADDRESS]
+    for form in (text, text.rstrip(".")):
+        RESOLVER_NAMES[form] = RESOLVER_NAMES[form.lower()] = [TEST_ADDRESS]
 
 
 # =============================================================================
@@ -302,7 +302,7 @@ for first in (0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x0A, 0x0D, 0x16,
              expect=Expect(b""))
         case("first-byte-%s-then-7" % label, lone + TAIL)
 
-# --- HTTP requests ------------------------------------------------------------
+# --- HTTP requests -----------------------------------------------------------
 
 HTTP_REQUESTS = {
     "get": b"GET / HTTP/1.1\r\nHost: example.test\r\n\r\n",
@@ -334,13 +334,13 @@ case("http-HEADX", b"HEADX", rules=("http-page",),
 bytewise("http-get-bytewise", b"GET / HTTP/1.0\r\n\r\n", rules=("http-page",),
          expect=Expect(b"", http_page="GET"))
 
-# --- TLS ----------------------------------------------------------------------
+# --- TLS ---------------------------------------------------------------------
 
 CLIENT_HELLO_START = bytes.fromhex("16030100c8010000c40303") + bytes(range(32))
 case("tls-client-hello", CLIENT_HELLO_START)
 case("tls-two-bytes", b"\x16\x03")
 
-# --- SOCKS4 and SOCKS4A -------------------------------------------------------
+# --- SOCKS4 and SOCKS4A ------------------------------------------------------
 
 PUBLIC4 = ipv4("1.2.3.4")
 SOCKS4_COMMANDS = {"connect": CONNECT, "bind": BIND, "udp": UDP,
@@ -415,7 +415,7 @@ for label, address in (("loopback", "127.0.0.1"), ("any", "0.0.0.0"),
          s4(CONNECT, CLOSED_PORT, ipv4(address)))
 case("s4a-connect-localhost", s4a(CONNECT, b"localhost", CLOSED_PORT))
 
-# --- SOCKS5 greetings ---------------------------------------------------------
+# --- SOCKS5 greetings --------------------------------------------------------
 
 case("s5-greeting-zero-methods", b"\x05\x00")
 case("s5-greeting-noauth", NOAUTH, PROBE)
@@ -442,7 +442,7 @@ case("s5-greeting-255-unknown-methods", b"\x05\xff" + b"\x80" * 255)
 case("s5-greeting-truncated", b"\x05\x03\x00\x02")
 case("s5-greeting-then-greeting", NOAUTH, NOAUTH)          # both wait
 
-# --- RFC 1929 -----------------------------------------------------------------
+# --- RFC 1929 ----------------------------------------------------------------
 
 case("auth-after-02", USERPASS, AUTH, PROBE)
 case("auth-empty-fields", USERPASS, b"\x01\x00\x00", PROBE)
@@ -473,7 +473,7 @@ case("auth-then-socks4", USERPASS, AUTH, PROBE4,
      rules=("socks4-after-greeting",),
      expect=Expect(b"\x05\x02\x01\x00" + r5(1)))
 
-# --- SOCKS5 requests: every command x address type ----------------------------
+# --- SOCKS5 requests: every command x address type ---------------------------
 
 SOCKS5_COMMANDS = {"connect": CONNECT, "bind": BIND, "udp": UDP,
                    "resolve": RESOLVE, "resolve-ptr": RESOLVE_PTR,
@@ -530,7 +530,7 @@ case("s5-request-version-04", NOAUTH, b"\x04" + s5(CONNECT, 1, PUBLIC4)[1:],
      rules=("socks4-after-greeting",), expect=_after_greeting(r5(1)))
 case("s5-request-version-00", NOAUTH, b"\x00" + s5(CONNECT, 1, PUBLIC4)[1:])
 
-# --- Port 0 -------------------------------------------------------------------
+# --- Port 0 ------------------------------------------------------------------
 
 for target_label, (atyp, address) in TARGETS.items():
     case("s5-connect-%s-port0" % target_label, NOAUTH,
@@ -539,8 +539,8 @@ for target_label, (atyp, address) in TARGETS.items():
          s5(CONNECT_DIR, atyp, address, 0))
     case("s5-bind-%s-port0" % target_label, NOAUTH, s5(BIND, atyp, address, 0))
     case("s5-udp-%s-port0" % target_label, NOAUTH, s5(UDP, atyp, address, 0))
-case("s5-resolve-atyp3-port0", NOAUTH, s5_name(RESOLVE, b"www.example.test", 0),
-     complete=True)
+case("s5-resolve-atyp3-port0", NOAUTH,
+     s5_name(RESOLVE, b"www.example.test", 0), complete=True)
 case("s5-resolve-ptr-atyp1-port0", NOAUTH, s5(RESOLVE_PTR, 1, PUBLIC4, 0),
      complete=True)
 case("s5-connect-private-port0", NOAUTH, s5(CONNECT, 1, ipv4("127.0.0.1"), 0))
@@ -550,7 +550,7 @@ case("s5-connect-onion-port0", NOAUTH, s5_name(CONNECT, ONION, 0),
 case("s4a-connect-port0", s4a(CONNECT, b"www.example.test", 0))
 case("s4a-connect-dir-port0", s4a(CONNECT_DIR, b"www.example.test", 0))
 
-# --- Private and local destinations -------------------------------------------
+# --- Private and local destinations ------------------------------------------
 # Tor refuses them (ClientRejectInternalAddresses); torsocksd lets a client on
 # loopback reach them, so its answer is the connect's own error.
 
@@ -571,7 +571,8 @@ LOCAL_CONNECTS = (
 for label, atyp, address, errno_reply in LOCAL_CONNECTS:
     case("s5-connect-local-" + label, NOAUTH,
          s5(CONNECT, atyp, address, CLOSED_PORT),
-         rules=("local-destinations",), expect=_after_greeting(r5(errno_reply)))
+         rules=("local-destinations",),
+         expect=_after_greeting(r5(errno_reply)))
 # fe80::1 without a scope: Tor refuses it (its virtual address range), the
 # kernel too (EINVAL, a general failure).
 case("s5-connect-ipv6-link-local", NOAUTH, s5(CONNECT, 4, ipv6("fe80::1"), 80))
@@ -612,7 +613,7 @@ case("s4a-connect-echo-ipv6-bracketed", s4a(CONNECT, b"[::1]", ECHO_PORT),
 case("s5-connect-multicast", NOAUTH, s5(CONNECT, 1, ipv4("224.0.0.1")),
      complete=True)
 
-# --- RESOLVE and RESOLVE_PTR of IP literals -----------------------------------
+# --- RESOLVE and RESOLVE_PTR of IP literals ----------------------------------
 
 for address in ("1.2.3.4", "127.0.0.1", "0.0.0.0", "10.0.0.1",
                 "255.255.255.255", "224.0.0.1"):
@@ -677,7 +678,7 @@ case("s5-resolve-ptr-malformed-in-one", b"\x05\x01\x00",
 bytewise("s5-resolve-ptr-malformed-bytewise",
          bytes.fromhex("05f10003036120620000"))
 
-# --- Hostnames, probing each clause of Tor's rule ------------------------------
+# --- Hostnames, probing each clause of Tor's rule ----------------------------
 # label -> (name bytes, rule torsocksd follows instead of Tor, or None).
 # Tor's clause (module docstring) in the comment; "attach" = refused later.
 
@@ -823,7 +824,7 @@ for label, name in HOSTNAMES.items():
         case("name-%s-%s" % (request, label), *chunks, complete=True,
              rules=rules, expect=expect)
 
-# --- Pipelining: several messages in one chunk ---------------------------------
+# --- Pipelining: several messages in one chunk -------------------------------
 
 case("pipe-greeting-resolve", NOAUTH + PROBE)
 case("pipe-greeting-resolve-extra", NOAUTH + PROBE + b"extra bytes")
@@ -885,11 +886,12 @@ case("after-greeting-garbage", NOAUTH, b"\x06\x07\x08")
 case("after-greeting-tls", NOAUTH, CLIENT_HELLO_START)
 case("after-greeting-auth-version-01-request", NOAUTH, b"\x01\x01\x00\x01")
 
-# --- Byte by byte --------------------------------------------------------------
+# --- Byte by byte ------------------------------------------------------------
 
 bytewise("bytewise-greeting-resolve", NOAUTH + PROBE)
 bytewise("bytewise-socks4-resolve", PROBE4)
-bytewise("bytewise-socks4a-resolve-literal", s4a(RESOLVE, b"1.2.3.4", 0, b"id"))
+bytewise("bytewise-socks4a-resolve-literal",
+         s4a(RESOLVE, b"1.2.3.4", 0, b"id"))
 bytewise("bytewise-userpass-auth-resolve", USERPASS + AUTH + PROBE)
 bytewise("bytewise-resolve-name-literal",
          NOAUTH + s5_name(RESOLVE, b"1.2.3.4", 0))
@@ -901,7 +903,7 @@ bytewise("bytewise-cmd04", NOAUTH + s5(0x04, 1, PUBLIC4),
 bytewise("bytewise-connect-port0", NOAUTH + s5(CONNECT, 1, PUBLIC4, 0))
 bytewise("bytewise-connect", NOAUTH + s5(CONNECT, 1, PUBLIC4), complete=True)
 
-# --- Truncations: every strict prefix waits ------------------------------------
+# --- Truncations: every strict prefix waits ----------------------------------
 
 for length in range(1, len(BOTH)):
     case("truncated-greeting-%d" % length, BOTH[:length])
