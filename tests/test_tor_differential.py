@@ -39,17 +39,20 @@ WRONG, UNEXPLAINED = "wrong", "unexplained"
 
 
 class Outcome(NamedTuple):
+    """What came back and whether the server closed.  A reset counts as a
+    close: whether a close goes out as FIN or RST depends on bytes the
+    server left unread, not on the protocol."""
     received: bytes
     closed: bool
 
 
-def run_peer(*arguments):
+def run_peer():
     """The peer script's outcomes: {case name: (tor, torsocksd)}, and its
     closing summary."""
     require_program("tor")
     require_network_namespace()
     result = subprocess.run(
-        ["unshare", "-n", sys.executable, PEER_SCRIPT] + list(arguments),
+        ["unshare", "-n", sys.executable, PEER_SCRIPT],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=300,
         universal_newlines=True)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr
