@@ -24,9 +24,10 @@ TIMEOUT = 10.0      # seconds any single socket operation in a test may take
 
 
 def require_program(name):
-    """The path of a peer program; skip without it, fail under
+    """The path of a peer program (also looked for in /usr/sbin and /sbin,
+    which a user's PATH often lacks); skip without it, fail under
     TORSOCKSD_REQUIRE_PEERS=1 (CI installs every peer)."""
-    path = shutil.which(name)
+    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
     if path is None:
         message = "peer program %r is not installed" % name
         if REQUIRE_PEERS:
