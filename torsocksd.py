@@ -345,6 +345,14 @@ def _ipv6_literal(text: str):
     # A zone ("%eth0") is not a destination; newer Pythons would take one.
     if "%" in text:
         return None
+    if "." in text:
+        # An embedded IPv4 part is read as a literal IPv4 is (leading
+        # zeros allowed, as Tor does).
+        head, _, quad = text.rpartition(":")
+        embedded = ip_literal(quad) if ":" not in quad else None
+        if embedded is None or not head:
+            return None
+        text = head + ":" + str(embedded)
     try:
         return ipaddress.IPv6Address(text)
     except ValueError:
@@ -906,6 +914,8 @@ class Request(NamedTuple):
 
 # Commands each version can carry, and those served by default (BIND and UDP
 # ASSOCIATE are answered "not supported", as Tor does).
+COMMAND_VALUES = frozenset(Command)
+ADDRESS_TYPE_VALUES = frozenset(AddressType)
 SERVED_COMMANDS = frozenset((Command.CONNECT, Command.RESOLVE,
                              Command.RESOLVE_PTR, Command.CONNECT_DIR))
 
@@ -1024,7 +1034,17 @@ class SocksHandshake:
                 # RFC 1929 although "no authentication" was chosen: Tor
                 # answers it and goes on (the README's "SOCKS5 methods").
                 return parse_username_password(buffered)
-            return parse_socks5_request(buffered)
+            result = parse_socks5_request(buffered)
+            if isinstance(result, Rejected) and len(buffered) > 3 \
+                    and buffered[0] == Version.SOCKS5 and buffered[2] == 0 \
+                    and buffered[3] not in ADDRESS_TYPE_VALUES \
+                    and buffered[1] in COMMAND_VALUES \
+                    and buffered[1] not in SERVED_COMMANDS:
+                # The command is judged before the address type.
+                return Rejected(socks5_reply(Reply.COMMAND_NOT_SUPPORTED),
+                                "unsupported command %s"
+                                % Command(buffered[1]).name)
+            return result
         self.protocol = protocol = detect_protocol(buffered[0])
         if protocol is Protocol.SOCKS4:
             self.version = Version.SOCKS4
@@ -1105,9 +1125,12 @@ class SocksHandshake:
                                "address")
         problem = hostname_problem(message.host)
         if problem:
-            # A lookup's refusal is the lookup failure reply.
+            # A name with a byte outside printable ASCII is a bad request;
+            # one that only Tor's hostname rule refuses is, for a lookup,
+            # the lookup's failure (the README's "hostnames" rows).
+            printable = message.host.isascii() and message.host.isprintable()
             return self.refuse(Reply.HOST_UNREACHABLE
-                               if command in LOOKUP_COMMANDS
+                               if command in LOOKUP_COMMANDS and printable
                                else Reply.GENERAL_FAILURE, problem)
         self.unsafe = is_unsafe_request(self.version, address_type, command)
         if self.unsafe and self.safe_socks:
