@@ -18,10 +18,11 @@ import time
 import pytest
 
 import torsocksd
-from conftest import (TIMEOUT, FakeResolver, connect, free_port, recv_exactly,
-                      recv_until_eof, socks5_connect_request)
-
-from conftest import RELAY_MODES, ipv6_loopback  # noqa: E402
+from conftest import (RELAY_MODES, TIMEOUT, FakeResolver, connect, free_port,
+                      ipv6_loopback, open_socks5_tunnel, recv_exactly,
+                      recv_until_eof, socks4_request, socks4a_request,
+                      socks5_connect_request, socks5_reply, socks5_request,
+                      userpass)
 
 # Every test runs over both relays: copying through Python, and os.splice.
 pytestmark = pytest.mark.parametrize("relay_mode", RELAY_MODES, indirect=True)
@@ -38,52 +39,10 @@ AUTH_OK = b"\x01\x00"
 AUTH_FAILED = b"\x01\x01"
 SOCKS4_GRANTED = b"\x00\x5a" + bytes(6)
 SOCKS4_REJECTED = b"\x00\x5b" + bytes(6)
+SOCKS5_OK = socks5_reply(0x00)
 
 CONNECT, BIND, UDP_ASSOCIATE = 0x01, 0x02, 0x03
 RESOLVE, RESOLVE_PTR = 0xF0, 0xF1
-
-
-def socks5_reply(code, ipv6_client=False):
-    """VER REP RSV ATYP, zero BND.ADDR, zero BND.PORT: 10 or 22 bytes."""
-    if ipv6_client:
-        return bytes((5, code, 0, 4)) + bytes(16) + bytes(2)
-    return bytes((5, code, 0, 1)) + bytes(4) + bytes(2)
-
-
-SOCKS5_OK = socks5_reply(0x00)
-
-
-def userpass(username, password):
-    return (b"\x01" + bytes([len(username)]) + username
-            + bytes([len(password)]) + password)
-
-
-def socks5_request(command, host, port):
-    """A SOCKS5 request: ATYP 1 or 4 for an IP literal, ATYP 3 otherwise.
-    (A bytes host is always sent as ATYP 3.)"""
-    if isinstance(host, bytes):
-        name = host
-    else:
-        try:
-            address = ipaddress.ip_address(host)
-        except ValueError:
-            name = host.encode("ascii")
-        else:
-            atyp = b"\x01" if address.version == 4 else b"\x04"
-            return (bytes((5, command, 0)) + atyp + address.packed
-                    + port.to_bytes(2, "big"))
-    return (bytes((5, command, 0, 3, len(name))) + name
-            + port.to_bytes(2, "big"))
-
-
-def socks4_request(command, address, port, userid=b""):
-    return (bytes((4, command)) + port.to_bytes(2, "big")
-            + ipaddress.IPv4Address(address).packed + userid + b"\0")
-
-
-def socks4a_request(command, name, port, userid=b""):
-    return (bytes((4, command)) + port.to_bytes(2, "big") + b"\0\0\0\x01"
-            + userid + b"\0" + name.encode("ascii") + b"\0")
 
 
 def send_byte_by_byte(sock, data):
@@ -105,21 +64,6 @@ def assert_closed_after(sock, *replies):
 def assert_echo(sock, payload=b"ping through torsocksd"):
     sock.sendall(payload)
     assert recv_exactly(sock, len(payload)) == payload
-
-
-def open_socks5_tunnel(server, host, port):
-    """A client with a SOCKS5 CONNECT tunnel up (reply checked)."""
-    sock = connect(server)
-    try:
-        greeting, request = socks5_connect_request(host, port)
-        sock.sendall(greeting)
-        assert_reply(sock, METHOD_NO_AUTH)
-        sock.sendall(request)
-        assert_reply(sock, SOCKS5_OK)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 needs_ipv6 = pytest.mark.skipif(not ipv6_loopback(),
@@ -424,7 +368,7 @@ def test_client_half_close_reaches_target_which_can_still_answer(server,
 
     peer = make_peer(answer_after_eof)
     payload = bytes(range(256)) * 400       # 100 KB
-    with open_socks5_tunnel(server, "127.0.0.1", peer.port) as client:
+    with open_socks5_tunnel(server.address, "127.0.0.1", peer.port) as client:
         client.sendall(payload)
         client.shutdown(socket.SHUT_WR)
         assert recv_until_eof(client) == b"after EOF: " + payload
@@ -446,7 +390,7 @@ def test_target_half_close_reaches_client_which_can_still_send(server,
             done.set()
 
     peer = make_peer(speak_then_listen)
-    with open_socks5_tunnel(server, "127.0.0.1", peer.port) as client:
+    with open_socks5_tunnel(server.address, "127.0.0.1", peer.port) as client:
         assert recv_until_eof(client) == banner
         client.sendall(b"sent after the target's EOF")
         client.shutdown(socket.SHUT_WR)
@@ -462,13 +406,14 @@ def test_target_closes_first_client_gets_all_data_then_eof(server, make_peer):
         sock.sendall(body)
 
     peer = make_peer(send_and_close)
-    with open_socks5_tunnel(server, "127.0.0.1", peer.port) as client:
+    with open_socks5_tunnel(server.address, "127.0.0.1", peer.port) as client:
         assert recv_until_eof(client) == body
 
 
 def test_large_transfer_both_ways(server, echo_server):
     payload = bytes(range(256)) * 4096      # 1 MB, several HIGH_WATERs
-    with open_socks5_tunnel(server, "127.0.0.1", echo_server.port) as client:
+    with open_socks5_tunnel(server.address, "127.0.0.1",
+                            echo_server.port) as client:
         writer = threading.Thread(target=client.sendall, args=(payload,))
         writer.start()
         try:
@@ -485,7 +430,8 @@ def test_name_with_refusing_first_address_connects_to_second(make_server,
     # The echo server listens on 127.0.0.1 only: 127.0.0.3 on its port refuses.
     resolver = FakeResolver({"multi.test": ["127.0.0.3", "127.0.0.1"]})
     server = make_server(resolver=resolver)
-    with open_socks5_tunnel(server, "multi.test", echo_server.port) as client:
+    with open_socks5_tunnel(server.address, "multi.test",
+                            echo_server.port) as client:
         assert_echo(client)
     assert resolver.queries == ["multi.test"]
     assert len(echo_server.accepted) == 1
@@ -737,7 +683,8 @@ def test_handshake_deadline(make_server, sent, replies):
 
 def test_deadline_does_not_cut_a_relayed_connection(make_server, echo_server):
     server = make_server(handshake_timeout=0.2)
-    with open_socks5_tunnel(server, "127.0.0.1", echo_server.port) as client:
+    with open_socks5_tunnel(server.address, "127.0.0.1",
+                            echo_server.port) as client:
         client.settimeout(0.7)
         # Still open after the handshake deadline has passed.
         with pytest.raises(socket.timeout):
@@ -871,7 +818,7 @@ def test_safe_socks_refuses_socks4(safe_server, echo_server):
 
 
 def test_safe_socks_allows_socks5_hostname(safe_server, echo_server):
-    with open_socks5_tunnel(safe_server, "echo.test",
+    with open_socks5_tunnel(safe_server.address, "echo.test",
                             echo_server.port) as client:
         assert_echo(client)
 
@@ -898,13 +845,15 @@ def test_server_serves_normally_after_failures(server, echo_server):
         assert_closed_after(client, METHOD_NO_AUTH, socks5_reply(0x01))
     with connect(server) as client:             # vanished mid-handshake
         client.sendall(b"\x05\x01")
-    with open_socks5_tunnel(server, "127.0.0.1", echo_server.port) as client:
+    with open_socks5_tunnel(server.address, "127.0.0.1",
+                            echo_server.port) as client:
         assert_echo(client)
     assert server.stats()["accepted"] == 5
 
 
 def test_concurrent_tunnels_are_independent(server, echo_server):
-    clients = [open_socks5_tunnel(server, "127.0.0.1", echo_server.port)
+    clients = [open_socks5_tunnel(server.address, "127.0.0.1",
+                                  echo_server.port)
                for _ in range(5)]
     try:
         for number, client in enumerate(clients):
@@ -937,7 +886,8 @@ def test_stop_twice_and_stats(make_server):
 
 def test_stop_closes_open_tunnels(make_server, echo_server):
     server = make_server()
-    with open_socks5_tunnel(server, "127.0.0.1", echo_server.port) as client:
+    with open_socks5_tunnel(server.address, "127.0.0.1",
+                            echo_server.port) as client:
         server.stop()
         assert recv_until_eof(client) == b""
     server.stop()
