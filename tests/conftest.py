@@ -87,9 +87,9 @@ class FakeResolver:
 
 @pytest.fixture
 def relay_mode(request):
-    """"copy" (the default relay) or "splice"; a test module runs both with
-    pytestmark = pytest.mark.parametrize("relay_mode", RELAY_MODES,
-    indirect=True)."""
+    """"copy" (the default relay) or "splice"; a test that relays bytes runs
+    with both when marked @each_relay_mode (a module: pytestmark =
+    each_relay_mode)."""
     mode = getattr(request, "param", "copy")
     if mode == "splice" and not torsocksd.HAVE_SPLICE:
         pytest.skip("os.splice needs Linux and Python 3.10+")
@@ -97,6 +97,8 @@ def relay_mode(request):
 
 
 RELAY_MODES = ["copy", "splice"]
+each_relay_mode = pytest.mark.parametrize("relay_mode", RELAY_MODES,
+                                          indirect=True)
 
 
 @pytest.fixture

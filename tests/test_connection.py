@@ -18,14 +18,15 @@ import time
 import pytest
 
 import torsocksd
-from conftest import (RELAY_MODES, TIMEOUT, FakeResolver, connect, free_port,
-                      ipv6_loopback, open_socks5_tunnel, recv_exactly,
-                      recv_until_eof, socks4_request, socks4a_request,
-                      socks5_connect_request, socks5_reply, socks5_request,
-                      userpass)
+from conftest import (TIMEOUT, FakeResolver, connect, each_relay_mode,
+                      free_port, ipv6_loopback, open_socks5_tunnel,
+                      recv_exactly, recv_until_eof, socks4_request,
+                      socks4a_request, socks5_connect_request, socks5_reply,
+                      socks5_request, userpass)
 
-# Every test runs over both relays: copying through Python, and os.splice.
-pytestmark = pytest.mark.parametrize("relay_mode", RELAY_MODES, indirect=True)
+# A test that relays bytes through a tunnel runs over both relays, copying
+# through Python and os.splice: it is marked @each_relay_mode.  The others
+# never reach the relay and run once, with the default (copy).
 
 
 # -- the bytes ----------------------------------------------------------------
@@ -72,6 +73,7 @@ needs_ipv6 = pytest.mark.skipif(not ipv6_loopback(),
 
 # -- GREETING/REQUESTING -> CONNECTING -> RELAYING, fragmented ----------------
 
+@each_relay_mode
 @pytest.mark.parametrize("host", ["127.0.0.1", "echo.test"])
 def test_socks5_handshake_one_byte_per_segment(make_server, echo_server, host):
     resolver = FakeResolver({"echo.test": ["127.0.0.1"]})
@@ -86,6 +88,7 @@ def test_socks5_handshake_one_byte_per_segment(make_server, echo_server, host):
         assert_echo(client)
 
 
+@each_relay_mode
 def test_socks4_handshake_one_byte_per_segment(server, echo_server):
     request = socks4_request(CONNECT, "127.0.0.1", echo_server.port, b"user")
     with connect(server) as client:
@@ -95,6 +98,7 @@ def test_socks4_handshake_one_byte_per_segment(server, echo_server):
         assert_echo(client)
 
 
+@each_relay_mode
 def test_socks4a_handshake_one_byte_per_segment(make_server, echo_server):
     resolver = FakeResolver({"echo.test": ["127.0.0.1"]})
     server = make_server(resolver=resolver)
@@ -107,6 +111,7 @@ def test_socks4a_handshake_one_byte_per_segment(make_server, echo_server):
     assert resolver.queries == ["echo.test"]
 
 
+@each_relay_mode
 def test_socks5_auth_and_request_one_byte_per_segment(make_server,
                                                       echo_server):
     server = make_server(
@@ -125,6 +130,7 @@ def test_socks5_auth_and_request_one_byte_per_segment(make_server,
 
 # -- coalesced messages (DECISIONS row 14) ------------------------------------
 
+@each_relay_mode
 def test_greeting_request_and_early_data_in_one_segment(server, echo_server):
     greeting, request = socks5_connect_request("127.0.0.1", echo_server.port)
     early = b"GET / HTTP/1.0\r\n\r\n"
@@ -134,6 +140,7 @@ def test_greeting_request_and_early_data_in_one_segment(server, echo_server):
         assert_echo(client)
 
 
+@each_relay_mode
 def test_greeting_auth_request_and_data_in_one_segment(server, echo_server):
     _, request = socks5_connect_request("127.0.0.1", echo_server.port)
     early = b"early data"
@@ -146,6 +153,7 @@ def test_greeting_auth_request_and_data_in_one_segment(server, echo_server):
         assert_reply(client, early)
 
 
+@each_relay_mode
 def test_second_request_on_a_connection_is_data_for_the_target(server,
                                                               echo_server):
     """A connection carries one request: bytes after it, even a well formed
@@ -158,6 +166,7 @@ def test_second_request_on_a_connection_is_data_for_the_target(server,
         assert_echo(client)
 
 
+@each_relay_mode
 def test_socks4a_request_with_early_data(make_server, echo_server):
     server = make_server(resolver=FakeResolver({"echo.test": ["127.0.0.1"]}))
     early = b"\x05\x01\x00 not SOCKS"
@@ -178,6 +187,7 @@ def test_greeting_and_resolve_in_one_segment(make_server):
 
 # -- AUTHENTICATING (DECISIONS row 3) -----------------------------------------
 
+@each_relay_mode
 def test_userpass_offered_alone_accepts_any_credentials(server, echo_server):
     _, request = socks5_connect_request("127.0.0.1", echo_server.port)
     with connect(server) as client:
@@ -212,6 +222,7 @@ def guarded_server(make_server):
     return make_server(credentials=torsocksd.Credentials([(b"u", b"p")]))
 
 
+@each_relay_mode
 def test_credentials_right_password(guarded_server, echo_server):
     _, request = socks5_connect_request("127.0.0.1", echo_server.port)
     with connect(guarded_server) as client:
@@ -304,6 +315,7 @@ def test_socks4_connect_refused(server):
 
 # -- IPv6 ---------------------------------------------------------------------
 
+@each_relay_mode
 @needs_ipv6
 def test_ipv6_client_gets_22_byte_success_reply(make_server, echo_server):
     server = make_server(listen=[("::1", 0)])
@@ -332,6 +344,7 @@ def test_ipv6_client_gets_22_byte_failure_reply(make_server, request_bytes,
         assert_closed_after(client, socks5_reply(code, ipv6_client=True))
 
 
+@each_relay_mode
 @needs_ipv6
 def test_ipv6_client_socks4_reply_stays_8_bytes(make_server, echo_server):
     server = make_server(listen=[("::1", 0)])
@@ -341,6 +354,7 @@ def test_ipv6_client_socks4_reply_stays_8_bytes(make_server, echo_server):
         assert_echo(client)
 
 
+@each_relay_mode
 @needs_ipv6
 def test_ipv6_target(server, make_peer):
     peer = make_peer(family=socket.AF_INET6, host="::1")
@@ -357,6 +371,7 @@ def test_ipv6_target(server, make_peer):
 
 # -- RELAYING: each direction closes on its own -------------------------------
 
+@each_relay_mode
 def test_client_half_close_reaches_target_which_can_still_answer(server,
                                                                  make_peer):
     received = []
@@ -375,6 +390,7 @@ def test_client_half_close_reaches_target_which_can_still_answer(server,
     assert received == [payload]
 
 
+@each_relay_mode
 def test_target_half_close_reaches_client_which_can_still_send(server,
                                                                make_peer):
     received = []
@@ -399,6 +415,7 @@ def test_target_half_close_reaches_client_which_can_still_send(server,
         assert recv_until_eof(client) == b""
 
 
+@each_relay_mode
 def test_target_closes_first_client_gets_all_data_then_eof(server, make_peer):
     body = bytes(range(251)) * 2000         # 502 KB
 
@@ -410,6 +427,7 @@ def test_target_closes_first_client_gets_all_data_then_eof(server, make_peer):
         assert recv_until_eof(client) == body
 
 
+@each_relay_mode
 def test_large_transfer_both_ways(server, echo_server):
     payload = bytes(range(256)) * 4096      # 1 MB, several HIGH_WATERs
     with open_socks5_tunnel(server.address, "127.0.0.1",
@@ -425,6 +443,7 @@ def test_large_transfer_both_ways(server, echo_server):
 
 # -- RESOLVING -> CONNECTING through names ------------------------------------
 
+@each_relay_mode
 def test_name_with_refusing_first_address_connects_to_second(make_server,
                                                              echo_server):
     # The echo server listens on 127.0.0.1 only: 127.0.0.3 on its port refuses.
@@ -475,6 +494,7 @@ def test_special_names_never_reach_the_resolver(make_server, name):
     assert resolver.queries == []
 
 
+@each_relay_mode
 def test_hostname_that_is_an_ip_literal_is_not_looked_up(make_server,
                                                          echo_server):
     resolver = FakeResolver({})
@@ -681,6 +701,7 @@ def test_handshake_deadline(make_server, sent, replies):
     assert 0.3 <= elapsed < 5.0
 
 
+@each_relay_mode
 def test_deadline_does_not_cut_a_relayed_connection(make_server, echo_server):
     server = make_server(handshake_timeout=0.2)
     with open_socks5_tunnel(server.address, "127.0.0.1",
@@ -698,6 +719,7 @@ def test_socks4_userid_longer_than_512_bytes(server):
         assert_closed_after(client, SOCKS4_REJECTED)
 
 
+@each_relay_mode
 def test_socks4_userid_of_512_bytes(server, echo_server):
     with connect(server) as client:
         client.sendall(socks4_request(CONNECT, "127.0.0.1", echo_server.port,
@@ -817,12 +839,14 @@ def test_safe_socks_refuses_socks4(safe_server, echo_server):
     assert echo_server.accepted == []
 
 
+@each_relay_mode
 def test_safe_socks_allows_socks5_hostname(safe_server, echo_server):
     with open_socks5_tunnel(safe_server.address, "echo.test",
                             echo_server.port) as client:
         assert_echo(client)
 
 
+@each_relay_mode
 def test_safe_socks_allows_socks4a_hostname(safe_server, echo_server):
     with connect(safe_server) as client:
         client.sendall(socks4a_request(CONNECT, "echo.test", echo_server.port))
@@ -832,6 +856,7 @@ def test_safe_socks_allows_socks4a_hostname(safe_server, echo_server):
 
 # -- the server goes on -------------------------------------------------------
 
+@each_relay_mode
 def test_server_serves_normally_after_failures(server, echo_server):
     with connect(server) as client:             # refused target
         client.sendall(GREETING_NO_AUTH
@@ -851,6 +876,7 @@ def test_server_serves_normally_after_failures(server, echo_server):
     assert server.stats()["accepted"] == 5
 
 
+@each_relay_mode
 def test_concurrent_tunnels_are_independent(server, echo_server):
     clients = [open_socks5_tunnel(server.address, "127.0.0.1",
                                   echo_server.port)
@@ -884,6 +910,7 @@ def test_stop_twice_and_stats(make_server):
         connect(server, timeout=2.0)
 
 
+@each_relay_mode
 def test_stop_closes_open_tunnels(make_server, echo_server):
     server = make_server()
     with open_socks5_tunnel(server.address, "127.0.0.1",
@@ -895,6 +922,7 @@ def test_stop_closes_open_tunnels(make_server, echo_server):
 
 # -- found by a second reading ---------------------------------------------------
 
+@each_relay_mode
 def test_stalled_sink_does_not_spin_the_loop(make_server, make_peer):
     """A target that stops reading: the relay must wait for it, not poll.
     (The splice relay once kept reading interest on a full pipe.)"""
@@ -939,7 +967,7 @@ def test_resolve_failures_are_04_in_the_10_byte_form(make_server):
                 b"\x05\x00" + b"\x05\x04\x00\x01" + bytes(6)
 
 
-def test_handed_in_listener_on_all_interfaces_needs_a_policy(relay_mode):
+def test_handed_in_listener_on_all_interfaces_needs_a_policy():
     listener = socket.socket()
     listener.bind(("0.0.0.0", 0))
     listener.listen(1)
@@ -949,7 +977,7 @@ def test_handed_in_listener_on_all_interfaces_needs_a_policy(relay_mode):
     listener.close()
 
 
-def test_stop_from_another_thread_than_serve_forever(relay_mode):
+def test_stop_from_another_thread_than_serve_forever():
     server = torsocksd.Server(listen=[("127.0.0.1", 0)])
     server.bind()
     thread = threading.Thread(target=server.serve_forever)
