@@ -238,19 +238,6 @@ def connect(server, timeout=TIMEOUT):
 
 # -- receiving ----------------------------------------------------------------
 
-def recv_exactly(sock, size):
-    """Exactly size bytes; EOFError, naming what did arrive, when the peer
-    closes first."""
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            raise EOFError("closed after %d of %d bytes: %r"
-                           % (len(data), size, data))
-        data += chunk
-    return data
-
-
 def recv_up_to(sock, size):
     """Up to size bytes: fewer when the peer closes first (for checks that
     compare what did arrive)."""
@@ -260,6 +247,16 @@ def recv_up_to(sock, size):
         if not chunk:
             break
         data += chunk
+    return data
+
+
+def recv_exactly(sock, size):
+    """Exactly size bytes; EOFError, naming what did arrive, when the peer
+    closes first."""
+    data = recv_up_to(sock, size)
+    if len(data) < size:
+        raise EOFError("closed after %d of %d bytes: %r"
+                       % (len(data), size, data))
     return data
 
 
