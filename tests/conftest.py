@@ -88,9 +88,9 @@ class FakeResolver:
 
 @pytest.fixture
 def relay_mode(request):
-    """"copy" (the default relay) or "splice"; a test module runs both with
-    pytestmark = pytest.mark.parametrize("relay_mode", RELAY_MODES,
-    indirect=True)."""
+    """"copy" (the default relay) or "splice"; a test that relays bytes runs
+    with both when marked @each_relay_mode (a module: pytestmark =
+    each_relay_mode)."""
     mode = getattr(request, "param", "copy")
     if mode == "splice" and not torsocksd.HAVE_SPLICE:
         pytest.skip("os.splice needs Linux and Python 3.10+")
@@ -98,6 +98,8 @@ def relay_mode(request):
 
 
 RELAY_MODES = ["copy", "splice"]
+each_relay_mode = pytest.mark.parametrize("relay_mode", RELAY_MODES,
+                                          indirect=True)
 
 
 @pytest.fixture
@@ -235,44 +237,7 @@ def connect(server, timeout=TIMEOUT):
     return socket.create_connection(server.address, timeout=timeout)
 
 
-def recv_exactly(sock, size):
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            raise EOFError("closed after %d of %d bytes: %r"
-                           % (len(data), size, data))
-        data += chunk
-    return data
-
-
-def recv_until_eof(sock, limit=1 << 20):
-    data = b""
-    while len(data) <= limit:
-        chunk = sock.recv(65536)
-        if not chunk:
-            return data
-        data += chunk
-    raise AssertionError("more than %d bytes before EOF" % limit)
-
-
-def socks5_target(host, port):
-    """ATYP, DST.ADDR and DST.PORT of a SOCKS5 request for host:port, where
-    host is an IPv4 literal, an IPv6 literal or a name."""
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        name = host.encode("ascii")
-        target = b"\x03" + bytes([len(name)]) + name
-    else:
-        target = (b"\x01" if address.version == 4 else b"\x04") + address.packed
-    return target + port.to_bytes(2, "big")
-
-
-def socks5_connect_request(host, port):
-    """Greeting (no auth) and CONNECT request bytes for host:port."""
-    return b"\x05\x01\x00", b"\x05\x01\x00" + socks5_target(host, port)
-
+# -- receiving ----------------------------------------------------------------
 
 def recv_up_to(sock, size):
     """Up to size bytes: fewer when the peer closes first (for checks that
@@ -284,6 +249,116 @@ def recv_up_to(sock, size):
             break
         data += chunk
     return data
+
+
+def recv_exactly(sock, size):
+    """Exactly size bytes; EOFError, naming what did arrive, when the peer
+    closes first."""
+    data = recv_up_to(sock, size)
+    if len(data) < size:
+        raise EOFError("closed after %d of %d bytes: %r"
+                       % (len(data), size, data))
+    return data
+
+
+def recv_until_eof(sock, limit=1 << 20):
+    """Everything until the peer's EOF; AssertionError past limit bytes (a
+    peer that never stops sending)."""
+    data = b""
+    while len(data) <= limit:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    raise AssertionError("more than %d bytes before EOF" % limit)
+
+
+# -- SOCKS messages, byte for byte --------------------------------------------
+# What a client sends (RFC 1928, RFC 1929, SOCKS4 and 4A) and the SOCKS5
+# reply without an address.  Fields go in as given, so a test can build an
+# empty or overlong name with them; other malformed bytes a test writes out.
+
+def socks5_greeting(*methods):
+    """VER NMETHODS METHODS: socks5_greeting(0) is 05 01 00 (no auth),
+    socks5_greeting(2) is 05 01 02 (username/password)."""
+    return bytes((5, len(methods))) + bytes(methods)
+
+
+def userpass(username, password):
+    """An RFC 1929 username/password request: 01 ULEN UNAME PLEN PASSWD
+    (both bytes)."""
+    return (bytes((1, len(username))) + username
+            + bytes((len(password),)) + password)
+
+
+def socks5_target(host, port):
+    """ATYP, DST.ADDR and DST.PORT of a SOCKS5 request for host:port: ATYP 1
+    or 4 for an IPv4 or IPv6 literal, ATYP 3 for any other str (ASCII).  A
+    bytes host goes in unchanged as ATYP 3 (to send an IP literal as a
+    name)."""
+    if isinstance(host, bytes):
+        name = host
+    else:
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            name = host.encode("ascii")
+        else:
+            atyp = b"\x01" if address.version == 4 else b"\x04"
+            return atyp + address.packed + port.to_bytes(2, "big")
+    return b"\x03" + bytes((len(name),)) + name + port.to_bytes(2, "big")
+
+
+def socks5_request(command, host, port):
+    """VER CMD RSV, then socks5_target(host, port)."""
+    return bytes((5, command, 0)) + socks5_target(host, port)
+
+
+def socks5_connect_request(host, port):
+    """The no-auth greeting and the CONNECT request for host:port."""
+    return socks5_greeting(0), socks5_request(1, host, port)
+
+
+def socks4_request(command, address, port, userid=b""):
+    """VN CD DSTPORT DSTIP USERID NUL, address an IPv4 literal (or its four
+    packed bytes)."""
+    return (bytes((4, command)) + port.to_bytes(2, "big")
+            + ipaddress.IPv4Address(address).packed + userid + b"\0")
+
+
+def socks4a_request(command, name, port, userid=b""):
+    """SOCKS4A: a SOCKS4 request to 0.0.0.1, then the name (str in ASCII,
+    or bytes) and NUL."""
+    if isinstance(name, str):
+        name = name.encode("ascii")
+    return socks4_request(command, "0.0.0.1", port, userid) + name + b"\0"
+
+
+def socks5_reply(code, ipv6_client=False):
+    """VER REP RSV ATYP and an all-zero BND.ADDR and BND.PORT: the 10-byte
+    form (ATYP 1) an IPv4 client gets, or the 22-byte form (ATYP 4) an IPv6
+    or Unix-socket client gets."""
+    if ipv6_client:
+        return bytes((5, code, 0, 4)) + bytes(16) + bytes(2)
+    return bytes((5, code, 0, 1)) + bytes(4) + bytes(2)
+
+
+def open_socks5_tunnel(address, host, port, timeout=TIMEOUT):
+    """A blocking client of the SOCKS server at address with a SOCKS5
+    CONNECT tunnel to host:port up; the method reply (05 00) and the success
+    reply (of the client's family) are checked byte for byte."""
+    sock = socket.create_connection(address, timeout=timeout)
+    try:
+        greeting, request = socks5_connect_request(host, port)
+        sock.sendall(greeting)
+        assert recv_exactly(sock, 2) == b"\x05\x00"
+        sock.sendall(request)
+        expected = socks5_reply(0, ipv6_client=sock.family != socket.AF_INET)
+        assert recv_exactly(sock, len(expected)) == expected
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 @pytest.fixture

@@ -3,8 +3,9 @@
 
     python3 tests/fuzz_campaign.py [--cases N] [--connections N] [--seed S]
 
-Standard library only; tests/test_hostile.py imports this module and runs the
-same campaign with the CI sizes (FUZZ_CASES, FUZZ_CONNECTIONS).
+Needs torsocksd and the tests' conftest (its receive helpers and SOCKS
+message builders, hence pytest); tests/test_hostile.py imports this module
+and runs the same campaign with the CI sizes (FUZZ_CASES, FUZZ_CONNECTIONS).
 
 Inputs are seeded: valid messages of every kind (SOCKS4/4A requests, SOCKS5
 greetings, RFC 1929 messages, SOCKS5 requests with every ATYP and command
@@ -53,6 +54,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, os.pardir))
 
 import torsocksd  # noqa: E402
+from conftest import (recv_up_to, socks4_request,  # noqa: E402
+                      socks4a_request, socks5_greeting, socks5_reply,
+                      socks5_request, socks5_target, userpass)
 from torsocksd import (NEED_MORE, AddressType, Command, Parsed,  # noqa: E402
                        Rejected, Socks4Request, Socks5Greeting, Socks5Request,
                        UsernamePassword)
@@ -340,37 +344,35 @@ def gen_connect(rng, aim):
     port = aim.echo4 or 1
     c = rng.random()
     if c < 0.3:
-        request = b"\x01\x7f\x00\x00\x01"
+        target = socks5_target("127.0.0.1", port)
     elif c < 0.45 and aim.echo6:
-        request, port = b"\x04" + bytes(15) + b"\x01", aim.echo6
+        target = socks5_target("::1", aim.echo6)
     elif c < 0.55:
-        request = b"\x04" + ipaddress.ip_address("::ffff:127.0.0.1").packed
+        target = socks5_target("::ffff:127.0.0.1", port)
     elif c < 0.7:
         name = rng.choice((b"echo.test", b"both.test", b"127.0.0.1",
                            b"mapped.test"))
-        request = b"\x03" + bytes((len(name),)) + name
+        target = socks5_target(name, port)
     elif c < 0.85:
-        return (b"\x04\x01" + port.to_bytes(2, "big") + b"\x7f\0\0\x01"
-                + gen_userid(rng, aim).replace(b"\0", b"")[:512] + b"\0"
+        userid = gen_userid(rng, aim).replace(b"\0", b"")[:512]
+        return (socks4_request(Command.CONNECT, "127.0.0.1", port, userid)
                 + gen_early_data(rng))
     else:
-        return (b"\x04\x01" + port.to_bytes(2, "big") + b"\0\0\0\x01"
-                + b"\0" + rng.choice((b"echo.test", b"127.0.0.1")) + b"\0"
+        name = rng.choice((b"echo.test", b"127.0.0.1"))
+        return (socks4a_request(Command.CONNECT, name, port)
                 + gen_early_data(rng))
     if aim.required and rng.random() < 0.8:
         greeting = rng.choice((b"\x05\x02\x00\x02", b"\x05\x01\x02"))
         if rng.random() < 0.7:
-            user, password = rng.choice(aim.credentials)
-            auth = (bytes((1, len(user))) + user + bytes((len(password),))
-                    + password)
+            auth = userpass(*rng.choice(aim.credentials))
         else:
             auth = gen_auth(rng, aim)
     else:
         greeting = rng.choice((b"\x05\x01\x00", b"\x05\x02\x00\x02",
                                b"\x05\x01\x02"))
         auth = gen_auth(rng, aim) if greeting == b"\x05\x01\x02" else b""
-    return (greeting + auth + b"\x05\x01\x00" + request
-            + port.to_bytes(2, "big") + gen_early_data(rng))
+    return (greeting + auth + b"\x05\x01\x00" + target
+            + gen_early_data(rng))
 
 
 def gen_session(rng, aim):
@@ -456,18 +458,14 @@ def gen_case(rng, aim):
 S4_REJECTED = bytes((0, 0x5B)) + bytes(6)
 
 
-def socks5_parser_reply(code):
-    return bytes((5, code, 0, 1)) + bytes(6)
-
-
 PARSER_REPLIES = {
     "parse_socks4_request": {S4_REJECTED},
     "parse_socks5_greeting": {b""},
     # RFC 1929 answers 01 01; the parser answers with the SOCKS5 10-byte
     # general failure.  Both are valid reply shapes.
     "parse_username_password": {b"", bytes((1, 1)),
-                                socks5_parser_reply(0x01)},
-    "parse_socks5_request": {socks5_parser_reply(c) for c in (1, 7, 8)},
+                                socks5_reply(0x01)},
+    "parse_socks5_request": {socks5_reply(c) for c in (1, 7, 8)},
 }
 
 
@@ -475,26 +473,19 @@ def encode_parsed(message) -> bytes:
     """The wire bytes of a parsed message (each parser's message carries all
     its fields), to compare with the bytes the parser said it used."""
     if isinstance(message, Socks5Greeting):
-        return bytes((5, len(message.methods))) + message.methods
+        return socks5_greeting(*message.methods)
     if isinstance(message, UsernamePassword):
-        return (bytes((1, len(message.username))) + message.username
-                + bytes((len(message.password),)) + message.password)
+        return userpass(message.username, message.password)
     if isinstance(message, Socks5Request):
-        if message.address_type == AddressType.IPV4:
-            address = b"\x01" + ipaddress.IPv4Address(message.host).packed
-        elif message.address_type == AddressType.IPV6:
-            address = b"\x04" + ipaddress.IPv6Address(message.host).packed
-        else:
-            name = message.host.encode("latin-1")
-            address = b"\x03" + bytes((len(name),)) + name
-        return bytes((5, message.command, 0)) + address \
-            + message.port.to_bytes(2, "big")
+        host = message.host
+        if message.address_type == AddressType.DOMAIN:
+            host = host.encode("latin-1")     # ATYP 3 even for an IP literal
+        return socks5_request(message.command, host, message.port)
     if isinstance(message, Socks4Request):
-        head = bytes((4, message.command)) + message.port.to_bytes(2, "big")
         if message.is_4a:
             raise ValueError("the SOCKS4A marker byte is not in the message")
-        return head + ipaddress.IPv4Address(message.host).packed \
-            + message.userid + b"\0"
+        return socks4_request(message.command, message.host, message.port,
+                              message.userid)
     raise TypeError("unknown message %r" % (message,))
 
 
@@ -595,7 +586,7 @@ def check_hostname_reply(name):
     if raw and len(raw) <= 255 and all(0x21 <= b <= 0x7E for b in raw):
         expected = bytes((5, 0, 0, 3, len(raw))) + raw + b"\0\0"
     else:
-        expected = socks5_parser_reply(0x04)
+        expected = socks5_reply(0x04)
     if reply != expected:
         return "socks5_hostname_reply(%r) -> %s" % (name, reply.hex())
     return None
@@ -759,9 +750,7 @@ class Model:
             return b""
         if version == 4:
             return S4_REJECTED
-        if family == socket.AF_INET:
-            return bytes((5, code, 0, 1)) + bytes(6)
-        return bytes((5, code, 0, 4)) + bytes(18)
+        return socks5_reply(code, ipv6_client=family != socket.AF_INET)
 
     def is_echo(self, address, port) -> bool:
         """Whether a connection to address:port reaches an echo target."""
@@ -805,7 +794,15 @@ class Model:
                 return Expectation(out, "wait", timeout_reply=refusal,
                                    label="incomplete " + state)
             if type(result) is Rejected:
-                return Expectation(out + result.reply, "close",
+                reply = result.reply
+                if (state == "request" and buffered[0] == 5
+                        and len(buffered) > 3 and buffered[2] == 0
+                        and buffered[3] not in (1, 3, 4)
+                        and buffered[1] in (Command.BIND,
+                                            Command.UDP_ASSOCIATE)):
+                    # The command is judged before the address type.
+                    reply = self.refusal(5, 7, socket.AF_INET)
+                return Expectation(out + reply, "close",
                                    label="rejected in " + state)
             position += result.used
             message = result.message
@@ -852,8 +849,11 @@ class Model:
         if command == Command.RESOLVE_PTR and address is None:
             return refuse(8, "PTR of a name")
         if torsocksd.hostname_problem(host):
+            # Bytes outside printable ASCII: 01 for every command; a name
+            # only Tor's rule refuses: a lookup's failure for RESOLVE.
             lookup = command in (Command.RESOLVE, Command.RESOLVE_PTR)
-            return refuse(4 if lookup else 1, "malformed name")
+            printable = host.isascii() and host.isprintable()
+            return refuse(4 if lookup and printable else 1, "malformed name")
         if command == Command.RESOLVE_PTR:
             name = self.reverse.get(str(address))
             if name is None:
@@ -1471,38 +1471,25 @@ def normal_client_works(address, echo_port, credentials=None):
     None when it worked, else what went wrong."""
     with socket.create_connection(address, timeout=10) as sock:
         if credentials:
-            user, password = credentials[0]
-            sock.sendall(b"\x05\x01\x02")
-            if _recv_exactly(sock, 2) != b"\x05\x02":
+            sock.sendall(socks5_greeting(2))
+            if recv_up_to(sock, 2) != b"\x05\x02":
                 return "no 05 02 method reply"
-            sock.sendall(bytes((1, len(user))) + user
-                         + bytes((len(password),)) + password)
-            if _recv_exactly(sock, 2) != b"\x01\x00":
+            sock.sendall(userpass(*credentials[0]))
+            if recv_up_to(sock, 2) != b"\x01\x00":
                 return "credentials refused"
         else:
-            sock.sendall(b"\x05\x01\x00")
-            if _recv_exactly(sock, 2) != b"\x05\x00":
+            sock.sendall(socks5_greeting(0))
+            if recv_up_to(sock, 2) != b"\x05\x00":
                 return "no 05 00 method reply"
-        sock.sendall(b"\x05\x01\x00\x01\x7f\x00\x00\x01"
-                     + echo_port.to_bytes(2, "big"))
-        reply = _recv_exactly(sock, 10)
+        sock.sendall(socks5_request(Command.CONNECT, "127.0.0.1", echo_port))
+        reply = recv_up_to(sock, 10)
         if reply[:2] != b"\x05\x00":
             return "CONNECT reply %s" % reply.hex()
         sock.sendall(b"still served")
-        echoed = _recv_exactly(sock, 12)
+        echoed = recv_up_to(sock, 12)
         if echoed != b"still served":
             return "echo %r" % echoed
     return None
-
-
-def _recv_exactly(sock, size):
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 def live_campaign(server, campaign, connections, concurrency=64,

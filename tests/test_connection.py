@@ -18,13 +18,15 @@ import time
 import pytest
 
 import torsocksd
-from conftest import (TIMEOUT, FakeResolver, connect, free_port, recv_exactly,
-                      recv_until_eof, socks5_connect_request)
+from conftest import (TIMEOUT, FakeResolver, connect, each_relay_mode,
+                      free_port, ipv6_loopback, open_socks5_tunnel,
+                      recv_exactly, recv_until_eof, socks4_request,
+                      socks4a_request, socks5_connect_request, socks5_reply,
+                      socks5_request, userpass)
 
-from conftest import RELAY_MODES, ipv6_loopback  # noqa: E402
-
-# Every test runs over both relays: copying through Python, and os.splice.
-pytestmark = pytest.mark.parametrize("relay_mode", RELAY_MODES, indirect=True)
+# A test that relays bytes through a tunnel runs over both relays, copying
+# through Python and os.splice: it is marked @each_relay_mode.  The others
+# never reach the relay and run once, with the default (copy).
 
 
 # -- the bytes ----------------------------------------------------------------
@@ -38,52 +40,10 @@ AUTH_OK = b"\x01\x00"
 AUTH_FAILED = b"\x01\x01"
 SOCKS4_GRANTED = b"\x00\x5a" + bytes(6)
 SOCKS4_REJECTED = b"\x00\x5b" + bytes(6)
+SOCKS5_OK = socks5_reply(0x00)
 
 CONNECT, BIND, UDP_ASSOCIATE = 0x01, 0x02, 0x03
 RESOLVE, RESOLVE_PTR = 0xF0, 0xF1
-
-
-def socks5_reply(code, ipv6_client=False):
-    """VER REP RSV ATYP, zero BND.ADDR, zero BND.PORT: 10 or 22 bytes."""
-    if ipv6_client:
-        return bytes((5, code, 0, 4)) + bytes(16) + bytes(2)
-    return bytes((5, code, 0, 1)) + bytes(4) + bytes(2)
-
-
-SOCKS5_OK = socks5_reply(0x00)
-
-
-def userpass(username, password):
-    return (b"\x01" + bytes([len(username)]) + username
-            + bytes([len(password)]) + password)
-
-
-def socks5_request(command, host, port):
-    """A SOCKS5 request: ATYP 1 or 4 for an IP literal, ATYP 3 otherwise.
-    (A bytes host is always sent as ATYP 3.)"""
-    if isinstance(host, bytes):
-        name = host
-    else:
-        try:
-            address = ipaddress.ip_address(host)
-        except ValueError:
-            name = host.encode("ascii")
-        else:
-            atyp = b"\x01" if address.version == 4 else b"\x04"
-            return (bytes((5, command, 0)) + atyp + address.packed
-                    + port.to_bytes(2, "big"))
-    return (bytes((5, command, 0, 3, len(name))) + name
-            + port.to_bytes(2, "big"))
-
-
-def socks4_request(command, address, port, userid=b""):
-    return (bytes((4, command)) + port.to_bytes(2, "big")
-            + ipaddress.IPv4Address(address).packed + userid + b"\0")
-
-
-def socks4a_request(command, name, port, userid=b""):
-    return (bytes((4, command)) + port.to_bytes(2, "big") + b"\0\0\0\x01"
-            + userid + b"\0" + name.encode("ascii") + b"\0")
 
 
 def send_byte_by_byte(sock, data):
@@ -107,27 +67,13 @@ def assert_echo(sock, payload=b"ping through torsocksd"):
     assert recv_exactly(sock, len(payload)) == payload
 
 
-def open_socks5_tunnel(server, host, port):
-    """A client with a SOCKS5 CONNECT tunnel up (reply checked)."""
-    sock = connect(server)
-    try:
-        greeting, request = socks5_connect_request(host, port)
-        sock.sendall(greeting)
-        assert_reply(sock, METHOD_NO_AUTH)
-        sock.sendall(request)
-        assert_reply(sock, SOCKS5_OK)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
 needs_ipv6 = pytest.mark.skipif(not ipv6_loopback(),
                                 reason="no IPv6 loopback (::1) here")
 
 
 # -- GREETING/REQUESTING -> CONNECTING -> RELAYING, fragmented ----------------
 
+@each_relay_mode
 @pytest.mark.parametrize("host", ["127.0.0.1", "echo.test"])
 def test_socks5_handshake_one_byte_per_segment(make_server, echo_server, host):
     resolver = FakeResolver({"echo.test": ["127.0.0.1"]})
@@ -142,6 +88,7 @@ def test_socks5_handshake_one_byte_per_segment(make_server, echo_server, host):
         assert_echo(client)
 
 
+@each_relay_mode
 def test_socks4_handshake_one_byte_per_segment(server, echo_server):
     request = socks4_request(CONNECT, "127.0.0.1", echo_server.port, b"user")
     with connect(server) as client:
@@ -151,6 +98,7 @@ def test_socks4_handshake_one_byte_per_segment(server, echo_server):
         assert_echo(client)
 
 
+@each_relay_mode
 def test_socks4a_handshake_one_byte_per_segment(make_server, echo_server):
     resolver = FakeResolver({"echo.test": ["127.0.0.1"]})
     server = make_server(resolver=resolver)
@@ -163,6 +111,7 @@ def test_socks4a_handshake_one_byte_per_segment(make_server, echo_server):
     assert resolver.queries == ["echo.test"]
 
 
+@each_relay_mode
 def test_socks5_auth_and_request_one_byte_per_segment(make_server,
                                                       echo_server):
     server = make_server(
@@ -181,6 +130,7 @@ def test_socks5_auth_and_request_one_byte_per_segment(make_server,
 
 # -- coalesced messages (DECISIONS row 14) ------------------------------------
 
+@each_relay_mode
 def test_greeting_request_and_early_data_in_one_segment(server, echo_server):
     greeting, request = socks5_connect_request("127.0.0.1", echo_server.port)
     early = b"GET / HTTP/1.0\r\n\r\n"
@@ -190,6 +140,7 @@ def test_greeting_request_and_early_data_in_one_segment(server, echo_server):
         assert_echo(client)
 
 
+@each_relay_mode
 def test_greeting_auth_request_and_data_in_one_segment(server, echo_server):
     _, request = socks5_connect_request("127.0.0.1", echo_server.port)
     early = b"early data"
@@ -202,6 +153,7 @@ def test_greeting_auth_request_and_data_in_one_segment(server, echo_server):
         assert_reply(client, early)
 
 
+@each_relay_mode
 def test_second_request_on_a_connection_is_data_for_the_target(server,
                                                               echo_server):
     """A connection carries one request: bytes after it, even a well formed
@@ -214,6 +166,7 @@ def test_second_request_on_a_connection_is_data_for_the_target(server,
         assert_echo(client)
 
 
+@each_relay_mode
 def test_socks4a_request_with_early_data(make_server, echo_server):
     server = make_server(resolver=FakeResolver({"echo.test": ["127.0.0.1"]}))
     early = b"\x05\x01\x00 not SOCKS"
@@ -234,6 +187,7 @@ def test_greeting_and_resolve_in_one_segment(make_server):
 
 # -- AUTHENTICATING (DECISIONS row 3) -----------------------------------------
 
+@each_relay_mode
 def test_userpass_offered_alone_accepts_any_credentials(server, echo_server):
     _, request = socks5_connect_request("127.0.0.1", echo_server.port)
     with connect(server) as client:
@@ -268,6 +222,7 @@ def guarded_server(make_server):
     return make_server(credentials=torsocksd.Credentials([(b"u", b"p")]))
 
 
+@each_relay_mode
 def test_credentials_right_password(guarded_server, echo_server):
     _, request = socks5_connect_request("127.0.0.1", echo_server.port)
     with connect(guarded_server) as client:
@@ -360,6 +315,7 @@ def test_socks4_connect_refused(server):
 
 # -- IPv6 ---------------------------------------------------------------------
 
+@each_relay_mode
 @needs_ipv6
 def test_ipv6_client_gets_22_byte_success_reply(make_server, echo_server):
     server = make_server(listen=[("::1", 0)])
@@ -388,6 +344,7 @@ def test_ipv6_client_gets_22_byte_failure_reply(make_server, request_bytes,
         assert_closed_after(client, socks5_reply(code, ipv6_client=True))
 
 
+@each_relay_mode
 @needs_ipv6
 def test_ipv6_client_socks4_reply_stays_8_bytes(make_server, echo_server):
     server = make_server(listen=[("::1", 0)])
@@ -397,6 +354,7 @@ def test_ipv6_client_socks4_reply_stays_8_bytes(make_server, echo_server):
         assert_echo(client)
 
 
+@each_relay_mode
 @needs_ipv6
 def test_ipv6_target(server, make_peer):
     peer = make_peer(family=socket.AF_INET6, host="::1")
@@ -413,6 +371,7 @@ def test_ipv6_target(server, make_peer):
 
 # -- RELAYING: each direction closes on its own -------------------------------
 
+@each_relay_mode
 def test_client_half_close_reaches_target_which_can_still_answer(server,
                                                                  make_peer):
     received = []
@@ -424,13 +383,14 @@ def test_client_half_close_reaches_target_which_can_still_answer(server,
 
     peer = make_peer(answer_after_eof)
     payload = bytes(range(256)) * 400       # 100 KB
-    with open_socks5_tunnel(server, "127.0.0.1", peer.port) as client:
+    with open_socks5_tunnel(server.address, "127.0.0.1", peer.port) as client:
         client.sendall(payload)
         client.shutdown(socket.SHUT_WR)
         assert recv_until_eof(client) == b"after EOF: " + payload
     assert received == [payload]
 
 
+@each_relay_mode
 def test_target_half_close_reaches_client_which_can_still_send(server,
                                                                make_peer):
     received = []
@@ -446,7 +406,7 @@ def test_target_half_close_reaches_client_which_can_still_send(server,
             done.set()
 
     peer = make_peer(speak_then_listen)
-    with open_socks5_tunnel(server, "127.0.0.1", peer.port) as client:
+    with open_socks5_tunnel(server.address, "127.0.0.1", peer.port) as client:
         assert recv_until_eof(client) == banner
         client.sendall(b"sent after the target's EOF")
         client.shutdown(socket.SHUT_WR)
@@ -455,6 +415,7 @@ def test_target_half_close_reaches_client_which_can_still_send(server,
         assert recv_until_eof(client) == b""
 
 
+@each_relay_mode
 def test_target_closes_first_client_gets_all_data_then_eof(server, make_peer):
     body = bytes(range(251)) * 2000         # 502 KB
 
@@ -462,13 +423,15 @@ def test_target_closes_first_client_gets_all_data_then_eof(server, make_peer):
         sock.sendall(body)
 
     peer = make_peer(send_and_close)
-    with open_socks5_tunnel(server, "127.0.0.1", peer.port) as client:
+    with open_socks5_tunnel(server.address, "127.0.0.1", peer.port) as client:
         assert recv_until_eof(client) == body
 
 
+@each_relay_mode
 def test_large_transfer_both_ways(server, echo_server):
     payload = bytes(range(256)) * 4096      # 1 MB, several HIGH_WATERs
-    with open_socks5_tunnel(server, "127.0.0.1", echo_server.port) as client:
+    with open_socks5_tunnel(server.address, "127.0.0.1",
+                            echo_server.port) as client:
         writer = threading.Thread(target=client.sendall, args=(payload,))
         writer.start()
         try:
@@ -480,12 +443,14 @@ def test_large_transfer_both_ways(server, echo_server):
 
 # -- RESOLVING -> CONNECTING through names ------------------------------------
 
+@each_relay_mode
 def test_name_with_refusing_first_address_connects_to_second(make_server,
                                                              echo_server):
     # The echo server listens on 127.0.0.1 only: 127.0.0.3 on its port refuses.
     resolver = FakeResolver({"multi.test": ["127.0.0.3", "127.0.0.1"]})
     server = make_server(resolver=resolver)
-    with open_socks5_tunnel(server, "multi.test", echo_server.port) as client:
+    with open_socks5_tunnel(server.address, "multi.test",
+                            echo_server.port) as client:
         assert_echo(client)
     assert resolver.queries == ["multi.test"]
     assert len(echo_server.accepted) == 1
@@ -529,6 +494,7 @@ def test_special_names_never_reach_the_resolver(make_server, name):
     assert resolver.queries == []
 
 
+@each_relay_mode
 def test_hostname_that_is_an_ip_literal_is_not_looked_up(make_server,
                                                          echo_server):
     resolver = FakeResolver({})
@@ -735,9 +701,11 @@ def test_handshake_deadline(make_server, sent, replies):
     assert 0.3 <= elapsed < 5.0
 
 
+@each_relay_mode
 def test_deadline_does_not_cut_a_relayed_connection(make_server, echo_server):
     server = make_server(handshake_timeout=0.2)
-    with open_socks5_tunnel(server, "127.0.0.1", echo_server.port) as client:
+    with open_socks5_tunnel(server.address, "127.0.0.1",
+                            echo_server.port) as client:
         client.settimeout(0.7)
         # Still open after the handshake deadline has passed.
         with pytest.raises(socket.timeout):
@@ -751,6 +719,7 @@ def test_socks4_userid_longer_than_512_bytes(server):
         assert_closed_after(client, SOCKS4_REJECTED)
 
 
+@each_relay_mode
 def test_socks4_userid_of_512_bytes(server, echo_server):
     with connect(server) as client:
         client.sendall(socks4_request(CONNECT, "127.0.0.1", echo_server.port,
@@ -870,12 +839,14 @@ def test_safe_socks_refuses_socks4(safe_server, echo_server):
     assert echo_server.accepted == []
 
 
+@each_relay_mode
 def test_safe_socks_allows_socks5_hostname(safe_server, echo_server):
-    with open_socks5_tunnel(safe_server, "echo.test",
+    with open_socks5_tunnel(safe_server.address, "echo.test",
                             echo_server.port) as client:
         assert_echo(client)
 
 
+@each_relay_mode
 def test_safe_socks_allows_socks4a_hostname(safe_server, echo_server):
     with connect(safe_server) as client:
         client.sendall(socks4a_request(CONNECT, "echo.test", echo_server.port))
@@ -885,6 +856,7 @@ def test_safe_socks_allows_socks4a_hostname(safe_server, echo_server):
 
 # -- the server goes on -------------------------------------------------------
 
+@each_relay_mode
 def test_server_serves_normally_after_failures(server, echo_server):
     with connect(server) as client:             # refused target
         client.sendall(GREETING_NO_AUTH
@@ -898,13 +870,16 @@ def test_server_serves_normally_after_failures(server, echo_server):
         assert_closed_after(client, METHOD_NO_AUTH, socks5_reply(0x01))
     with connect(server) as client:             # vanished mid-handshake
         client.sendall(b"\x05\x01")
-    with open_socks5_tunnel(server, "127.0.0.1", echo_server.port) as client:
+    with open_socks5_tunnel(server.address, "127.0.0.1",
+                            echo_server.port) as client:
         assert_echo(client)
     assert server.stats()["accepted"] == 5
 
 
+@each_relay_mode
 def test_concurrent_tunnels_are_independent(server, echo_server):
-    clients = [open_socks5_tunnel(server, "127.0.0.1", echo_server.port)
+    clients = [open_socks5_tunnel(server.address, "127.0.0.1",
+                                  echo_server.port)
                for _ in range(5)]
     try:
         for number, client in enumerate(clients):
@@ -935,9 +910,11 @@ def test_stop_twice_and_stats(make_server):
         connect(server, timeout=2.0)
 
 
+@each_relay_mode
 def test_stop_closes_open_tunnels(make_server, echo_server):
     server = make_server()
-    with open_socks5_tunnel(server, "127.0.0.1", echo_server.port) as client:
+    with open_socks5_tunnel(server.address, "127.0.0.1",
+                            echo_server.port) as client:
         server.stop()
         assert recv_until_eof(client) == b""
     server.stop()
@@ -945,6 +922,7 @@ def test_stop_closes_open_tunnels(make_server, echo_server):
 
 # -- found by a second reading ---------------------------------------------------
 
+@each_relay_mode
 def test_stalled_sink_does_not_spin_the_loop(make_server, make_peer):
     """A target that stops reading: the relay must wait for it, not poll.
     (The splice relay once kept reading interest on a full pipe.)"""
@@ -989,7 +967,7 @@ def test_resolve_failures_are_04_in_the_10_byte_form(make_server):
                 b"\x05\x00" + b"\x05\x04\x00\x01" + bytes(6)
 
 
-def test_handed_in_listener_on_all_interfaces_needs_a_policy(relay_mode):
+def test_handed_in_listener_on_all_interfaces_needs_a_policy():
     listener = socket.socket()
     listener.bind(("0.0.0.0", 0))
     listener.listen(1)
@@ -999,7 +977,7 @@ def test_handed_in_listener_on_all_interfaces_needs_a_policy(relay_mode):
     listener.close()
 
 
-def test_stop_from_another_thread_than_serve_forever(relay_mode):
+def test_stop_from_another_thread_than_serve_forever():
     server = torsocksd.Server(listen=[("127.0.0.1", 0)])
     server.bind()
     thread = threading.Thread(target=server.serve_forever)

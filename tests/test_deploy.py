@@ -32,9 +32,11 @@ import pytest
 
 import torsocksd
 from conftest import (TIMEOUT, EchoServer, ipv6_loopback, recv_exactly,
-                      recv_until_eof, require_program, socks5_connect_request)
+                      recv_until_eof, require_program, socks5_connect_request,
+                      socks5_greeting, userpass)
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.abspath(os.path.join(TESTS, os.pardir))
 SCRIPT = os.path.join(ROOT, "torsocksd.py")
 MAN_PAGE = os.path.join(ROOT, "man", "torsocksd.8")
 README = os.path.join(ROOT, "README.md")
@@ -1017,10 +1019,10 @@ def test_openrc_command_serves_and_reloads(tmp_path, notify, echo_server):
 # =============================================================================
 
 def authenticate(client, username, password):
-    client.sendall(b"\x05\x01\x02")
+    """The RFC 1929 answer to username and password (after 05 02)."""
+    client.sendall(socks5_greeting(2))
     assert recv_exactly(client, 2) == b"\x05\x02"
-    client.sendall(b"\x01" + bytes([len(username)]) + username
-                   + bytes([len(password)]) + password)
+    client.sendall(userpass(username, password))
     return recv_exactly(client, 2)
 
 
@@ -1237,14 +1239,7 @@ README_USER = """
 
 import socket
 
-
-def recv_exactly(sock, size):
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        assert chunk, data
-        data += chunk
-    return data
+from conftest import recv_exactly
 
 
 def test_the_readme_fixture(socks_proxy):
@@ -1283,7 +1278,8 @@ def test_readme_embedding_example_works_as_written(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
          str(test_file)], cwd=str(tmp_path),
-        env=dict(base_env(), PYTHONPATH=ROOT, PYTHONDONTWRITEBYTECODE="1"),
+        env=dict(base_env(), PYTHONPATH=os.pathsep.join((ROOT, TESTS)),
+                 PYTHONDONTWRITEBYTECODE="1"),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         universal_newlines=True, timeout=60)
     assert result.returncode == 0, result.stdout

@@ -17,7 +17,8 @@ import time
 
 import pytest
 
-from conftest import TIMEOUT, connect, recv_exactly, recv_until_eof
+from conftest import (TIMEOUT, connect, recv_exactly, recv_until_eof,
+                      socks5_request)
 from torsocksd import (DnsAnswer, DnsFormatError, DnsResolver, DnsType,
                        MAX_CNAME_CHAIN, Reply, ResolverResult,
                        encode_dns_query, parse_dns_response, parse_nameserver)
@@ -466,14 +467,11 @@ def socks5(server, request):
 
 
 def resolve(server, name):
-    return socks5(server, b"\x05\xf0\x00\x03" + bytes((len(name),))
-                  + name.encode() + b"\0\0")
+    return socks5(server, socks5_request(0xF0, name.encode(), 0))
 
 
 def resolve_ptr(server, address):
-    address = ipaddress.ip_address(address)
-    kind = b"\x01" if address.version == 4 else b"\x04"
-    return socks5(server, b"\x05\xf1\x00" + kind + address.packed + b"\0\0")
+    return socks5(server, socks5_request(0xF1, address, 0))
 
 
 def address_reply(address):

@@ -35,21 +35,13 @@ import pytest
 import torsocksd
 from conftest import (TIMEOUT, FakeResolver, free_port, ipv6_loopback,
                       recv_exactly, recv_until_eof, require_network_namespace,
-                      require_program, socks5_connect_request)
+                      require_program, socks5_connect_request, socks5_reply)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NETNS_SCRIPT = os.path.join(HERE, "peers", "families_netns.py")
 
 PAYLOAD = b"families round trip"
 NAMES = {"web.test": ["127.0.0.1"], "v6.test": ["2001:db8::42"]}
-
-
-def ipv4_reply(code):
-    return bytes((5, code, 0, 1)) + bytes(6)
-
-
-def ipv6_reply(code):
-    return bytes((5, code, 0, 4)) + bytes(18)
 
 
 needs_ipv6 = pytest.mark.skipif(not ipv6_loopback(),
@@ -91,15 +83,15 @@ def test_ipv4_listener_replies_with_atyp_1(make_server, echo_server):
     with client_to(server.address, socket.AF_INET) as client:
         method, answer = socks5_exchange(client, "127.0.0.1", echo_server.port,
                                          10)
-        assert (method, answer) == (b"\x05\x00", ipv4_reply(0))
+        assert (method, answer) == (b"\x05\x00", socks5_reply(0))
         round_trip(client)
     with client_to(server.address, socket.AF_INET) as client:
         _, answer = socks5_exchange(client, "127.0.0.1", free_port(), 10)
-        assert answer == ipv4_reply(5)          # connection refused
+        assert answer == socks5_reply(5)          # connection refused
         assert recv_until_eof(client) == b""
     with client_to(server.address, socket.AF_INET) as client:
         _, answer = socks5_exchange(client, "missing.test", 80, 10)
-        assert answer == ipv4_reply(4)
+        assert answer == socks5_reply(4)
         assert recv_until_eof(client) == b""
 
 
@@ -114,15 +106,16 @@ def test_ipv6_listener_replies_with_atyp_4(make_server, echo_server):
     with client_to(address, socket.AF_INET6) as client:
         method, answer = socks5_exchange(client, "web.test", echo_server.port,
                                          22)
-        assert (method, answer) == (b"\x05\x00", ipv6_reply(0))
+        assert (method, answer) == (b"\x05\x00",
+                                    socks5_reply(0, ipv6_client=True))
         round_trip(client)
     with client_to(address, socket.AF_INET6) as client:
         _, answer = socks5_exchange(client, "127.0.0.1", free_port(), 22)
-        assert answer == ipv6_reply(5)
+        assert answer == socks5_reply(5, ipv6_client=True)
         assert recv_until_eof(client) == b""
     with client_to(address, socket.AF_INET6) as client:
         _, answer = socks5_exchange(client, "missing.test", 80, 22)
-        assert answer == ipv6_reply(4)
+        assert answer == socks5_reply(4, ipv6_client=True)
         assert recv_until_eof(client) == b""
     # SOCKS4 has one reply form whatever the client's family.
     with client_to(address, socket.AF_INET6) as client:
@@ -168,8 +161,9 @@ def test_wildcard_listeners_of_both_families_share_a_port(make_server,
         socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
     assert sorted(a[1] for a in server.addresses) == [port, port]
     for address, family, expected in (
-            (("127.0.0.1", port), socket.AF_INET, ipv4_reply(0)),
-            (("::1", port), socket.AF_INET6, ipv6_reply(0))):
+            (("127.0.0.1", port), socket.AF_INET, socks5_reply(0)),
+            (("::1", port), socket.AF_INET6,
+             socks5_reply(0, ipv6_client=True))):
         with client_to(address, family) as client:
             _, answer = socks5_exchange(client, "127.0.0.1", echo_server.port,
                                         len(expected))
@@ -261,20 +255,21 @@ def test_unix_listener_replies_with_atyp_4(make_server, echo_server,
     with unix_client(path) as client:
         method, answer = socks5_exchange(client, "web.test", echo_server.port,
                                          22)
-        assert (method, answer) == (b"\x05\x00", ipv6_reply(0))
+        assert (method, answer) == (b"\x05\x00",
+                                    socks5_reply(0, ipv6_client=True))
         round_trip(client)
     with unix_client(path) as client:
         _, answer = socks5_exchange(client, "127.0.0.1", free_port(), 22)
-        assert answer == ipv6_reply(5)
+        assert answer == socks5_reply(5, ipv6_client=True)
         assert recv_until_eof(client) == b""
     with unix_client(path) as client:
         _, answer = socks5_exchange(client, "missing.test", 80, 22)
-        assert answer == ipv6_reply(4)
+        assert answer == socks5_reply(4, ipv6_client=True)
         assert recv_until_eof(client) == b""
     with unix_client(path) as client:      # unsupported command: BIND
         client.sendall(b"\x05\x01\x00\x05\x02\x00\x01\x7f\x00\x00\x01\x00\x50")
         assert recv_exactly(client, 2) == b"\x05\x00"
-        assert recv_exactly(client, 22) == ipv6_reply(7)
+        assert recv_exactly(client, 22) == socks5_reply(7, ipv6_client=True)
     # A RESOLVE answer carries the address in its own family.
     with unix_client(path) as client:
         client.sendall(b"\x05\x01\x00\x05\xf0\x00\x03\x07v6.test\x00\x00")
@@ -311,7 +306,7 @@ def test_stale_unix_socket_is_replaced(make_server, echo_server, sock_dir):
     assert os.lstat(path).st_ino != stale_inode
     with unix_client(path) as client:
         _, answer = socks5_exchange(client, "127.0.0.1", echo_server.port, 22)
-        assert answer == ipv6_reply(0)
+        assert answer == socks5_reply(0, ipv6_client=True)
         round_trip(client)
 
 
@@ -454,7 +449,7 @@ def test_unix_listener_end_to_end_with_http_client(make_server, sock_dir):
         make_server(listen=["unix:" + path], resolver=FakeResolver(NAMES))
         tunnel = unix_client(path)
         _, answer = socks5_exchange(tunnel, "web.test", web.server_port, 22)
-        assert answer == ipv6_reply(0)
+        assert answer == socks5_reply(0, ipv6_client=True)
         connection = http.client.HTTPConnection("web.test", web.server_port,
                                                 timeout=TIMEOUT)
         connection.sock = tunnel
@@ -487,7 +482,8 @@ def test_unix_listener_end_to_end_with_socat(make_server, echo_server,
     print("socat rc=%d out=%r err=%r" % (result.returncode, result.stdout,
                                          result.stderr))
     assert result.returncode == 0
-    assert result.stdout == b"\x05\x00" + ipv6_reply(0) + PAYLOAD
+    assert result.stdout == (b"\x05\x00" + socks5_reply(0, ipv6_client=True)
+                             + PAYLOAD)
 
 
 def test_unix_listener_from_the_command_line(sock_dir, echo_server):
@@ -500,7 +496,7 @@ def test_unix_listener_from_the_command_line(sock_dir, echo_server):
         with unix_client(path) as client:
             _, answer = socks5_exchange(client, "127.0.0.1",
                                         echo_server.port, 22)
-            assert answer == ipv6_reply(0)
+            assert answer == socks5_reply(0, ipv6_client=True)
             round_trip(client)
         daemon.process.terminate()
         assert daemon.finish() == 0
@@ -573,7 +569,7 @@ def code_of(result):
 
 
 def succeeded(result, peer=None):
-    assert result.get("reply") == ipv4_reply(0).hex(), result
+    assert result.get("reply") == socks5_reply(0).hex(), result
     assert result["echo"] == result["request"]["data"], result
     assert len(result["peers"]) == 1, result
     if peer is not None:
@@ -635,7 +631,7 @@ def test_without_happy_eyeballs_a_hanging_first_address_costs_the_timeout():
     print("HAPPY EYEBALLS delay 30 s, connect timeout 3 s: %s answered "
           "%s after %.3f s" % (result["request"]["host"], result.get("reply"),
                                result["elapsed"]))
-    assert result.get("reply") == ipv4_reply(6).hex(), result
+    assert result.get("reply") == socks5_reply(6).hex(), result
     assert result["peers"] == []
     assert 2.9 <= result["elapsed"] < 6.0, result
 
@@ -708,7 +704,7 @@ def test_ipv6_off():
     results = report["runs"][0]
     show(results)
     literal6, resolve_both, resolve6, both, only6, literal4 = results
-    assert literal6.get("reply") == ipv4_reply(2).hex()
+    assert literal6.get("reply") == socks5_reply(2).hex()
     assert literal6["peers"] == []
     assert resolve_both["reply"] == (b"\x05\x00\x00\x01"
                                      + ipaddress.ip_address(LIVE4).packed
@@ -812,9 +808,9 @@ def test_command_line_families_options():
     print("CLI --happy-eyeballs-delay 0.1: he.test connected in %.3f s"
           % prefer6[2]["elapsed"])
     assert answer_of(no6[0]) == LIVE4
-    assert no6[1]["reply"] == ipv4_reply(2).hex()
+    assert no6[1]["reply"] == socks5_reply(2).hex()
     assert succeeded(no6[2]) == LIVE4               # IPv6 never tried
-    assert slow[0].get("reply") == ipv4_reply(6).hex()
+    assert slow[0].get("reply") == socks5_reply(6).hex()
     assert 1.9 <= slow[0]["elapsed"] < 5.0
     print("CLI --happy-eyeballs-delay 30 --connect-timeout 2: he.test "
           "answered %s after %.3f s" % (slow[0]["reply"], slow[0]["elapsed"]))
@@ -855,7 +851,7 @@ def test_command_line_outbound_interface():
         assert code_of(result) != 0 and result["peers"] == []
         assert len(result["reply"]) == 20
         assert result["elapsed"] < 2 + 3.0
-    assert down[0].get("reply") == ipv4_reply(3).hex()   # network unreachable
+    assert down[0].get("reply") == socks5_reply(3).hex()  # network unreachable
     assert down[0]["elapsed"] < 2.0
     assert code_of(missing[0]) != 0 and len(missing[0]["reply"]) == 20
     assert missing[0]["elapsed"] < 2.0

@@ -36,7 +36,8 @@ import pytest
 
 import fuzz_campaign
 import torsocksd
-from conftest import (TIMEOUT, FakeResolver, connect, free_port, recv_exactly,
+from conftest import (TIMEOUT, FakeResolver, connect, each_relay_mode,
+                      free_port, open_socks5_tunnel, recv_exactly,
                       recv_until_eof, require_network_namespace)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -53,17 +54,7 @@ RST_LINGER = struct.pack("ii", 1, 0)
 def socks5_connect(address, port, timeout=TIMEOUT):
     """A client tunnelled to 127.0.0.1:port through the SOCKS server at
     address; returns the socket after the success reply."""
-    sock = socket.create_connection(address, timeout=timeout)
-    try:
-        sock.sendall(b"\x05\x01\x00")
-        assert recv_exactly(sock, 2) == METHOD_NO_AUTH
-        sock.sendall(b"\x05\x01\x00\x01\x7f\x00\x00\x01"
-                     + port.to_bytes(2, "big"))
-        assert recv_exactly(sock, 10) == SOCKS5_OK
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+    return open_socks5_tunnel(address, "127.0.0.1", port, timeout)
 
 
 def wait_for(predicate, seconds=5.0, interval=0.02):
@@ -842,7 +833,7 @@ def run_scenario(server, make_peer, kind, seed):
     return problems
 
 
-@pytest.mark.parametrize("relay_mode", ["copy", "splice"], indirect=True)
+@each_relay_mode
 def test_half_close_reset_and_integrity(make_server, make_peer, relay_mode,
                                         log_problems):
     """Random-sized chunks with small random pauses both ways; FIN from

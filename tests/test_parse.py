@@ -20,6 +20,8 @@ import socket
 import pytest
 
 import torsocksd
+from conftest import (socks4_request, socks4a_request, socks5_reply,
+                      socks5_request, userpass)
 from torsocksd import (NEED_MORE, AddressType, Command, Method, Parsed,
                        Rejected, Reply, Socks4Reply, Socks4Request,
                        Socks5Greeting, Socks5Request, UsernamePassword,
@@ -34,19 +36,9 @@ S4OK = h("005a 0000 00000000")
 S4REJ = h("005b 0000 00000000")
 
 
-def r5(code):
-    """05 REP 00 01 00000000 0000: the 10-byte reply for an IPv4 client."""
-    return bytes((5, code, 0, 1)) + bytes(6)
-
-
-def r5v6(code):
-    """05 REP 00 04 <16 zero bytes> 0000: the 22-byte reply."""
-    return bytes((5, code, 0, 4)) + bytes(18)
-
-
-GENERAL_FAILURE = r5(0x01)
-COMMAND_NOT_SUPPORTED = r5(0x07)
-ADDRESS_TYPE_NOT_SUPPORTED = r5(0x08)
+GENERAL_FAILURE = socks5_reply(0x01)
+COMMAND_NOT_SUPPORTED = socks5_reply(0x07)
+ADDRESS_TYPE_NOT_SUPPORTED = socks5_reply(0x08)
 
 # Trailing bytes after a whole message: the client's next message or early
 # data, which the parser must neither consume nor look at.
@@ -56,24 +48,6 @@ TRAILER = b"\x05\x01\x00GET / HTTP/1.0\r\n\x00\xff"
 def name(length, fill=b"a"):
     """A valid hostname of exactly length bytes."""
     return (fill * length)[:length]
-
-
-def socks4(command, port, dstip, userid=b"", hostname=None):
-    message = bytes((4, command)) + port.to_bytes(2, "big") + dstip \
-        + userid + b"\0"
-    if hostname is not None:
-        message += hostname + b"\0"
-    return message
-
-
-def socks5_name_request(command, hostname, port):
-    return bytes((5, command, 0, 3, len(hostname))) + hostname \
-        + port.to_bytes(2, "big")
-
-
-def userpass(username, password):
-    return bytes((1, len(username))) + username + bytes((len(password),)) \
-        + password
 
 
 # -- valid messages: (parser, bytes, expected message) ------------------------
@@ -111,17 +85,16 @@ SOCKS4_VALID = [
     pytest.param(h("04 02 0050 c0000201 00"),
                  Socks4Request(Command.BIND, 80, "192.0.2.1", b"", False),
                  id="socks4-bind-parses"),
-    pytest.param(socks4(Command.CONNECT, 80, IPV4, USERID_512),
+    pytest.param(socks4_request(Command.CONNECT, IPV4, 80, USERID_512),
                  Socks4Request(Command.CONNECT, 80, "192.0.2.1", USERID_512,
                                False),
                  id="socks4-userid-512"),
-    pytest.param(socks4(Command.CONNECT, 80, h("00000001"), USERID_512,
-                        NAME_255),
+    pytest.param(socks4a_request(Command.CONNECT, NAME_255, 80, USERID_512),
                  Socks4Request(Command.CONNECT, 80, NAME_255.decode(),
                                USERID_512, True),
                  id="socks4a-userid-512-hostname-255"),
-    pytest.param(socks4(Command.CONNECT, 65535, h("00000007"), b"",
-                        NAME_255),
+    pytest.param(socks4_request(Command.CONNECT, "0.0.0.7", 65535)
+                 + NAME_255 + b"\0",
                  Socks4Request(Command.CONNECT, 65535, NAME_255.decode(), b"",
                                True),
                  id="socks4a-hostname-255-port-65535"),
@@ -160,26 +133,26 @@ REQUEST_VALID = [
                  Socks5Request(Command.CONNECT, AddressType.IPV6,
                                "2001:db8::1", 443),
                  id="connect-ipv6"),
-    pytest.param(socks5_name_request(Command.CONNECT, b"example.com", 80),
+    pytest.param(socks5_request(Command.CONNECT, b"example.com", 80),
                  Socks5Request(Command.CONNECT, AddressType.DOMAIN,
                                "example.com", 80),
                  id="connect-hostname"),
-    pytest.param(socks5_name_request(Command.CONNECT, NAME_255, 65535),
+    pytest.param(socks5_request(Command.CONNECT, NAME_255, 65535),
                  Socks5Request(Command.CONNECT, AddressType.DOMAIN,
                                NAME_255.decode(), 65535),
                  id="connect-hostname-255"),
-    pytest.param(socks5_name_request(Command.CONNECT, b"a", 1),
+    pytest.param(socks5_request(Command.CONNECT, b"a", 1),
                  Socks5Request(Command.CONNECT, AddressType.DOMAIN, "a", 1),
                  id="connect-hostname-1"),
-    pytest.param(socks5_name_request(Command.CONNECT, b"Example.COM.", 80),
+    pytest.param(socks5_request(Command.CONNECT, b"Example.COM.", 80),
                  Socks5Request(Command.CONNECT, AddressType.DOMAIN,
                                "Example.COM.", 80),
                  id="connect-hostname-trailing-dot"),
-    pytest.param(socks5_name_request(Command.CONNECT, b"[2001:db8::1]", 80),
+    pytest.param(socks5_request(Command.CONNECT, b"[2001:db8::1]", 80),
                  Socks5Request(Command.CONNECT, AddressType.DOMAIN,
                                "[2001:db8::1]", 80),
                  id="connect-ipv6-literal-as-hostname"),
-    pytest.param(socks5_name_request(Command.RESOLVE, b"example.com", 0),
+    pytest.param(socks5_request(Command.RESOLVE, b"example.com", 0),
                  Socks5Request(Command.RESOLVE, AddressType.DOMAIN,
                                "example.com", 0),
                  id="resolve-hostname"),
@@ -313,7 +286,7 @@ def test_socks4_unknown_command_is_rejected_at_the_second_byte(command):
 
 
 def test_socks4_userid_of_513_bytes_is_rejected():
-    data = socks4(Command.CONNECT, 80, IPV4, USERID_512 + b"x")
+    data = socks4_request(Command.CONNECT, IPV4, 80, USERID_512 + b"x")
     _assert_rejected(torsocksd.parse_socks4_request(data), S4REJ)
 
 
@@ -325,7 +298,7 @@ def test_socks4_userid_is_rejected_once_513_bytes_without_nul_are_in():
 
 
 def test_socks4a_hostname_of_256_bytes_is_rejected():
-    data = socks4(Command.CONNECT, 80, h("00000001"), b"", NAME_255 + b"z")
+    data = socks4a_request(Command.CONNECT, NAME_255 + b"z", 80)
     _assert_rejected(torsocksd.parse_socks4_request(data), S4REJ)
 
 
@@ -347,7 +320,7 @@ def test_socks4a_hostname_is_rejected_once_256_bytes_without_nul_are_in():
 def test_socks4a_hostname_is_left_to_the_handshake(hostname):
     """Whether a name is usable is decided after the command (Tor's order:
     test_handshake.py); the parser passes every byte on, as latin-1."""
-    data = socks4(Command.CONNECT, 80, h("00000001"), b"", hostname)
+    data = socks4a_request(Command.CONNECT, hostname, 80)
     assert torsocksd.parse_socks4_request(data) == Parsed(
         Socks4Request(Command.CONNECT, 80, hostname.decode("latin-1"), b"",
                       True), len(data))
@@ -440,7 +413,7 @@ def test_request_unknown_address_type_is_08_at_the_fourth_byte(atyp):
 def test_request_hostname_is_left_to_the_handshake(hostname):
     """The name, even an unusable one, is the handshake's to judge after the
     command (Tor's order: test_handshake.py); every byte is kept."""
-    data = socks5_name_request(Command.CONNECT, hostname, 80)
+    data = socks5_request(Command.CONNECT, hostname, 80)
     assert torsocksd.parse_socks5_request(data) == Parsed(
         Socks5Request(Command.CONNECT, AddressType.DOMAIN,
                       hostname.decode("latin-1"), 80), len(data))
@@ -770,7 +743,7 @@ def test_username_password_reply():
 @pytest.mark.parametrize("code", [c for c in Reply if c != Reply.SUCCEEDED])
 def test_failure_reply(code, family):
     assert torsocksd.failure_reply(Version.SOCKS4, code, family) == S4REJ
-    expected = r5(code) if family == socket.AF_INET else r5v6(code)
+    expected = socks5_reply(code, ipv6_client=family != socket.AF_INET)
     assert torsocksd.failure_reply(Version.SOCKS5, code, family) == expected
 
 

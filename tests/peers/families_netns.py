@@ -42,7 +42,6 @@ harness itself broke; the calling test makes the assertions.
 """
 
 import errno
-import ipaddress
 import json
 import logging
 import os
@@ -58,7 +57,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, os.pardir))
 sys.path.insert(0, os.path.join(HERE, os.pardir, os.pardir))
 import torsocksd  # noqa: E402
-from conftest import EchoServer, FakeResolver, recv_exactly  # noqa: E402
+from conftest import (EchoServer, FakeResolver, recv_exactly,  # noqa: E402
+                      socks5_greeting, socks5_request)
 
 SCRIPT = os.path.join(HERE, os.pardir, os.pardir, "torsocksd.py")
 HOSTS4 = ["192.0.2.5", "192.0.2.10", "192.0.2.11"]
@@ -66,6 +66,7 @@ HOSTS6 = ["2001:db8::5", "2001:db8::10", "2001:db8::11"]
 DEAD4, DEAD6 = "192.0.2.99", "2001:db8::99"
 DAEMON_ADDRESS = ("127.0.0.1", 1080)
 TIMEOUT = 15.0
+COMMANDS = {"connect": 1, "resolve": 0xF0}
 
 
 def ip(*args, check=True):
@@ -123,18 +124,6 @@ class Target(EchoServer):
         return [peer[0] for peer in self.accepted]
 
 
-def request_bytes(command, host, port):
-    code = {"connect": 1, "resolve": 0xF0}[command]
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        name = host.encode("ascii")
-        target = bytes((3, len(name))) + name
-    else:
-        target = bytes((1 if address.version == 4 else 4,)) + address.packed
-    return bytes((5, code, 0)) + target + port.to_bytes(2, "big")
-
-
 def read_reply(sock):
     head = recv_exactly(sock, 4)
     if head[3] == 1:
@@ -151,11 +140,11 @@ def one_request(address, request, targets):
     before = {t.name: len(t.peers) for t in targets}
     result = {"request": request}
     with socket.create_connection(address, timeout=TIMEOUT) as client:
-        client.sendall(b"\x05\x01\x00")
+        client.sendall(socks5_greeting(0))
         result["method"] = recv_exactly(client, 2).hex()
         start = time.monotonic()
-        client.sendall(request_bytes(request["command"], request["host"],
-                                     request["port"]))
+        client.sendall(socks5_request(COMMANDS[request["command"]],
+                                      request["host"], request["port"]))
         try:
             reply = read_reply(client)
         except (OSError, EOFError) as error:

@@ -32,7 +32,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir,
                                 os.pardir))
 import torsocksd  # noqa: E402
-from conftest import EchoServer, recv_up_to, socks5_target  # noqa: E402
+from conftest import (EchoServer, recv_up_to, socks4_request,  # noqa: E402
+                      socks4a_request, socks5_target)
 
 HOST = "192.0.2.1"
 OTHER_HOST = "192.0.2.2"     # a second remote client
@@ -115,12 +116,10 @@ def socks5_connect(server_port, source, target):
 
 def socks4_connect(server_port, source, address, port, name=None):
     with client(server_port, source) as sock:
-        request = b"\x04\x01" + port.to_bytes(2, "big")
         if name is None:
-            request += socket.inet_aton(address) + b"\0"
+            sock.sendall(socks4_request(1, address, port))
         else:
-            request += b"\0\0\0\x01\0" + name.encode() + b"\0"
-        sock.sendall(request)
+            sock.sendall(socks4a_request(1, name, port))
         reply = recv_up_to(sock, 8)
         if reply[:2] == b"\x00\x5a":
             return ping_through(sock, reply)
