@@ -1547,6 +1547,12 @@ MAX_DER_CHILDREN = 16           # a TBSCertificate has at most 10 fields
 LINK_HIGH_WATER = 256 * 1024   # TLS bytes queued before streams stop sending
 LINK_LOW_WATER = 64 * 1024     # ... and when they are told to resume
 LINK_RECV_SIZE = 64 * 1024
+# Received cells waiting to be handled: reading stops above this (more than
+# the largest cell, 65,542 bytes, so that one always fits).
+LINK_RECEIVED_HIGH_WATER = 128 * 1024
+# Cells handled per call from the loop, the rest in the next round: 16 kB,
+# one TLS record, some 6 ms of relay crypto in CPython.
+LINK_CELLS_PER_WAKEUP = 32
 LINK_IDLE_TIMEOUT = 60.0       # seconds an unused circuit stays open for reuse
 
 
@@ -2744,6 +2750,9 @@ class TorLink:
         self._socket = None
         self._events = 0
         self._received = bytearray()    # TLS plaintext not yet parsed as cells
+        self._relay_closed = False      # TLS closed: the cells received end
+        self._continuing = False        # the next round handles more cells
+        self._setup_bytes = 0           # cell bytes before the circuit opened
         self._cells_out = bytearray()   # cells not yet given to TLS
         self._wire_out = bytearray()    # TLS records not yet sent
         self._last_active = time.monotonic()
@@ -2792,7 +2801,8 @@ class TorLink:
             try:
                 self._tls.write(data)
             except ssl.SSLError as error:
-                self._fail_soon(EndReason.TORPROTOCOL, "TLS: %s" % error)
+                self._fail_soon(EndReason.TORPROTOCOL, "TLS: %s"
+                                % clip_for_log(str(error)))
                 return
         self._wire_out += self._outgoing.read()
         self._send_wire()
@@ -2832,18 +2842,24 @@ class TorLink:
             except OSError as error:
                 self._fail(end_reason_for_errno(error.errno), str(error))
                 return
+        if self._advance(self._process_tls) and mask & EVENT_WRITE \
+                and len(self._wire_out) < LINK_LOW_WATER:
+            self.circuit.notify_writable()
+
+    def _advance(self, step) -> bool:
+        """Run step (TLS, cells) and send what it queued; the relay's
+        protocol or TLS error closes the link.  Whether it is still open."""
         try:
-            self._process_tls()
+            step()
         except TorProtocolError as error:
             self._fail(EndReason.TORPROTOCOL, str(error))
-            return
         except ssl.SSLError as error:
-            self._fail(EndReason.TORPROTOCOL, "TLS: %s" % error)
-            return
-        if self.state is not LinkState.CLOSED:
-            self.flush()
-            if mask & EVENT_WRITE and len(self._wire_out) < LINK_LOW_WATER:
-                self.circuit.notify_writable()
+            self._fail(EndReason.TORPROTOCOL, "TLS: %s"
+                       % clip_for_log(str(error)))
+        if self.state is LinkState.CLOSED:
+            return False
+        self.flush()
+        return True
 
     def _start_tls(self):
         self.state = LinkState.TLS_HANDSHAKE
@@ -2870,8 +2886,7 @@ class TorLink:
             except ssl.SSLWantReadError:
                 return
             self._tls_established()
-        closed_by_relay = False
-        while True:
+        while not self._relay_closed:
             try:
                 data = self._tls.read(LINK_RECV_SIZE)
             except ssl.SSLWantReadError:
@@ -2879,12 +2894,10 @@ class TorLink:
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                 data = b""
             if not data:
-                closed_by_relay = True
+                self._relay_closed = True
                 break
             self._received += data
-        self._process_cells()       # what came before the close counts too
-        if closed_by_relay:
-            self._fail(EndReason.DESTROY, "the relay closed the connection")
+        self._process_cells()
 
     def _tls_established(self):
         self.state = LinkState.VERSIONS
@@ -2896,18 +2909,58 @@ class TorLink:
     # -- cells -----------------------------------------------------------------
 
     def _process_cells(self):
-        used = 0
+        """Handle at most LINK_CELLS_PER_WAKEUP of the cells received; the
+        rest wait for the next round of the loop, so that a relay's flood
+        holds up nobody else.  Once all are handled, a relay's close closes
+        the link (what came before the close counts too)."""
         received = self._received
-        while self.state is not LinkState.CLOSED:
-            circuit_id_len = CIRC_ID_LEN
-            if self.state is LinkState.VERSIONS:
-                circuit_id_len = VERSIONS_CIRC_ID_LEN
-            result = parse_cell(memoryview(received)[used:], circuit_id_len)
+        used = 0
+        for _ in range(LINK_CELLS_PER_WAKEUP):
+            if self.state is LinkState.CLOSED:
+                break
+            result = parse_cell(memoryview(received)[used:],
+                                *self._cell_format())
             if result is NEED_MORE:
+                if self._relay_closed:
+                    self._fail(EndReason.DESTROY,
+                               "the relay closed the connection")
                 break
             used += result.used
+            if self.state is not LinkState.OPEN:
+                self._count_setup_bytes(result.used)
             self._handle_cell(result.message)
+        else:
+            self._continue_soon()
         del received[:used]
+
+    def _cell_format(self):
+        """(circuit id length, largest variable payload) of the next cell:
+        VERSIONS has 2-byte circuit ids (tor-spec §4.1); until the circuit
+        is open, no variable cell is bigger than a CERTS cell may be."""
+        if self.state is LinkState.OPEN:
+            return CIRC_ID_LEN, 0xFFFF
+        if self.state is LinkState.VERSIONS:
+            return VERSIONS_CIRC_ID_LEN, MAX_SETUP_CELL_PAYLOAD
+        return CIRC_ID_LEN, MAX_SETUP_CELL_PAYLOAD
+
+    def _count_setup_bytes(self, size: int):
+        self._setup_bytes += size
+        if self._setup_bytes > MAX_SETUP_BYTES:
+            raise TorProtocolError("the relay sent more than %d bytes of "
+                                   "cells before the circuit was open"
+                                   % MAX_SETUP_BYTES)
+
+    def _continue_soon(self):
+        """Handle more cells in the next round: a timer due now runs after
+        the sockets the loop found ready."""
+        if not self._continuing:
+            self._continuing = True
+            self.server.call_at(time.monotonic(), self._continue_cells, None)
+
+    def _continue_cells(self, _):
+        self._continuing = False
+        if self.state is not LinkState.CLOSED:
+            self._advance(self._process_cells)
 
     def _handle_cell(self, cell: Cell):
         command = cell.command
@@ -3022,9 +3075,16 @@ class TorLink:
     def _update_interest(self):
         if self.state is LinkState.CLOSED:
             return
-        events = EVENT_READ
-        if self.state is LinkState.CONNECTING or self._wire_out:
+        events = 0
+        if self.state is LinkState.CONNECTING:
             events = EVENT_READ | EVENT_WRITE
+        else:
+            # Read while what was received and not yet handled is small.
+            backlog = len(self._received) + self._incoming.pending
+            if not self._relay_closed and backlog < LINK_RECEIVED_HIGH_WATER:
+                events |= EVENT_READ
+            if self._wire_out:
+                events |= EVENT_WRITE
         if events != self._events:
             self.server.watch(self._socket, self._events, events,
                               self._on_socket_event)
@@ -3042,6 +3102,7 @@ class TorLink:
         if send_destroy and self.state in (LinkState.CREATING, LinkState.OPEN):
             self.send_cell(CellCommand.DESTROY, bytes((DESTROY_REASON_NONE,)))
             self.flush()            # one try; the close follows anyway
+        detail = clip_for_log(detail)   # it may quote the relay
         log.log(logging.DEBUG if quiet else logging.INFO,
                 "Tor link to %s closed: %s", self._name(), detail)
         self.failure = detail

@@ -1432,9 +1432,11 @@ def refusal_logged(log, words):
 
 
 @pytest.mark.parametrize("exponent, words", [
+    # 60 kB: one pow() with it took 1.4 s of the loop.
+    ((1 << 480000) + 1, ["-byte CERTS cell where at most 8192 bytes"]),
     ((1 << 24000) + 1, ["RSA exponent of more than 33 bits"]),
     ((1 << 32) + 1, ["identity key has an RSA exponent of 33 bits"]),
-], ids=["3 kB", "2**32 + 1"])
+], ids=["60 kB", "3 kB", "2**32 + 1"])
 def test_identity_key_with_a_huge_exponent_is_refused_before_any_pow(
         server, make_relay, relay_keys, link_log, monkeypatch, exponent,
         words):
@@ -1451,16 +1453,41 @@ def test_identity_key_with_a_huge_exponent_is_refused_before_any_pow(
 
 
 @pytest.mark.parametrize("versions, words", [
+    # 30,000 versions: Tor's error listed them all in one 190 kB log line.
+    (b"".join(struct.pack(">H", v) for v in range(6, 30006)),
+     ["60000-byte VERSIONS cell"]),
     (b"".join(struct.pack(">H", v) for v in range(6, 206)),
      ["VERSIONS cell lists 200 versions, more than 64"]),
     (b"".join(struct.pack(">H", v) for v in range(6, 70)),
      ["no common link protocol version", "69]"]),
-], ids=["200 versions", "64 versions"])
+], ids=["30000 versions", "200 versions", "64 versions"])
 def test_hostile_versions_cell_is_refused_in_a_short_log_line(
         server, make_relay, link_log, versions, words):
     relay = make_relay(versions=versions)
     assert connect_dir(server, relay.port) == (b"\x05\x01", b"")
     refusal_logged(link_log, words)
+
+
+def vpadding(size):
+    return torsocksd.encode_cell(0, C.VPADDING, bytes(size))
+
+
+@pytest.mark.parametrize("setup_cells, words", [
+    # Only the header of a 65,535-byte cell: refused without waiting for it.
+    (vpadding(65535)[:7], ["65535-byte VPADDING cell"]),
+    (vpadding(8193), ["8193-byte VPADDING cell"]),
+    (vpadding(1000) * 40, ["more than 32768 bytes", "before the circuit"]),
+], ids=["65535-byte header", "8193 bytes", "40 kB in all"])
+def test_relay_cannot_make_the_link_buffer_much_before_the_circuit(
+        server, make_relay, link_log, setup_cells, words):
+    relay = make_relay(setup_cells=setup_cells)
+    assert connect_dir(server, relay.port) == (b"\x05\x01", b"")
+    refusal_logged(link_log, words)
+
+
+def test_setup_within_the_bounds_is_fine(server, make_relay, link_log):
+    relay = make_relay(setup_cells=vpadding(8192) + vpadding(1000) * 10)
+    assert connect_dir(server, relay.port) == (b"\x05\x00", ANSWER)
 
 
 @pytest.mark.parametrize("change, words", [
@@ -1483,6 +1510,52 @@ def test_hostile_certs_cells_are_refused(server, make_relay, relay_keys,
     relay = make_relay(certs=change(relay_keys))
     assert connect_dir(server, relay.port) == (b"\x05\x01", b"")
     refusal_logged(link_log, words)
+
+
+def test_a_flood_of_cells_is_handled_a_bounded_batch_at_a_time(
+        server, make_relay, link_log, monkeypatch):
+    """The loop is held while the relay sends 128 cells at once; then no
+    call from the loop handles more than LINK_CELLS_PER_WAKEUP of them, and
+    every one is handled (the answer behind them arrives)."""
+    cells_per_call = [0]
+
+    def counted(callback):
+        if callback is None:
+            return None
+
+        def call(*args):
+            cells_per_call.append(0)
+            return callback(*args)
+        return call
+
+    watch, call_at = server.watch, server.call_at
+    monkeypatch.setattr(server, "watch", lambda sock, old, new, callback:
+                        watch(sock, old, new, counted(callback)))
+    monkeypatch.setattr(server, "call_at", lambda when, function, argument:
+                        call_at(when, counted(function), argument))
+    handle_cell = torsocksd.TorLink._handle_cell
+
+    def counting_handle_cell(link, cell):
+        cells_per_call[-1] += 1
+        return handle_cell(link, cell)
+    monkeypatch.setattr(torsocksd.TorLink, "_handle_cell",
+                        counting_handle_cell)
+    loop_held, flood_sent = threading.Event(), threading.Event()
+
+    def hold_the_loop():
+        loop_held.set()
+        assert flood_sent.wait(TIMEOUT)
+
+    def before_flood():
+        server.call_soon_threadsafe(hold_the_loop)
+        assert loop_held.wait(TIMEOUT)
+
+    relay = make_relay(flood=128, before_flood=before_flood,
+                       after_flood=flood_sent.set)
+    assert connect_dir(server, relay.port) == (b"\x05\x00", ANSWER)
+    assert max(cells_per_call) <= torsocksd.LINK_CELLS_PER_WAKEUP, \
+        cells_per_call
+    assert sum(cells_per_call) >= 128 + 8, cells_per_call
 
 
 # =============================================================================
