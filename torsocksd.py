@@ -916,6 +916,15 @@ MAX_DNS_WIRE_NAME = 255
 MAX_DNS_LABEL = 63
 MAX_DNS_MESSAGE = 65535             # the TCP length prefix's limit
 MAX_CNAME_CHAIN = 8                 # CNAMEs followed within one answer
+# The work one message may cost.  A name has at most 127 labels (255 bytes,
+# RFC 1035 §3.1), and compression needs at most one pointer per label: more
+# hops is a chain built to waste time.  An answer to one question holds a
+# few dozen records (a 512-byte UDP answer, 28 A records at most; TCP only
+# follows a truncated one); the labels and pointers followed in the whole
+# message are counted too, 16 per record (a real owner name is 1 pointer).
+MAX_DNS_POINTER_HOPS = 128
+MAX_DNS_RECORDS = 256               # answer and authority records together
+MAX_DNS_PARSE_STEPS = 16 * MAX_DNS_RECORDS
 MAX_DNS_TTL = 3600                  # seconds an answer is cached (Tor's cap)
 MAX_NEGATIVE_TTL = 30               # seconds "no such name" is cached
 DNS_READS_PER_WAKEUP = 8            # so a flood cannot hold the loop
@@ -976,41 +985,6 @@ def encode_dns_query(query_id: int, name: str, qtype: int) -> bytes:
             + bytes(wire) + b"\0" + DNS_QUESTION.pack(qtype, DNS_CLASS_IN))
 
 
-def _read_name(message: bytes, offset: int):
-    """The dotted name at offset and the offset after it (RFC 1035 §4.1.4).
-    A pointer must point before the run of labels it ends, so a chain of
-    pointers always ends."""
-    labels = []
-    wire_length = 1         # the root label's zero byte
-    run_start = offset
-    end = None              # where the name ends in place: after its pointer
-    while True:
-        if offset >= len(message):
-            raise DnsFormatError("name runs past the end")
-        size = message[offset]
-        if size & DNS_POINTER == DNS_POINTER:
-            if offset + 1 >= len(message):
-                raise DnsFormatError("pointer runs past the end")
-            target = (size & ~DNS_POINTER) << 8 | message[offset + 1]
-            if target >= run_start:
-                raise DnsFormatError("pointer does not point back")
-            if end is None:
-                end = offset + 2
-            offset = run_start = target
-        elif size & DNS_POINTER:
-            raise DnsFormatError("unknown label type")
-        elif size == 0:
-            return b".".join(labels), offset + 1 if end is None else end
-        else:
-            wire_length += 1 + size
-            if wire_length > MAX_DNS_WIRE_NAME:
-                raise DnsFormatError("name longer than 255 bytes")
-            if offset + 1 + size > len(message):
-                raise DnsFormatError("label runs past the end")
-            labels.append(message[offset + 1:offset + 1 + size])
-            offset += 1 + size
-
-
 class _Record(NamedTuple):
     owner: bytes        # lowercase dotted name
     rtype: int
@@ -1020,40 +994,103 @@ class _Record(NamedTuple):
     end: int
 
 
-def _read_records(message: bytes, offset: int, count: int):
-    """count resource records from offset (RFC 1035 §4.1.3), and the offset
-    after them."""
-    records = []
-    for _ in range(count):
-        owner, offset = _read_name(message, offset)
-        if offset + DNS_RECORD.size > len(message):
-            raise DnsFormatError("record runs past the end")
-        rtype, rclass, ttl, length = DNS_RECORD.unpack_from(message, offset)
-        start = offset + DNS_RECORD.size
-        offset = start + length
-        if offset > len(message):
-            raise DnsFormatError("record data runs past the end")
-        if ttl & 0x80000000:
-            ttl = 0         # RFC 2181 §8: a TTL above 2**31 - 1 means 0
-        records.append(_Record(owner.lower(), rtype, rclass, ttl, start,
-                               offset))
-    return records, offset
+class _DnsReader:
+    """Names and records read from one message within its budget of work:
+    MAX_DNS_POINTER_HOPS pointers for a name, MAX_DNS_PARSE_STEPS labels and
+    pointers in all, MAX_DNS_RECORDS records; DnsFormatError beyond."""
 
+    def __init__(self, message: bytes):
+        self.message = message
+        self.steps_left = MAX_DNS_PARSE_STEPS
+        self.records_left = MAX_DNS_RECORDS
 
-def _record_data(message: bytes, record: _Record):
-    """An A or AAAA record's address, a PTR or CNAME record's name."""
-    data = message[record.start:record.end]
-    if record.rtype == DnsType.A and len(data) == 4:
-        return ipaddress.IPv4Address(data)
-    if record.rtype == DnsType.AAAA and len(data) == 16:
-        return ipaddress.IPv6Address(data)
-    if record.rtype in (DnsType.PTR, DnsType.CNAME):
-        name, end = _read_name(message, record.start)
-        if end <= record.end and record.rtype == DnsType.PTR:
-            return name.decode("ascii", "replace")
-        if end <= record.end:
-            return name
-    raise DnsFormatError("malformed %s record" % DnsType(record.rtype).name)
+    def _step(self):
+        self.steps_left -= 1
+        if self.steps_left < 0:
+            raise DnsFormatError("more than %d labels and pointers in one "
+                                 "message" % MAX_DNS_PARSE_STEPS)
+
+    def name(self, offset: int):
+        """The dotted name at offset and the offset after it (RFC 1035
+        §4.1.4).  A pointer must point before the run of labels it ends, so
+        a chain of pointers always ends; the budget ends it sooner."""
+        message = self.message
+        labels = []
+        wire_length = 1         # the root label's zero byte
+        run_start = offset
+        end = None              # where the name ends in place: after its pointer
+        hops = 0
+        while True:
+            self._step()
+            if offset >= len(message):
+                raise DnsFormatError("name runs past the end")
+            size = message[offset]
+            if size & DNS_POINTER == DNS_POINTER:
+                if offset + 1 >= len(message):
+                    raise DnsFormatError("pointer runs past the end")
+                target = (size & ~DNS_POINTER) << 8 | message[offset + 1]
+                if target >= run_start:
+                    raise DnsFormatError("pointer does not point back")
+                hops += 1
+                if hops > MAX_DNS_POINTER_HOPS:
+                    raise DnsFormatError("name takes more than %d pointers"
+                                         % MAX_DNS_POINTER_HOPS)
+                if end is None:
+                    end = offset + 2
+                offset = run_start = target
+            elif size & DNS_POINTER:
+                raise DnsFormatError("unknown label type")
+            elif size == 0:
+                return b".".join(labels), offset + 1 if end is None else end
+            else:
+                wire_length += 1 + size
+                if wire_length > MAX_DNS_WIRE_NAME:
+                    raise DnsFormatError("name longer than 255 bytes")
+                if offset + 1 + size > len(message):
+                    raise DnsFormatError("label runs past the end")
+                labels.append(message[offset + 1:offset + 1 + size])
+                offset += 1 + size
+
+    def records(self, offset: int, count: int):
+        """count resource records from offset (RFC 1035 §4.1.3), and the
+        offset after them."""
+        if count > self.records_left:
+            raise DnsFormatError("more than %d records in one message"
+                                 % MAX_DNS_RECORDS)
+        self.records_left -= count
+        message = self.message
+        records = []
+        for _ in range(count):
+            owner, offset = self.name(offset)
+            if offset + DNS_RECORD.size > len(message):
+                raise DnsFormatError("record runs past the end")
+            rtype, rclass, ttl, length = DNS_RECORD.unpack_from(message,
+                                                                offset)
+            start = offset + DNS_RECORD.size
+            offset = start + length
+            if offset > len(message):
+                raise DnsFormatError("record data runs past the end")
+            if ttl & 0x80000000:
+                ttl = 0     # RFC 2181 §8: a TTL above 2**31 - 1 means 0
+            records.append(_Record(owner.lower(), rtype, rclass, ttl, start,
+                                   offset))
+        return records, offset
+
+    def data(self, record: _Record):
+        """An A or AAAA record's address, a PTR or CNAME record's name."""
+        data = self.message[record.start:record.end]
+        if record.rtype == DnsType.A and len(data) == 4:
+            return ipaddress.IPv4Address(data)
+        if record.rtype == DnsType.AAAA and len(data) == 16:
+            return ipaddress.IPv6Address(data)
+        if record.rtype in (DnsType.PTR, DnsType.CNAME):
+            name, end = self.name(record.start)
+            if end <= record.end and record.rtype == DnsType.PTR:
+                return name.decode("ascii", "replace")
+            if end <= record.end:
+                return name
+        raise DnsFormatError("malformed %s record"
+                             % DnsType(record.rtype).name)
 
 
 def _negative_ttl(message: bytes, authority) -> int:
@@ -1072,7 +1109,9 @@ def parse_dns_response(message: bytes, query_id: int, name: str,
     """The answer message gives to (name, qtype, IN) asked with query_id
     (RFC 1035 §4.1), CNAMEs followed; None when message does not answer that
     question (it may be spoofed: ignore it, keep waiting); DnsFormatError
-    when it is malformed."""
+    when it is malformed or would cost more to read than a real answer
+    (_DnsReader's budget; CNAMEs are looked for MAX_CNAME_CHAIN times at most
+    among at most MAX_DNS_RECORDS records)."""
     if len(message) < DNS_HEADER.size:
         raise DnsFormatError("shorter than a header")
     ident, flags, questions, answers, authorities, _ = \
@@ -1080,7 +1119,8 @@ def parse_dns_response(message: bytes, query_id: int, name: str,
     if (ident != query_id or not flags & DNS_FLAG_RESPONSE
             or flags & DNS_OPCODE_MASK or questions != 1):
         return None
-    asked, offset = _read_name(message, DNS_HEADER.size)
+    reader = _DnsReader(message)
+    asked, offset = reader.name(DNS_HEADER.size)
     if offset + DNS_QUESTION.size > len(message):
         raise DnsFormatError("question runs past the end")
     if (asked.lower() != _dns_name(name) or DNS_QUESTION.unpack_from(
@@ -1089,22 +1129,21 @@ def parse_dns_response(message: bytes, query_id: int, name: str,
     rcode = flags & DNS_RCODE_MASK
     if flags & DNS_FLAG_TRUNCATED:
         return DnsAnswer((), 0, rcode, True)
-    records, offset = _read_records(message, offset + DNS_QUESTION.size,
-                                    answers)
+    records, offset = reader.records(offset + DNS_QUESTION.size, answers)
     wanted, ttls = asked.lower(), []
     for _ in range(MAX_CNAME_CHAIN + 1):
         found = [r for r in records if r.owner == wanted
                  and r.rtype == qtype and r.rclass == DNS_CLASS_IN]
         if found:
-            return DnsAnswer(tuple(_record_data(message, r) for r in found),
+            return DnsAnswer(tuple(reader.data(r) for r in found),
                              min(ttls + [r.ttl for r in found]), rcode, False)
         alias = next((r for r in records if r.owner == wanted
                       and r.rtype == DnsType.CNAME), None)
         if alias is None:
             break
-        wanted = _record_data(message, alias).lower()
+        wanted = reader.data(alias).lower()
         ttls.append(alias.ttl)
-    authority, _ = _read_records(message, offset, authorities)
+    authority, _ = reader.records(offset, authorities)
     return DnsAnswer((), _negative_ttl(message, authority), rcode, False)
 
 
@@ -1292,8 +1331,11 @@ class _DnsQuery:
         try:
             answer = parse_dns_response(message, self.query_id,
                                         self.lookup.name, self.qtype)
-        except DnsFormatError:
-            answer = None
+        except DnsFormatError as error:
+            if self.over_tcp:   # from the name server itself: say why
+                raise OSError(errno.EPROTO, "malformed answer: %s"
+                              % error) from None
+            answer = None       # over UDP it may be forged: keep waiting
         if answer is None or (answer.truncated and self.over_tcp):
             return False
         if answer.truncated:

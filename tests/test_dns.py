@@ -6,6 +6,7 @@ dnsmasq when it is installed.  Never the machine's own resolver.
 
 import argparse
 import ipaddress
+import logging
 import os
 import queue
 import random
@@ -19,8 +20,10 @@ import pytest
 
 from conftest import TIMEOUT, connect, recv_exactly, recv_until_eof
 from torsocksd import (DnsAnswer, DnsFormatError, DnsResolver, DnsType,
-                       MAX_CNAME_CHAIN, Reply, ResolverResult,
-                       encode_dns_query, parse_dns_response, parse_nameserver)
+                       MAX_CNAME_CHAIN, MAX_DNS_PARSE_STEPS,
+                       MAX_DNS_POINTER_HOPS, MAX_DNS_RECORDS, Reply,
+                       ResolverResult, encode_dns_query, parse_dns_response,
+                       parse_nameserver)
 
 A, AAAA, CNAME, SOA, PTR = (DnsType.A, DnsType.AAAA, DnsType.CNAME,
                             DnsType.SOA, DnsType.PTR)
@@ -288,6 +291,80 @@ def test_every_prefix_is_rejected(data, query_id, name, qtype):
             parse_dns_response(data[:end], query_id, name, qtype)
 
 
+def pointer_chain_message(query_id, asked, hops, owners):
+    """An answer to asked whose first record holds as its data a chain of
+    hops pointers, each to the one before it and the first to the question's
+    name, and then `owners` A records owned by the chain's last pointer:
+    reading each owner follows hops + 1 pointers."""
+    start = 12 + len(asked) + 12     # the first record's data
+    chain, last = b"", 12
+    for position in range(start, start + 2 * hops, 2):
+        chain += struct.pack("!H", 0xC000 | last)
+        last = position
+    owner = struct.pack("!H", 0xC000 | last)
+    return message(query_id, asked, [record(QNAME, 99, 300, chain)]
+                   + [a_record(owner, "192.0.2.1")] * owners)
+
+
+def test_pointer_hops_per_name_are_bounded():
+    asked = question("chain.test", A)
+    longest = pointer_chain_message(7, asked, MAX_DNS_POINTER_HOPS - 1, 1)
+    assert parse_dns_response(longest, 7, "chain.test", A).records == \
+        (ipaddress.ip_address("192.0.2.1"),)
+    longer = pointer_chain_message(7, asked, MAX_DNS_POINTER_HOPS, 1)
+    with pytest.raises(DnsFormatError, match="more than 128 pointers"):
+        parse_dns_response(longer, 7, "chain.test", A)
+
+
+def test_labels_and_pointers_per_message_are_bounded():
+    # Each owner takes 101 pointers and 3 labels: 39 of them fit in 4096.
+    asked = question("chain.test", A)
+    data = pointer_chain_message(7, asked, 100, 39)
+    assert len(parse_dns_response(data, 7, "chain.test", A).records) == 39
+    data = pointer_chain_message(7, asked, 100, 40)
+    with pytest.raises(DnsFormatError, match="more than %d labels and "
+                       "pointers" % MAX_DNS_PARSE_STEPS):
+        parse_dns_response(data, 7, "chain.test", A)
+
+
+def test_records_per_message_are_bounded():
+    asked = question("many.test", A)
+    most = message(8, asked, [a_record(QNAME, "192.0.2.1")] * MAX_DNS_RECORDS)
+    assert len(parse_dns_response(most, 8, "many.test", A).records) == 256
+    more = message(8, asked, [a_record(QNAME, "192.0.2.1")] * 257)
+    with pytest.raises(DnsFormatError, match="more than 256 records"):
+        parse_dns_response(more, 8, "many.test", A)
+    # Answer and authority records count together.
+    data = message(8, asked, [record(QNAME, AAAA, 300, bytes(16))] * 200,
+                   [soa()] * 57, rcode=NXDOMAIN)
+    with pytest.raises(DnsFormatError, match="more than 256 records"):
+        parse_dns_response(data, 8, "many.test", A)
+    # A header's counts alone cost nothing.
+    header = struct.pack("!6H", 8, RESPONSE_FLAGS, 1, 65535, 65535, 0)
+    with pytest.raises(DnsFormatError, match="more than 256 records"):
+        parse_dns_response(header + asked, 8, "many.test", A)
+
+
+def test_cname_targets_count_against_the_message():
+    # alias.test CNAME alias.test, 25 times, each name 121 pointers and 3
+    # labels: the owners take 3,100 steps, following the loop 9 * 124 more.
+    asked = question("alias.test", A)
+    start = 12 + len(asked) + 12
+    chain, last = b"", 12
+    for position in range(start, start + 2 * 120, 2):
+        chain += struct.pack("!H", 0xC000 | last)
+        last = position
+    alias = struct.pack("!H", 0xC000 | last)
+    answers = [record(QNAME, 99, 300, chain)] + [
+        record(alias, CNAME, 300, alias)] * 25
+    with pytest.raises(DnsFormatError, match="labels and pointers"):
+        parse_dns_response(message(9, asked, answers), 9, "alias.test", A)
+    # The same without the loop is read in full.
+    answers[1:] = [record(alias, A, 300, bytes(4))] * 25
+    assert len(parse_dns_response(message(9, asked, answers), 9,
+                                  "alias.test", A).records) == 25
+
+
 def random_bytes(generator, most):
     return bytes(generator.randrange(256)
                  for _ in range(generator.randrange(most)))
@@ -362,8 +439,11 @@ def answers_for(query_id, name, qtype, asked, transport, rcode):
     key = name.lower()
     if key in ("silent.test", "99.2.0.192.in-addr.arpa"):
         return []
-    if key == "big.test" and transport == "udp":
+    if key in ("big.test", "chain.test") and transport == "udp":
         return [message(query_id, asked, flags=TRUNCATED_FLAGS)]
+    if key == "chain.test":
+        # Every owner a chain of 6,000 pointers: 1,500,000 to follow.
+        return [pointer_chain_message(query_id, asked, 6000, 250)]
     answers, owner = [], QNAME
     while ZONE.get(key) and ZONE[key][0][0] == CNAME:
         _, ttl, target = ZONE[key][0]
@@ -563,6 +643,18 @@ def test_truncated_answer_is_asked_again_over_tcp(proxy, dns_server):
     assert sorted(dns_server.asked("big.test", "tcp")) == [A, AAAA]
     result = resolver_answer(proxy, proxy.resolver.lookup, "big.test")
     assert len(result.answers) == 40
+
+
+def test_pointer_chains_over_tcp_are_refused(proxy, dns_server, caplog):
+    caplog.set_level(logging.DEBUG, logger="torsocksd")
+    assert resolve(proxy, "chain.test") == HOST_UNREACHABLE
+    assert sorted(dns_server.asked("chain.test", "tcp")) == [A, A, AAAA, AAAA]
+    result = resolver_answer(proxy, proxy.resolver.lookup, "chain.test")
+    assert result == ResolverResult(
+        (), Reply.HOST_UNREACHABLE, "name server 127.0.0.1: malformed "
+        "answer: name takes more than 128 pointers")
+    assert any("more than 128 pointers" in record.getMessage()
+               for record in caplog.records)
 
 
 def test_forged_answer_with_wrong_id_is_ignored(proxy):
