@@ -1169,7 +1169,7 @@ def parse_nameserver(text: str):
 
 class _DnsLookup:
     """One lookup's handle: its questions, their outcomes, its callback."""
-    __slots__ = ("name", "qtypes", "callback", "outcomes", "queries",
+    __slots__ = ("name", "qtypes", "callback", "outcomes", "query",
                  "result", "cancelled")
 
     def __init__(self, name: str, qtypes, callback):
@@ -1177,193 +1177,306 @@ class _DnsLookup:
         self.qtypes = qtypes
         self.callback = callback
         self.outcomes = {}      # qtype -> DnsAnswer, or why it failed
-        self.queries = []
+        self.query = None       # the _DnsQuery asking its questions
         self.result = None      # the ResolverResult, once there is one
         self.cancelled = False
 
     def cancel(self):
         self.cancelled = True
-        for query in self.queries:
-            query.stop()
+        if self.query is not None:
+            self.query.stop()
+
+
+class _DnsConnection:
+    """A non-blocking socket connected to a name server (so that only its
+    datagrams arrive), watched by the loop: on_event(connection, mask)."""
+
+    def __init__(self, server, nameserver, kind: int, on_event):
+        host, port = nameserver
+        self.server = server
+        self.on_event = on_event
+        self.events = 0
+        self.sock = socket.socket(
+            socket.AF_INET6 if ":" in host else socket.AF_INET, kind)
+        try:
+            self.sock.setblocking(False)
+            code = self.sock.connect_ex((host, port))
+            if code not in (0, errno.EINPROGRESS):
+                raise OSError(code, os.strerror(code))
+        except OSError:
+            self.sock.close()
+            raise
+
+    def watch(self, events: int):
+        if events != self.events:
+            self.server.watch(self.sock, self.events, events, self._event)
+            self.events = events
+
+    def _event(self, mask: int):
+        self.on_event(self, mask)
+
+    def close(self):
+        if self.events and self.server.selector is not None:
+            self.watch(0)
+        self.sock.close()
 
 
 class _DnsQuery:
-    """One question asked until answered: a try per name server in turn, each
-    on a fresh UDP socket with a fresh id and its own deadline; the same
-    server over TCP when the UDP answer is truncated."""
+    """A lookup's questions (A and AAAA, or PTR) asked until each has an
+    outcome.  A try asks every question still open of one name server, on
+    one fresh connected UDP socket (a kernel-chosen port), each question
+    with a fresh random id, under one deadline; the next try asks the next
+    server.  A question whose UDP answer is truncated is asked again of the
+    same server over TCP, on a connection of its own.  So a lookup holds one
+    socket, and one more for each question it asks over TCP.  Each question
+    has attempts tries of each name server; a question that failed apart
+    from the others (SERVFAIL, TCP) waits for the try out to end."""
 
     def __init__(self, resolver: "DnsResolver", lookup: _DnsLookup,
-                 qtype: int, template: bytes):
+                 templates: dict):
         self.resolver = resolver
         self.lookup = lookup
-        self.qtype = qtype
-        self.template = template    # the query, its id to be replaced
-        self.tries = 0
+        self.templates = templates      # qtype -> the query, id to be set
+        self.waiting = list(templates)  # qtypes for the next try
+        self.asked = {}                 # query id -> qtype, on this try
+        self.over_tcp = {}              # qtype -> _DnsTcpQuestion
+        self.tries = dict.fromkeys(templates, 0)     # qtype -> tries made
+        self.rounds = 0                 # tries made, of any question
         self.nameserver = None
-        self.query_id = None
-        self.sock = None
-        self.events = 0
-        self.over_tcp = False
-        self.outgoing = b""         # TCP: what is left to send
-        self.incoming = bytearray()     # TCP: the answer so far
+        self.udp = None                 # this try's _DnsConnection
         self.deadline = None
         self.failure = "no name server to ask"
 
     def next_try(self):
+        """Ask the waiting questions of the next name server, once no
+        question is out on a try; a question with no try left fails."""
         resolver = self.resolver
-        self._close_socket()
-        self.over_tcp = False
-        while self.tries < resolver.attempts * len(resolver.nameservers):
+        most = resolver.attempts * len(resolver.nameservers)
+        while self.waiting and not self.asked:
+            spent = [qtype for qtype in self.waiting
+                     if self.tries[qtype] >= most]
+            self.waiting = [qtype for qtype in self.waiting
+                            if qtype not in spent]
+            for qtype in spent:
+                resolver.query_done(self, qtype, self.failure)
+            if not self.waiting:
+                return
             self.nameserver = resolver.nameservers[
-                self.tries % len(resolver.nameservers)]
-            self.tries += 1
-            # Unguessable, like the kernel-chosen port: a forger must
-            # hit both (RFC 5452 §9.2).
-            self.query_id = int.from_bytes(os.urandom(2), "big")
+                self.rounds % len(resolver.nameservers)]
+            self.rounds += 1
+            for qtype in self.waiting:
+                self.tries[qtype] += 1
             try:
-                self._open(socket.SOCK_DGRAM)
-                self.sock.send(self._packet())
-                self._watch(selectors.EVENT_READ)
+                self.udp = _DnsConnection(resolver.server, self.nameserver,
+                                          socket.SOCK_DGRAM, self._on_udp)
+                for qtype in self.waiting:
+                    query_id = self.new_id()
+                    self.asked[query_id] = qtype
+                    self.udp.sock.send(self.packet(query_id, qtype))
+                self.udp.watch(selectors.EVENT_READ)
             except OSError as error:
                 self._failed(error)
                 continue
-            self._set_deadline()
-            return
-        self.stop()
-        resolver.query_done(self, self.failure)
+            self.waiting = []
+            self.deadline = resolver.arm_deadline(self._on_deadline)
 
     def stop(self):
-        self.deadline = None
-        self._close_socket()
+        self._end_try()
+        self.waiting = []
+        for question in self.over_tcp.values():
+            question.close()
+        self.over_tcp = {}
         self.resolver.queries.discard(self)
 
-    def _packet(self) -> bytes:
-        return struct.pack("!H", self.query_id) + self.template[2:]
+    def new_id(self) -> int:
+        # Unguessable, like the kernel-chosen port: a forger must hit both
+        # (RFC 5452 §9.2).
+        while True:
+            query_id = int.from_bytes(os.urandom(2), "big")
+            if query_id not in self.asked:
+                return query_id
 
-    def _open(self, kind: int):
-        host, port = self.nameserver
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(family, kind)
-        self.sock.setblocking(False)
-        # Connected, so only the name server's datagrams arrive.
-        code = self.sock.connect_ex((host, port))
-        if code not in (0, errno.EINPROGRESS):
-            raise OSError(code, os.strerror(code))
+    def packet(self, query_id: int, qtype: int) -> bytes:
+        return struct.pack("!H", query_id) + self.templates[qtype][2:]
 
-    def _watch(self, events: int):
-        if events != self.events:
-            self.resolver.server.watch(self.sock, self.events, events,
-                                       self.on_event)
-            self.events = events
-
-    def _close_socket(self):
-        if self.sock is None:
-            return
-        if self.events and self.resolver.server.selector is not None:
-            self._watch(0)
-        self.sock.close()
-        self.sock, self.events = None, 0
-        self.outgoing, self.incoming = b"", bytearray()
-
-    def _set_deadline(self):
-        self.deadline = time.monotonic() + self.resolver.timeout
-        self.resolver.server.call_at(self.deadline, self._on_deadline,
-                                     self.deadline)
+    def _end_try(self):
+        """Close this try's socket; its questions still out wait for the
+        next try."""
+        self.deadline = None
+        self.waiting.extend(qtype for qtype in self.asked.values()
+                            if qtype not in self.waiting)
+        self.asked = {}
+        if self.udp is not None:
+            self.udp.close()
+            self.udp = None
 
     def _on_deadline(self, when):
         if when == self.deadline:
             self.failure = "name server %s did not answer in time" \
                 % self.nameserver[0]
             log.debug("dns: %s", self.failure)
+            self._end_try()
             self.next_try()
 
     def _failed(self, error: OSError):
         self.failure = "name server %s: %s" % (self.nameserver[0],
                                                error.strerror or error)
         log.debug("dns: %s", self.failure)
-        self._close_socket()
+        self._end_try()
 
-    # -- events from the loop -------------------------------------------------
+    # -- answers ----------------------------------------------------------------
 
-    def on_event(self, mask: int):
-        if self.sock is None:
-            return      # stopped earlier in this round of events
+    def _on_udp(self, connection: _DnsConnection, mask: int):
+        if connection is not self.udp:
+            return      # a try that ended earlier in this round of events
         try:
-            if self.over_tcp:
-                self._tcp_ready()
-            else:
-                self._udp_readable()
+            for _ in range(DNS_READS_PER_WAKEUP):
+                self._consider(connection.sock.recv(MAX_DNS_MESSAGE))
+                if self.udp is not connection:
+                    return
+        except BlockingIOError:
+            return
         except OSError as error:
             self._failed(error)
             self.next_try()
 
-    def _udp_readable(self):
-        for _ in range(DNS_READS_PER_WAKEUP):
-            try:
-                message = self.sock.recv(MAX_DNS_MESSAGE)
-            except BlockingIOError:
-                return
-            if self._consider(message):
-                return
-
-    def _tcp_ready(self):
-        if self.outgoing:
-            sent = self.sock.send(self.outgoing)
-            self.outgoing = self.outgoing[sent:]
-            self._watch(selectors.EVENT_WRITE if self.outgoing
-                        else selectors.EVENT_READ)
+    def _consider(self, message: bytes):
+        """Act on a datagram: an answer to a question of this try, or
+        (maybe forged) nothing to act on."""
+        query_id = int.from_bytes(message[:2], "big")
+        qtype = self.asked.get(query_id)
+        if qtype is None:
             return
-        data = self.sock.recv(DNS_TCP_LENGTH.size + MAX_DNS_MESSAGE
-                              - len(self.incoming))
+        try:
+            answer = parse_dns_response(message, query_id, self.lookup.name,
+                                        qtype)
+        except DnsFormatError:
+            return      # over UDP it may be forged: keep waiting
+        if answer is None:
+            return
+        del self.asked[query_id]
+        if answer.truncated:
+            self._ask_over_tcp(qtype)
+        else:
+            self._answered(qtype, answer)
+        if not self.asked:
+            self._end_try()
+            self.next_try()
+
+    def _answered(self, qtype: int, answer: DnsAnswer):
+        rcode = answer.rcode
+        if rcode in (DnsRcode.NOERROR, DnsRcode.NXDOMAIN):
+            self.resolver.query_done(self, qtype, answer)
+            return
+        # SERVFAIL, REFUSED: the next name server is asked.
+        self.failure = "name server %s answered %s" % (
+            self.nameserver[0], DnsRcode(rcode).name
+            if rcode <= DnsRcode.REFUSED else "rcode %d" % rcode)
+        log.debug("dns: %s", self.failure)
+        self.waiting.append(qtype)
+
+    def _ask_over_tcp(self, qtype: int):
+        try:
+            self.over_tcp[qtype] = _DnsTcpQuestion(self, qtype,
+                                                   self.nameserver)
+        except OSError as error:
+            self.failure = "name server %s: %s" % (self.nameserver[0],
+                                                   error.strerror or error)
+            self.waiting.append(qtype)
+
+    def tcp_answered(self, question: "_DnsTcpQuestion", answer: DnsAnswer):
+        question.close()
+        del self.over_tcp[question.qtype]
+        self._answered(question.qtype, answer)
+        self.next_try()
+
+    def tcp_failed(self, question: "_DnsTcpQuestion", reason: str):
+        question.close()
+        del self.over_tcp[question.qtype]
+        self.failure = reason
+        log.debug("dns: %s", reason)
+        self.waiting.append(question.qtype)
+        self.next_try()
+
+
+class _DnsTcpQuestion:
+    """One question asked again over TCP (RFC 1035 §4.2.2) after a truncated
+    UDP answer: its own connection to the same name server, a fresh id, its
+    own deadline."""
+
+    def __init__(self, query: _DnsQuery, qtype: int, nameserver):
+        self.query = query
+        self.qtype = qtype
+        self.nameserver = nameserver
+        self.query_id = query.new_id()
+        packet = query.packet(self.query_id, qtype)
+        self.outgoing = DNS_TCP_LENGTH.pack(len(packet)) + packet
+        self.incoming = bytearray()     # the answer so far
+        self.connection = _DnsConnection(query.resolver.server, nameserver,
+                                         socket.SOCK_STREAM, self._on_event)
+        self.connection.watch(selectors.EVENT_WRITE)
+        self.deadline = query.resolver.arm_deadline(self._on_deadline)
+
+    def close(self):
+        self.deadline = None
+        self.connection.close()
+
+    def _on_deadline(self, when):
+        if when == self.deadline:
+            self.query.tcp_failed(self, "name server %s did not answer in "
+                                  "time" % self.nameserver[0])
+
+    def _on_event(self, connection: _DnsConnection, mask: int):
+        if self.deadline is None:
+            return      # closed earlier in this round of events
+        try:
+            answer = self._exchange()
+        except OSError as error:
+            self.query.tcp_failed(self, "name server %s: %s" % (
+                self.nameserver[0], error.strerror or error))
+            return
+        if answer is not None:
+            self.query.tcp_answered(self, answer)
+
+    def _exchange(self) -> Optional[DnsAnswer]:
+        """Send the question, then read the answer; the answer once whole."""
+        sock = self.connection.sock
+        if self.outgoing:
+            sent = sock.send(self.outgoing)
+            self.outgoing = self.outgoing[sent:]
+            self.connection.watch(selectors.EVENT_WRITE if self.outgoing
+                                  else selectors.EVENT_READ)
+            return None
+        data = sock.recv(DNS_TCP_LENGTH.size + MAX_DNS_MESSAGE
+                         - len(self.incoming))
         if not data:
             raise OSError(errno.ECONNRESET, "closed before answering")
         self.incoming += data
         if len(self.incoming) < DNS_TCP_LENGTH.size:
-            return
+            return None
         size, = DNS_TCP_LENGTH.unpack_from(self.incoming)
-        if len(self.incoming) < DNS_TCP_LENGTH.size + size:
-            return
-        if not self._consider(bytes(self.incoming[DNS_TCP_LENGTH.size:])):
-            raise OSError(errno.EPROTO, "TCP answer does not fit the question")
-
-    def _consider(self, message: bytes) -> bool:
-        """Act on a message; False when it is not an answer to this try."""
+        end = DNS_TCP_LENGTH.size + size
+        if len(self.incoming) < end:
+            return None
         try:
-            answer = parse_dns_response(message, self.query_id,
-                                        self.lookup.name, self.qtype)
+            answer = parse_dns_response(
+                bytes(self.incoming[DNS_TCP_LENGTH.size:end]), self.query_id,
+                self.query.lookup.name, self.qtype)
         except DnsFormatError as error:
-            if self.over_tcp:   # from the name server itself: say why
-                raise OSError(errno.EPROTO, "malformed answer: %s"
-                              % error) from None
-            answer = None       # over UDP it may be forged: keep waiting
-        if answer is None or (answer.truncated and self.over_tcp):
-            return False
-        if answer.truncated:
-            self._close_socket()
-            self.over_tcp = True
-            self._open(socket.SOCK_STREAM)
-            packet = self._packet()
-            self.outgoing = DNS_TCP_LENGTH.pack(len(packet)) + packet
-            self._watch(selectors.EVENT_WRITE)
-            self._set_deadline()
-        elif answer.rcode in (DnsRcode.NOERROR, DnsRcode.NXDOMAIN):
-            self.stop()
-            self.resolver.query_done(self, answer)
-        else:
-            rcode = answer.rcode    # SERVFAIL, REFUSED: ask the next one
-            self.failure = "name server %s answered %s" % (
-                self.nameserver[0], DnsRcode(rcode).name
-                if rcode <= DnsRcode.REFUSED else "rcode %d" % rcode)
-            self.next_try()
-        return True
+            # From the name server itself: say why.
+            raise OSError(errno.EPROTO, "malformed answer: %s"
+                          % error) from None
+        if answer is None or answer.truncated:
+            raise OSError(errno.EPROTO, "TCP answer does not fit the question")
+        return answer
 
 
 class DnsResolver:
     """A stub resolver that runs in the server's loop (--nameserver).
 
     DnsResolver([("192.0.2.53", 53)]) asks A and AAAA at once (PTR for
-    reverse), each over UDP from a fresh socket with a random id; a try
-    lasts timeout seconds, then the next name server is asked, attempts
+    reverse) over UDP, both from one fresh socket, each with a random id; a
+    try lasts timeout seconds, then the next name server is asked, attempts
     rounds in all; a truncated answer is asked again over TCP.  Answers are
     cached for their TTL (at most MAX_DNS_TTL; "no such name" for at most
     MAX_NEGATIVE_TTL), the oldest dropped past cache_size entries.
@@ -1381,7 +1494,7 @@ class DnsResolver:
         self.cache_size = cache_size
         # (name, qtype) -> (monotonic expiry, DnsAnswer), oldest first
         self.cache = collections.OrderedDict()
-        self.queries = set()        # in flight
+        self.queries = set()        # _DnsQuery in flight, one per lookup
         self.server = None
 
     def attach(self, server):
@@ -1404,6 +1517,7 @@ class DnsResolver:
 
     def _start(self, name: str, qtypes, callback) -> _DnsLookup:
         lookup = _DnsLookup(name, qtypes, callback)
+        templates = {}
         for qtype in qtypes:
             try:
                 template = encode_dns_query(0, name, qtype)
@@ -1414,22 +1528,29 @@ class DnsResolver:
             if cached is not None:
                 lookup.outcomes[qtype] = cached
                 continue
-            query = _DnsQuery(self, lookup, qtype, template)
-            lookup.queries.append(query)
-            self.queries.add(query)
-        for query in list(lookup.queries):
-            query.next_try()
-        if not lookup.queries:
+            templates[qtype] = template
+        if not templates:
             self._finish(lookup, self._result(lookup))
+            return lookup
+        lookup.query = _DnsQuery(self, lookup, templates)
+        self.queries.add(lookup.query)
+        lookup.query.next_try()
         return lookup
 
-    def query_done(self, query: _DnsQuery, outcome):
-        if isinstance(outcome, DnsAnswer):
-            self._remember(query.lookup.name, query.qtype, outcome)
+    def query_done(self, query: _DnsQuery, qtype: int, outcome):
         lookup = query.lookup
-        lookup.outcomes[query.qtype] = outcome
+        if isinstance(outcome, DnsAnswer):
+            self._remember(lookup.name, qtype, outcome)
+        lookup.outcomes[qtype] = outcome
         if len(lookup.outcomes) == len(lookup.qtypes):
+            query.stop()
             self._finish(lookup, self._result(lookup))
+
+    def arm_deadline(self, callback) -> float:
+        """Call callback(when) at when, timeout seconds from now; when."""
+        when = time.monotonic() + self.timeout
+        self.server.call_at(when, callback, when)
+        return when
 
     def _finish(self, lookup: _DnsLookup, result: ResolverResult):
         # Through the timer heap, so a callback never runs inside lookup().

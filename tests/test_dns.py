@@ -407,6 +407,7 @@ ZONE = {    # name -> [(type, ttl, data)]
     "short.test": [(A, 1, "192.0.2.5")],
     "big.test": [(A, 300, "192.0.2.%d" % n) for n in range(100, 140)],
     "spoofed.test": [(A, 300, "192.0.2.77")],
+    "servfail-aaaa.test": [(A, 300, "192.0.2.33")],
     "silent.test": [],
     "99.2.0.192.in-addr.arpa": [],
     "10.2.0.192.in-addr.arpa": [(PTR, 300, "v4.test")],
@@ -439,6 +440,8 @@ def answers_for(query_id, name, qtype, asked, transport, rcode):
     key = name.lower()
     if key in ("silent.test", "99.2.0.192.in-addr.arpa"):
         return []
+    if key == "servfail-aaaa.test" and qtype == AAAA:
+        return [message(query_id, asked, rcode=SERVFAIL)]
     if key in ("big.test", "chain.test") and transport == "udp":
         return [message(query_id, asked, flags=TRUNCATED_FLAGS)]
     if key == "chain.test":
@@ -670,10 +673,12 @@ def test_silent_server_is_asked_again_then_given_up(make_server, dns_server):
     assert sorted(dns_server.asked("silent.test")) == [A, A, AAAA, AAAA]
     result = resolver_answer(proxy, proxy.resolver.lookup, "silent.test")
     assert result.reason == "name server 127.0.0.1 did not answer in time"
-    # Every try on a fresh socket with a fresh id.
-    ports = {port for _, port, _, _, _ in dns_server.queries}
-    ids = {query_id for _, _, query_id, _, _ in dns_server.queries}
-    assert len(ports) >= 3 and len(ids) >= 3
+    # Every try on a fresh socket (the lookup's A and AAAA on the same one),
+    # every question with a fresh id.
+    first_lookup = dns_server.queries[:4]
+    ports = [port for _, port, _, _, _ in first_lookup]
+    ids = {query_id for _, _, query_id, _, _ in first_lookup}
+    assert ports[0] == ports[1] != ports[2] == ports[3] and len(ids) == 4
 
 
 def test_next_name_server_after_silence(make_server, dns_server):
@@ -711,6 +716,21 @@ def test_servfail_moves_on_to_the_next_server(make_server, dns_server):
     assert sorted(failing.asked("v4.test")) == [A, AAAA]
 
 
+def test_a_question_that_fails_alone_is_asked_again_after_the_try(
+        proxy, dns_server):
+    # AAAA gets SERVFAIL while A is still out on the same socket: AAAA is
+    # asked again, on a fresh socket, once A's answer has ended the try.
+    assert resolver_answer(proxy, proxy.resolver.lookup,
+                           "servfail-aaaa.test") == \
+        ResolverResult((ipaddress.ip_address("192.0.2.33"),))
+    assert dns_server.asked("servfail-aaaa.test") in ([A, AAAA, AAAA],
+                                                      [AAAA, A, AAAA])
+    ports = [port for _, port, _, name, _ in dns_server.queries
+             if name == "servfail-aaaa.test"]
+    assert ports[0] == ports[1] != ports[2]
+    assert proxy.resolver.queries == set()
+
+
 def test_answers_are_cached_for_their_ttl(proxy, dns_server):
     assert resolve(proxy, "both.test") == address_reply("192.0.2.1")
     assert resolve(proxy, "Both.Test.") == address_reply("192.0.2.1")
@@ -740,20 +760,30 @@ def test_ip_literals_and_bad_names_are_never_asked(proxy, dns_server):
     assert dns_server.queries == []
 
 
+def held_sockets(resolver):
+    """The sockets the resolver's lookups hold now."""
+    sockets = []
+    for query in resolver.queries:
+        if query.udp is not None:
+            sockets.append(query.udp.sock)
+        sockets += [tcp.connection.sock for tcp in query.over_tcp.values()]
+    return sockets
+
+
 def test_cancel_and_close_release_every_socket(make_server, dns_server):
     resolver = DnsResolver([dns_server.address])
     proxy = make_server(resolver=resolver)
     answers = queue.Queue()
     handle = in_loop(proxy, lambda: resolver.lookup("silent.test",
                                                     answers.put))
-    sockets = in_loop(proxy, lambda: [q.sock for q in resolver.queries])
-    assert len(sockets) == 2
+    sockets = in_loop(proxy, lambda: held_sockets(resolver))
+    assert len(sockets) == 1        # A and AAAA share one
     in_loop(proxy, handle.cancel)
     assert resolver.queries == set()
     assert all(sock.fileno() == -1 for sock in sockets)
     in_loop(proxy, lambda: resolver.reverse(
         ipaddress.ip_address("192.0.2.99"), answers.put))
-    sockets = in_loop(proxy, lambda: [q.sock for q in resolver.queries])
+    sockets = in_loop(proxy, lambda: held_sockets(resolver))
     proxy.stop()
     assert all(sock.fileno() == -1 for sock in sockets)
     assert answers.empty()
