@@ -785,6 +785,11 @@ class ResolverResult(NamedTuple):
     reason: str = ""
 
 
+# A lookup past a resolver's max_pending fails at once with this.
+TOO_MANY_LOOKUPS = ResolverResult((), Reply.GENERAL_FAILURE,
+                                  "too many pending name lookups")
+
+
 class _Lookup:
     __slots__ = ("query", "callback", "cancelled")
 
@@ -832,8 +837,7 @@ class SystemResolver:
 
     def _submit(self, job: _Lookup) -> _Lookup:
         if self._jobs.qsize() >= self.max_pending or self._closed:
-            job.callback(ResolverResult((), Reply.GENERAL_FAILURE,
-                                        "too many pending name lookups"))
+            job.callback(TOO_MANY_LOOKUPS)
             return job
         with self._lock:
             if len(self._threads) < self.workers:
@@ -1479,12 +1483,14 @@ class DnsResolver:
     try lasts timeout seconds, then the next name server is asked, attempts
     rounds in all; a truncated answer is asked again over TCP.  Answers are
     cached for their TTL (at most MAX_DNS_TTL; "no such name" for at most
-    MAX_NEGATIVE_TTL), the oldest dropped past cache_size entries.
+    MAX_NEGATIVE_TTL), the oldest dropped past cache_size entries.  Past
+    max_pending lookups asking a name server (each holds a socket), a new
+    one fails at once, as SystemResolver's do.
     lookup() and reverse() run in the loop; callbacks come from it.
     """
 
     def __init__(self, nameservers, timeout: float = 2.0, attempts: int = 2,
-                 cache_size: int = 1024):
+                 cache_size: int = 1024, max_pending: int = 512):
         if not nameservers:
             raise ValueError("DnsResolver needs a name server")
         self.nameservers = [(str(ipaddress.ip_address(host)), int(port))
@@ -1492,6 +1498,7 @@ class DnsResolver:
         self.timeout = timeout
         self.attempts = max(1, attempts)
         self.cache_size = cache_size
+        self.max_pending = max_pending
         # (name, qtype) -> (monotonic expiry, DnsAnswer), oldest first
         self.cache = collections.OrderedDict()
         self.queries = set()        # _DnsQuery in flight, one per lookup
@@ -1531,6 +1538,9 @@ class DnsResolver:
             templates[qtype] = template
         if not templates:
             self._finish(lookup, self._result(lookup))
+            return lookup
+        if len(self.queries) >= self.max_pending:
+            self._finish(lookup, TOO_MANY_LOOKUPS)
             return lookup
         lookup.query = _DnsQuery(self, lookup, templates)
         self.queries.add(lookup.query)

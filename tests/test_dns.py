@@ -789,6 +789,33 @@ def test_cancel_and_close_release_every_socket(make_server, dns_server):
     assert answers.empty()
 
 
+def test_lookups_in_flight_are_bounded(make_server, dns_server):
+    assert DnsResolver([dns_server.address]).max_pending == 512
+    resolver = DnsResolver([dns_server.address], max_pending=3)
+    proxy = make_server(resolver=resolver)
+    answers = queue.Queue()
+    handles = in_loop(proxy, lambda: [
+        resolver.lookup("silent.test", answers.put) for _ in range(3)])
+    assert len(in_loop(proxy, lambda: held_sockets(resolver))) == 3
+    # The fourth fails at once, as SystemResolver's fourth would.
+    assert resolver_answer(proxy, resolver.lookup, "silent.test") == \
+        ResolverResult((), Reply.GENERAL_FAILURE,
+                       "too many pending name lookups")
+    assert resolve(proxy, "v4.test") == HOST_UNREACHABLE
+    assert resolver_answer(proxy, resolver.reverse,
+                           ipaddress.ip_address("192.0.2.10")).error \
+        is Reply.GENERAL_FAILURE
+    # What needs no name server is still answered.
+    assert resolver_answer(proxy, resolver.lookup, "192.0.2.7") == \
+        ResolverResult((ipaddress.ip_address("192.0.2.7"),))
+    assert len(in_loop(proxy, lambda: held_sockets(resolver))) == 3
+    assert dns_server.asked("v4.test") == []
+    # Room again once one is cancelled.
+    in_loop(proxy, handles[0].cancel)
+    assert resolve(proxy, "v4.test") == address_reply("192.0.2.10")
+    assert answers.empty()
+
+
 # -- dnsmasq ------------------------------------------------------------------
 
 def test_dnsmasq(make_server, dnsmasq):
