@@ -419,17 +419,20 @@ class RsaKey(collections.namedtuple("RsaKey", "n e d p q")):
 SMALL_PRIMES = [n for n in range(3, 2000) if all(n % k for k in range(2, n))]
 
 
-def make_rsa_key(bits, seed):
-    """A deterministic RSA key of bits bits with exponent 65537."""
-    rng = random.Random(seed)
-    primes = []
-    while len(primes) < 2:
-        candidate = rng.getrandbits(bits // 2) | (3 << (bits // 2 - 2)) | 1
+def make_prime(bits, rng):
+    """A prime of bits bits, its top two bits set, p - 1 prime to 65537."""
+    while True:
+        candidate = rng.getrandbits(bits) | (3 << (bits - 2)) | 1
         if all(candidate % k for k in SMALL_PRIMES) \
                 and (candidate - 1) % 65537 \
                 and _is_probable_prime(candidate, rng):
-            primes.append(candidate)
-    p, q = primes
+            return candidate
+
+
+def make_rsa_key(bits, seed):
+    """A deterministic RSA key of bits bits with exponent 65537."""
+    rng = random.Random(seed)
+    p, q = make_prime(bits // 2, rng), make_prime(bits // 2, rng)
     return RsaKey(p * q, 65537, pow(65537, -1, (p - 1) * (q - 1)), p, q)
 
 
@@ -1301,9 +1304,12 @@ class TlsRelay:
     with other versions, setup_cells or certs."""
 
     def __init__(self, keys, versions=b"\0\x03\0\x04\0\x05", setup_cells=b"",
-                 certs=None, flood=0, before_flood=None, after_flood=None):
+                 certs=None, flood=0, before_flood=None, after_flood=None,
+                 tls=None):
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.context.load_cert_chain(keys.certificate_file, keys.key_file)
+        if tls is not None:
+            tls(self.context)       # to change what the TLS server offers
         self.versions = versions
         self.setup_cells = setup_cells
         self.certs = keys.certs() if certs is None else certs
@@ -1418,6 +1424,47 @@ def link_log(caplog):
 def test_connect_dir_to_the_test_relay(server, make_relay, link_log):
     relay = make_relay()
     assert connect_dir(server, relay.port) == (b"\x05\x00", ANSWER)
+
+
+@pytest.fixture(scope="module")
+def dh_parameters_file(tmp_path_factory):
+    """PKCS#3 DH parameters: a 2048-bit prime of the tests' own, as a
+    hostile relay would choose one (of up to 10,000 bits)."""
+    prime = make_prime(2048, random.Random(31))
+    body = base64.b64encode(der(0x30, der_integer(prime) + der_integer(2)))
+    path = tmp_path_factory.mktemp("dh") / "dh.pem"
+    path.write_text("-----BEGIN DH PARAMETERS-----\n%s\n"
+                    "-----END DH PARAMETERS-----\n" % "\n".join(
+                        body[i:i + 64].decode()
+                        for i in range(0, len(body), 64)))
+    return str(path)
+
+
+def test_relay_cannot_choose_the_diffie_hellman_group(
+        server, make_relay, link_log, dh_parameters_file):
+    """A TLS 1.2 relay that offers DHE only (its group, its cost to us) is
+    refused; TLS 1.2 with ECDHE is fine."""
+    def dhe_only(context):
+        context.maximum_version = ssl.TLSVersion.TLSv1_2
+        context.set_ciphers("DHE-RSA-AES256-GCM-SHA384")
+        context.load_dh_params(dh_parameters_file)
+    relay = make_relay(tls=dhe_only)
+    assert connect_dir(server, relay.port) == (b"\x05\x01", b"")
+    refusal_logged(link_log, ["TLS: "])
+
+    def ecdhe(context):
+        context.maximum_version = ssl.TLSVersion.TLSv1_2
+        context.set_ciphers("ECDHE-RSA-AES256-GCM-SHA384")
+    relay = make_relay(tls=ecdhe)
+    assert connect_dir(server, relay.port) == (b"\x05\x00", ANSWER)
+
+
+def test_tor_tls_context_refuses_renegotiation_and_dhe():
+    context = torsocksd.tor_tls_context()
+    if hasattr(ssl, "OP_NO_RENEGOTIATION"):
+        assert context.options & ssl.OP_NO_RENEGOTIATION
+    assert {cipher["kea"] for cipher in context.get_ciphers()} \
+        <= {"kx-ecdhe", "kx-any"}      # kx-any: TLS 1.3
 
 
 def refusal_logged(log, words):
