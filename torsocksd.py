@@ -3053,16 +3053,30 @@ class TorLink:
 
     def _read_socket(self):
         for _ in range(4):              # a few reads, then let others run
+            size = min(LINK_RECV_SIZE, self._receive_room())
+            if size <= 0:
+                return
             try:
-                data = self._socket.recv(LINK_RECV_SIZE)
+                data = self._socket.recv(size)
             except (BlockingIOError, InterruptedError):
                 return
             if not data:
                 self._incoming.write_eof()
                 return
             self._incoming.write(data)
-            if len(data) < LINK_RECV_SIZE:
+            if len(data) < size:
                 return
+
+    def _receive_room(self) -> int:
+        """Bytes the link may still read: what waits to be handled (TLS
+        records and cells) stays under LINK_RECEIVED_HIGH_WATER, and under
+        MAX_SETUP_BYTES until the circuit is open (beside the part of a TLS
+        record that OpenSSL may hold)."""
+        if self._relay_closed:
+            return 0
+        limit = (LINK_RECEIVED_HIGH_WATER if self.state is LinkState.OPEN
+                 else MAX_SETUP_BYTES)
+        return limit - len(self._received) - self._incoming.pending
 
     def _process_tls(self):
         if self.state is LinkState.TLS_HANDSHAKE:
@@ -3264,9 +3278,7 @@ class TorLink:
         if self.state is LinkState.CONNECTING:
             events = EVENT_READ | EVENT_WRITE
         else:
-            # Read while what was received and not yet handled is small.
-            backlog = len(self._received) + self._incoming.pending
-            if not self._relay_closed and backlog < LINK_RECEIVED_HIGH_WATER:
+            if self._receive_room() > 0:
                 events |= EVENT_READ
             if self._wire_out:
                 events |= EVENT_WRITE

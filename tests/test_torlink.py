@@ -1299,12 +1299,13 @@ class TlsRelay:
     """A relay's ORPort on 127.0.0.1, as far as CONNECT_DIR needs it, served
     by a thread: TLS with the link key; VERSIONS, then setup_cells, CERTS,
     AUTH_CHALLENGE and NETINFO; CREATED_FAST; a BEGIN_DIR answered with
-    RELAY_CONNECTED, `flood` PADDING cells (before_flood() is called first,
-    after_flood() then), ANSWER and RELAY_END.  A hostile relay is one made
-    with other versions, setup_cells or certs."""
+    RELAY_CONNECTED, `flood` PADDING cells, ANSWER and RELAY_END.  Around
+    the bulk (setup_cells, or the flood) before_bulk() and after_bulk() are
+    called.  A hostile relay is one made with other versions, setup_cells or
+    certs."""
 
     def __init__(self, keys, versions=b"\0\x03\0\x04\0\x05", setup_cells=b"",
-                 certs=None, flood=0, before_flood=None, after_flood=None,
+                 certs=None, flood=0, before_bulk=None, after_bulk=None,
                  tls=None):
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.context.load_cert_chain(keys.certificate_file, keys.key_file)
@@ -1314,8 +1315,8 @@ class TlsRelay:
         self.setup_cells = setup_cells
         self.certs = keys.certs() if certs is None else certs
         self.flood = flood
-        self.before_flood = before_flood
-        self.after_flood = after_flood
+        self.before_bulk = before_bulk or (lambda: None)
+        self.after_bulk = after_bulk or (lambda: None)
         self.tls = None
         self.listener = socket.socket()
         self.listener.bind(("127.0.0.1", 0))
@@ -1341,10 +1342,17 @@ class TlsRelay:
 
     def _talk(self, tls):
         read_cell(tls, torsocksd.VERSIONS_CIRC_ID_LEN)
+        if self.setup_cells:
+            self.before_bulk()
+            tls.sendall(torsocksd.encode_cell(0, C.VERSIONS, self.versions,
+                                              torsocksd.VERSIONS_CIRC_ID_LEN)
+                        + self.setup_cells)
+            self.after_bulk()
+        else:
+            tls.sendall(torsocksd.encode_cell(0, C.VERSIONS, self.versions,
+                                              torsocksd.VERSIONS_CIRC_ID_LEN))
         tls.sendall(
-            torsocksd.encode_cell(0, C.VERSIONS, self.versions,
-                                  torsocksd.VERSIONS_CIRC_ID_LEN)
-            + self.setup_cells + torsocksd.encode_cell(0, C.CERTS, self.certs)
+            torsocksd.encode_cell(0, C.CERTS, self.certs)
             + torsocksd.encode_cell(0, C.AUTH_CHALLENGE,
                                     os.urandom(32) + b"\0\x01\0\x01")
             + torsocksd.encode_cell(0, C.NETINFO, NETINFO_FROM_RELAY))
@@ -1372,9 +1380,9 @@ class TlsRelay:
                 torsocksd.relay_payload(command, stream_id, data)))
         tls.sendall(relay_cell(R.CONNECTED))
         if self.flood:
-            self.before_flood()
+            self.before_bulk()
             tls.sendall(torsocksd.encode_cell(0, C.PADDING) * self.flood)
-            self.after_flood()
+            self.after_bulk()
         tls.sendall(relay_cell(R.DATA, ANSWER) + relay_cell(
             R.END, bytes((torsocksd.EndReason.DONE,))))
 
@@ -1559,6 +1567,50 @@ def test_hostile_certs_cells_are_refused(server, make_relay, relay_keys,
     refusal_logged(link_log, words)
 
 
+class LoopHold:
+    """Holds the server's loop from before_bulk() until after_bulk(), so
+    that the relay's bulk is all there when the loop next looks."""
+
+    def __init__(self, server):
+        self.server = server
+        self.held = threading.Event()
+        self.sent = threading.Event()
+
+    def _hold(self):
+        self.held.set()
+        assert self.sent.wait(TIMEOUT)
+
+    def before_bulk(self):
+        self.server.call_soon_threadsafe(self._hold)
+        assert self.held.wait(TIMEOUT)
+
+    def after_bulk(self):
+        self.sent.set()
+
+
+def test_what_waits_before_the_circuit_is_open_is_bounded(
+        server, make_relay, link_log, monkeypatch):
+    """98 kB of setup cells all there at once: the link reads no more than
+    MAX_SETUP_BYTES ahead of the cells it has handled (and a TLS record
+    OpenSSL may hold, of 16 kB and 256 bytes at most), and then fails."""
+    backlogs = []
+    process_cells = torsocksd.TorLink._process_cells
+
+    def recording_process_cells(link):
+        backlogs.append(len(link._received) + link._incoming.pending)
+        return process_cells(link)
+    monkeypatch.setattr(torsocksd.TorLink, "_process_cells",
+                        recording_process_cells)
+    hold = LoopHold(server)
+    relay = make_relay(setup_cells=vpadding(8192) * 12,
+                       before_bulk=hold.before_bulk,
+                       after_bulk=hold.after_bulk)
+    assert connect_dir(server, relay.port) == (b"\x05\x01", b"")
+    refusal_logged(link_log, ["more than 32768 bytes"])
+    assert max(backlogs) <= torsocksd.MAX_SETUP_BYTES + 16384 + 256, \
+        backlogs
+
+
 def test_a_flood_of_cells_is_handled_a_bounded_batch_at_a_time(
         server, make_relay, link_log, monkeypatch):
     """The loop is held while the relay sends 128 cells at once; then no
@@ -1587,18 +1639,9 @@ def test_a_flood_of_cells_is_handled_a_bounded_batch_at_a_time(
         return handle_cell(link, cell)
     monkeypatch.setattr(torsocksd.TorLink, "_handle_cell",
                         counting_handle_cell)
-    loop_held, flood_sent = threading.Event(), threading.Event()
-
-    def hold_the_loop():
-        loop_held.set()
-        assert flood_sent.wait(TIMEOUT)
-
-    def before_flood():
-        server.call_soon_threadsafe(hold_the_loop)
-        assert loop_held.wait(TIMEOUT)
-
-    relay = make_relay(flood=128, before_flood=before_flood,
-                       after_flood=flood_sent.set)
+    hold = LoopHold(server)
+    relay = make_relay(flood=128, before_bulk=hold.before_bulk,
+                       after_bulk=hold.after_bulk)
     assert connect_dir(server, relay.port) == (b"\x05\x00", ANSWER)
     assert max(cells_per_call) <= torsocksd.LINK_CELLS_PER_WAKEUP, \
         cells_per_call
