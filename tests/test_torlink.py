@@ -1507,35 +1507,32 @@ def test_identity_key_with_a_huge_exponent_is_refused_before_any_pow(
     assert verified == []
 
 
-@pytest.mark.parametrize("versions, words", [
-    # 30,000 versions: Tor's error listed them all in one 190 kB log line.
-    (b"".join(struct.pack(">H", v) for v in range(6, 30006)),
-     ["60000-byte VERSIONS cell"]),
-    (b"".join(struct.pack(">H", v) for v in range(6, 206)),
-     ["VERSIONS cell lists 200 versions, more than 64"]),
-    (b"".join(struct.pack(">H", v) for v in range(6, 70)),
-     ["no common link protocol version", "69]"]),
-], ids=["30000 versions", "200 versions", "64 versions"])
-def test_hostile_versions_cell_is_refused_in_a_short_log_line(
-        server, make_relay, link_log, versions, words):
-    relay = make_relay(versions=versions)
-    assert connect_dir(server, relay.port) == (b"\x05\x01", b"")
-    refusal_logged(link_log, words)
+def versions_payload(versions):
+    return b"".join(struct.pack(">H", version) for version in versions)
 
 
 def vpadding(size):
     return torsocksd.encode_cell(0, C.VPADDING, bytes(size))
 
 
-@pytest.mark.parametrize("setup_cells, words", [
+@pytest.mark.parametrize("hostile, words", [
+    # 30,000 versions: the error listed them all in one 190 kB log line.
+    ({"versions": versions_payload(range(6, 30006))},
+     ["60000-byte VERSIONS cell"]),
+    ({"versions": versions_payload(range(6, 206))},
+     ["VERSIONS cell lists 200 versions, more than 64"]),
+    ({"versions": versions_payload(range(6, 70))},
+     ["no common link protocol version", "69]"]),
     # Only the header of a 65,535-byte cell: refused without waiting for it.
-    (vpadding(65535)[:7], ["65535-byte VPADDING cell"]),
-    (vpadding(8193), ["8193-byte VPADDING cell"]),
-    (vpadding(1000) * 40, ["more than 32768 bytes", "before the circuit"]),
-], ids=["65535-byte header", "8193 bytes", "40 kB in all"])
-def test_relay_cannot_make_the_link_buffer_much_before_the_circuit(
-        server, make_relay, link_log, setup_cells, words):
-    relay = make_relay(setup_cells=setup_cells)
+    ({"setup_cells": vpadding(65535)[:7]}, ["65535-byte VPADDING cell"]),
+    ({"setup_cells": vpadding(8193)}, ["8193-byte VPADDING cell"]),
+    ({"setup_cells": vpadding(1000) * 40},
+     ["more than 32768 bytes", "before the circuit"]),
+], ids=["30000 versions", "200 versions", "64 versions", "65535-byte header",
+        "8193-byte cell", "40 kB of cells"])
+def test_hostile_relay_is_refused_in_a_short_log_line(
+        server, make_relay, link_log, hostile, words):
+    relay = make_relay(**hostile)
     assert connect_dir(server, relay.port) == (b"\x05\x01", b"")
     refusal_logged(link_log, words)
 
