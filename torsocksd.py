@@ -921,9 +921,9 @@ MAX_DNS_LABEL = 63
 MAX_DNS_MESSAGE = 65535             # the TCP length prefix's limit
 MAX_CNAME_CHAIN = 8                 # CNAMEs followed within one answer
 # The work one message may cost.  A name has at most 127 labels (255 bytes,
-# RFC 1035 §3.1), and compression needs at most one pointer per label: more
-# hops is a chain built to waste time.  An answer to one question holds a
-# few dozen records (a 512-byte UDP answer, 28 A records at most; TCP only
+# RFC 1035 §2.3.4), and compression needs at most one pointer per label:
+# more hops is a chain built to waste time.  An answer to one question holds
+# a few dozen records (a 512-byte UDP answer, about 30 A records; TCP only
 # follows a truncated one); the labels and pointers followed in the whole
 # message are counted too, 16 per record (a real owner name is 1 pointer).
 MAX_DNS_POINTER_HOPS = 128
@@ -1022,7 +1022,7 @@ class _DnsReader:
         labels = []
         wire_length = 1         # the root label's zero byte
         run_start = offset
-        end = None              # where the name ends in place: after its pointer
+        end = None      # where the name ends in place: after its pointer
         hops = 0
         while True:
             self._step()
@@ -1328,7 +1328,7 @@ class _DnsQuery:
         log.debug("dns: %s", self.failure)
         self._end_try()
 
-    # -- answers ----------------------------------------------------------------
+    # -- answers --------------------------------------------------------------
 
     def _on_udp(self, connection: _DnsConnection, mask: int):
         if connection is not self.udp:
@@ -3129,7 +3129,7 @@ class TorLink:
                 self._count_setup_bytes(result.used)
             self._handle_cell(result.message)
         else:
-            self._continue_soon()
+            self._continue_soon()   # the batch is full: more may wait
         del received[:used]
 
     def _cell_format(self):
