@@ -1169,6 +1169,11 @@ class ResolverResult(NamedTuple):
     reason: str = ""
 
 
+# A lookup past a resolver's max_pending fails at once with this.
+TOO_MANY_LOOKUPS = ResolverResult((), Reply.GENERAL_FAILURE,
+                                  "too many pending name lookups")
+
+
 class _Lookup:
     __slots__ = ("query", "callback", "cancelled")
 
@@ -1216,8 +1221,7 @@ class SystemResolver:
 
     def _submit(self, job: _Lookup) -> _Lookup:
         if self._jobs.qsize() >= self.max_pending or self._closed:
-            job.callback(ResolverResult((), Reply.GENERAL_FAILURE,
-                                        "too many pending name lookups"))
+            job.callback(TOO_MANY_LOOKUPS)
             return job
         with self._lock:
             if len(self._threads) < self.workers:
@@ -1300,6 +1304,15 @@ MAX_DNS_WIRE_NAME = 255
 MAX_DNS_LABEL = 63
 MAX_DNS_MESSAGE = 65535             # the TCP length prefix's limit
 MAX_CNAME_CHAIN = 8                 # CNAMEs followed within one answer
+# The work one message may cost.  A name has at most 127 labels (255 bytes,
+# RFC 1035 §2.3.4), and compression needs at most one pointer per label:
+# more hops is a chain built to waste time.  An answer to one question holds
+# a few dozen records (a 512-byte UDP answer, about 30 A records; TCP only
+# follows a truncated one); the labels and pointers followed in the whole
+# message are counted too, 16 per record (a real owner name is 1 pointer).
+MAX_DNS_POINTER_HOPS = 128
+MAX_DNS_RECORDS = 256               # answer and authority records together
+MAX_DNS_PARSE_STEPS = 16 * MAX_DNS_RECORDS
 MAX_DNS_TTL = 3600                  # seconds an answer is cached (Tor's cap)
 MAX_NEGATIVE_TTL = 30               # seconds "no such name" is cached
 DNS_READS_PER_WAKEUP = 8            # so a flood cannot hold the loop
@@ -1360,41 +1373,6 @@ def encode_dns_query(query_id: int, name: str, qtype: int) -> bytes:
             + bytes(wire) + b"\0" + DNS_QUESTION.pack(qtype, DNS_CLASS_IN))
 
 
-def _read_name(message: bytes, offset: int):
-    """The dotted name at offset and the offset after it (RFC 1035 §4.1.4).
-    A pointer must point before the run of labels it ends, so a chain of
-    pointers always ends."""
-    labels = []
-    wire_length = 1         # the root label's zero byte
-    run_start = offset
-    end = None              # where the name ends in place: after its pointer
-    while True:
-        if offset >= len(message):
-            raise DnsFormatError("name runs past the end")
-        size = message[offset]
-        if size & DNS_POINTER == DNS_POINTER:
-            if offset + 1 >= len(message):
-                raise DnsFormatError("pointer runs past the end")
-            target = (size & ~DNS_POINTER) << 8 | message[offset + 1]
-            if target >= run_start:
-                raise DnsFormatError("pointer does not point back")
-            if end is None:
-                end = offset + 2
-            offset = run_start = target
-        elif size & DNS_POINTER:
-            raise DnsFormatError("unknown label type")
-        elif size == 0:
-            return b".".join(labels), offset + 1 if end is None else end
-        else:
-            wire_length += 1 + size
-            if wire_length > MAX_DNS_WIRE_NAME:
-                raise DnsFormatError("name longer than 255 bytes")
-            if offset + 1 + size > len(message):
-                raise DnsFormatError("label runs past the end")
-            labels.append(message[offset + 1:offset + 1 + size])
-            offset += 1 + size
-
-
 class _Record(NamedTuple):
     owner: bytes        # lowercase dotted name
     rtype: int
@@ -1404,40 +1382,103 @@ class _Record(NamedTuple):
     end: int
 
 
-def _read_records(message: bytes, offset: int, count: int):
-    """count resource records from offset (RFC 1035 §4.1.3), and the offset
-    after them."""
-    records = []
-    for _ in range(count):
-        owner, offset = _read_name(message, offset)
-        if offset + DNS_RECORD.size > len(message):
-            raise DnsFormatError("record runs past the end")
-        rtype, rclass, ttl, length = DNS_RECORD.unpack_from(message, offset)
-        start = offset + DNS_RECORD.size
-        offset = start + length
-        if offset > len(message):
-            raise DnsFormatError("record data runs past the end")
-        if ttl & 0x80000000:
-            ttl = 0         # RFC 2181 §8: a TTL above 2**31 - 1 means 0
-        records.append(_Record(owner.lower(), rtype, rclass, ttl, start,
-                               offset))
-    return records, offset
+class _DnsReader:
+    """Names and records read from one message within its budget of work:
+    MAX_DNS_POINTER_HOPS pointers for a name, MAX_DNS_PARSE_STEPS labels and
+    pointers in all, MAX_DNS_RECORDS records; DnsFormatError beyond."""
 
+    def __init__(self, message: bytes):
+        self.message = message
+        self.steps_left = MAX_DNS_PARSE_STEPS
+        self.records_left = MAX_DNS_RECORDS
 
-def _record_data(message: bytes, record: _Record):
-    """An A or AAAA record's address, a PTR or CNAME record's name."""
-    data = message[record.start:record.end]
-    if record.rtype == DnsType.A and len(data) == 4:
-        return ipaddress.IPv4Address(data)
-    if record.rtype == DnsType.AAAA and len(data) == 16:
-        return ipaddress.IPv6Address(data)
-    if record.rtype in (DnsType.PTR, DnsType.CNAME):
-        name, end = _read_name(message, record.start)
-        if end <= record.end and record.rtype == DnsType.PTR:
-            return name.decode("ascii", "replace")
-        if end <= record.end:
-            return name
-    raise DnsFormatError("malformed %s record" % DnsType(record.rtype).name)
+    def _step(self):
+        self.steps_left -= 1
+        if self.steps_left < 0:
+            raise DnsFormatError("more than %d labels and pointers in one "
+                                 "message" % MAX_DNS_PARSE_STEPS)
+
+    def name(self, offset: int):
+        """The dotted name at offset and the offset after it (RFC 1035
+        §4.1.4).  A pointer must point before the run of labels it ends, so
+        a chain of pointers always ends; the budget ends it sooner."""
+        message = self.message
+        labels = []
+        wire_length = 1         # the root label's zero byte
+        run_start = offset
+        end = None      # where the name ends in place: after its pointer
+        hops = 0
+        while True:
+            self._step()
+            if offset >= len(message):
+                raise DnsFormatError("name runs past the end")
+            size = message[offset]
+            if size & DNS_POINTER == DNS_POINTER:
+                if offset + 1 >= len(message):
+                    raise DnsFormatError("pointer runs past the end")
+                target = (size & ~DNS_POINTER) << 8 | message[offset + 1]
+                if target >= run_start:
+                    raise DnsFormatError("pointer does not point back")
+                hops += 1
+                if hops > MAX_DNS_POINTER_HOPS:
+                    raise DnsFormatError("name takes more than %d pointers"
+                                         % MAX_DNS_POINTER_HOPS)
+                if end is None:
+                    end = offset + 2
+                offset = run_start = target
+            elif size & DNS_POINTER:
+                raise DnsFormatError("unknown label type")
+            elif size == 0:
+                return b".".join(labels), offset + 1 if end is None else end
+            else:
+                wire_length += 1 + size
+                if wire_length > MAX_DNS_WIRE_NAME:
+                    raise DnsFormatError("name longer than 255 bytes")
+                if offset + 1 + size > len(message):
+                    raise DnsFormatError("label runs past the end")
+                labels.append(message[offset + 1:offset + 1 + size])
+                offset += 1 + size
+
+    def records(self, offset: int, count: int):
+        """count resource records from offset (RFC 1035 §4.1.3), and the
+        offset after them."""
+        if count > self.records_left:
+            raise DnsFormatError("more than %d records in one message"
+                                 % MAX_DNS_RECORDS)
+        self.records_left -= count
+        message = self.message
+        records = []
+        for _ in range(count):
+            owner, offset = self.name(offset)
+            if offset + DNS_RECORD.size > len(message):
+                raise DnsFormatError("record runs past the end")
+            rtype, rclass, ttl, length = DNS_RECORD.unpack_from(message,
+                                                                offset)
+            start = offset + DNS_RECORD.size
+            offset = start + length
+            if offset > len(message):
+                raise DnsFormatError("record data runs past the end")
+            if ttl & 0x80000000:
+                ttl = 0     # RFC 2181 §8: a TTL above 2**31 - 1 means 0
+            records.append(_Record(owner.lower(), rtype, rclass, ttl, start,
+                                   offset))
+        return records, offset
+
+    def data(self, record: _Record):
+        """An A or AAAA record's address, a PTR or CNAME record's name."""
+        data = self.message[record.start:record.end]
+        if record.rtype == DnsType.A and len(data) == 4:
+            return ipaddress.IPv4Address(data)
+        if record.rtype == DnsType.AAAA and len(data) == 16:
+            return ipaddress.IPv6Address(data)
+        if record.rtype in (DnsType.PTR, DnsType.CNAME):
+            name, end = self.name(record.start)
+            if end <= record.end and record.rtype == DnsType.PTR:
+                return name.decode("ascii", "replace")
+            if end <= record.end:
+                return name
+        raise DnsFormatError("malformed %s record"
+                             % DnsType(record.rtype).name)
 
 
 def _negative_ttl(message: bytes, authority) -> int:
@@ -1456,7 +1497,9 @@ def parse_dns_response(message: bytes, query_id: int, name: str,
     """The answer message gives to (name, qtype, IN) asked with query_id
     (RFC 1035 §4.1), CNAMEs followed; None when message does not answer that
     question (it may be spoofed: ignore it, keep waiting); DnsFormatError
-    when it is malformed."""
+    when it is malformed or would cost more to read than a real answer
+    (_DnsReader's budget; CNAMEs are looked for MAX_CNAME_CHAIN times at most
+    among at most MAX_DNS_RECORDS records)."""
     if len(message) < DNS_HEADER.size:
         raise DnsFormatError("shorter than a header")
     ident, flags, questions, answers, authorities, _ = \
@@ -1464,7 +1507,8 @@ def parse_dns_response(message: bytes, query_id: int, name: str,
     if (ident != query_id or not flags & DNS_FLAG_RESPONSE
             or flags & DNS_OPCODE_MASK or questions != 1):
         return None
-    asked, offset = _read_name(message, DNS_HEADER.size)
+    reader = _DnsReader(message)
+    asked, offset = reader.name(DNS_HEADER.size)
     if offset + DNS_QUESTION.size > len(message):
         raise DnsFormatError("question runs past the end")
     if (asked.lower() != _dns_name(name) or DNS_QUESTION.unpack_from(
@@ -1473,22 +1517,21 @@ def parse_dns_response(message: bytes, query_id: int, name: str,
     rcode = flags & DNS_RCODE_MASK
     if flags & DNS_FLAG_TRUNCATED:
         return DnsAnswer((), 0, rcode, True)
-    records, offset = _read_records(message, offset + DNS_QUESTION.size,
-                                    answers)
+    records, offset = reader.records(offset + DNS_QUESTION.size, answers)
     wanted, ttls = asked.lower(), []
     for _ in range(MAX_CNAME_CHAIN + 1):
         found = [r for r in records if r.owner == wanted
                  and r.rtype == qtype and r.rclass == DNS_CLASS_IN]
         if found:
-            return DnsAnswer(tuple(_record_data(message, r) for r in found),
+            return DnsAnswer(tuple(reader.data(r) for r in found),
                              min(ttls + [r.ttl for r in found]), rcode, False)
         alias = next((r for r in records if r.owner == wanted
                       and r.rtype == DnsType.CNAME), None)
         if alias is None:
             break
-        wanted = _record_data(message, alias).lower()
+        wanted = reader.data(alias).lower()
         ttls.append(alias.ttl)
-    authority, _ = _read_records(message, offset, authorities)
+    authority, _ = reader.records(offset, authorities)
     return DnsAnswer((), _negative_ttl(message, authority), rcode, False)
 
 
@@ -1514,7 +1557,7 @@ def parse_nameserver(text: str):
 
 class _DnsLookup:
     """One lookup's handle: its questions, their outcomes, its callback."""
-    __slots__ = ("name", "qtypes", "callback", "outcomes", "queries",
+    __slots__ = ("name", "qtypes", "callback", "outcomes", "query",
                  "result", "cancelled")
 
     def __init__(self, name: str, qtypes, callback):
@@ -1522,198 +1565,316 @@ class _DnsLookup:
         self.qtypes = qtypes
         self.callback = callback
         self.outcomes = {}      # qtype -> DnsAnswer, or why it failed
-        self.queries = []
+        self.query = None       # the _DnsQuery asking its questions
         self.result = None      # the ResolverResult, once there is one
         self.cancelled = False
 
     def cancel(self):
         self.cancelled = True
-        for query in self.queries:
-            query.stop()
+        if self.query is not None:
+            self.query.stop()
+
+
+class _DnsConnection:
+    """A non-blocking socket connected to a name server (so that only its
+    datagrams arrive), watched by the loop: on_event(connection, mask)."""
+
+    def __init__(self, server, nameserver, kind: int, on_event):
+        host, port = nameserver
+        self.server = server
+        self.on_event = on_event
+        self.events = 0
+        self.sock = socket.socket(
+            socket.AF_INET6 if ":" in host else socket.AF_INET, kind)
+        try:
+            self.sock.setblocking(False)
+            code = self.sock.connect_ex((host, port))
+            if code not in (0, errno.EINPROGRESS):
+                raise OSError(code, os.strerror(code))
+        except OSError:
+            self.sock.close()
+            raise
+
+    def watch(self, events: int):
+        if events != self.events:
+            self.server.watch(self.sock, self.events, events, self._event)
+            self.events = events
+
+    def _event(self, mask: int):
+        self.on_event(self, mask)
+
+    def close(self):
+        if self.events and self.server.selector is not None:
+            self.watch(0)
+        self.sock.close()
 
 
 class _DnsQuery:
-    """One question asked until answered: a try per name server in turn, each
-    on a fresh UDP socket with a fresh id and its own deadline; the same
-    server over TCP when the UDP answer is truncated."""
+    """A lookup's questions (A and AAAA, or PTR) asked until each has an
+    outcome.  A try asks every question still open of one name server, on
+    one fresh connected UDP socket (a kernel-chosen port), each question
+    with a fresh random id, under one deadline; the next try asks the next
+    server.  A question whose UDP answer is truncated is asked again of the
+    same server over TCP, on a connection of its own.  So a lookup holds one
+    socket, and one more for each question it asks over TCP.  Each question
+    has attempts tries of each name server; a question that failed apart
+    from the others (SERVFAIL, TCP) waits for the try out to end."""
 
     def __init__(self, resolver: "DnsResolver", lookup: _DnsLookup,
-                 qtype: int, template: bytes):
+                 templates: dict):
         self.resolver = resolver
         self.lookup = lookup
-        self.qtype = qtype
-        self.template = template    # the query, its id to be replaced
-        self.tries = 0
+        self.templates = templates      # qtype -> the query, id to be set
+        self.waiting = list(templates)  # qtypes for the next try
+        self.asked = {}                 # query id -> qtype, on this try
+        self.over_tcp = {}              # qtype -> _DnsTcpQuestion
+        self.tries = dict.fromkeys(templates, 0)     # qtype -> tries made
+        self.rounds = 0                 # tries made, of any question
         self.nameserver = None
-        self.query_id = None
-        self.sock = None
-        self.events = 0
-        self.over_tcp = False
-        self.outgoing = b""         # TCP: what is left to send
-        self.incoming = bytearray()     # TCP: the answer so far
+        self.udp = None                 # this try's _DnsConnection
         self.deadline = None
         self.failure = "no name server to ask"
 
     def next_try(self):
+        """Ask the waiting questions of the next name server, once no
+        question is out on a try; a question with no try left fails."""
         resolver = self.resolver
-        self._close_socket()
-        self.over_tcp = False
-        while self.tries < resolver.attempts * len(resolver.nameservers):
+        most = resolver.attempts * len(resolver.nameservers)
+        while self.waiting and not self.asked:
+            spent = [qtype for qtype in self.waiting
+                     if self.tries[qtype] >= most]
+            self.waiting = [qtype for qtype in self.waiting
+                            if qtype not in spent]
+            for qtype in spent:
+                resolver.query_done(self, qtype, self.failure)
+            if not self.waiting:
+                return
             self.nameserver = resolver.nameservers[
-                self.tries % len(resolver.nameservers)]
-            self.tries += 1
-            # Unguessable, like the kernel-chosen port: a forger must
-            # hit both (RFC 5452 §9.2).
-            self.query_id = int.from_bytes(os.urandom(2), "big")
+                self.rounds % len(resolver.nameservers)]
+            self.rounds += 1
+            for qtype in self.waiting:
+                self.tries[qtype] += 1
             try:
-                self._open(socket.SOCK_DGRAM)
-                self.sock.send(self._packet())
-                self._watch(selectors.EVENT_READ)
+                self.udp = _DnsConnection(resolver.server, self.nameserver,
+                                          socket.SOCK_DGRAM, self._on_udp)
+                for qtype in self.waiting:
+                    query_id = self.new_id()
+                    self.asked[query_id] = qtype
+                    self.udp.sock.send(self.packet(query_id, qtype))
+                self.udp.watch(selectors.EVENT_READ)
             except OSError as error:
                 self._failed(error)
                 continue
-            self._set_deadline()
-            return
-        self.stop()
-        resolver.query_done(self, self.failure)
+            self.waiting = []
+            self.deadline = resolver.arm_deadline(self._on_deadline)
 
     def stop(self):
-        self.deadline = None
-        self._close_socket()
+        self._end_try()
+        self.waiting = []
+        for question in self.over_tcp.values():
+            question.close()
+        self.over_tcp = {}
         self.resolver.queries.discard(self)
 
-    def _packet(self) -> bytes:
-        return struct.pack("!H", self.query_id) + self.template[2:]
+    def new_id(self) -> int:
+        # Unguessable, like the kernel-chosen port: a forger must hit both
+        # (RFC 5452 §9.2).
+        while True:
+            query_id = int.from_bytes(os.urandom(2), "big")
+            if query_id not in self.asked:
+                return query_id
 
-    def _open(self, kind: int):
-        host, port = self.nameserver
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(family, kind)
-        self.sock.setblocking(False)
-        # Connected, so only the name server's datagrams arrive.
-        code = self.sock.connect_ex((host, port))
-        if code not in (0, errno.EINPROGRESS):
-            raise OSError(code, os.strerror(code))
+    def packet(self, query_id: int, qtype: int) -> bytes:
+        return struct.pack("!H", query_id) + self.templates[qtype][2:]
 
-    def _watch(self, events: int):
-        if events != self.events:
-            self.resolver.server.watch(self.sock, self.events, events,
-                                       self.on_event)
-            self.events = events
-
-    def _close_socket(self):
-        if self.sock is None:
-            return
-        if self.events and self.resolver.server.selector is not None:
-            self._watch(0)
-        self.sock.close()
-        self.sock, self.events = None, 0
-        self.outgoing, self.incoming = b"", bytearray()
-
-    def _set_deadline(self):
-        self.deadline = time.monotonic() + self.resolver.timeout
-        self.resolver.server.call_at(self.deadline, self._on_deadline,
-                                     self.deadline)
+    def _end_try(self):
+        """Close this try's socket; its questions still out wait for the
+        next try."""
+        self.deadline = None
+        self.waiting.extend(qtype for qtype in self.asked.values()
+                            if qtype not in self.waiting)
+        self.asked = {}
+        if self.udp is not None:
+            self.udp.close()
+            self.udp = None
 
     def _on_deadline(self, when):
         if when == self.deadline:
             self.failure = "name server %s did not answer in time" \
                 % self.nameserver[0]
             log.debug("dns: %s", self.failure)
+            self._end_try()
             self.next_try()
 
     def _failed(self, error: OSError):
         self.failure = "name server %s: %s" % (self.nameserver[0],
                                                error.strerror or error)
         log.debug("dns: %s", self.failure)
-        self._close_socket()
+        self._end_try()
 
-    # -- events from the loop -------------------------------------------------
+    # -- answers --------------------------------------------------------------
 
-    def on_event(self, mask: int):
-        if self.sock is None:
-            return      # stopped earlier in this round of events
+    def _on_udp(self, connection: _DnsConnection, mask: int):
+        if connection is not self.udp:
+            return      # a try that ended earlier in this round of events
         try:
-            if self.over_tcp:
-                self._tcp_ready()
-            else:
-                self._udp_readable()
+            for _ in range(DNS_READS_PER_WAKEUP):
+                self._consider(connection.sock.recv(MAX_DNS_MESSAGE))
+                if self.udp is not connection:
+                    return
+        except BlockingIOError:
+            return
         except OSError as error:
             self._failed(error)
             self.next_try()
 
-    def _udp_readable(self):
-        for _ in range(DNS_READS_PER_WAKEUP):
-            try:
-                message = self.sock.recv(MAX_DNS_MESSAGE)
-            except BlockingIOError:
-                return
-            if self._consider(message):
-                return
-
-    def _tcp_ready(self):
-        if self.outgoing:
-            sent = self.sock.send(self.outgoing)
-            self.outgoing = self.outgoing[sent:]
-            self._watch(selectors.EVENT_WRITE if self.outgoing
-                        else selectors.EVENT_READ)
+    def _consider(self, message: bytes):
+        """Act on a datagram: an answer to a question of this try, or
+        (maybe forged) nothing to act on."""
+        query_id = int.from_bytes(message[:2], "big")
+        qtype = self.asked.get(query_id)
+        if qtype is None:
             return
-        data = self.sock.recv(DNS_TCP_LENGTH.size + MAX_DNS_MESSAGE
-                              - len(self.incoming))
+        try:
+            answer = parse_dns_response(message, query_id, self.lookup.name,
+                                        qtype)
+        except DnsFormatError:
+            return      # over UDP it may be forged: keep waiting
+        if answer is None:
+            return
+        del self.asked[query_id]
+        if answer.truncated:
+            self._ask_over_tcp(qtype)
+        else:
+            self._answered(qtype, answer)
+        if not self.asked:
+            self._end_try()
+            self.next_try()
+
+    def _answered(self, qtype: int, answer: DnsAnswer):
+        rcode = answer.rcode
+        if rcode in (DnsRcode.NOERROR, DnsRcode.NXDOMAIN):
+            self.resolver.query_done(self, qtype, answer)
+            return
+        # SERVFAIL, REFUSED: the next name server is asked.
+        self.failure = "name server %s answered %s" % (
+            self.nameserver[0], DnsRcode(rcode).name
+            if rcode <= DnsRcode.REFUSED else "rcode %d" % rcode)
+        log.debug("dns: %s", self.failure)
+        self.waiting.append(qtype)
+
+    def _ask_over_tcp(self, qtype: int):
+        try:
+            self.over_tcp[qtype] = _DnsTcpQuestion(self, qtype,
+                                                   self.nameserver)
+        except OSError as error:
+            self.failure = "name server %s: %s" % (self.nameserver[0],
+                                                   error.strerror or error)
+            self.waiting.append(qtype)
+
+    def tcp_answered(self, question: "_DnsTcpQuestion", answer: DnsAnswer):
+        question.close()
+        del self.over_tcp[question.qtype]
+        self._answered(question.qtype, answer)
+        self.next_try()
+
+    def tcp_failed(self, question: "_DnsTcpQuestion", reason: str):
+        question.close()
+        del self.over_tcp[question.qtype]
+        self.failure = reason
+        log.debug("dns: %s", reason)
+        self.waiting.append(question.qtype)
+        self.next_try()
+
+
+class _DnsTcpQuestion:
+    """One question asked again over TCP (RFC 1035 §4.2.2) after a truncated
+    UDP answer: its own connection to the same name server, a fresh id, its
+    own deadline."""
+
+    def __init__(self, query: _DnsQuery, qtype: int, nameserver):
+        self.query = query
+        self.qtype = qtype
+        self.nameserver = nameserver
+        self.query_id = query.new_id()
+        packet = query.packet(self.query_id, qtype)
+        self.outgoing = DNS_TCP_LENGTH.pack(len(packet)) + packet
+        self.incoming = bytearray()     # the answer so far
+        self.connection = _DnsConnection(query.resolver.server, nameserver,
+                                         socket.SOCK_STREAM, self._on_event)
+        self.connection.watch(selectors.EVENT_WRITE)
+        self.deadline = query.resolver.arm_deadline(self._on_deadline)
+
+    def close(self):
+        self.deadline = None
+        self.connection.close()
+
+    def _on_deadline(self, when):
+        if when == self.deadline:
+            self.query.tcp_failed(self, "name server %s did not answer in "
+                                  "time" % self.nameserver[0])
+
+    def _on_event(self, connection: _DnsConnection, mask: int):
+        if self.deadline is None:
+            return      # closed earlier in this round of events
+        try:
+            answer = self._exchange()
+        except OSError as error:
+            self.query.tcp_failed(self, "name server %s: %s" % (
+                self.nameserver[0], error.strerror or error))
+            return
+        if answer is not None:
+            self.query.tcp_answered(self, answer)
+
+    def _exchange(self) -> Optional[DnsAnswer]:
+        """Send the question, then read the answer; the answer once whole."""
+        sock = self.connection.sock
+        if self.outgoing:
+            sent = sock.send(self.outgoing)
+            self.outgoing = self.outgoing[sent:]
+            self.connection.watch(selectors.EVENT_WRITE if self.outgoing
+                                  else selectors.EVENT_READ)
+            return None
+        data = sock.recv(DNS_TCP_LENGTH.size + MAX_DNS_MESSAGE
+                         - len(self.incoming))
         if not data:
             raise OSError(errno.ECONNRESET, "closed before answering")
         self.incoming += data
         if len(self.incoming) < DNS_TCP_LENGTH.size:
-            return
+            return None
         size, = DNS_TCP_LENGTH.unpack_from(self.incoming)
-        if len(self.incoming) < DNS_TCP_LENGTH.size + size:
-            return
-        if not self._consider(bytes(self.incoming[DNS_TCP_LENGTH.size:])):
-            raise OSError(errno.EPROTO, "TCP answer does not fit the question")
-
-    def _consider(self, message: bytes) -> bool:
-        """Act on a message; False when it is not an answer to this try."""
+        end = DNS_TCP_LENGTH.size + size
+        if len(self.incoming) < end:
+            return None
         try:
-            answer = parse_dns_response(message, self.query_id,
-                                        self.lookup.name, self.qtype)
-        except DnsFormatError:
-            answer = None
-        if answer is None or (answer.truncated and self.over_tcp):
-            return False
-        if answer.truncated:
-            self._close_socket()
-            self.over_tcp = True
-            self._open(socket.SOCK_STREAM)
-            packet = self._packet()
-            self.outgoing = DNS_TCP_LENGTH.pack(len(packet)) + packet
-            self._watch(selectors.EVENT_WRITE)
-            self._set_deadline()
-        elif answer.rcode in (DnsRcode.NOERROR, DnsRcode.NXDOMAIN):
-            self.stop()
-            self.resolver.query_done(self, answer)
-        else:
-            rcode = answer.rcode    # SERVFAIL, REFUSED: ask the next one
-            self.failure = "name server %s answered %s" % (
-                self.nameserver[0], DnsRcode(rcode).name
-                if rcode <= DnsRcode.REFUSED else "rcode %d" % rcode)
-            self.next_try()
-        return True
+            answer = parse_dns_response(
+                bytes(self.incoming[DNS_TCP_LENGTH.size:end]), self.query_id,
+                self.query.lookup.name, self.qtype)
+        except DnsFormatError as error:
+            # From the name server itself: say why.
+            raise OSError(errno.EPROTO, "malformed answer: %s"
+                          % error) from None
+        if answer is None or answer.truncated:
+            raise OSError(errno.EPROTO, "TCP answer does not fit the question")
+        return answer
 
 
 class DnsResolver:
     """A stub resolver that runs in the server's loop (--nameserver).
 
     DnsResolver([("192.0.2.53", 53)]) asks A and AAAA at once (PTR for
-    reverse), each over UDP from a fresh socket with a random id; a try
-    lasts timeout seconds, then the next name server is asked, attempts
+    reverse) over UDP, both from one fresh socket, each with a random id; a
+    try lasts timeout seconds, then the next name server is asked, attempts
     rounds in all; a truncated answer is asked again over TCP.  Answers are
     cached for their TTL (at most MAX_DNS_TTL; "no such name" for at most
-    MAX_NEGATIVE_TTL), the oldest dropped past cache_size entries.
+    MAX_NEGATIVE_TTL), the oldest dropped past cache_size entries.  Past
+    max_pending lookups asking a name server (each holds a socket), a new
+    one fails at once, as SystemResolver's do.
     lookup() and reverse() run in the loop; callbacks come from it.
     """
 
     def __init__(self, nameservers, timeout: float = 2.0, attempts: int = 2,
-                 cache_size: int = 1024):
+                 cache_size: int = 1024, max_pending: int = 512):
         if not nameservers:
             raise ValueError("DnsResolver needs a name server")
         self.nameservers = [(str(ipaddress.ip_address(host)), int(port))
@@ -1721,9 +1882,10 @@ class DnsResolver:
         self.timeout = timeout
         self.attempts = max(1, attempts)
         self.cache_size = cache_size
+        self.max_pending = max_pending
         # (name, qtype) -> (monotonic expiry, DnsAnswer), oldest first
         self.cache = collections.OrderedDict()
-        self.queries = set()        # in flight
+        self.queries = set()        # _DnsQuery in flight, one per lookup
         self.server = None
 
     def attach(self, server):
@@ -1746,6 +1908,7 @@ class DnsResolver:
 
     def _start(self, name: str, qtypes, callback) -> _DnsLookup:
         lookup = _DnsLookup(name, qtypes, callback)
+        templates = {}
         for qtype in qtypes:
             try:
                 template = encode_dns_query(0, name, qtype)
@@ -1756,22 +1919,32 @@ class DnsResolver:
             if cached is not None:
                 lookup.outcomes[qtype] = cached
                 continue
-            query = _DnsQuery(self, lookup, qtype, template)
-            lookup.queries.append(query)
-            self.queries.add(query)
-        for query in list(lookup.queries):
-            query.next_try()
-        if not lookup.queries:
+            templates[qtype] = template
+        if not templates:
             self._finish(lookup, self._result(lookup))
+            return lookup
+        if len(self.queries) >= self.max_pending:
+            self._finish(lookup, TOO_MANY_LOOKUPS)
+            return lookup
+        lookup.query = _DnsQuery(self, lookup, templates)
+        self.queries.add(lookup.query)
+        lookup.query.next_try()
         return lookup
 
-    def query_done(self, query: _DnsQuery, outcome):
-        if isinstance(outcome, DnsAnswer):
-            self._remember(query.lookup.name, query.qtype, outcome)
+    def query_done(self, query: _DnsQuery, qtype: int, outcome):
         lookup = query.lookup
-        lookup.outcomes[query.qtype] = outcome
+        if isinstance(outcome, DnsAnswer):
+            self._remember(lookup.name, qtype, outcome)
+        lookup.outcomes[qtype] = outcome
         if len(lookup.outcomes) == len(lookup.qtypes):
+            query.stop()
             self._finish(lookup, self._result(lookup))
+
+    def arm_deadline(self, callback) -> float:
+        """Call callback(when) at when, timeout seconds from now; when."""
+        when = time.monotonic() + self.timeout
+        self.server.call_at(when, callback, when)
+        return when
 
     def _finish(self, lookup: _DnsLookup, result: ResolverResult):
         # Through the timer heap, so a callback never runs inside lookup().
@@ -1931,6 +2104,12 @@ MAX_DER_CHILDREN = 16           # a TBSCertificate has at most 10 fields
 LINK_HIGH_WATER = 256 * 1024   # TLS bytes queued before streams stop sending
 LINK_LOW_WATER = 64 * 1024     # ... and when they are told to resume
 LINK_RECV_SIZE = 64 * 1024
+# Received cells waiting to be handled: reading stops above this (more than
+# the largest cell, 65,542 bytes, so that one always fits).
+LINK_RECEIVED_HIGH_WATER = 128 * 1024
+# Cells handled per call from the loop, the rest in the next round: 16 kB,
+# one TLS record, some 6 ms of relay crypto in CPython.
+LINK_CELLS_PER_WAKEUP = 32
 LINK_IDLE_TIMEOUT = 60.0       # seconds an unused circuit stays open for reuse
 
 
@@ -3081,11 +3260,23 @@ class LinkState(enum.Enum):
     CLOSED = "closed"
 
 
+# TLS 1.2 suites: ECDHE only, as tor relays choose.  With DHE the relay
+# picks the group, and a big prime of its own costs us a full-length
+# exponent (0.2 s of the loop for 8192 bits); TLS 1.3 has named groups only.
+TOR_TLS12_CIPHERS = ("ECDH+AESGCM:ECDH+CHACHA20:ECDH+AES:"
+                     "!aNULL:!eNULL:!aDSS:!SHA1:!AESCCM")
+
+
 def tor_tls_context() -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(TOR_TLS12_CIPHERS)
+    if hasattr(ssl, "OP_NO_RENEGOTIATION"):     # OpenSSL 1.1.0h and later
+        # A renegotiation is a full handshake the relay could ask for again
+        # and again; the link protocol needs none (tor-spec §2).
+        context.options |= ssl.OP_NO_RENEGOTIATION
     return context
 
 
@@ -3128,6 +3319,9 @@ class TorLink:
         self._socket = None
         self._events = 0
         self._received = bytearray()    # TLS plaintext not yet parsed as cells
+        self._relay_closed = False      # TLS closed: the cells received end
+        self._continuing = False        # the next round handles more cells
+        self._setup_bytes = 0           # cell bytes before the circuit opened
         self._cells_out = bytearray()   # cells not yet given to TLS
         self._wire_out = bytearray()    # TLS records not yet sent
         self._last_active = time.monotonic()
@@ -3176,7 +3370,8 @@ class TorLink:
             try:
                 self._tls.write(data)
             except ssl.SSLError as error:
-                self._fail_soon(EndReason.TORPROTOCOL, "TLS: %s" % error)
+                self._fail_soon(EndReason.TORPROTOCOL, "TLS: %s"
+                                % clip_for_log(str(error)))
                 return
         self._wire_out += self._outgoing.read()
         self._send_wire()
@@ -3216,18 +3411,24 @@ class TorLink:
             except OSError as error:
                 self._fail(end_reason_for_errno(error.errno), str(error))
                 return
+        if self._advance(self._process_tls) and mask & EVENT_WRITE \
+                and len(self._wire_out) < LINK_LOW_WATER:
+            self.circuit.notify_writable()
+
+    def _advance(self, step) -> bool:
+        """Run step (TLS, cells) and send what it queued; the relay's
+        protocol or TLS error closes the link.  Whether it is still open."""
         try:
-            self._process_tls()
+            step()
         except TorProtocolError as error:
             self._fail(EndReason.TORPROTOCOL, str(error))
-            return
         except ssl.SSLError as error:
-            self._fail(EndReason.TORPROTOCOL, "TLS: %s" % error)
-            return
-        if self.state is not LinkState.CLOSED:
-            self.flush()
-            if mask & EVENT_WRITE and len(self._wire_out) < LINK_LOW_WATER:
-                self.circuit.notify_writable()
+            self._fail(EndReason.TORPROTOCOL, "TLS: %s"
+                       % clip_for_log(str(error)))
+        if self.state is LinkState.CLOSED:
+            return False
+        self.flush()
+        return True
 
     def _start_tls(self):
         self.state = LinkState.TLS_HANDSHAKE
@@ -3236,16 +3437,30 @@ class TorLink:
 
     def _read_socket(self):
         for _ in range(4):              # a few reads, then let others run
+            size = min(LINK_RECV_SIZE, self._receive_room())
+            if size <= 0:
+                return
             try:
-                data = self._socket.recv(LINK_RECV_SIZE)
+                data = self._socket.recv(size)
             except (BlockingIOError, InterruptedError):
                 return
             if not data:
                 self._incoming.write_eof()
                 return
             self._incoming.write(data)
-            if len(data) < LINK_RECV_SIZE:
+            if len(data) < size:
                 return
+
+    def _receive_room(self) -> int:
+        """Bytes the link may still read: what waits to be handled (TLS
+        records and cells) stays under LINK_RECEIVED_HIGH_WATER, and under
+        MAX_SETUP_BYTES until the circuit is open (beside the part of a TLS
+        record that OpenSSL may hold)."""
+        if self._relay_closed:
+            return 0
+        limit = (LINK_RECEIVED_HIGH_WATER if self.state is LinkState.OPEN
+                 else MAX_SETUP_BYTES)
+        return limit - len(self._received) - self._incoming.pending
 
     def _process_tls(self):
         if self.state is LinkState.TLS_HANDSHAKE:
@@ -3254,8 +3469,7 @@ class TorLink:
             except ssl.SSLWantReadError:
                 return
             self._tls_established()
-        closed_by_relay = False
-        while True:
+        while not self._relay_closed:
             try:
                 data = self._tls.read(LINK_RECV_SIZE)
             except ssl.SSLWantReadError:
@@ -3263,12 +3477,10 @@ class TorLink:
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                 data = b""
             if not data:
-                closed_by_relay = True
+                self._relay_closed = True
                 break
             self._received += data
-        self._process_cells()       # what came before the close counts too
-        if closed_by_relay:
-            self._fail(EndReason.DESTROY, "the relay closed the connection")
+        self._process_cells()
 
     def _tls_established(self):
         self.state = LinkState.VERSIONS
@@ -3280,18 +3492,58 @@ class TorLink:
     # -- cells -----------------------------------------------------------------
 
     def _process_cells(self):
-        used = 0
+        """Handle at most LINK_CELLS_PER_WAKEUP of the cells received; the
+        rest wait for the next round of the loop, so that a relay's flood
+        holds up nobody else.  Once all are handled, a relay's close closes
+        the link (what came before the close counts too)."""
         received = self._received
-        while self.state is not LinkState.CLOSED:
-            circuit_id_len = CIRC_ID_LEN
-            if self.state is LinkState.VERSIONS:
-                circuit_id_len = VERSIONS_CIRC_ID_LEN
-            result = parse_cell(memoryview(received)[used:], circuit_id_len)
+        used = 0
+        for _ in range(LINK_CELLS_PER_WAKEUP):
+            if self.state is LinkState.CLOSED:
+                break
+            result = parse_cell(memoryview(received)[used:],
+                                *self._cell_format())
             if result is NEED_MORE:
+                if self._relay_closed:
+                    self._fail(EndReason.DESTROY,
+                               "the relay closed the connection")
                 break
             used += result.used
+            if self.state is not LinkState.OPEN:
+                self._count_setup_bytes(result.used)
             self._handle_cell(result.message)
+        else:
+            self._continue_soon()   # the batch is full: more may wait
         del received[:used]
+
+    def _cell_format(self):
+        """(circuit id length, largest variable payload) of the next cell:
+        VERSIONS has 2-byte circuit ids (tor-spec §4.1); until the circuit
+        is open, no variable cell is bigger than a CERTS cell may be."""
+        if self.state is LinkState.OPEN:
+            return CIRC_ID_LEN, 0xFFFF
+        if self.state is LinkState.VERSIONS:
+            return VERSIONS_CIRC_ID_LEN, MAX_SETUP_CELL_PAYLOAD
+        return CIRC_ID_LEN, MAX_SETUP_CELL_PAYLOAD
+
+    def _count_setup_bytes(self, size: int):
+        self._setup_bytes += size
+        if self._setup_bytes > MAX_SETUP_BYTES:
+            raise TorProtocolError("the relay sent more than %d bytes of "
+                                   "cells before the circuit was open"
+                                   % MAX_SETUP_BYTES)
+
+    def _continue_soon(self):
+        """Handle more cells in the next round: a timer due now runs after
+        the sockets the loop found ready."""
+        if not self._continuing:
+            self._continuing = True
+            self.server.call_at(time.monotonic(), self._continue_cells, None)
+
+    def _continue_cells(self, _):
+        self._continuing = False
+        if self.state is not LinkState.CLOSED:
+            self._advance(self._process_cells)
 
     def _handle_cell(self, cell: Cell):
         command = cell.command
@@ -3406,9 +3658,14 @@ class TorLink:
     def _update_interest(self):
         if self.state is LinkState.CLOSED:
             return
-        events = EVENT_READ
-        if self.state is LinkState.CONNECTING or self._wire_out:
+        events = 0
+        if self.state is LinkState.CONNECTING:
             events = EVENT_READ | EVENT_WRITE
+        else:
+            if self._receive_room() > 0:
+                events |= EVENT_READ
+            if self._wire_out:
+                events |= EVENT_WRITE
         if events != self._events:
             self.server.watch(self._socket, self._events, events,
                               self._on_socket_event)
@@ -3426,6 +3683,7 @@ class TorLink:
         if send_destroy and self.state in (LinkState.CREATING, LinkState.OPEN):
             self.send_cell(CellCommand.DESTROY, bytes((DESTROY_REASON_NONE,)))
             self.flush()            # one try; the close follows anyway
+        detail = clip_for_log(detail)   # it may quote the relay
         log.log(logging.DEBUG if quiet else logging.INFO,
                 "Tor link to %s closed: %s", self._name(), detail)
         self.failure = detail

@@ -6,6 +6,7 @@ dnsmasq when it is installed.  Never the machine's own resolver.
 
 import argparse
 import ipaddress
+import logging
 import os
 import queue
 import random
@@ -20,8 +21,10 @@ import pytest
 from conftest import (TIMEOUT, connect, recv_exactly, recv_until_eof,
                       socks5_request)
 from torsocksd import (DnsAnswer, DnsFormatError, DnsResolver, DnsType,
-                       MAX_CNAME_CHAIN, Reply, ResolverResult,
-                       encode_dns_query, parse_dns_response, parse_nameserver)
+                       MAX_CNAME_CHAIN, MAX_DNS_PARSE_STEPS,
+                       MAX_DNS_POINTER_HOPS, MAX_DNS_RECORDS, Reply,
+                       ResolverResult, encode_dns_query, parse_dns_response,
+                       parse_nameserver)
 
 A, AAAA, CNAME, SOA, PTR = (DnsType.A, DnsType.AAAA, DnsType.CNAME,
                             DnsType.SOA, DnsType.PTR)
@@ -289,6 +292,80 @@ def test_every_prefix_is_rejected(data, query_id, name, qtype):
             parse_dns_response(data[:end], query_id, name, qtype)
 
 
+def pointer_chain_message(query_id, asked, hops, owners):
+    """An answer to asked whose first record holds as its data a chain of
+    hops pointers, each to the one before it and the first to the question's
+    name, and then `owners` A records owned by the chain's last pointer:
+    reading each owner follows hops + 1 pointers."""
+    start = 12 + len(asked) + 12     # the first record's data
+    chain, last = b"", 12
+    for position in range(start, start + 2 * hops, 2):
+        chain += struct.pack("!H", 0xC000 | last)
+        last = position
+    owner = struct.pack("!H", 0xC000 | last)
+    return message(query_id, asked, [record(QNAME, 99, 300, chain)]
+                   + [a_record(owner, "192.0.2.1")] * owners)
+
+
+def test_pointer_hops_per_name_are_bounded():
+    asked = question("chain.test", A)
+    longest = pointer_chain_message(7, asked, MAX_DNS_POINTER_HOPS - 1, 1)
+    assert parse_dns_response(longest, 7, "chain.test", A).records == \
+        (ipaddress.ip_address("192.0.2.1"),)
+    longer = pointer_chain_message(7, asked, MAX_DNS_POINTER_HOPS, 1)
+    with pytest.raises(DnsFormatError, match="more than 128 pointers"):
+        parse_dns_response(longer, 7, "chain.test", A)
+
+
+def test_labels_and_pointers_per_message_are_bounded():
+    # Each owner takes 101 pointers and 3 labels: 39 of them fit in 4096.
+    asked = question("chain.test", A)
+    data = pointer_chain_message(7, asked, 100, 39)
+    assert len(parse_dns_response(data, 7, "chain.test", A).records) == 39
+    data = pointer_chain_message(7, asked, 100, 40)
+    with pytest.raises(DnsFormatError, match="more than %d labels and "
+                       "pointers" % MAX_DNS_PARSE_STEPS):
+        parse_dns_response(data, 7, "chain.test", A)
+
+
+def test_records_per_message_are_bounded():
+    asked = question("many.test", A)
+    most = message(8, asked, [a_record(QNAME, "192.0.2.1")] * MAX_DNS_RECORDS)
+    assert len(parse_dns_response(most, 8, "many.test", A).records) == 256
+    more = message(8, asked, [a_record(QNAME, "192.0.2.1")] * 257)
+    with pytest.raises(DnsFormatError, match="more than 256 records"):
+        parse_dns_response(more, 8, "many.test", A)
+    # Answer and authority records count together.
+    data = message(8, asked, [record(QNAME, AAAA, 300, bytes(16))] * 200,
+                   [soa()] * 57, rcode=NXDOMAIN)
+    with pytest.raises(DnsFormatError, match="more than 256 records"):
+        parse_dns_response(data, 8, "many.test", A)
+    # A header's counts alone cost nothing.
+    header = struct.pack("!6H", 8, RESPONSE_FLAGS, 1, 65535, 65535, 0)
+    with pytest.raises(DnsFormatError, match="more than 256 records"):
+        parse_dns_response(header + asked, 8, "many.test", A)
+
+
+def test_cname_targets_count_against_the_message():
+    # alias.test CNAME alias.test, 25 times, each name 121 pointers and 3
+    # labels: the owners take 3,100 steps, following the loop 9 * 124 more.
+    asked = question("alias.test", A)
+    start = 12 + len(asked) + 12
+    chain, last = b"", 12
+    for position in range(start, start + 2 * 120, 2):
+        chain += struct.pack("!H", 0xC000 | last)
+        last = position
+    alias = struct.pack("!H", 0xC000 | last)
+    answers = [record(QNAME, 99, 300, chain)] + [
+        record(alias, CNAME, 300, alias)] * 25
+    with pytest.raises(DnsFormatError, match="labels and pointers"):
+        parse_dns_response(message(9, asked, answers), 9, "alias.test", A)
+    # The same without the loop is read in full.
+    answers[1:] = [record(alias, A, 300, bytes(4))] * 25
+    assert len(parse_dns_response(message(9, asked, answers), 9,
+                                  "alias.test", A).records) == 25
+
+
 def random_bytes(generator, most):
     return bytes(generator.randrange(256)
                  for _ in range(generator.randrange(most)))
@@ -331,6 +408,7 @@ ZONE = {    # name -> [(type, ttl, data)]
     "short.test": [(A, 1, "192.0.2.5")],
     "big.test": [(A, 300, "192.0.2.%d" % n) for n in range(100, 140)],
     "spoofed.test": [(A, 300, "192.0.2.77")],
+    "servfail-aaaa.test": [(A, 300, "192.0.2.33")],
     "silent.test": [],
     "99.2.0.192.in-addr.arpa": [],
     "10.2.0.192.in-addr.arpa": [(PTR, 300, "v4.test")],
@@ -363,8 +441,13 @@ def answers_for(query_id, name, qtype, asked, transport, rcode):
     key = name.lower()
     if key in ("silent.test", "99.2.0.192.in-addr.arpa"):
         return []
-    if key == "big.test" and transport == "udp":
+    if key == "servfail-aaaa.test" and qtype == AAAA:
+        return [message(query_id, asked, rcode=SERVFAIL)]
+    if key in ("big.test", "chain.test") and transport == "udp":
         return [message(query_id, asked, flags=TRUNCATED_FLAGS)]
+    if key == "chain.test":
+        # Every owner a chain of 6,000 pointers: 1,500,000 to follow.
+        return [pointer_chain_message(query_id, asked, 6000, 250)]
     answers, owner = [], QNAME
     while ZONE.get(key) and ZONE[key][0][0] == CNAME:
         _, ttl, target = ZONE[key][0]
@@ -563,6 +646,18 @@ def test_truncated_answer_is_asked_again_over_tcp(proxy, dns_server):
     assert len(result.answers) == 40
 
 
+def test_pointer_chains_over_tcp_are_refused(proxy, dns_server, caplog):
+    caplog.set_level(logging.DEBUG, logger="torsocksd")
+    assert resolve(proxy, "chain.test") == HOST_UNREACHABLE
+    assert sorted(dns_server.asked("chain.test", "tcp")) == [A, A, AAAA, AAAA]
+    result = resolver_answer(proxy, proxy.resolver.lookup, "chain.test")
+    assert result == ResolverResult(
+        (), Reply.HOST_UNREACHABLE, "name server 127.0.0.1: malformed "
+        "answer: name takes more than 128 pointers")
+    assert any("more than 128 pointers" in record.getMessage()
+               for record in caplog.records)
+
+
 def test_forged_answer_with_wrong_id_is_ignored(proxy):
     assert resolve(proxy, "spoofed.test") == address_reply("192.0.2.77")
 
@@ -576,10 +671,12 @@ def test_silent_server_is_asked_again_then_given_up(make_server, dns_server):
     assert sorted(dns_server.asked("silent.test")) == [A, A, AAAA, AAAA]
     result = resolver_answer(proxy, proxy.resolver.lookup, "silent.test")
     assert result.reason == "name server 127.0.0.1 did not answer in time"
-    # Every try on a fresh socket with a fresh id.
-    ports = {port for _, port, _, _, _ in dns_server.queries}
-    ids = {query_id for _, _, query_id, _, _ in dns_server.queries}
-    assert len(ports) >= 3 and len(ids) >= 3
+    # Every try on a fresh socket (the lookup's A and AAAA on the same one),
+    # every question with a fresh id.
+    first_lookup = dns_server.queries[:4]
+    ports = [port for _, port, _, _, _ in first_lookup]
+    ids = {query_id for _, _, query_id, _, _ in first_lookup}
+    assert ports[0] == ports[1] != ports[2] == ports[3] and len(ids) == 4
 
 
 def test_next_name_server_after_silence(make_server, dns_server):
@@ -617,6 +714,21 @@ def test_servfail_moves_on_to_the_next_server(make_server, dns_server):
     assert sorted(failing.asked("v4.test")) == [A, AAAA]
 
 
+def test_a_question_that_fails_alone_is_asked_again_after_the_try(
+        proxy, dns_server):
+    # AAAA gets SERVFAIL while A is still out on the same socket: AAAA is
+    # asked again, on a fresh socket, once A's answer has ended the try.
+    assert resolver_answer(proxy, proxy.resolver.lookup,
+                           "servfail-aaaa.test") == \
+        ResolverResult((ipaddress.ip_address("192.0.2.33"),))
+    assert dns_server.asked("servfail-aaaa.test") in ([A, AAAA, AAAA],
+                                                      [AAAA, A, AAAA])
+    ports = [port for _, port, _, name, _ in dns_server.queries
+             if name == "servfail-aaaa.test"]
+    assert ports[0] == ports[1] != ports[2]
+    assert proxy.resolver.queries == set()
+
+
 def test_answers_are_cached_for_their_ttl(proxy, dns_server):
     assert resolve(proxy, "both.test") == address_reply("192.0.2.1")
     assert resolve(proxy, "Both.Test.") == address_reply("192.0.2.1")
@@ -646,22 +758,59 @@ def test_ip_literals_and_bad_names_are_never_asked(proxy, dns_server):
     assert dns_server.queries == []
 
 
+def held_sockets(resolver):
+    """The sockets the resolver's lookups hold now."""
+    sockets = []
+    for query in resolver.queries:
+        if query.udp is not None:
+            sockets.append(query.udp.sock)
+        sockets += [tcp.connection.sock for tcp in query.over_tcp.values()]
+    return sockets
+
+
 def test_cancel_and_close_release_every_socket(make_server, dns_server):
     resolver = DnsResolver([dns_server.address])
     proxy = make_server(resolver=resolver)
     answers = queue.Queue()
     handle = in_loop(proxy, lambda: resolver.lookup("silent.test",
                                                     answers.put))
-    sockets = in_loop(proxy, lambda: [q.sock for q in resolver.queries])
-    assert len(sockets) == 2
+    sockets = in_loop(proxy, lambda: held_sockets(resolver))
+    assert len(sockets) == 1        # A and AAAA share one
     in_loop(proxy, handle.cancel)
     assert resolver.queries == set()
     assert all(sock.fileno() == -1 for sock in sockets)
     in_loop(proxy, lambda: resolver.reverse(
         ipaddress.ip_address("192.0.2.99"), answers.put))
-    sockets = in_loop(proxy, lambda: [q.sock for q in resolver.queries])
+    sockets = in_loop(proxy, lambda: held_sockets(resolver))
     proxy.stop()
     assert all(sock.fileno() == -1 for sock in sockets)
+    assert answers.empty()
+
+
+def test_lookups_in_flight_are_bounded(make_server, dns_server):
+    assert DnsResolver([dns_server.address]).max_pending == 512
+    resolver = DnsResolver([dns_server.address], max_pending=3)
+    proxy = make_server(resolver=resolver)
+    answers = queue.Queue()
+    handles = in_loop(proxy, lambda: [
+        resolver.lookup("silent.test", answers.put) for _ in range(3)])
+    assert len(in_loop(proxy, lambda: held_sockets(resolver))) == 3
+    # The fourth fails at once, as SystemResolver's fourth would.
+    assert resolver_answer(proxy, resolver.lookup, "silent.test") == \
+        ResolverResult((), Reply.GENERAL_FAILURE,
+                       "too many pending name lookups")
+    assert resolve(proxy, "v4.test") == HOST_UNREACHABLE
+    assert resolver_answer(proxy, resolver.reverse,
+                           ipaddress.ip_address("192.0.2.10")).error \
+        is Reply.GENERAL_FAILURE
+    # What needs no name server is still answered.
+    assert resolver_answer(proxy, resolver.lookup, "192.0.2.7") == \
+        ResolverResult((ipaddress.ip_address("192.0.2.7"),))
+    assert len(in_loop(proxy, lambda: held_sockets(resolver))) == 3
+    assert dns_server.asked("v4.test") == []
+    # Room again once one is cancelled.
+    in_loop(proxy, handles[0].cancel)
+    assert resolve(proxy, "v4.test") == address_reply("192.0.2.10")
     assert answers.empty()
 
 

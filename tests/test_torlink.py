@@ -419,17 +419,20 @@ class RsaKey(collections.namedtuple("RsaKey", "n e d p q")):
 SMALL_PRIMES = [n for n in range(3, 2000) if all(n % k for k in range(2, n))]
 
 
-def make_rsa_key(bits, seed):
-    """A deterministic RSA key of bits bits with exponent 65537."""
-    rng = random.Random(seed)
-    primes = []
-    while len(primes) < 2:
-        candidate = rng.getrandbits(bits // 2) | (3 << (bits // 2 - 2)) | 1
+def make_prime(bits, rng):
+    """A prime of bits bits, its top two bits set, p - 1 prime to 65537."""
+    while True:
+        candidate = rng.getrandbits(bits) | (3 << (bits - 2)) | 1
         if all(candidate % k for k in SMALL_PRIMES) \
                 and (candidate - 1) % 65537 \
                 and _is_probable_prime(candidate, rng):
-            primes.append(candidate)
-    p, q = primes
+            return candidate
+
+
+def make_rsa_key(bits, seed):
+    """A deterministic RSA key of bits bits with exponent 65537."""
+    rng = random.Random(seed)
+    p, q = make_prime(bits // 2, rng), make_prime(bits // 2, rng)
     return RsaKey(p * q, 65537, pow(65537, -1, (p - 1) * (q - 1)), p, q)
 
 
@@ -1296,20 +1299,24 @@ class TlsRelay:
     """A relay's ORPort on 127.0.0.1, as far as CONNECT_DIR needs it, served
     by a thread: TLS with the link key; VERSIONS, then setup_cells, CERTS,
     AUTH_CHALLENGE and NETINFO; CREATED_FAST; a BEGIN_DIR answered with
-    RELAY_CONNECTED, `flood` PADDING cells (before_flood() is called first,
-    after_flood() then), ANSWER and RELAY_END.  A hostile relay is one made
-    with other versions, setup_cells or certs."""
+    RELAY_CONNECTED, `flood` PADDING cells, ANSWER and RELAY_END.  Around
+    the bulk (setup_cells, or the flood) before_bulk() and after_bulk() are
+    called.  A hostile relay is one made with other versions, setup_cells or
+    certs."""
 
     def __init__(self, keys, versions=b"\0\x03\0\x04\0\x05", setup_cells=b"",
-                 certs=None, flood=0, before_flood=None, after_flood=None):
+                 certs=None, flood=0, before_bulk=None, after_bulk=None,
+                 tls=None):
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.context.load_cert_chain(keys.certificate_file, keys.key_file)
+        if tls is not None:
+            tls(self.context)       # to change what the TLS server offers
         self.versions = versions
         self.setup_cells = setup_cells
         self.certs = keys.certs() if certs is None else certs
         self.flood = flood
-        self.before_flood = before_flood
-        self.after_flood = after_flood
+        self.before_bulk = before_bulk or (lambda: None)
+        self.after_bulk = after_bulk or (lambda: None)
         self.tls = None
         self.listener = socket.socket()
         self.listener.bind(("127.0.0.1", 0))
@@ -1335,10 +1342,17 @@ class TlsRelay:
 
     def _talk(self, tls):
         read_cell(tls, torsocksd.VERSIONS_CIRC_ID_LEN)
+        if self.setup_cells:
+            self.before_bulk()
+            tls.sendall(torsocksd.encode_cell(0, C.VERSIONS, self.versions,
+                                              torsocksd.VERSIONS_CIRC_ID_LEN)
+                        + self.setup_cells)
+            self.after_bulk()
+        else:
+            tls.sendall(torsocksd.encode_cell(0, C.VERSIONS, self.versions,
+                                              torsocksd.VERSIONS_CIRC_ID_LEN))
         tls.sendall(
-            torsocksd.encode_cell(0, C.VERSIONS, self.versions,
-                                  torsocksd.VERSIONS_CIRC_ID_LEN)
-            + self.setup_cells + torsocksd.encode_cell(0, C.CERTS, self.certs)
+            torsocksd.encode_cell(0, C.CERTS, self.certs)
             + torsocksd.encode_cell(0, C.AUTH_CHALLENGE,
                                     os.urandom(32) + b"\0\x01\0\x01")
             + torsocksd.encode_cell(0, C.NETINFO, NETINFO_FROM_RELAY))
@@ -1366,9 +1380,9 @@ class TlsRelay:
                 torsocksd.relay_payload(command, stream_id, data)))
         tls.sendall(relay_cell(R.CONNECTED))
         if self.flood:
-            self.before_flood()
+            self.before_bulk()
             tls.sendall(torsocksd.encode_cell(0, C.PADDING) * self.flood)
-            self.after_flood()
+            self.after_bulk()
         tls.sendall(relay_cell(R.DATA, ANSWER) + relay_cell(
             R.END, bytes((torsocksd.EndReason.DONE,))))
 
@@ -1420,6 +1434,47 @@ def test_connect_dir_to_the_test_relay(server, make_relay, link_log):
     assert connect_dir(server, relay.port) == (b"\x05\x00", ANSWER)
 
 
+@pytest.fixture(scope="module")
+def dh_parameters_file(tmp_path_factory):
+    """PKCS#3 DH parameters: a 2048-bit prime of the tests' own, as a
+    hostile relay would choose one (of up to 10,000 bits)."""
+    prime = make_prime(2048, random.Random(31))
+    body = base64.b64encode(der(0x30, der_integer(prime) + der_integer(2)))
+    path = tmp_path_factory.mktemp("dh") / "dh.pem"
+    path.write_text("-----BEGIN DH PARAMETERS-----\n%s\n"
+                    "-----END DH PARAMETERS-----\n" % "\n".join(
+                        body[i:i + 64].decode()
+                        for i in range(0, len(body), 64)))
+    return str(path)
+
+
+def test_relay_cannot_choose_the_diffie_hellman_group(
+        server, make_relay, link_log, dh_parameters_file):
+    """A TLS 1.2 relay that offers DHE only (its group, its cost to us) is
+    refused; TLS 1.2 with ECDHE is fine."""
+    def dhe_only(context):
+        context.maximum_version = ssl.TLSVersion.TLSv1_2
+        context.set_ciphers("DHE-RSA-AES256-GCM-SHA384")
+        context.load_dh_params(dh_parameters_file)
+    relay = make_relay(tls=dhe_only)
+    assert connect_dir(server, relay.port) == (b"\x05\x01", b"")
+    refusal_logged(link_log, ["TLS: "])
+
+    def ecdhe(context):
+        context.maximum_version = ssl.TLSVersion.TLSv1_2
+        context.set_ciphers("ECDHE-RSA-AES256-GCM-SHA384")
+    relay = make_relay(tls=ecdhe)
+    assert connect_dir(server, relay.port) == (b"\x05\x00", ANSWER)
+
+
+def test_tor_tls_context_refuses_renegotiation_and_dhe():
+    context = torsocksd.tor_tls_context()
+    if hasattr(ssl, "OP_NO_RENEGOTIATION"):
+        assert context.options & ssl.OP_NO_RENEGOTIATION
+    assert {cipher["kea"] for cipher in context.get_ciphers()} \
+        <= {"kx-ecdhe", "kx-any"}      # kx-any: TLS 1.3
+
+
 def refusal_logged(log, words):
     """The log line that names why the link closed; every line is short."""
     messages = [record.getMessage() for record in log.records]
@@ -1432,9 +1487,11 @@ def refusal_logged(log, words):
 
 
 @pytest.mark.parametrize("exponent, words", [
+    # 60 kB: one pow() with it took 1.4 s of the loop.
+    ((1 << 480000) + 1, ["-byte CERTS cell where at most 8192 bytes"]),
     ((1 << 24000) + 1, ["RSA exponent of more than 33 bits"]),
     ((1 << 32) + 1, ["identity key has an RSA exponent of 33 bits"]),
-], ids=["3 kB", "2**32 + 1"])
+], ids=["60 kB", "3 kB", "2**32 + 1"])
 def test_identity_key_with_a_huge_exponent_is_refused_before_any_pow(
         server, make_relay, relay_keys, link_log, monkeypatch, exponent,
         words):
@@ -1450,17 +1507,39 @@ def test_identity_key_with_a_huge_exponent_is_refused_before_any_pow(
     assert verified == []
 
 
-@pytest.mark.parametrize("versions, words", [
-    (b"".join(struct.pack(">H", v) for v in range(6, 206)),
+def versions_payload(versions):
+    return b"".join(struct.pack(">H", version) for version in versions)
+
+
+def vpadding(size):
+    return torsocksd.encode_cell(0, C.VPADDING, bytes(size))
+
+
+@pytest.mark.parametrize("hostile, words", [
+    # 30,000 versions: the error listed them all in one 190 kB log line.
+    ({"versions": versions_payload(range(6, 30006))},
+     ["60000-byte VERSIONS cell"]),
+    ({"versions": versions_payload(range(6, 206))},
      ["VERSIONS cell lists 200 versions, more than 64"]),
-    (b"".join(struct.pack(">H", v) for v in range(6, 70)),
+    ({"versions": versions_payload(range(6, 70))},
      ["no common link protocol version", "69]"]),
-], ids=["200 versions", "64 versions"])
-def test_hostile_versions_cell_is_refused_in_a_short_log_line(
-        server, make_relay, link_log, versions, words):
-    relay = make_relay(versions=versions)
+    # Only the header of a 65,535-byte cell: refused without waiting for it.
+    ({"setup_cells": vpadding(65535)[:7]}, ["65535-byte VPADDING cell"]),
+    ({"setup_cells": vpadding(8193)}, ["8193-byte VPADDING cell"]),
+    ({"setup_cells": vpadding(1000) * 40},
+     ["more than 32768 bytes", "before the circuit"]),
+], ids=["30000 versions", "200 versions", "64 versions", "65535-byte header",
+        "8193-byte cell", "40 kB of cells"])
+def test_hostile_relay_is_refused_in_a_short_log_line(
+        server, make_relay, link_log, hostile, words):
+    relay = make_relay(**hostile)
     assert connect_dir(server, relay.port) == (b"\x05\x01", b"")
     refusal_logged(link_log, words)
+
+
+def test_setup_within_the_bounds_is_fine(server, make_relay, link_log):
+    relay = make_relay(setup_cells=vpadding(8192) + vpadding(1000) * 10)
+    assert connect_dir(server, relay.port) == (b"\x05\x00", ANSWER)
 
 
 @pytest.mark.parametrize("change, words", [
@@ -1483,6 +1562,87 @@ def test_hostile_certs_cells_are_refused(server, make_relay, relay_keys,
     relay = make_relay(certs=change(relay_keys))
     assert connect_dir(server, relay.port) == (b"\x05\x01", b"")
     refusal_logged(link_log, words)
+
+
+class LoopHold:
+    """Holds the server's loop from before_bulk() until after_bulk(), so
+    that the relay's bulk is all there when the loop next looks."""
+
+    def __init__(self, server):
+        self.server = server
+        self.held = threading.Event()
+        self.sent = threading.Event()
+
+    def _hold(self):
+        self.held.set()
+        assert self.sent.wait(TIMEOUT)
+
+    def before_bulk(self):
+        self.server.call_soon_threadsafe(self._hold)
+        assert self.held.wait(TIMEOUT)
+
+    def after_bulk(self):
+        self.sent.set()
+
+
+def test_what_waits_before_the_circuit_is_open_is_bounded(
+        server, make_relay, link_log, monkeypatch):
+    """98 kB of setup cells all there at once: the link reads no more than
+    MAX_SETUP_BYTES ahead of the cells it has handled (and a TLS record
+    OpenSSL may hold, of 16 kB and 256 bytes at most), and then fails."""
+    backlogs = []
+    process_cells = torsocksd.TorLink._process_cells
+
+    def recording_process_cells(link):
+        backlogs.append(len(link._received) + link._incoming.pending)
+        return process_cells(link)
+    monkeypatch.setattr(torsocksd.TorLink, "_process_cells",
+                        recording_process_cells)
+    hold = LoopHold(server)
+    relay = make_relay(setup_cells=vpadding(8192) * 12,
+                       before_bulk=hold.before_bulk,
+                       after_bulk=hold.after_bulk)
+    assert connect_dir(server, relay.port) == (b"\x05\x01", b"")
+    refusal_logged(link_log, ["more than 32768 bytes"])
+    assert max(backlogs) <= torsocksd.MAX_SETUP_BYTES + 16384 + 256, \
+        backlogs
+
+
+def test_a_flood_of_cells_is_handled_a_bounded_batch_at_a_time(
+        server, make_relay, link_log, monkeypatch):
+    """The loop is held while the relay sends 128 cells at once; then no
+    call from the loop handles more than LINK_CELLS_PER_WAKEUP of them, and
+    every one is handled (the answer behind them arrives)."""
+    cells_per_call = [0]
+
+    def counted(callback):
+        if callback is None:
+            return None
+
+        def call(*args):
+            cells_per_call.append(0)
+            return callback(*args)
+        return call
+
+    watch, call_at = server.watch, server.call_at
+    monkeypatch.setattr(server, "watch", lambda sock, old, new, callback:
+                        watch(sock, old, new, counted(callback)))
+    monkeypatch.setattr(server, "call_at", lambda when, function, argument:
+                        call_at(when, counted(function), argument))
+    handle_cell = torsocksd.TorLink._handle_cell
+
+    def counting_handle_cell(link, cell):
+        cells_per_call[-1] += 1
+        return handle_cell(link, cell)
+    monkeypatch.setattr(torsocksd.TorLink, "_handle_cell",
+                        counting_handle_cell)
+    hold = LoopHold(server)
+    relay = make_relay(flood=128, before_bulk=hold.before_bulk,
+                       after_bulk=hold.after_bulk)
+    assert connect_dir(server, relay.port) == (b"\x05\x00", ANSWER)
+    assert max(cells_per_call) <= torsocksd.LINK_CELLS_PER_WAKEUP, \
+        cells_per_call
+    assert sum(cells_per_call) >= 128 + 8, cells_per_call
 
 
 # =============================================================================
