@@ -1577,12 +1577,14 @@ class _DnsLookup:
 
 class _DnsConnection:
     """A non-blocking socket connected to a name server (so that only its
-    datagrams arrive), watched by the loop: on_event(connection, mask)."""
+    datagrams arrive), watched by the loop: on_event(connection, mask).
+    owner is what the loop closes if a handler meets a bug."""
 
-    def __init__(self, server, nameserver, kind: int, on_event):
+    def __init__(self, loop, nameserver, kind: int, on_event, owner):
         host, port = nameserver
-        self.server = server
+        self.loop = loop
         self.on_event = on_event
+        self.handler = (self._event, owner)
         self.events = 0
         self.sock = socket.socket(
             socket.AF_INET6 if ":" in host else socket.AF_INET, kind)
@@ -1597,14 +1599,14 @@ class _DnsConnection:
 
     def watch(self, events: int):
         if events != self.events:
-            self.server.watch(self.sock, self.events, events, self._event)
+            self.loop.watch(self.sock, self.events, events, self.handler)
             self.events = events
 
     def _event(self, mask: int):
         self.on_event(self, mask)
 
     def close(self):
-        if self.events and self.server.selector is not None:
+        if self.events and not self.loop.closed:
             self.watch(0)
         self.sock.close()
 
@@ -1655,8 +1657,9 @@ class _DnsQuery:
             for qtype in self.waiting:
                 self.tries[qtype] += 1
             try:
-                self.udp = _DnsConnection(resolver.server, self.nameserver,
-                                          socket.SOCK_DGRAM, self._on_udp)
+                self.udp = _DnsConnection(resolver.loop, self.nameserver,
+                                          socket.SOCK_DGRAM, self._on_udp,
+                                          self)
                 for qtype in self.waiting:
                     query_id = self.new_id()
                     self.asked[query_id] = qtype
@@ -1675,6 +1678,12 @@ class _DnsQuery:
             question.close()
         self.over_tcp = {}
         self.resolver.queries.discard(self)
+
+    def close_after_bug(self):
+        """The loop met a bug in one of this lookup's handlers: fail it."""
+        self.stop()
+        self.resolver.finish(self.lookup, ResolverResult(
+            (), Reply.GENERAL_FAILURE, "internal error"))
 
     def new_id(self) -> int:
         # Unguessable, like the kernel-chosen port: a forger must hit both
@@ -1800,8 +1809,9 @@ class _DnsTcpQuestion:
         packet = query.packet(self.query_id, qtype)
         self.outgoing = DNS_TCP_LENGTH.pack(len(packet)) + packet
         self.incoming = bytearray()     # the answer so far
-        self.connection = _DnsConnection(query.resolver.server, nameserver,
-                                         socket.SOCK_STREAM, self._on_event)
+        self.connection = _DnsConnection(query.resolver.loop, nameserver,
+                                         socket.SOCK_STREAM, self._on_event,
+                                         query)
         self.connection.watch(selectors.EVENT_WRITE)
         self.deadline = query.resolver.arm_deadline(self._on_deadline)
 
@@ -1886,16 +1896,16 @@ class DnsResolver:
         # (name, qtype) -> (monotonic expiry, DnsAnswer), oldest first
         self.cache = collections.OrderedDict()
         self.queries = set()        # _DnsQuery in flight, one per lookup
-        self.server = None
+        self.loop = None
 
-    def attach(self, server):
-        self.server = server
+    def attach(self, loop):
+        self.loop = loop
 
     def lookup(self, hostname: str, callback) -> _DnsLookup:
         address = ip_literal(hostname)
         if address is not None:     # never asked
             lookup = _DnsLookup(hostname, (), callback)
-            self._finish(lookup, ResolverResult((address,)))
+            self.finish(lookup, ResolverResult((address,)))
             return lookup
         return self._start(hostname, (DnsType.A, DnsType.AAAA), callback)
 
@@ -1921,10 +1931,10 @@ class DnsResolver:
                 continue
             templates[qtype] = template
         if not templates:
-            self._finish(lookup, self._result(lookup))
+            self.finish(lookup, self._result(lookup))
             return lookup
         if len(self.queries) >= self.max_pending:
-            self._finish(lookup, TOO_MANY_LOOKUPS)
+            self.finish(lookup, TOO_MANY_LOOKUPS)
             return lookup
         lookup.query = _DnsQuery(self, lookup, templates)
         self.queries.add(lookup.query)
@@ -1938,18 +1948,19 @@ class DnsResolver:
         lookup.outcomes[qtype] = outcome
         if len(lookup.outcomes) == len(lookup.qtypes):
             query.stop()
-            self._finish(lookup, self._result(lookup))
+            self.finish(lookup, self._result(lookup))
 
     def arm_deadline(self, callback) -> float:
         """Call callback(when) at when, timeout seconds from now; when."""
         when = time.monotonic() + self.timeout
-        self.server.call_at(when, callback, when)
+        self.loop.call_at(when, callback, when)
         return when
 
-    def _finish(self, lookup: _DnsLookup, result: ResolverResult):
-        # Through the timer heap, so a callback never runs inside lookup().
-        lookup.result = result
-        self.server.call_at(time.monotonic(), self._deliver, lookup)
+    def finish(self, lookup: _DnsLookup, result: ResolverResult):
+        # Through the loop, so a callback never runs inside lookup().
+        if lookup.result is None:
+            lookup.result = result
+            self.loop.call_soon(self._deliver, lookup)
 
     @staticmethod
     def _deliver(lookup: _DnsLookup):
@@ -2903,6 +2914,7 @@ class DirStream:
         self.state = StreamState.WAITING
         self.end_reason = None
         self.end_detail = ""
+        self.end_errno = None       # the errno when the relay was unreachable
         self.paused = False
         self.package_window = STREAM_WINDOW
         self.deliver_window = STREAM_WINDOW
@@ -2959,12 +2971,13 @@ class DirStream:
             self._end_pending = False
             self.on_end(self.end_reason)
 
-    def _ended(self, reason: int, detail: str):
+    def _ended(self, reason: int, detail: str, error_number=None):
         if self.state in (StreamState.ENDED, StreamState.CLOSED):
             return
         self.state = StreamState.ENDED
         self.end_reason = reason
         self.end_detail = detail
+        self.end_errno = error_number
         if self._held:
             self._end_pending = True    # after the held data, on resume
         else:
@@ -3178,13 +3191,14 @@ class Circuit:
 
     # -- the whole circuit -----------------------------------------------------
 
-    def fail(self, reason: int, detail: str):
+    def fail(self, reason: int, detail: str, error_number=None):
         """The circuit is gone (or going): end every stream.  The transport
-        sends DESTROY if it should."""
+        sends DESTROY if it should; error_number is the connect's errno
+        when the relay could not be reached at all."""
         self.closed = True
         streams, self.streams = list(self.streams.values()), {}
         for stream in streams:
-            stream._ended(reason, detail)
+            stream._ended(reason, detail, error_number)
 
     def _send_relay(self, command: int, stream_id: int, data: bytes = b""):
         self.transport.send_cell(
@@ -3284,20 +3298,26 @@ class TorLink:
     """A link to one relay carrying one CREATE_FAST circuit for BEGIN_DIR
     streams.  open_stream() works at once: streams wait for the circuit.
 
-    server               the torsocksd Server whose loop runs the link
+    loop                 the EventLoop that runs the link
     address, port        the relay's ORPort (address: an IP literal)
     fingerprint          the relay's expected RSA identity (20 bytes), or None
     timeout              seconds to build the circuit, and for each stream
                          to be connected
     idle_timeout         seconds the circuit stays open without streams
     on_closed            called with the link once it has closed
+    outbound_socket      outbound_socket(address) -> a non-blocking socket
+                         (the Server's: --outbound-address applies)
+    scrub                scrub(text) -> what the log may show of a relay
     """
 
-    def __init__(self, server, address: str, port: int,
+    def __init__(self, loop, address: str, port: int,
                  fingerprint: Optional[bytes] = None, timeout: float = 10.0,
                  idle_timeout: float = LINK_IDLE_TIMEOUT, on_closed=None,
-                 tls_context: Optional[ssl.SSLContext] = None):
-        self.server = server
+                 tls_context: Optional[ssl.SSLContext] = None,
+                 outbound_socket=None, scrub=None):
+        self.loop = loop
+        self._outbound_socket = outbound_socket or open_outbound_socket
+        self._scrub = scrub or scrubbed
         self.address = str(ipaddress.ip_address(address))
         self.port = port
         self.expected_fingerprint = fingerprint
@@ -3339,8 +3359,8 @@ class TorLink:
             raise OSError(errno.ENOTCONN, "the Tor link is closed")
         stream = self.circuit.open_stream(on_connected, on_data, on_end)
         self._last_active = time.monotonic()
-        self.server.call_at(time.monotonic() + self.timeout,
-                            self._stream_overdue, stream)
+        self.loop.call_later(self.timeout, self._stream_overdue, stream,
+                             owner=self)
         return stream
 
     def close(self, detail: str = "closed"):
@@ -3360,7 +3380,7 @@ class TorLink:
         return (LINK_HIGH_WATER - backlog) // FIXED_CELL_LEN + 1
 
     def call_soon(self, function, argument):
-        self.server.call_at(0.0, function, argument)    # 0: due at once
+        self.loop.call_soon(function, argument, owner=self)
 
     def flush(self):
         """Encrypt queued cells and send what the socket takes now."""
@@ -3380,12 +3400,12 @@ class TorLink:
     # -- connecting ------------------------------------------------------------
 
     def _connect(self):
-        self.server.call_at(time.monotonic() + self.timeout,
-                            self._setup_overdue, None)
+        self.loop.call_later(self.timeout, self._setup_overdue, None,
+                             owner=self)
         try:
             # The server's outbound socket: --outbound-address and
             # --outbound-interface apply to relays too.
-            self._socket = self.server.outbound_socket(
+            self._socket = self._outbound_socket(
                 ipaddress.ip_address(self.address))
             with_nodelay(self._socket)
             error = self._socket.connect_ex((self.address, self.port))
@@ -3393,7 +3413,7 @@ class TorLink:
             error = failure.errno
         if error not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
             self._fail_soon(end_reason_for_errno(error),
-                            "connect: %s" % os.strerror(error))
+                            "connect: %s" % os.strerror(error), error)
             return
         self._update_interest()
 
@@ -3402,7 +3422,8 @@ class TorLink:
             error = self._socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if error:
                 self._fail(end_reason_for_errno(error),
-                           "connect: %s" % os.strerror(error))
+                           "connect: %s" % os.strerror(error),
+                           error_number=error)
                 return
             self._start_tls()
         if mask & EVENT_READ:
@@ -3538,7 +3559,7 @@ class TorLink:
         the sockets the loop found ready."""
         if not self._continuing:
             self._continuing = True
-            self.server.call_at(time.monotonic(), self._continue_cells, None)
+            self.loop.call_soon(self._continue_cells, None, owner=self)
 
     def _continue_cells(self, _):
         self._continuing = False
@@ -3589,7 +3610,7 @@ class TorLink:
                                          time.time())
         if self.expected_fingerprint is not None and not hmac.compare_digest(
                 fingerprint, self.expected_fingerprint):
-            scrub = self.server.scrub       # a fingerprint names the relay
+            scrub = self._scrub             # a fingerprint names the relay
             raise TorProtocolError(
                 "relay identity %s is not the expected %s"
                 % (scrub(fingerprint.hex().upper()),
@@ -3626,8 +3647,8 @@ class TorLink:
                                     % self.timeout)
 
     def _arm_idle_timer(self):
-        self.server.call_at(self._last_active + self.idle_timeout,
-                            self._idle_overdue, None)
+        self.loop.call_at(self._last_active + self.idle_timeout,
+                          self._idle_overdue, None, owner=self)
 
     def _idle_overdue(self, _):
         if self.state is LinkState.CLOSED:
@@ -3667,16 +3688,17 @@ class TorLink:
             if self._wire_out:
                 events |= EVENT_WRITE
         if events != self._events:
-            self.server.watch(self._socket, self._events, events,
-                              self._on_socket_event)
+            self.loop.watch(self._socket, self._events, events,
+                            (self._on_socket_event, self))
             self._events = events
 
-    def _fail_soon(self, reason: int, detail: str):
+    def _fail_soon(self, reason: int, detail: str, error_number=None):
         """Fail from the loop, not inside the application's call."""
-        self.server.call_at(0.0, lambda _: self._fail(reason, detail), None)
+        self.loop.call_soon(self._fail, reason, detail, True, False,
+                            error_number, owner=self)
 
     def _fail(self, reason: int, detail: str, send_destroy: bool = True,
-              quiet: bool = False):
+              quiet: bool = False, error_number=None):
         """Close the link and end its streams with reason."""
         if self.state is LinkState.CLOSED:
             return
@@ -3689,28 +3711,35 @@ class TorLink:
         self.failure = detail
         self.state = LinkState.CLOSED
         if self._events:
-            self.server.watch(self._socket, self._events, 0, None)
+            self.loop.watch(self._socket, self._events, 0, None)
             self._events = 0
         if self._socket is not None:
             self._socket.close()
-        self.circuit.fail(reason, detail)
+        self.circuit.fail(reason, detail, error_number)
         if self.on_closed is not None:
             self.on_closed(self)
 
     def _name(self) -> str:
         """The relay as the log may show it (scrubbed unless asked)."""
-        return self.server.scrub(format_address((self.address, self.port)))
+        return self._scrub(format_address((self.address, self.port)))
+
+    def close_after_bug(self):
+        """The loop met a bug in one of this link's handlers."""
+        self.close("internal error")
 
 
 class TorLinkPool:
     """The open links, one per relay (and pin): later BEGIN_DIR requests to
     the same relay share its circuit."""
 
-    def __init__(self, server, timeout: float = 10.0,
-                 idle_timeout: float = LINK_IDLE_TIMEOUT):
-        self.server = server
+    def __init__(self, loop, timeout: float = 10.0,
+                 idle_timeout: float = LINK_IDLE_TIMEOUT,
+                 outbound_socket=None, scrub=None):
+        self.loop = loop
         self.timeout = timeout
         self.idle_timeout = idle_timeout
+        self.outbound_socket = outbound_socket
+        self.scrub = scrub
         self.links = {}     # (address, port, fingerprint or None) -> TorLink
         self._tls_context = None
 
@@ -3723,10 +3752,12 @@ class TorLinkPool:
         if link is None:
             if self._tls_context is None:
                 self._tls_context = tor_tls_context()
-            link = TorLink(self.server, address, port, fingerprint,
+            link = TorLink(self.loop, address, port, fingerprint,
                            self.timeout, self.idle_timeout,
                            on_closed=self._forget,
-                           tls_context=self._tls_context)
+                           tls_context=self._tls_context,
+                           outbound_socket=self.outbound_socket,
+                           scrub=self.scrub)
             self.links[(address, port, fingerprint)] = link
         return link.open_stream(on_connected, on_data, on_end)
 
@@ -4423,7 +4454,11 @@ class Connection:
 
     def _tunnel_ended(self, reason: int):
         if self.state is State.CONNECTING:
-            self._refuse(reply_for_end_reason(reason),
+            # The relay unreachable is a connect error like any other (the
+            # README's "connect errors" row); else the relay's END reason.
+            error_number = self.tunnel.end_errno
+            self._refuse(reply_for_errno(error_number) if error_number
+                         else reply_for_end_reason(reason),
                          "the relay ended the stream (%s): %s"
                          % (end_reason_name(reason), self.tunnel.end_detail))
             return
@@ -4741,6 +4776,40 @@ def with_nodelay(sock: socket.socket):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except OSError:
         pass
+
+
+def open_outbound_socket(address, sources=None,
+                         interface: Optional[str] = None) -> socket.socket:
+    """A non-blocking socket for a connection to address, bound to the
+    source address of its family in sources ({4: "192.0.2.1", ...}) when
+    there is one, and to interface (SO_BINDTODEVICE) when given."""
+    family = socket.AF_INET if address.version == 4 else socket.AF_INET6
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        source = (sources or {}).get(address.version)
+        if source is not None:
+            # Let connect() pick the port: bind() alone would reserve one
+            # per connection and exhaust them.
+            if IP_BIND_ADDRESS_NO_PORT is not None:
+                sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            sock.bind((source, 0))
+        if interface:
+            if SO_BINDTODEVICE is None:
+                raise OSError(errno.EOPNOTSUPP, "--outbound-interface "
+                              "needs SO_BINDTODEVICE (Linux)")
+            sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE,
+                            interface.encode())
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def scrubbed(destination: str) -> str:
+    """What the log shows of a destination by default (Tor's SafeLogging
+    habit; the README's "logging" row)."""
+    return "[scrubbed]"
 
 
 def close_socket(sock: socket.socket, reset: bool = False):
@@ -5138,7 +5207,7 @@ class Server:
             listener.setblocking(False)
         attach = getattr(self.resolver, "attach", None)
         if attach is not None:
-            attach(self)        # a resolver that runs in this loop
+            attach(loop)        # a resolver that runs in this loop
         clients = [sock for sock in self._handed_in if not is_listening(sock)]
         if clients and not self._listeners:
             self._exit_when_done = True
@@ -5171,23 +5240,6 @@ class Server:
         if wake_at is None:
             return None
         return max(0.0, wake_at - time.monotonic())
-
-    # Until the DNS client and the Tor link take the loop itself.
-    def call_at(self, when: float, function, argument):
-        return self._loop.call_at(when, function, argument)
-
-    @staticmethod
-    def cancel_timer(timer):
-        timer.cancel()
-
-    def watch(self, sock, old_events: int, new_events: int, callback):
-        owner = getattr(callback, "__self__", None)
-        self._loop.watch(sock, old_events, new_events, (callback, owner))
-
-    @property
-    def selector(self):
-        return None if self._loop is None or self._loop.closed \
-            else self._loop.selector
 
     # -- accepting ---------------------------------------------------------------
 
@@ -5318,37 +5370,16 @@ class Server:
         return [a for a in addresses if a.version == 4]
 
     def _outbound_socket(self, address) -> socket.socket:
-        """A non-blocking socket for a connection to address, bound to the
-        outbound address of its family when one is set."""
         settings = self.settings
-        family = socket.AF_INET if address.version == 4 else socket.AF_INET6
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setblocking(False)
-            source = settings.outbound_addresses.get(address.version)
-            if source is not None:
-                # Let connect() pick the port: bind() alone would reserve one
-                # per connection and exhaust them.
-                if IP_BIND_ADDRESS_NO_PORT is not None:
-                    sock.setsockopt(socket.IPPROTO_IP,
-                                    IP_BIND_ADDRESS_NO_PORT, 1)
-                sock.bind((source, 0))
-            if settings.outbound_interface:
-                if SO_BINDTODEVICE is None:
-                    raise OSError(errno.EOPNOTSUPP, "--outbound-interface "
-                                  "needs SO_BINDTODEVICE (Linux)")
-                sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE,
-                                settings.outbound_interface.encode())
-        except OSError:
-            sock.close()
-            raise
-        return sock
+        return open_outbound_socket(address, settings.outbound_addresses,
+                                    settings.outbound_interface)
 
     def _tor_link_pool(self) -> "TorLinkPool":
         """The open links to Tor relays, for CONNECT_DIR (made on first use)."""
         if self._tor_links is None:
             self._tor_links = TorLinkPool(
-                self, timeout=self.settings.connect_timeout)
+                self._loop, timeout=self.settings.connect_timeout,
+                outbound_socket=self._outbound_socket, scrub=self._scrub)
         return self._tor_links
 
     # -- shutting down -----------------------------------------------------------
@@ -5423,9 +5454,10 @@ class Server:
     # -- logging helpers -----------------------------------------------------------
 
     def _scrub(self, destination: str) -> str:
-        """A destination as the log may show it (Tor's SafeLogging habit)."""
+        """A destination as the log may show it (the README's "logging"
+        row)."""
         return destination if self.settings.log_destinations \
-            else "[scrubbed]"
+            else scrubbed(destination)
 
     def _warn_unsafe_socks(self, version: Version):
         now = time.monotonic()
@@ -5434,10 +5466,6 @@ class Server:
             log.warning("a %s client gave only an IP address: the application "
                         "may be leaking DNS; refused (--safe-socks)",
                         version.name)
-
-    # Until the Tor link takes the loop itself.
-    outbound_socket = _outbound_socket
-    scrub = _scrub
 
 
 def open_unix_listener(path: str, mode: int) -> socket.socket:

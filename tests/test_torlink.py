@@ -1081,7 +1081,7 @@ class StreamWatcher:
         self.stream.on_writable = self._push
         if self.pause_first is not None:
             self.stream.pause(True)
-            self.server.call_at(time.monotonic() + self.pause_first,
+            self.server._loop.call_at(time.monotonic() + self.pause_first,
                                 self._resume, None)
         self._push()
 
@@ -1119,7 +1119,8 @@ def run_in_loop(server, function, *args):
 
 @pytest.fixture
 def pool(server):
-    links = torsocksd.TorLinkPool(server, timeout=1.0)
+    links = torsocksd.TorLinkPool(server._loop, timeout=1.0,
+                                  scrub=server._scrub)
     yield links
     run_in_loop(server, links.close)
 
@@ -1624,11 +1625,17 @@ def test_a_flood_of_cells_is_handled_a_bounded_batch_at_a_time(
             return callback(*args)
         return call
 
-    watch, call_at = server.watch, server.call_at
-    monkeypatch.setattr(server, "watch", lambda sock, old, new, callback:
-                        watch(sock, old, new, counted(callback)))
-    monkeypatch.setattr(server, "call_at", lambda when, function, argument:
-                        call_at(when, counted(function), argument))
+    loop = server._loop
+    watch, call_at, call_soon = loop.watch, loop.call_at, loop.call_soon
+    monkeypatch.setattr(loop, "watch", lambda sock, old, new, handler:
+                        watch(sock, old, new, handler and (
+                            counted(handler[0]), handler[1])))
+    monkeypatch.setattr(loop, "call_at",
+                        lambda when, function, *args, owner=None:
+                        call_at(when, counted(function), *args, owner=owner))
+    monkeypatch.setattr(loop, "call_soon",
+                        lambda function, *args, owner=None:
+                        call_soon(counted(function), *args, owner=owner))
     handle_cell = torsocksd.TorLink._handle_cell
 
     def counting_handle_cell(link, cell):

@@ -126,7 +126,8 @@ def live_loop():
 
 @pytest.fixture(scope="module")
 def live_pool(live_loop):
-    links = torsocksd.TorLinkPool(live_loop, timeout=10.0)
+    links = torsocksd.TorLinkPool(live_loop._loop, timeout=10.0,
+                                  scrub=live_loop._scrub)
     yield links
     run_in_loop(live_loop, links.close)
 
