@@ -10,13 +10,26 @@ name is looked up on the proxy side, never by the client.
 Run it:      python3 torsocksd.py --port 9050
 Embed it:    with torsocksd.Server(listen=[("127.0.0.1", 0)]) as server: ...
 
-One file, the standard library only, CPython 3.8 or newer.  One non-blocking
-selectors loop carries every connection; name lookups run in a small bounded
-pool of worker threads that report back to the loop through a socketpair.
+One file, the standard library only, CPython 3.8 or newer, on POSIX
+systems (the splice relay and --outbound-interface need Linux).  One
+non-blocking selectors loop carries every connection; name lookups run in
+the loop (--nameserver) or in a small bounded pool of worker threads that
+report back to it through a socketpair.
 
-The file reads top to bottom in the order data flows: protocol constants,
-pure parsers and reply builders, policy, resolvers, the connection state
-machine, the loop and Server, process integration, and the command line.
+The file reads top to bottom in the order data flows, one banner per
+section:
+  protocol constants, and text a peer chose made fit for a log line;
+  pure parsers (bytes in, one message out) and pure reply builders;
+  policy: methods, credentials, client and destination rules;
+  the SOCKS handshake, a sans-I/O object: bytes in, replies and a decision;
+  resolvers: the system's in threads, and the built-in DNS client;
+  the Tor link for CONNECT_DIR: AES, KDF-TOR, cells, X.509, relay cells,
+    circuits and directory streams (sans-I/O), then TorLink on the loop;
+  the event loop; Connection, its states and the relay; Settings and Server;
+  process integration (activation, signals, workers); the command line.
+The protocol's rules, and where they differ from Tor's, are the README's
+table "What torsocksd sends, and where it differs from Tor"; comments cite
+its rows by their first cell.
 """
 
 # Copyright (c) 2026 The torsocksd developers.
@@ -62,10 +75,8 @@ __all__ = [
     "choose_method", "special_name_refusal", "destination_refusal",
     "Credentials", "ClientPolicy", "DestinationPolicy",
     # resolvers, the server, the command line
-    "ResolverResult", "SystemResolver", "DnsResolver", "DnsAnswer",
-    "DnsFormatError", "DnsType", "DnsRcode", "encode_dns_query",
-    "parse_dns_response", "parse_nameserver",
-    "State", "Server", "main",
+    "ResolverResult", "SystemResolver", "DnsResolver",
+    "Server", "Settings", "main",
 ]
 
 import argparse
@@ -116,7 +127,7 @@ class Command(enum.IntEnum):
     UDP_ASSOCIATE = 0x03
     RESOLVE = 0xF0          # Tor socks-extensions §2
     RESOLVE_PTR = 0xF1      # Tor socks-extensions §2
-    CONNECT_DIR = 0xF2      # the seed-era spec: a one-hop BEGIN_DIR tunnel
+    CONNECT_DIR = 0xF2      # Tor 0.1.2: a one-hop BEGIN_DIR stream
 
 
 # Commands after whose reply bytes flow: the client's early data is kept.
@@ -125,7 +136,7 @@ RELAYED_COMMANDS = frozenset((Command.CONNECT, Command.CONNECT_DIR))
 LOOKUP_COMMANDS = frozenset((Command.RESOLVE, Command.RESOLVE_PTR))
 
 # SOCKS4 has no UDP ASSOCIATE; Tor's grammar takes CONNECT, BIND, RESOLVE and
-# RESOLVE_PTR, and the seed era added CONNECT_DIR.
+# RESOLVE_PTR, and Tor 0.1.2 to 0.2.0 took CONNECT_DIR too.
 SOCKS4_COMMANDS = frozenset((Command.CONNECT, Command.BIND, Command.RESOLVE,
                              Command.RESOLVE_PTR, Command.CONNECT_DIR))
 
@@ -178,15 +189,16 @@ TLS_HANDSHAKE_RECORD = 0x16        # first byte of a TLS ClientHello record
 
 MAX_SOCKS4_USERID = 512            # Tor's MAX_SOCKS_MESSAGE_LEN: 512 ok, 513 refused
 MAX_HOSTNAME = 255                 # SOCKS5 length byte; Tor's MAX_SOCKS_ADDR_LEN - 1
-MAX_HANDSHAKE_BYTES = 1024         # DECISIONS row 17: bytes buffered before a request
-SPECIAL_SUFFIXES = (".onion", ".exit")   # never sent to DNS (DECISIONS row 16)
+MAX_HANDSHAKE_BYTES = 1024         # the whole handshake: README "handshake time limit"
+SPECIAL_SUFFIXES = (".onion", ".exit")   # never looked up: README "`.onion` and `.exit` names"
 
 ZERO_IPV4 = bytes(4)
 ZERO_IPV6 = bytes(16)
 ZERO_PORT = bytes(2)
 
 # HTTP methods whose first letter sends a client the HTTP page.  Tor looks at
-# G, H, P and C only; OPTIONS, DELETE and TRACE are added (DECISIONS row 1).
+# G, H, P and C only; OPTIONS, DELETE and TRACE are added (the README's
+# "the first byte" row).
 HTTP_FIRST_BYTES = frozenset(b"GHPCODT")
 
 
@@ -264,7 +276,8 @@ class Socks5Request(NamedTuple):
 
 
 def detect_protocol(first_byte: int) -> Protocol:
-    """Tell the protocol from a client's first byte (DECISIONS row 1)."""
+    """Tell the protocol from a client's first byte (the README's "the
+    first byte" row)."""
     if first_byte == Version.SOCKS4:
         return Protocol.SOCKS4
     if first_byte == Version.SOCKS5:
@@ -527,7 +540,8 @@ def socks4_reply(code: Socks4Reply, address: bytes = ZERO_IPV4) -> bytes:
 
 
 def socks5_reply(reply: Reply, client_family: int = socket.AF_INET) -> bytes:
-    """Reply with a zero BND.ADDR and BND.PORT (DECISIONS row 9).
+    """Reply with a zero BND.ADDR and BND.PORT (the README's "CONNECT
+    reply" row).
 
     ATYP 1 (10 bytes) for a client on IPv4, ATYP 4 (22 bytes) for a client on
     IPv6 or a Unix socket, as Tor does; it reveals nothing of the outbound side.
@@ -540,7 +554,8 @@ def socks5_reply(reply: Reply, client_family: int = socket.AF_INET) -> bytes:
 
 
 def socks5_address_reply(address) -> bytes:
-    """A RESOLVE answer: the address in BND.ADDR, port 0 (DECISIONS row 11)."""
+    """A RESOLVE answer: the address in BND.ADDR, port 0 (the README's
+    "RESOLVE (F0)" row)."""
     if address.version == 4:
         return bytes((Version.SOCKS5, Reply.SUCCEEDED, 0, AddressType.IPV4)) \
             + address.packed + ZERO_PORT
@@ -549,8 +564,9 @@ def socks5_address_reply(address) -> bytes:
 
 
 def socks5_hostname_reply(name: str) -> bytes:
-    """A RESOLVE_PTR answer (DECISIONS row 12), or the failure reply when the
-    name cannot be carried (not ASCII, or longer than 255 bytes)."""
+    """A RESOLVE_PTR answer (the README's "RESOLVE_PTR (F1)" row), or the
+    failure reply when the name cannot be carried (not ASCII, or longer
+    than 255 bytes)."""
     try:
         raw = name.rstrip(".").encode("ascii")
     except UnicodeEncodeError:
@@ -579,8 +595,8 @@ def failure_reply(version: Version, reply: Reply,
     return socks5_reply(reply, client_family)
 
 
-# RFC 1928 §6 reply for each connect() errno (DECISIONS row 10); anything not
-# listed is a general failure.
+# RFC 1928 §6 reply for each connect() errno (the README's "connect errors"
+# row); anything not listed is a general failure.
 CONNECT_ERRNO_REPLIES = {
     errno.ECONNREFUSED: Reply.CONNECTION_REFUSED,
     errno.ENETUNREACH: Reply.NETWORK_UNREACHABLE,
@@ -4034,7 +4050,7 @@ class Connection:
                  "client_label", "remote_address", "client_is_local",
                  "target", "state", "handshake", "request", "candidates",
                  "attempts", "last_reply", "lookup", "deadline", "idle_mark",
-                 "tunnel", "upstream", "downstream", "client_events",
+                 "dir_stream", "upstream", "downstream", "client_events",
                  "target_events", "client_handler", "target_handler",
                  "paused_check", "outcome", "opened")
 
@@ -4060,7 +4076,7 @@ class Connection:
         self.request = None
         self.candidates = []
         self.attempts = ()          # sockets connecting at once
-        self.tunnel = None          # the BEGIN_DIR stream of a CONNECT_DIR
+        self.dir_stream = None          # the BEGIN_DIR stream of a CONNECT_DIR
         self.last_reply = Reply.GENERAL_FAILURE
         self.lookup = None
         self.deadline = None        # the Handle of the state's deadline
@@ -4414,7 +4430,7 @@ class Connection:
 
     # -- CONNECT_DIR: a BEGIN_DIR stream on a one-hop circuit ------------------
 
-    def _start_tunnel(self, addresses):
+    def _open_dir_stream(self, addresses):
         """Open a BEGIN_DIR stream to the relay whose ORPort is at the first
         allowed address; the success reply waits for RELAY_CONNECTED."""
         server = self.server
@@ -4429,42 +4445,42 @@ class Connection:
         self._enter(State.CONNECTING)
         guarded = self._run_guarded
         try:
-            self.tunnel = server._tor_link_pool().open_stream(
+            self.dir_stream = server._tor_link_pool().open_stream(
                 str(address), port,
-                functools.partial(guarded, self._tunnel_connected),
-                functools.partial(guarded, self._tunnel_data),
-                functools.partial(guarded, self._tunnel_ended),
-                fingerprint=self.settings.relay_pins.get(
+                functools.partial(guarded, self._dir_stream_connected),
+                functools.partial(guarded, self._dir_stream_data),
+                functools.partial(guarded, self._dir_stream_ended),
+                fingerprint=self.settings.router_pins.get(
                     (str(ip_of(address)), port)))
         except OSError as error:    # no socket, or no stream id left
             self._refuse(reply_for_errno(error.errno),
                          "cannot reach the relay: %s" % error)
             return
-        self.tunnel.on_writable = functools.partial(guarded, self._flush,
+        self.dir_stream.on_writable = functools.partial(guarded, self._flush,
                                                     self.upstream)
 
-    def _tunnel_connected(self):
+    def _dir_stream_connected(self):
         if self.state is State.CONNECTING:
-            self.upstream.sink = self.tunnel
+            self.upstream.sink = self.dir_stream
             self._start_relaying()
 
-    def _tunnel_data(self, data: bytes):
+    def _dir_stream_data(self, data: bytes):
         self.downstream.pending += data
         self._flush(self.downstream)
 
-    def _tunnel_ended(self, reason: int):
+    def _dir_stream_ended(self, reason: int):
         if self.state is State.CONNECTING:
             # The relay unreachable is a connect error like any other (the
             # README's "connect errors" row); else the relay's END reason.
-            error_number = self.tunnel.end_errno
+            error_number = self.dir_stream.end_errno
             self._refuse(reply_for_errno(error_number) if error_number
                          else reply_for_end_reason(reason),
                          "the relay ended the stream (%s): %s"
-                         % (end_reason_name(reason), self.tunnel.end_detail))
+                         % (end_reason_name(reason), self.dir_stream.end_detail))
             return
         # Tor streams have no half-close: once the relay ends the stream,
         # nothing more goes to it, and what came drains to the client.
-        self.tunnel = None
+        self.dir_stream = None
         upstream = self.upstream
         upstream.reading, upstream.sink_shut = False, True
         upstream.pending = bytearray()
@@ -4636,9 +4652,9 @@ class Connection:
             self._abandon_attempts()
         if self.target is not None:
             self._drop_target()
-        if self.tunnel is not None:
-            self.tunnel.close()
-            self.tunnel = None
+        if self.dir_stream is not None:
+            self.dir_stream.close()
+            self.dir_stream = None
         self.upstream.pending = bytearray()
         if not reply:
             self.close()
@@ -4662,9 +4678,9 @@ class Connection:
             self.lookup.cancel()
         if self.attempts:
             self._abandon_attempts()
-        if self.tunnel is not None:
-            self.tunnel.close()     # RELAY_END DONE
-            self.tunnel = None
+        if self.dir_stream is not None:
+            self.dir_stream.close()     # RELAY_END DONE
+            self.dir_stream = None
         close_socket(self.client, reset_client)
         if self.target is not None:
             close_socket(self.target, reset_target)
@@ -4700,12 +4716,12 @@ class Connection:
                 target_events = EVENT_READ
             if upstream.pending or upstream.in_pipe:
                 target_events |= EVENT_WRITE
-        elif self.tunnel is not None:
+        elif self.dir_stream is not None:
             # The relay's data waits in the circuit (no SENDME goes back)
             # while the client is slow to read.
             paused = downstream.backlog() >= HIGH_WATER
-            if paused != self.tunnel.paused:
-                self.tunnel.pause(paused)
+            if paused != self.dir_stream.paused:
+                self.dir_stream.pause(paused)
         loop = self.loop
         if client_events != self.client_events:
             loop.watch(self.client, self.client_events, client_events,
@@ -4716,7 +4732,7 @@ class Connection:
                        self.target_handler)
             self.target_events = target_events
         if state is State.RELAYING and not self.paused_check \
-                and not (client_events and (target_events or self.tunnel)):
+                and not (client_events and (target_events or self.dir_stream)):
             # A socket the loop does not watch cannot report a reset, so
             # look at it now and then while it is paused.
             self.paused_check = True
@@ -4763,7 +4779,7 @@ class Connection:
 # here is refused, never connected.
 COMMAND_HANDLERS = {
     Command.CONNECT: Connection._start_connecting,
-    Command.CONNECT_DIR: Connection._start_tunnel,
+    Command.CONNECT_DIR: Connection._open_dir_stream,
     Command.RESOLVE: Connection._answer_resolve,
     Command.RESOLVE_PTR: Connection._answer_resolve_ptr,
 }
@@ -4866,7 +4882,7 @@ SETTING_DEFAULTS = {
     "unix_mode": 0o600,
     "exit_when_idle": None,
     "splice": False,
-    "relay_pins": None,
+    "router_pins": None,
     "nameservers": (),
     "resolver_threads": 4,
 }
@@ -4914,9 +4930,9 @@ class Settings:
             for source in self.outbound_addresses:
                 by_version[ipaddress.ip_address(source).version] = str(source)
             self.outbound_addresses = by_version
-        self.relay_pins = {(str(ip_of(host)), port): fingerprint
+        self.router_pins = {(str(ip_of(host)), port): fingerprint
                            for (host, port), fingerprint
-                           in dict(self.relay_pins or {}).items()}
+                           in dict(self.router_pins or {}).items()}
         self.nameservers = tuple(self.nameservers)
         if self.max_connections is None:
             self.max_connections = default_max_connections()
@@ -4963,6 +4979,34 @@ def default_max_connections() -> int:
     if soft == resource.RLIM_INFINITY:
         soft = 65536
     return max(16, (soft - 64) // 2)
+
+
+class Listener:
+    """A listening socket and what it serves: kind "socks" (the SOCKS
+    port), or another door a feature adds.  spec is how it was asked for
+    ((host, port) or "unix:/path"; None when handed in), so that a reload
+    can tell which listeners to keep."""
+    __slots__ = ("sock", "kind", "spec", "unix_path", "address")
+
+    def __init__(self, sock: socket.socket, kind: str = "socks", spec=None,
+                 unix_path: Optional[str] = None):
+        self.sock = sock
+        self.kind = kind
+        self.spec = spec
+        self.unix_path = unix_path      # to unlink when it closes
+        self.address = sock.getsockname()
+
+    def close(self):
+        self.sock.close()
+
+
+def open_listener_for(spec, kind: str, unix_mode: int) -> Listener:
+    """A Listener for spec: (host, port) or "unix:/path"."""
+    if isinstance(spec, str) and spec.startswith("unix:"):
+        path = spec[len("unix:"):]
+        return Listener(open_unix_listener(path, unix_mode), kind, spec,
+                        unix_path=path)
+    return Listener(open_listener(*spec), kind, spec)
 
 
 def is_listening(sock: socket.socket) -> bool:
@@ -5019,7 +5063,7 @@ class Server:
                           serve_forever() returns (inetd "wait")
     splice                relay with os.splice through pipes instead of
                           copying through Python (Linux, Python 3.10+)
-    relay_pins            {(relay IP, ORPort): 20-byte fingerprint}: a
+    router_pins            {(relay IP, ORPort): 20-byte fingerprint}: a
                           CONNECT_DIR to that relay must prove that identity
     nameservers           [(IP, port), ...]: resolve with the built-in DNS
                           client instead of the system's resolver
@@ -5033,8 +5077,7 @@ class Server:
             else self.settings.new_resolver()
         self._listen = [] if sockets else list(listen)
         self._handed_in = list(sockets)
-        self._listeners = []
-        self._unix_paths = []           # Unix listeners to unlink at the end
+        self._listeners = []            # Listener records
         self._bound_by = None           # the process that made them
         self._loop = None
         self._thread = None             # the thread start() made
@@ -5087,23 +5130,17 @@ class Server:
         self._bound_by = os.getpid()
         try:
             for spec in self._listen:
-                if isinstance(spec, str) and spec.startswith("unix:"):
-                    path = spec[len("unix:"):]
-                    self._listeners.append(
-                        open_unix_listener(path, self.settings.unix_mode))
-                    self._unix_paths.append(path)
-                else:
-                    self._listeners.append(open_listener(*spec))
+                self._listeners.append(open_listener_for(
+                    spec, "socks", self.settings.unix_mode))
             for sock in self._handed_in:
                 if is_listening(sock):
-                    self._listeners.append(sock)
+                    self._listeners.append(Listener(sock))
             self._check_exposure(self.settings)
         except (OSError, ValueError):
             self._close_listeners()
             self._listeners, self._bound_by = [], None
             raise
-        self.addresses = [listener.getsockname()
-                          for listener in self._listeners]
+        self.addresses = [listener.address for listener in self._listeners]
         for name in self.addresses:
             log.info("listening on %s", format_address(name))
 
@@ -5204,7 +5241,7 @@ class Server:
             function, args = self._early_calls.pop(0)
             loop.call_soon(function, *args)
         for listener in self._listeners:
-            listener.setblocking(False)
+            listener.sock.setblocking(False)
         attach = getattr(self.resolver, "attach", None)
         if attach is not None:
             attach(loop)        # a resolver that runs in this loop
@@ -5248,33 +5285,33 @@ class Server:
             return
         if len(self._connections) >= self.settings.max_connections:
             return
-        handler = (self._accept_from, None)
         for listener in self._listeners:
-            self._loop.watch(listener, 0, EVENT_READ, handler)
+            self._loop.watch(listener.sock, 0, EVENT_READ, (functools.partial(
+                self._accept_from, listener), None))
         self._accepting = True
 
     def _pause_accepting(self):
         if not self._accepting:
             return
         for listener in self._listeners:
-            self._loop.watch(listener, EVENT_READ, 0, None)
+            self._loop.watch(listener.sock, EVENT_READ, 0, None)
         self._accepting = False
 
-    def _accept_from(self, mask):
+    def _accept_from(self, listener: Listener, mask):
         max_connections = self.settings.max_connections
-        for listener in self._listeners:
-            for _ in range(ACCEPTS_PER_WAKEUP):
-                if len(self._connections) >= max_connections:
-                    self._pause_accepting()
-                    return
-                try:
-                    client, peer = listener.accept()
-                except (BlockingIOError, InterruptedError):
-                    break
-                except OSError as error:
-                    self._accept_failed(error)
-                    return
-                self._serve(client, peer)
+        accept = listener.sock.accept
+        for _ in range(ACCEPTS_PER_WAKEUP):
+            if len(self._connections) >= max_connections:
+                self._pause_accepting()
+                return
+            try:
+                client, peer = accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as error:
+                self._accept_failed(error)
+                return
+            self._serve(client, peer, listener.kind)
 
     def _accept_failed(self, error: OSError):
         if error.errno in ACCEPT_PAUSE_ERRORS:
@@ -5286,7 +5323,7 @@ class Server:
             self._last_accept_error_log = now
             log.warning("accept failed: %s", error)
 
-    def _serve(self, client: socket.socket, peer):
+    def _serve(self, client: socket.socket, peer, kind: str = "socks"):
         self._accepted += 1
         remote_address = None       # a Unix or loopback client is local
         label = "unix socket"
@@ -5396,17 +5433,17 @@ class Server:
             self._drain_deadline = deadline
 
     def _close_listeners(self):
-        for listener in self._listeners:
-            listener.close()
         # Only the process that made a Unix listener removes its path (a
         # forked worker leaves it to its parent).
-        if self._bound_by == os.getpid():
-            for path in self._unix_paths:
+        made_here = self._bound_by == os.getpid()
+        for listener in self._listeners:
+            listener.close()
+            if made_here and listener.unix_path is not None:
                 try:
-                    os.unlink(path)
+                    os.unlink(listener.unix_path)
                 except OSError:
                     pass
-        self._unix_paths = []
+                listener.unix_path = None
 
     def _check_exposure(self, settings: Settings):
         """Refuse to be an open proxy by accident."""
@@ -5414,15 +5451,14 @@ class Server:
                 or settings.credentials:
             return
         for listener in self._listeners:
-            if listener.family not in (socket.AF_INET, socket.AF_INET6):
+            if listener.sock.family not in (socket.AF_INET, socket.AF_INET6):
                 continue
-            host = listener.getsockname()[0]
-            if not ipaddress.ip_address(host.split("%")[0]).is_loopback:
+            if not ip_of(listener.address[0]).is_loopback:
                 raise ValueError(
                     "refusing to listen on %s without --allow/--deny or "
                     "--credentials: anyone could use this proxy (give "
                     "--open-proxy if that is meant)"
-                    % format_address(listener.getsockname()))
+                    % format_address(listener.address))
 
     def _close_everything(self):
         loop = self._loop
@@ -5637,10 +5673,8 @@ def install_signal_handlers(server: Server, on_reload):
 
     for number in (signal.SIGTERM, signal.SIGINT):
         signal.signal(number, on_stop)
-    if hasattr(signal, "SIGHUP"):
-        signal.signal(signal.SIGHUP, on_hangup)
-    if hasattr(signal, "SIGUSR1"):
-        signal.signal(signal.SIGUSR1, on_usr1)
+    signal.signal(signal.SIGHUP, on_hangup)
+    signal.signal(signal.SIGUSR1, on_usr1)
 
 
 WORKER_RESTART_PAUSE = 1.0      # seconds between restarts of a crashing worker
@@ -5779,7 +5813,7 @@ def policy_rule(text: str) -> str:
     return text
 
 
-def relay_pin(text: str):
+def router_pin(text: str):
     """"ADDR:PORT=FINGERPRINT" -> ((ADDR, PORT), 20-byte fingerprint)."""
     where, equals, fingerprint = text.partition("=")
     if not equals:
@@ -5888,8 +5922,8 @@ def build_argument_parser() -> argparse.ArgumentParser:
                              'names them itself ("accept 127.0.0.1:7001" '
                              'does, "accept *:80" never does)')
     access.add_argument("--pin-relay", metavar="ADDR:PORT=FINGERPRINT",
-                        action="append", dest="relay_pins", default=[],
-                        type=relay_pin,
+                        action="append", dest="router_pins", default=[],
+                        type=router_pin,
                         help="CONNECT_DIR to the relay at ADDR:PORT (its "
                              "ORPort) must prove this identity (40 hex "
                              "digits); repeatable")

@@ -98,8 +98,8 @@ def test_ipv4_listener_replies_with_atyp_1(make_server, echo_server):
 @needs_ipv6
 def test_ipv6_listener_replies_with_atyp_4(make_server, echo_server):
     server = make_server(listen=[("::1", 0)], resolver=FakeResolver(NAMES))
-    assert server._listeners[0].family == socket.AF_INET6
-    assert server._listeners[0].getsockopt(socket.IPPROTO_IPV6,
+    assert server._listeners[0].sock.family == socket.AF_INET6
+    assert server._listeners[0].sock.getsockopt(socket.IPPROTO_IPV6,
                                           socket.IPV6_V6ONLY) == 1
     address = server.addresses[0]
     # To an IPv4 target too: the reply follows the client's family.
@@ -155,7 +155,8 @@ def test_wildcard_listeners_of_both_families_share_a_port(make_server,
     if order == "ipv6 first":
         listen.reverse()
     server = make_server(listen=listen, open_proxy=True)
-    families = {listener.family: listener for listener in server._listeners}
+    families = {listener.sock.family: listener.sock
+                for listener in server._listeners}
     assert set(families) == {socket.AF_INET, socket.AF_INET6}
     assert families[socket.AF_INET6].getsockopt(
         socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1

@@ -85,7 +85,7 @@ def test_client_rules_written_as_mapped_addresses(rules, address, permitted):
     ("[::1]:9001=" + FINGERPRINT, ("::1", 9001)),
 ])
 def test_relay_pins_are_kept_under_the_plain_address(text, key):
-    assert torsocksd.relay_pin(text) == (key, bytes.fromhex(FINGERPRINT))
+    assert torsocksd.router_pin(text) == (key, bytes.fromhex(FINGERPRINT))
 
 
 # =============================================================================

@@ -316,7 +316,7 @@ class TestLiveRelay:
         key = ("127.0.0.1", directory_relay.port)
         for pin, expected in ((right, b"\x05\x00"), (bytes(20), b"\x05\x01")):
             server = torsocksd.Server(listen=[("127.0.0.1", 0)],
-                                      relay_pins={key: pin}).start()
+                                      router_pins={key: pin}).start()
             try:
                 with socket.create_connection(server.address,
                                               timeout=TIMEOUT) as c:
@@ -344,10 +344,10 @@ class TestLiveRelay:
             for fingerprint, expected in (
                     (directory_relay.fingerprint(), b"\x05\x00"),
                     ("00" * 20, b"\x05\x01")):
-                pin = torsocksd.relay_pin("%s:%d=%s"
+                pin = torsocksd.router_pin("%s:%d=%s"
                                           % (pinned_as, port, fingerprint))
                 server = torsocksd.Server(listen=[("127.0.0.1", 0)],
-                                          relay_pins=dict([pin])).start()
+                                          router_pins=dict([pin])).start()
                 try:
                     for what, target in targets.items():
                         with socket.create_connection(server.address,
