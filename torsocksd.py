@@ -75,7 +75,8 @@ __all__ = [
     "choose_method", "special_name_refusal", "destination_refusal",
     "Credentials", "ClientPolicy", "DestinationPolicy",
     # resolvers, the server, the command line
-    "ResolverResult", "SystemResolver", "DnsResolver",
+    "ResolverResult", "SystemResolver", "DnsResolver", "LookupScheduler",
+    "LoginThrottle",
     "Server", "Settings", "main",
 ]
 
@@ -719,6 +720,58 @@ class Credentials:
         return matched
 
 
+# Failed RFC 1929 logins from one client before its logins are refused
+# outright: a person mistyping gets a few tries, a guesser gets few too.
+LOGIN_FAILURES_ALLOWED = 5          # the default of --max-login-failures
+LOGIN_FAILURE_WINDOW = 30.0         # seconds a failure counts
+MAX_THROTTLED_CLIENTS = 4096        # clients remembered; the oldest go first
+
+
+class LoginThrottle:
+    """Failed logins per client (an address, or an IPv6 /64).
+
+    After LOGIN_FAILURES_ALLOWED failures within LOGIN_FAILURE_WINDOW
+    seconds, a client's next logins are refused without a check until its
+    oldest failure ages out.  Decisions only: the caller gives the time.
+    """
+
+    def __init__(self, allowed: int = LOGIN_FAILURES_ALLOWED,
+                 window: float = LOGIN_FAILURE_WINDOW,
+                 remembered: int = MAX_THROTTLED_CLIENTS):
+        self.allowed = allowed
+        self.window = window
+        self.remembered = remembered
+        self._failures = collections.OrderedDict()   # client -> deque of times
+
+    def blocked(self, client, now: float) -> bool:
+        """Whether client's logins are refused without a check now."""
+        times = self._recent(client, now)
+        return times is not None and len(times) >= self.allowed
+
+    def failed(self, client, now: float) -> bool:
+        """Record a failed login; True when it is the one that blocks the
+        client (to be logged once per burst)."""
+        times = self._recent(client, now)
+        if times is None:
+            times = self._failures[client] = collections.deque()
+            while len(self._failures) > self.remembered:
+                self._failures.popitem(last=False)
+        times.append(now)
+        self._failures.move_to_end(client)
+        return len(times) == self.allowed
+
+    def _recent(self, client, now: float):
+        times = self._failures.get(client)
+        if times is None:
+            return None
+        while times and times[0] <= now - self.window:
+            times.popleft()
+        if not times:
+            del self._failures[client]
+            return None
+        return times
+
+
 def special_name_refusal(host: str) -> Optional[str]:
     """Why a name must never reach DNS (.onion, .exit), or None."""
     name = host.rstrip(".").lower()
@@ -1210,8 +1263,9 @@ class SystemResolver:
     fails at once instead of queueing without bound.
     """
 
-    def __init__(self, workers: int = 4, max_pending: int = 512):
+    def __init__(self, workers: int = 8, max_pending: int = 512):
         self.workers = max(1, workers)
+        self.capacity = self.workers    # lookups that run at once
         self.max_pending = max_pending
         self._jobs = queue.Queue()
         self._threads = []
@@ -1909,6 +1963,7 @@ class DnsResolver:
         self.attempts = max(1, attempts)
         self.cache_size = cache_size
         self.max_pending = max_pending
+        self.capacity = max_pending     # lookups that ask at once
         # (name, qtype) -> (monotonic expiry, DnsAnswer), oldest first
         self.cache = collections.OrderedDict()
         self.queries = set()        # _DnsQuery in flight, one per lookup
@@ -2018,6 +2073,147 @@ class DnsResolver:
         self.cache[key] = (time.monotonic() + ttl, answer)
         while len(self.cache) > self.cache_size:
             self.cache.popitem(last=False)
+
+
+# =============================================================================
+# Sharing the resolver: one client's lookups never hold another's back
+# =============================================================================
+# A client here is what Server calls a client key: an IPv4 address, an IPv6
+# /64, or all Unix-socket clients together.  Names whose servers never
+# answer are the cheap way to tie a resolver up; each client gets a share.
+
+MAX_WAITING_LOOKUPS = 512           # lookups waiting for the resolver, in all
+MAX_WAITING_LOOKUPS_PER_CLIENT = 64  # ... from one client
+DEFAULT_RESOLVER_CAPACITY = 64      # lookups at once, for a resolver that
+                                    # does not say (its capacity attribute)
+
+
+class _ScheduledLookup:
+    """One lookup as the scheduler holds it: waiting, then at the resolver."""
+    __slots__ = ("scheduler", "client", "kind", "query", "callback", "owner",
+                 "inner", "state")
+
+    def __init__(self, scheduler, client, kind, query, callback, owner):
+        self.scheduler = scheduler
+        self.client = client
+        self.kind = kind            # "name" or "address"
+        self.query = query
+        self.callback = callback    # runs in the loop with the result
+        self.owner = owner
+        self.inner = None           # the resolver's handle, once asked
+        self.state = "waiting"
+
+    def cancel(self):
+        self.scheduler.cancel(self)
+
+
+class LookupScheduler:
+    """Hands lookups to the resolver fairly, client by client.
+
+    The resolver gets at most capacity lookups at once, and each client at
+    most half of them (share); more wait, at most
+    MAX_WAITING_LOOKUPS_PER_CLIENT per client and MAX_WAITING_LOOKUPS in
+    all, beyond which lookup() refuses at once (None).  A free place goes
+    to the waiting client with the fewest lookups out, in turn among
+    equals.  A cancelled lookup gives
+    its place back at once.  Runs in the loop; the resolver may answer from
+    any thread.
+    """
+
+    def __init__(self, resolver, loop, capacity: Optional[int] = None):
+        self.resolver = resolver
+        self.loop = loop
+        self.capacity = max(1, capacity or getattr(
+            resolver, "capacity", DEFAULT_RESOLVER_CAPACITY))
+        self.share = max(1, self.capacity // 2)
+        self.asking = collections.Counter()     # client -> at the resolver
+        self.asking_total = 0
+        self.waiting = collections.OrderedDict()  # client -> deque, in turn
+        self.waiting_total = 0
+
+    def lookup(self, client, hostname: str, callback, owner=None):
+        return self._submit(client, "name", hostname, callback, owner)
+
+    def reverse(self, client, address, callback, owner=None):
+        return self._submit(client, "address", address, callback, owner)
+
+    def pending(self) -> int:
+        return self.asking_total + self.waiting_total
+
+    def _submit(self, client, kind, query, callback, owner):
+        queue = self.waiting.get(client)
+        if self.waiting_total >= MAX_WAITING_LOOKUPS or (
+                queue is not None
+                and len(queue) >= MAX_WAITING_LOOKUPS_PER_CLIENT):
+            return None
+        job = _ScheduledLookup(self, client, kind, query, callback, owner)
+        if queue is None and self._has_room(client):
+            self._ask(job)
+        else:
+            self.waiting.setdefault(client, collections.deque()).append(job)
+            self.waiting_total += 1
+        return job
+
+    def _has_room(self, client) -> bool:
+        return (self.asking_total < self.capacity
+                and self.asking[client] < self.share)
+
+    def _ask(self, job: _ScheduledLookup):
+        job.state = "asking"
+        self.asking[job.client] += 1
+        self.asking_total += 1
+        method = self.resolver.lookup if job.kind == "name" \
+            else self.resolver.reverse
+        answer = self.loop.threadsafe_callback(
+            functools.partial(self._answered, job), owner=job.owner)
+        job.inner = method(job.query, answer)
+
+    def _answered(self, job: _ScheduledLookup, result: ResolverResult):
+        if job.state != "asking":
+            return          # cancelled meanwhile
+        self._release(job)
+        job.state = "done"
+        job.callback(result)
+        self._next()
+
+    def cancel(self, job: _ScheduledLookup):
+        if job.state == "waiting":
+            queue = self.waiting[job.client]
+            queue.remove(job)
+            self.waiting_total -= 1
+            if not queue:
+                del self.waiting[job.client]
+        elif job.state == "asking":
+            if job.inner is not None:
+                job.inner.cancel()
+            self._release(job)
+            self._next()
+        job.state = "cancelled"
+
+    def _release(self, job: _ScheduledLookup):
+        self.asking_total -= 1
+        self.asking[job.client] -= 1
+        if not self.asking[job.client]:
+            del self.asking[job.client]
+
+    def _next(self):
+        """Give free places to waiting clients, one lookup each in turn."""
+        while self.asking_total < self.capacity:
+            # The client with the fewest lookups out goes first; among
+            # equals, the one whose turn came longest ago.
+            eligible = [client for client in self.waiting
+                        if self.asking[client] < self.share]
+            if not eligible:
+                return
+            client = min(eligible, key=self.asking.__getitem__)
+            queue = self.waiting[client]
+            job = queue.popleft()
+            self.waiting_total -= 1
+            if queue:
+                self.waiting.move_to_end(client)    # its turn is over
+            else:
+                del self.waiting[client]
+            self._ask(job)
 
 
 # =============================================================================
@@ -2138,6 +2334,7 @@ LINK_RECEIVED_HIGH_WATER = 128 * 1024
 # one TLS record, some 6 ms of relay crypto in CPython.
 LINK_CELLS_PER_WAKEUP = 32
 LINK_IDLE_TIMEOUT = 60.0       # seconds an unused circuit stays open for reuse
+MAX_TOR_LINKS = 64             # links (a socket each) open at once
 
 
 class TorProtocolError(Exception):
@@ -3766,6 +3963,9 @@ class TorLinkPool:
         address = str(ip_of(address))
         link = self._find_link(address, port, fingerprint)
         if link is None:
+            if len(self.links) >= MAX_TOR_LINKS:
+                raise OSError(errno.EAGAIN, "%d Tor links open already"
+                              % MAX_TOR_LINKS)
             if self._tls_context is None:
                 self._tls_context = tor_tls_context()
             link = TorLink(self.loop, address, port, fingerprint,
@@ -3868,19 +4068,19 @@ class EventLoop:
         self._ready.append(handle)
         return handle
 
-    def call_soon_threadsafe(self, function, *args) -> Handle:
-        handle = self.call_soon(function, *args)    # deque.append is atomic
+    def call_soon_threadsafe(self, function, *args, owner=None) -> Handle:
+        handle = self.call_soon(function, *args, owner=owner)   # atomic
         try:
             self._wakeup_writer.send(b"\0")
         except OSError:
             pass    # full (a wake-up is pending anyway) or closed
         return handle
 
-    def threadsafe_callback(self, callback):
+    def threadsafe_callback(self, callback, owner=None):
         """A callable any thread may call with one argument; callback then
         runs with it in the loop (for resolvers' answers)."""
         def post(result):
-            self.call_soon_threadsafe(callback, result)
+            self.call_soon_threadsafe(callback, result, owner=owner)
         return post
 
     def run_once(self, limit: Optional[float] = None):
@@ -3956,6 +4156,7 @@ RECV_BUFFER_SIZE = 256 * 1024       # one buffer for the whole loop
 READS_PER_WAKEUP = 4                # fewer selects under load, still fair
 HIGH_WATER = 256 * 1024             # stop reading a side past this backlog
 MAX_CONNECT_ATTEMPTS = 16           # addresses of one name tried in turn
+MAX_PARALLEL_ATTEMPTS = 2           # ... at most this many at once (fds)
 CLOSING_LINGER = 2.0                # seconds a last reply may take to drain
 PAUSED_CHECK_INTERVAL = 1.0         # seconds between looks at a paused socket
 
@@ -4048,6 +4249,7 @@ class Connection:
     """
     __slots__ = ("server", "loop", "settings", "number", "client",
                  "client_label", "remote_address", "client_is_local",
+                 "client_key", "login_throttled",
                  "target", "state", "handshake", "request", "candidates",
                  "attempts", "last_reply", "lookup", "deadline", "idle_mark",
                  "dir_stream", "upstream", "downstream", "client_events",
@@ -4055,7 +4257,8 @@ class Connection:
                  "paused_check", "outcome", "opened")
 
     def __init__(self, server: "Server", client: socket.socket,
-                 client_label: str, remote_address, number: int):
+                 client_label: str, remote_address, number: int,
+                 client_key=None):
         self.server = server
         self.loop = server._loop
         self.settings = settings = server.settings     # fixed from accept on
@@ -4065,12 +4268,15 @@ class Connection:
         # The client's address unless it is on this host (loopback or Unix).
         self.remote_address = remote_address
         self.client_is_local = remote_address is None
+        # Whose share of lookups and logins this is (Server._client_key).
+        self.client_key = client_key
+        self.login_throttled = False
         self.target = None
         self.state = State.HANDSHAKE
         credentials = settings.credentials
         self.handshake = SocksHandshake(
             credentials_required=bool(credentials),
-            authenticate=credentials.check if credentials else None,
+            authenticate=self._authenticate if credentials else None,
             safe_socks=settings.safe_socks, client_family=client.family,
             local_address=self._local_address)
         self.request = None
@@ -4237,6 +4443,8 @@ class Connection:
         elif settings.test_socks and handshake.unsafe is not None:
             self._log_request_safety()
         if request is None:
+            if self.login_throttled:
+                handshake.refusal = "too many failed logins from this client"
             if handshake.protocol is Protocol.HTTP:
                 # The page is what the client gets: it counts as bytes down.
                 self.downstream.count += len(replies)
@@ -4248,6 +4456,22 @@ class Connection:
         if request.command in RELAYED_COMMANDS:
             self.upstream.pending = bytearray(handshake.early_data)
         self._start_request(request)
+
+    def _authenticate(self, username: bytes, password: bytes) -> bool:
+        """RFC 1929 against the credentials, unless this client failed too
+        often lately (the README's "SOCKS5 methods with credentials")."""
+        throttle = self.server._login_throttle
+        now = time.monotonic()
+        if throttle.allowed and throttle.blocked(self.client_key, now):
+            self.login_throttled = True
+            return False
+        if self.settings.credentials.check(username, password):
+            return True
+        if throttle.allowed and throttle.failed(self.client_key, now):
+            log.warning("%s: %d failed logins in %.0f s: its logins are "
+                        "refused for a while", self.client_label,
+                        throttle.allowed, throttle.window)
+        return False
 
     def _local_address(self) -> str:
         """Where the client reached us, as a proxy URL writes it."""
@@ -4270,13 +4494,13 @@ class Connection:
     def _start_request(self, request: Request):
         """Look the destination up (or take its IP literal), then hand the
         answers to the command's handler."""
-        resolver = self.server.resolver
+        lookups = self.server._lookups
         if request.command is Command.RESOLVE_PTR:
-            self._start_lookup(resolver.reverse, request.address)
+            self._start_lookup(lookups.reverse, request.address)
         elif request.address is not None:
             self._serve_answers((request.address,))
         else:
-            self._start_lookup(resolver.lookup, request.host)
+            self._start_lookup(lookups.lookup, request.host)
 
     def _serve_answers(self, answers):
         handler = COMMAND_HANDLERS.get(self.request.command)
@@ -4289,9 +4513,14 @@ class Connection:
     # -- resolving ------------------------------------------------------------
 
     def _start_lookup(self, method, query):
+        """Ask through the Server's LookupScheduler, in this client's
+        share."""
         self._enter(State.RESOLVING)
-        self.lookup = method(query, self.loop.threadsafe_callback(
-            self._resolved))
+        self.lookup = method(self.client_key, query, self._resolved,
+                             owner=self)
+        if self.lookup is None:
+            self._refuse(Reply.GENERAL_FAILURE, "too many pending name "
+                         "lookups from this client")
 
     def _resolved(self, result: ResolverResult):
         self._run_guarded(self._on_resolved, result)
@@ -4373,7 +4602,7 @@ class Connection:
             self.attempts.append(target)
             self.loop.watch(target, 0, EVENT_WRITE, (functools.partial(
                 self._run_guarded, self._attempt_ready, target), self))
-            if self.candidates:
+            if self.candidates and len(self.attempts) < MAX_PARALLEL_ATTEMPTS:
                 self.loop.call_later(
                     self.settings.happy_eyeballs_delay, self._run_guarded,
                     self._attempt_overdue, target, owner=self)
@@ -4383,8 +4612,10 @@ class Connection:
                 self.last_reply.name.lower().replace("_", " ")))
 
     def _attempt_overdue(self, target):
-        """An attempt is still pending after the delay: start the next too."""
-        if self.state is State.CONNECTING and target in self.attempts:
+        """An attempt is still pending after the delay: start the next too,
+        unless MAX_PARALLEL_ATTEMPTS are out (then a failure starts it)."""
+        if self.state is State.CONNECTING and target in self.attempts \
+                and len(self.attempts) < MAX_PARALLEL_ATTEMPTS:
             self._attempt_next()
 
     def _attempt_ready(self, target, mask):
@@ -4493,7 +4724,13 @@ class Connection:
         does).  Reading on also shows a client that resets meanwhile."""
         data = self.client.recv(HIGH_WATER)
         if not data:
-            self.upstream.reading = False
+            if self.request.command in LOOKUP_COMMANDS:
+                # Nobody will read the answer: the lookup is cancelled, as
+                # Tor drops a request whose client hangs up.
+                self.outcome = "client closed before the answer"
+                self.close()
+                return
+            self.upstream.reading = False   # a CONNECT's half-close
         elif self.request.command in RELAYED_COMMANDS:
             self.upstream.pending += data
 
@@ -4868,6 +5105,7 @@ SETTING_DEFAULTS = {
     "max_per_client": None,
     "credentials": None,
     "credentials_file": None,
+    "max_login_failures": 5,
     "client_policy": None,
     "destination_policy": None,
     "open_proxy": False,
@@ -4884,7 +5122,7 @@ SETTING_DEFAULTS = {
     "splice": False,
     "router_pins": None,
     "nameservers": (),
-    "resolver_threads": 4,
+    "resolver_threads": 8,
 }
 
 
@@ -4935,7 +5173,10 @@ class Settings:
                            in dict(self.router_pins or {}).items()}
         self.nameservers = tuple(self.nameservers)
         if self.max_connections is None:
-            self.max_connections = default_max_connections()
+            lookup_fds = dns_lookup_capacity(file_limit()) \
+                if self.nameservers else self.resolver_threads
+            self.max_connections = default_max_connections(lookup_fds,
+                                                           self.splice)
         if self.splice and not HAVE_SPLICE:
             raise ValueError("the splice relay needs Linux and Python 3.10+")
 
@@ -4943,7 +5184,8 @@ class Settings:
         """The resolver these settings ask for: the built-in DNS client with
         nameservers, else the system's resolver in a thread pool."""
         if self.nameservers:
-            return DnsResolver(self.nameservers)
+            return DnsResolver(self.nameservers,
+                               max_pending=dns_lookup_capacity(file_limit()))
         return SystemResolver(workers=self.resolver_threads)
 
 
@@ -4968,17 +5210,40 @@ def open_listener(host: str, port: int) -> socket.socket:
     return listener
 
 
-def default_max_connections() -> int:
-    """As many connections as the fd limit allows: two fds each, and some
-    spare for listeners, the wakeup pair and lookups."""
+# The file descriptor budget.  A connection holds its client and up to
+# MAX_PARALLEL_ATTEMPTS sockets while it connects (then one target); the
+# splice relay lends a moving connection two pipes.  Lookups and Tor links
+# hold their own; the rest (listeners, the loop, logs) is FDS_SPARE.  The
+# default --max-connections is what the limit allows when every connection
+# holds the most it can, so a new client is never left without a socket.
+FDS_SPARE = 64
+FDS_PER_CONNECTION = 1 + MAX_PARALLEL_ATTEMPTS
+FDS_PER_SPLICED_CONNECTION = FDS_PER_CONNECTION + 4
+
+
+def file_limit() -> int:
+    """The soft RLIMIT_NOFILE (65536 for "unlimited")."""
     try:
         import resource
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     except (ImportError, OSError, ValueError):
-        return 512
-    if soft == resource.RLIM_INFINITY:
-        soft = 65536
-    return max(16, (soft - 64) // 2)
+        return 1024
+    return 65536 if soft == resource.RLIM_INFINITY else soft
+
+
+def dns_lookup_capacity(limit: int) -> int:
+    """Lookups the built-in DNS client may have out at once (a socket
+    each): a sixteenth of the fd limit, between 16 and 512."""
+    return max(16, min(512, limit // 16))
+
+
+def default_max_connections(lookup_fds: int = 0,
+                            splice: bool = False) -> int:
+    """As many connections as the fd limit allows (see FDS_SPARE)."""
+    per_connection = FDS_PER_SPLICED_CONNECTION if splice \
+        else FDS_PER_CONNECTION
+    spare = FDS_SPARE + MAX_TOR_LINKS + lookup_fds
+    return max(16, (file_limit() - spare) // per_connection)
 
 
 class Listener:
@@ -5007,6 +5272,14 @@ def open_listener_for(spec, kind: str, unix_mode: int) -> Listener:
         return Listener(open_unix_listener(path, unix_mode), kind, spec,
                         unix_path=path)
     return Listener(open_listener(*spec), kind, spec)
+
+
+def client_key(address):
+    """Whose share a client uses (per-client caps, lookups, failed logins):
+    its IPv4 address, or its IPv6 /64, which one host usually has whole."""
+    if address.version == 4:
+        return address
+    return ipaddress.IPv6Network((address, 64), strict=False)
 
 
 def is_listening(sock: socket.socket) -> bool:
@@ -5044,6 +5317,9 @@ class Server:
     credentials           a Credentials object: RFC 1929 becomes mandatory
     credentials_file      a file of user:password lines, read now and again
                           by reload()
+    max_login_failures    failed logins one client (an address, an IPv6 /64)
+                          may make within 30 s before its logins are
+                          refused for a while (0: no limit)
     client_policy         a ClientPolicy, or [(allowed, CIDR), ...] (--allow,
                           --deny)
     destination_policy    a DestinationPolicy, or its rules (--policy)
@@ -5090,7 +5366,10 @@ class Server:
         self._numbers = itertools.count(1)
         self._last_unsafe_warning = 0.0
         self._last_accept_error_log = 0.0
-        self._per_client = collections.Counter()  # remote address -> open
+        self._per_client = collections.Counter()  # remote client key -> open
+        self._login_throttle = LoginThrottle(
+            self.settings.max_login_failures)
+        self._lookups = None            # LookupScheduler, once the loop is
         self._pipes = []                # idle pipes for the splice relay
         self._tor_links = None          # TorLinkPool, once CONNECT_DIR is used
         self._last_busy = time.monotonic()
@@ -5245,11 +5524,12 @@ class Server:
         attach = getattr(self.resolver, "attach", None)
         if attach is not None:
             attach(loop)        # a resolver that runs in this loop
+        self._lookups = LookupScheduler(self.resolver, loop)
         clients = [sock for sock in self._handed_in if not is_listening(sock)]
         if clients and not self._listeners:
             self._exit_when_done = True
         for client in clients:
-            self._serve(client, client.getpeername())
+            self._serve(client, client.getpeername(), handed_in=True)
         self._resume_accepting()
         if os.getpid() != self._bound_by:   # a forked worker: say so too
             for name in self.addresses:
@@ -5323,42 +5603,55 @@ class Server:
             self._last_accept_error_log = now
             log.warning("accept failed: %s", error)
 
-    def _serve(self, client: socket.socket, peer, kind: str = "socks"):
+    def _serve(self, client: socket.socket, peer, kind: str = "socks",
+               handed_in: bool = False):
         self._accepted += 1
         remote_address = None       # a Unix or loopback client is local
         label = "unix socket"
+        key = "unix"
         if client.family != socket.AF_UNIX:
             label = format_address(peer)
             address = ip_of(peer[0])
-            refusal = self._client_refusal(address)
+            key = client_key(address)
+            local = address.is_loopback
+            refusal = self._client_refusal(address, key, local, handed_in)
             if refusal:
                 self._refused_at_accept += 1
                 log.info("refused %s at accept: %s", label, refusal)
                 client.close()
                 return
-            if not address.is_loopback:
+            if not local:
                 remote_address = address
             with_nodelay(client)
         client.setblocking(False)
         try:
             connection = Connection(self, client, label, remote_address,
-                                    next(self._numbers))
+                                    next(self._numbers), key)
         except OSError as error:
             log.warning("cannot serve a new connection: %s", error)
             client.close()
             return
         if remote_address is not None:
-            self._per_client[remote_address] += 1
+            self._per_client[key] += 1
         self._connections.add(connection)
 
-    def _client_refusal(self, address) -> Optional[str]:
+    def _client_refusal(self, address, key, local: bool,
+                        handed_in: bool) -> Optional[str]:
         settings = self.settings
         if not settings.client_policy.permits(address):
             return "not allowed by --allow/--deny"
-        if (settings.max_per_client is not None and not address.is_loopback
-                and self._per_client[address] >= settings.max_per_client):
-            return "more than %d connections from one address" \
-                % settings.max_per_client
+        if local:
+            return None
+        if handed_in and not self._guarded(settings):
+            # inetd and Accept=yes hand us a client instead of a listener:
+            # the rule for an exposed listener holds for it too.
+            return ("a client from another host needs --allow/--deny or "
+                    "--credentials (or --open-proxy)")
+        if (settings.max_per_client is not None
+                and self._per_client[key] >= settings.max_per_client):
+            return "more than %d connections from one %s" % (
+                settings.max_per_client,
+                "address" if address.version == 4 else "/64")
         return None
 
     def _connection_closed(self, connection: Connection):
@@ -5366,11 +5659,11 @@ class Server:
         self._last_busy = time.monotonic()
         self._relayed_bytes += connection.upstream.count \
             + connection.downstream.count
-        remote_address = connection.remote_address
-        if remote_address is not None:
-            self._per_client[remote_address] -= 1
-            if not self._per_client[remote_address]:
-                del self._per_client[remote_address]
+        if connection.remote_address is not None:
+            key = connection.client_key
+            self._per_client[key] -= 1
+            if not self._per_client[key]:
+                del self._per_client[key]
         connection.log_outcome()
         if not self._accepting:
             self._resume_accepting()
@@ -5445,10 +5738,16 @@ class Server:
                     pass
                 listener.unix_path = None
 
+    @staticmethod
+    def _guarded(settings: Settings) -> bool:
+        """Whether other hosts may be served: a client policy, credentials,
+        or --open-proxy said on purpose."""
+        return bool(settings.open_proxy or settings.client_policy
+                    or settings.credentials)
+
     def _check_exposure(self, settings: Settings):
         """Refuse to be an open proxy by accident."""
-        if settings.open_proxy or settings.client_policy \
-                or settings.credentials:
+        if self._guarded(settings):
             return
         for listener in self._listeners:
             if listener.sock.family not in (socket.AF_INET, socket.AF_INET6):
@@ -5957,16 +6256,24 @@ def build_argument_parser() -> argparse.ArgumentParser:
                         help="close relayed connections idle at least this "
                              "long (checked every SECONDS, so within twice "
                              "that; default: never)")
+    limits.add_argument("--max-login-failures", type=int, metavar="N",
+                        default=default("max_login_failures"),
+                        help="failed logins one client (address, or IPv6 "
+                             "/64) may make in 30 s before its logins are "
+                             "refused for a while; 0: no limit (default "
+                             "%(default)s)")
     limits.add_argument("--max-per-client", type=positive_int, metavar="N",
-                        help="connections from one remote address (default: "
-                             "no cap; loopback clients are never capped)")
+                        help="connections from one remote client: an "
+                             "address, or an IPv6 /64 (default: no cap; "
+                             "loopback clients are never capped)")
     limits.add_argument("--drain-timeout", type=float,
                         default=default("drain_timeout"), metavar="SECONDS",
                         help="time open connections get at shutdown "
                              "(default %(default)s)")
     limits.add_argument("--max-connections", type=positive_int, metavar="N",
                         help="connections served at once (default: what the "
-                             "file descriptor limit allows)")
+                             "file descriptor limit allows when each holds "
+                             "its client and two connect attempts)")
     limits.add_argument("--nameserver", metavar="IP[:PORT]", action="append",
                         dest="nameservers", default=[], type=parse_nameserver,
                         help="ask this DNS server directly, from the event "
@@ -5974,7 +6281,9 @@ def build_argument_parser() -> argparse.ArgumentParser:
                              "(repeatable; [IPv6]:PORT)")
     limits.add_argument("--resolver-threads", type=positive_int,
                         default=default("resolver_threads"), metavar="N",
-                        help="threads for name lookups (default %(default)s)")
+                        help="threads for name lookups (default "
+                             "%(default)s); each client gets half of them at "
+                             "most")
 
     outbound = parser.add_argument_group("outbound connections")
     outbound.add_argument("--outbound-address", metavar="ADDR",
