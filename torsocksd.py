@@ -70,6 +70,80 @@ __all__ = [
     "State", "Server", "main",
 ]
 
+import os
+import sys
+
+
+# =============================================================================
+# Run as a script: hand over to the bytecode cache
+# =============================================================================
+# "python3 torsocksd.py" compiles the whole file before its first line runs
+# and keeps the parse tree, some 9 MiB, until the script ends.  So the script
+# does nothing but exec a fresh interpreter that imports torsocksd as a
+# module: from its bytecode cache (__pycache__ beside the file, which that
+# import writes when the directory is writable), or compiled once more.  exec
+# keeps the process ID, the descriptors (inetd's socket, systemd's
+# LISTEN_FDS), the environment and the interpreter's options.  Where that
+# cannot be done (Python before 3.10, no os.execv), the script serves itself.
+
+def _bytecode_is_fresh(source: str, module: str) -> bool:
+    """Whether importing module from source will find bytecode it can use
+    as it is (importlib's own test for a timestamp-based .pyc)."""
+    tag = sys.implementation.cache_tag
+    if tag is None:
+        return False
+    directory = os.path.dirname(source)
+    name = "%s.%s%s.pyc" % (module, tag, ".opt-%d" % sys.flags.optimize
+                            if sys.flags.optimize else "")
+    prefix = getattr(sys, "pycache_prefix", None)
+    cache = (os.path.join(prefix, directory.lstrip(os.sep), name) if prefix
+             else os.path.join(directory, "__pycache__", name))
+    try:
+        with open(cache, "rb") as pyc:
+            header = pyc.read(16)       # magic, flags, mtime, size
+        status = os.stat(source)
+    except OSError:
+        return False
+    if len(header) < 16:
+        return False
+    if header[4:8] != bytes(4):         # hash-based: importlib decides
+        return True
+    return (int.from_bytes(header[8:12], "little")
+            == int(status.st_mtime) & 0xFFFFFFFF
+            and int.from_bytes(header[12:16], "little")
+            == status.st_size & 0xFFFFFFFF)
+
+
+def _exec_from_bytecode():
+    # Only when the interpreter itself ran this file (runpy.run_path() and
+    # exec() set no loader for it), as "python3 [options] FILE ARGS".
+    if getattr(globals().get("__loader__"), "path", None) != __file__:
+        return
+    source = os.path.realpath(__file__)
+    directory, name = os.path.split(source)
+    module = name[:-len(".py")]
+    command_line = getattr(sys, "orig_argv", None)      # Python 3.10+
+    if (command_line is None or not hasattr(os, "execv")
+            or not sys.executable or not name.endswith(".py")
+            or not module.isidentifier()
+            or os.path.realpath(sys.path[0]) != directory
+            or command_line[len(command_line) - len(sys.argv):] != sys.argv):
+        return
+    options = command_line[1:len(command_line) - len(sys.argv)]
+    code = ("import sys; sys.argv.pop(0); sys.path[0] = %r; import %s; "
+            "sys.exit(%s._main_after_exec(compiled=%r))"
+            % (directory, module, module,
+               not _bytecode_is_fresh(source, module)))
+    try:
+        os.execv(sys.executable,
+                 [sys.executable] + options + ["-c", code] + sys.argv)
+    except OSError:
+        pass
+
+
+if __name__ == "__main__" and __spec__ is None:
+    _exec_from_bytecode()
+
 import argparse
 import collections
 import enum
@@ -80,14 +154,12 @@ import heapq
 import ipaddress
 import itertools
 import logging
-import os
 import queue
 import selectors
 import signal
 import socket
 import stat
 import struct
-import sys
 import threading
 import time
 from typing import NamedTuple, Optional, Union
@@ -5185,6 +5257,20 @@ def main(argv=None) -> int:
     server.serve_forever()
     log.info("stopped")
     return 0
+
+
+def _main_after_exec(compiled: bool) -> int:
+    """main() in the interpreter the script handed over to (see "Run as a
+    script" at the top).  compiled: the import found no fresh bytecode and
+    compiled this file, and glibc keeps what that freed (some 8 MiB) until
+    asked to give it back."""
+    if compiled:
+        try:
+            import ctypes
+            ctypes.CDLL(None).malloc_trim(0)
+        except (ImportError, OSError, AttributeError):
+            pass            # not glibc: the memory stays with the process
+    return main()
 
 
 if __name__ == "__main__":

@@ -1,15 +1,23 @@
 """What a start costs: modules that only some modes need are imported when
-that mode first uses them.  The figures are bench/footprint.py's business;
-these tests check the behaviour behind them, and time nothing."""
+that mode first uses them, and "python3 torsocksd.py" runs from the
+bytecode cache it leaves beside itself.  The figures are bench/footprint.py's
+business; these tests check the behaviour behind them, and time nothing."""
 
 import ast
 import os
+import re
+import select
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
 
 import pytest
 
-from conftest import TIMEOUT
+from conftest import TIMEOUT, recv_exactly
 
 SCRIPT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir,
                                       "torsocksd.py"))
@@ -17,6 +25,7 @@ SCRIPT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir,
 # what only --syslog needs.
 ON_FIRST_USE = ("ssl", "_ssl", "hashlib", "_hashlib", "hmac",
                 "logging.handlers")
+PYC = "torsocksd.%s.pyc" % sys.implementation.cache_tag
 
 
 def modules_loaded_after(statement):
@@ -46,3 +55,154 @@ def test_importing_torsocksd_loads_neither_openssl_nor_syslog():
 ])
 def test_a_mode_imports_what_it_needs_when_first_used(statement, loaded):
     assert loaded <= set(modules_loaded_after(statement))
+
+
+# -- the script and its bytecode cache ------------------------------------------
+
+def script_env(**extra):
+    """This environment without what would change where bytecode goes (or
+    whether it is written at all), nor a service manager's variables."""
+    env = {name: value for name, value in os.environ.items()
+           if name not in ("PYTHONDONTWRITEBYTECODE", "PYTHONPYCACHEPREFIX",
+                           "NOTIFY_SOCKET")
+           and not name.startswith("LISTEN_")}
+    env.update(extra)
+    return env
+
+
+class Script:
+    """python3 [options] torsocksd.py --port 0 ... started in directory;
+    waits (bounded) for its "listening on" lines."""
+
+    def __init__(self, directory, *args, options=(), listeners=1,
+                 wrapper=()):
+        self.process = subprocess.Popen(
+            [*wrapper, sys.executable, *options, "torsocksd.py", "--port",
+             "0", *args],
+            cwd=directory, env=script_env(), stdin=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, start_new_session=True)
+        self.lines = []
+        self.listening = []
+        unread = b""
+        deadline = time.monotonic() + TIMEOUT
+        while len(self.listening) < listeners:
+            ready, _, _ = select.select([self.process.stderr], [], [], max(
+                0.0, deadline - time.monotonic()))
+            if not ready:
+                raise AssertionError("not listening after %.0f s: %r"
+                                     % (TIMEOUT, self.lines))
+            # os.read: a buffered reader would hide lines from select.
+            chunk = os.read(self.process.stderr.fileno(), 65536)
+            if not chunk:
+                self.process.wait(TIMEOUT)
+                raise AssertionError("exited: %r" % self.lines)
+            unread += chunk
+            *complete, unread = unread.split(b"\n")
+            for line in complete:
+                self.lines.append(line.decode())
+                if " listening on " in line.decode():
+                    self.listening.append(line.decode().rsplit(" ", 1)[1])
+
+    def serving_pids(self):
+        """The process IDs the log lines give (torsocksd[PID])."""
+        return {int(pid) for line in self.lines
+                for pid in re.findall(r"torsocksd\[(\d+)\]", line)}
+
+    def greet(self):
+        host, port = self.listening[0].rsplit(":", 1)
+        with socket.create_connection((host, int(port)),
+                                      timeout=TIMEOUT) as client:
+            client.sendall(b"\x05\x01\x00")
+            assert recv_exactly(client, 2) == b"\x05\x00"
+
+    def stop(self):
+        self.process.send_signal(signal.SIGTERM)
+        self.process.stderr.read()
+        return self.process.wait(TIMEOUT)
+
+    def kill(self):
+        """End the daemon and whatever workers it left."""
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait(TIMEOUT)
+        self.process.stderr.close()
+
+
+@pytest.fixture
+def scripts():
+    started = []
+    yield lambda *args, **how: started.append(Script(*args, **how)) \
+        or started[-1]
+    for script in started:
+        script.kill()
+
+
+@pytest.fixture
+def copy_dir():
+    """A world-readable directory holding a copy of torsocksd.py and
+    nothing else (tmp_path is not readable by nobody)."""
+    directory = tempfile.mkdtemp(prefix="torsocksd-copy-")
+    os.chmod(directory, 0o755)
+    shutil.copy(SCRIPT, directory)
+    os.chmod(os.path.join(directory, "torsocksd.py"), 0o644)
+    yield directory
+    os.chmod(directory, 0o755)
+    shutil.rmtree(directory)
+
+
+def test_the_script_serves_from_the_bytecode_cache_it_leaves(scripts,
+                                                             copy_dir):
+    """The first start writes __pycache__ beside the file (a script alone
+    never does), the next one uses it as it is; the process started is the
+    one that serves."""
+    cache = os.path.join(copy_dir, "__pycache__", PYC)
+    first = scripts(copy_dir)
+    first.greet()
+    assert first.serving_pids() == {first.process.pid}
+    assert first.stop() == 0
+    assert os.path.isfile(cache)
+    written = os.stat(cache).st_mtime_ns
+    second = scripts(copy_dir)
+    second.greet()
+    assert second.serving_pids() == {second.process.pid}
+    assert second.stop() == 0
+    assert os.stat(cache).st_mtime_ns == written
+
+
+def test_the_interpreter_options_are_kept(scripts, copy_dir, tmp_path):
+    """-X pycache_prefix reaches the interpreter that imports torsocksd:
+    the bytecode goes under the prefix, not beside the file."""
+    prefix = tmp_path / "prefix"
+    script = scripts(copy_dir, options=["-X", "pycache_prefix=%s" % prefix])
+    script.greet()
+    assert script.stop() == 0
+    assert os.path.isfile(os.path.join(str(prefix),
+                                       os.path.realpath(copy_dir).lstrip("/"),
+                                       PYC))
+    assert not os.path.exists(os.path.join(copy_dir, "__pycache__"))
+
+
+def test_a_read_only_directory_serves_and_writes_nothing(scripts, copy_dir):
+    """The daemon then compiles at every start, serves all the same, and
+    leaves no file.  Root writes anywhere a mode bit forbids, so as root
+    the directory is bind-mounted read-only in a mount namespace of its own
+    (unshare execs, so the PID stays the daemon's)."""
+    wrapper = ()
+    if os.geteuid() == 0:
+        unshare = shutil.which("unshare")
+        if unshare is None or subprocess.run(
+                [unshare, "-m", "true"], stderr=subprocess.DEVNULL).returncode:
+            pytest.skip("cannot make a mount namespace")
+        wrapper = (unshare, "-m", "sh", "-c",
+                   'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" '
+                   '&& exec "$@"', copy_dir)
+    else:
+        os.chmod(copy_dir, 0o555)
+    for _ in range(2):
+        script = scripts(copy_dir, wrapper=wrapper)
+        script.greet()
+        assert script.serving_pids() == {script.process.pid}
+        assert script.stop() == 0
+    assert os.listdir(copy_dir) == ["torsocksd.py"]
