@@ -150,6 +150,7 @@ import enum
 import errno
 import fcntl
 import functools
+import gc
 import heapq
 import ipaddress
 import itertools
@@ -4819,19 +4820,26 @@ def run_workers(server: Server, count: int, on_reload) -> int:
     server.open_listeners()
     workers = {}            # pid -> when it started
     stopping = False
-    parent = os.getpid()
+    # Only the parent holds the write end: the workers read EOF once it is
+    # gone, however it ended.
+    parent_alive, parent_alive_writer = os.pipe()
 
     def spawn():
         # Signals wait until the child has its own handlers in place.
         signal.pthread_sigmask(signal.SIG_BLOCK, PASSED_SIGNALS)
+        # Everything loaded so far leaves the collector's generations, so
+        # that a worker's collections do not write to (and so copy) the
+        # pages it shares with the parent.
+        gc.freeze()
         pid = os.fork()
         if pid == 0:
             status = 1
             try:
+                os.close(parent_alive_writer)
                 server._unix_paths = []     # the parent removes them
                 install_signal_handlers(server, on_reload)
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, PASSED_SIGNALS)
-                watch_parent(server, parent)
+                watch_parent(server, parent_alive)
                 server.serve_forever()
                 status = 0
             except BaseException:
@@ -4877,16 +4885,18 @@ def run_workers(server: Server, count: int, on_reload) -> int:
     return 0
 
 
-def watch_parent(server: Server, parent: int):
+def watch_parent(server: Server, parent_alive: int):
     """A worker whose parent died (SIGKILL, a crash) drains and exits
-    instead of serving on as an orphan nobody supervises."""
-    def check(_):
-        if os.getppid() != parent:
-            log.warning("the parent process is gone: draining")
-            server.request_shutdown()
-        else:
-            server.call_at(time.monotonic() + 1.0, check, None)
-    server.call_at(time.monotonic() + 1.0, check, None)
+    instead of serving on as an orphan nobody supervises.  parent_alive is
+    the read end of a pipe whose write end only the parent holds: it reads
+    EOF once the parent is gone, and until then the loop sleeps."""
+    def gone(mask):
+        server.watch(parent_alive, EVENT_READ, 0, None)
+        os.close(parent_alive)
+        log.warning("the parent process is gone: draining")
+        server.request_shutdown()
+    server.bind()
+    server.watch(parent_alive, 0, EVENT_READ, gone)
 
 
 def log_statistics(server: Server):

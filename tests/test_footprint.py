@@ -1,7 +1,8 @@
 """What a start costs: modules that only some modes need are imported when
-that mode first uses them, and "python3 torsocksd.py" runs from the
-bytecode cache it leaves beside itself.  The figures are bench/footprint.py's
-business; these tests check the behaviour behind them, and time nothing."""
+that mode first uses them, "python3 torsocksd.py" runs from the bytecode
+cache it leaves beside itself, and idle workers sleep.  The figures are
+bench/footprint.py's business; these tests check the behaviour behind
+them, and time nothing."""
 
 import ast
 import os
@@ -206,3 +207,60 @@ def test_a_read_only_directory_serves_and_writes_nothing(scripts, copy_dir):
         assert script.serving_pids() == {script.process.pid}
         assert script.stop() == 0
     assert os.listdir(copy_dir) == ["torsocksd.py"]
+
+
+# -- workers ---------------------------------------------------------------------
+
+def children_of(pid):
+    with open("/proc/%d/task/%d/children" % (pid, pid)) as listing:
+        return sorted(int(child) for child in listing.read().split())
+
+
+def context_switches(pids):
+    """Voluntary and involuntary context switches of every thread of pids:
+    a process blocked with nothing to do makes none."""
+    total = 0
+    for pid in pids:
+        for task in os.listdir("/proc/%d/task" % pid):
+            with open("/proc/%d/task/%s/status" % (pid, task)) as status:
+                total += sum(int(line.split()[1]) for line in status
+                             if "ctxt_switches:" in line)
+    return total
+
+
+def gone(pid):
+    """Exited (a zombie nobody reaps counts as exited)."""
+    try:
+        with open("/proc/%d/stat" % pid) as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+def test_idle_workers_sleep(scripts, copy_dir):
+    """Nothing pending, nothing to wake up for: over two and a half seconds
+    at rest the workers (which watched their parent every second) do not
+    run at all."""
+    daemon = scripts(copy_dir, "--workers", "2", listeners=2)
+    workers = children_of(daemon.process.pid)
+    assert len(workers) == 2
+    time.sleep(0.5)         # both are in their loops by now
+    before = context_switches(workers)
+    time.sleep(2.5)
+    assert context_switches(workers) == before
+    assert daemon.stop() == 0
+
+
+def test_workers_drain_and_exit_when_the_parent_is_killed(scripts,
+                                                          copy_dir):
+    daemon = scripts(copy_dir, "--workers", "2", listeners=2)
+    workers = children_of(daemon.process.pid)
+    assert len(workers) == 2
+    daemon.process.kill()
+    daemon.process.wait(TIMEOUT)
+    deadline = time.monotonic() + TIMEOUT
+    while not all(gone(pid) for pid in workers):
+        assert time.monotonic() < deadline, "orphaned workers serve on"
+        time.sleep(0.05)
+    rest = daemon.process.stderr.read().decode()
+    assert rest.count("the parent process is gone: draining") == 2
