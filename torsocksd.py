@@ -4301,6 +4301,9 @@ class Server:
                 or time.monotonic() >= self._drain_deadline)
 
     def _run_once(self):
+        timers = self._timers
+        while timers and timers[0][2] is None:
+            heapq.heappop(timers)       # cancelled: no reason to wake up
         timeout = None
         if self._ready:
             timeout = 0

@@ -209,6 +209,19 @@ def test_a_read_only_directory_serves_and_writes_nothing(scripts, copy_dir):
     assert os.listdir(copy_dir) == ["torsocksd.py"]
 
 
+def test_the_loop_sleeps_once_the_last_client_has_gone(scripts, copy_dir):
+    """A client that leaves cancels its deadline (here the one-second
+    handshake timeout); the loop then has nothing to wake up for, at that
+    deadline or after."""
+    daemon = scripts(copy_dir, "--handshake-timeout", "1")
+    daemon.greet()
+    time.sleep(0.3)         # the close is handled
+    before = context_switches([daemon.process.pid])
+    time.sleep(2.0)
+    assert context_switches([daemon.process.pid]) == before
+    assert daemon.stop() == 0
+
+
 # -- workers ---------------------------------------------------------------------
 
 def children_of(pid):
