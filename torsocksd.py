@@ -114,22 +114,41 @@ def _bytecode_is_fresh(source: str, module: str) -> bool:
             == status.st_size & 0xFFFFFFFF)
 
 
+def _interpreter_options(command_line):
+    """The options in command_line (sys.orig_argv) when it reads "python3
+    [options] FILE ARGS" with sys.argv being FILE ARGS; None when it does
+    not (python3 -m pdb FILE, coverage run FILE, ...)."""
+    first = len(command_line) - len(sys.argv)
+    if first < 1 or command_line[first:] != sys.argv:
+        return None
+    options = command_line[1:first]
+    value_follows = False
+    for option in options:
+        if value_follows:
+            value_follows = False
+        elif option in ("-W", "-X", "--check-hash-based-pycs"):
+            value_follows = True
+        elif not option.startswith("-") or option in ("-", "--") or (
+                not option.startswith(("--", "-W", "-X"))
+                and ("c" in option or "m" in option)):
+            return None
+    return None if value_follows else options
+
+
 def _exec_from_bytecode():
     # Only when the interpreter itself ran this file (runpy.run_path() and
-    # exec() set no loader for it), as "python3 [options] FILE ARGS".
+    # exec() set no loader for it).
     if getattr(globals().get("__loader__"), "path", None) != __file__:
         return
     source = os.path.realpath(__file__)
     directory, name = os.path.split(source)
     module = name[:-len(".py")]
     command_line = getattr(sys, "orig_argv", None)      # Python 3.10+
-    if (command_line is None or not hasattr(os, "execv")
-            or not sys.executable or not name.endswith(".py")
-            or not module.isidentifier()
-            or os.path.realpath(sys.path[0]) != directory
-            or command_line[len(command_line) - len(sys.argv):] != sys.argv):
+    options = command_line and _interpreter_options(command_line)
+    if (options is None or not hasattr(os, "execv") or not sys.executable
+            or not name.endswith(".py") or not module.isidentifier()
+            or os.path.realpath(sys.path[0]) != directory):
         return
-    options = command_line[1:len(command_line) - len(sys.argv)]
     code = ("import sys; sys.argv.pop(0); sys.path[0] = %r; import %s; "
             "sys.exit(%s._main_after_exec(compiled=%r))"
             % (directory, module, module,

@@ -185,6 +185,26 @@ def test_the_interpreter_options_are_kept(scripts, copy_dir, tmp_path):
     assert not os.path.exists(os.path.join(copy_dir, "__pycache__"))
 
 
+@pytest.mark.parametrize("command_line, argv, options", [
+    (["python3", "f.py", "--port", "1"], ["f.py", "--port", "1"], []),
+    (["python3", "-u", "-X", "dev", "-Wd", "f.py", "-m"], ["f.py", "-m"],
+     ["-u", "-X", "dev", "-Wd"]),
+    (["python3", "--check-hash-based-pycs", "never", "f.py"], ["f.py"],
+     ["--check-hash-based-pycs", "never"]),
+    # Someone else's runner: the interpreter did not run FILE itself.
+    (["python3", "-m", "pdb", "f.py"], ["f.py"], None),
+    (["python3", "-Bc", "code", "f.py"], ["f.py"], None),
+    (["python3", "/usr/bin/coverage", "run", "f.py"], ["f.py"], None),
+    (["python3", "-X", "f.py"], ["f.py"], None),
+    (["python3", "other.py", "f.py"], ["f.py", "x"], None),
+])
+def test_the_handover_happens_only_for_python3_options_file_args(
+        monkeypatch, command_line, argv, options):
+    import torsocksd
+    monkeypatch.setattr(sys, "argv", argv)
+    assert torsocksd._interpreter_options(command_line) == options
+
+
 def test_a_read_only_directory_serves_and_writes_nothing(scripts, copy_dir):
     """The daemon then compiles at every start, serves all the same, and
     leaves no file.  Root writes anywhere a mode bit forbids, so as root
