@@ -4861,6 +4861,7 @@ def run_workers(server: Server, count: int, on_reload) -> int:
                 server._unix_paths = []     # the parent removes them
                 install_signal_handlers(server, on_reload)
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, PASSED_SIGNALS)
+                server.bind()               # this worker's own loop
                 watch_parent(server, parent_alive)
                 server.serve_forever()
                 status = 0
@@ -4911,13 +4912,13 @@ def watch_parent(server: Server, parent_alive: int):
     """A worker whose parent died (SIGKILL, a crash) drains and exits
     instead of serving on as an orphan nobody supervises.  parent_alive is
     the read end of a pipe whose write end only the parent holds: it reads
-    EOF once the parent is gone, and until then the loop sleeps."""
+    EOF once the parent is gone, and until then the loop sleeps.  server
+    must be bound (its loop exists)."""
     def gone(mask):
         server.watch(parent_alive, EVENT_READ, 0, None)
         os.close(parent_alive)
         log.warning("the parent process is gone: draining")
         server.request_shutdown()
-    server.bind()
     server.watch(parent_alive, 0, EVENT_READ, gone)
 
 
