@@ -84,7 +84,9 @@ import sys
 # import writes when the directory is writable), or compiled once more.  exec
 # keeps the process ID, the descriptors (inetd's socket, systemd's
 # LISTEN_FDS), the environment and the interpreter's options.  Where that
-# cannot be done (Python before 3.10, no os.execv), the script serves itself.
+# cannot be done or would not be the same (Python before 3.10, no os.execv,
+# -I, a file not named NAME.py, another program running this file), the
+# script serves itself.
 
 def _bytecode_is_fresh(source: str, module: str) -> bool:
     """Whether importing module from source will find bytecode it can use
@@ -138,13 +140,15 @@ def _interpreter_options(command_line):
 def _exec_from_bytecode():
     # Only when the interpreter itself ran this file (runpy.run_path() and
     # exec() set no loader for it).
-    if getattr(globals().get("__loader__"), "path", None) != __file__:
+    script = globals().get("__file__")
+    if not script or getattr(globals().get("__loader__"), "path",
+                             None) != script:
         return
-    source = os.path.realpath(__file__)
+    source = os.path.realpath(script)
     directory, name = os.path.split(source)
     module = name[:-len(".py")]
     command_line = getattr(sys, "orig_argv", None)      # Python 3.10+
-    options = command_line and _interpreter_options(command_line)
+    options = None if not command_line else _interpreter_options(command_line)
     if (options is None or not hasattr(os, "execv") or not sys.executable
             or not name.endswith(".py") or not module.isidentifier()
             or os.path.realpath(sys.path[0]) != directory):
@@ -160,7 +164,7 @@ def _exec_from_bytecode():
         pass
 
 
-if __name__ == "__main__" and __spec__ is None:
+if __name__ == "__main__" and globals().get("__spec__") is None:
     _exec_from_bytecode()
 
 import argparse

@@ -205,6 +205,24 @@ def test_the_handover_happens_only_for_python3_options_file_args(
     assert torsocksd._interpreter_options(command_line) == options
 
 
+@pytest.mark.parametrize("how", ["stdin", "exec"])
+def test_the_file_still_runs_without_a_file_name(how):
+    """Fed on standard input, or exec()uted with nothing but __name__ in
+    its globals, the file runs in the process that read it."""
+    if how == "stdin":
+        argv = [sys.executable, "-", "--version"]
+    else:
+        argv = [sys.executable, "-c",
+                "import sys; sys.argv[1:] = ['--version']; "
+                "exec(compile(sys.stdin.read(), 'torsocksd', 'exec'), "
+                "{'__name__': '__main__'})"]
+    with open(SCRIPT, "rb") as source:
+        result = subprocess.run(argv, stdin=source, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, timeout=TIMEOUT)
+    assert (result.returncode, result.stderr) == (0, b"")
+    assert result.stdout.startswith(b"torsocksd ")
+
+
 def test_a_read_only_directory_serves_and_writes_nothing(scripts, copy_dir):
     """The daemon then compiles at every start, serves all the same, and
     leaves no file.  Root writes anywhere a mode bit forbids, so as root
