@@ -51,8 +51,9 @@ def test_importing_torsocksd_loads_neither_openssl_nor_syslog():
      {"hashlib", "hmac"}),
     ("torsocksd.tor_tls_context()", {"ssl"}),
     ("torsocksd.kdf_tor(bytes(20), 72)", {"hashlib"}),
-    ("torsocksd.configure_logging('info', use_syslog=True)",
-     {"logging.handlers"}),
+    # (Before 3.11 the handler fails at once when no syslog listens.)
+    ("try:\n    torsocksd.configure_logging('info', use_syslog=True)\n"
+     "except OSError:\n    pass", {"logging.handlers"}),
 ])
 def test_a_mode_imports_what_it_needs_when_first_used(statement, loaded):
     assert loaded <= set(modules_loaded_after(statement))
