@@ -52,6 +52,10 @@ its rows by their first cell.
 # FROM, OUT OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR OTHER DEALINGS
 # IN THE SOFTWARE.
 
+# Annotations stay unevaluated: a signature may name ssl.SSLContext without
+# importing ssl (see _ImportedOnFirstUse below).
+from __future__ import annotations
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -80,31 +84,143 @@ __all__ = [
     "Server", "Settings", "main",
 ]
 
+import os
+import sys
+
+
+# =============================================================================
+# Run as a script: hand over to the bytecode cache
+# =============================================================================
+# "python3 torsocksd.py" compiles the whole file before its first line runs
+# and keeps the parse tree, some 9 MiB, until the script ends.  So the script
+# does nothing but exec a fresh interpreter that imports torsocksd as a
+# module: from its bytecode cache (__pycache__ beside the file, which that
+# import writes when the directory is writable), or compiled once more.  exec
+# keeps the process ID, the descriptors (inetd's socket, systemd's
+# LISTEN_FDS), the environment and the interpreter's options.  Where that
+# cannot be done or would not be the same (Python before 3.10, no os.execv,
+# -I, a file not named NAME.py, another program running this file), the
+# script serves itself.
+
+def _bytecode_is_fresh(source: str, module: str) -> bool:
+    """Whether importing module from source will find bytecode it can use
+    as it is (importlib's own test for a timestamp-based .pyc)."""
+    tag = sys.implementation.cache_tag
+    if tag is None:
+        return False
+    directory = os.path.dirname(source)
+    name = "%s.%s%s.pyc" % (module, tag, ".opt-%d" % sys.flags.optimize
+                            if sys.flags.optimize else "")
+    prefix = getattr(sys, "pycache_prefix", None)
+    cache = (os.path.join(prefix, directory.lstrip(os.sep), name) if prefix
+             else os.path.join(directory, "__pycache__", name))
+    try:
+        with open(cache, "rb") as pyc:
+            header = pyc.read(16)       # magic, flags, mtime, size
+        status = os.stat(source)
+    except OSError:
+        return False
+    if len(header) < 16:
+        return False
+    if header[4:8] != bytes(4):         # hash-based: importlib decides
+        return True
+    return (int.from_bytes(header[8:12], "little")
+            == int(status.st_mtime) & 0xFFFFFFFF
+            and int.from_bytes(header[12:16], "little")
+            == status.st_size & 0xFFFFFFFF)
+
+
+def _interpreter_options(command_line):
+    """The options in command_line (sys.orig_argv) when it reads "python3
+    [options] FILE ARGS" with sys.argv being FILE ARGS; None when it does
+    not (python3 -m pdb FILE, coverage run FILE, ...)."""
+    first = len(command_line) - len(sys.argv)
+    if first < 1 or command_line[first:] != sys.argv:
+        return None
+    options = command_line[1:first]
+    value_follows = False
+    for option in options:
+        if value_follows:
+            value_follows = False
+        elif option in ("-W", "-X", "--check-hash-based-pycs"):
+            value_follows = True
+        elif not option.startswith("-") or option in ("-", "--") or (
+                not option.startswith(("--", "-W", "-X"))
+                and ("c" in option or "m" in option)):
+            return None
+    return None if value_follows else options
+
+
+def _exec_from_bytecode():
+    # Only when the interpreter itself ran this file (runpy.run_path() and
+    # exec() set no loader for it).
+    script = globals().get("__file__")
+    if not script or getattr(globals().get("__loader__"), "path",
+                             None) != script:
+        return
+    source = os.path.realpath(script)
+    directory, name = os.path.split(source)
+    module = name[:-len(".py")]
+    command_line = getattr(sys, "orig_argv", None)      # Python 3.10+
+    options = None if not command_line else _interpreter_options(command_line)
+    if (options is None or not hasattr(os, "execv") or not sys.executable
+            or not name.endswith(".py") or not module.isidentifier()
+            or os.path.realpath(sys.path[0]) != directory):
+        return
+    code = ("import sys; sys.argv.pop(0); sys.path[0] = %r; import %s; "
+            "sys.exit(%s._main_after_exec(compiled=%r))"
+            % (directory, module, module,
+               not _bytecode_is_fresh(source, module)))
+    try:
+        os.execv(sys.executable,
+                 [sys.executable] + options + ["-c", code] + sys.argv)
+    except OSError:
+        pass
+
+
+if __name__ == "__main__" and globals().get("__spec__") is None:
+    _exec_from_bytecode()
+
 import argparse
 import collections
 import enum
 import errno
 import fcntl
 import functools
-import hashlib
+import gc
 import heapq
-import hmac
 import ipaddress
 import itertools
 import logging
-import logging.handlers
-import os
 import queue
 import selectors
 import signal
 import socket
-import ssl
 import stat
 import struct
-import sys
 import threading
 import time
 from typing import NamedTuple, Optional, Union
+
+
+class _ImportedOnFirstUse:
+    """Stands in for a module until one of its names is first used, then
+    imports it and takes its place among this module's globals.  hashlib,
+    hmac and ssl serve only CONNECT_DIR and --credentials, and they load
+    OpenSSL: some 5 MiB and 6 ms that every other start would pay."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attribute: str):
+        module = __import__(self._name)
+        globals()[self._name] = module
+        return getattr(module, attribute)
+
+
+hashlib = _ImportedOnFirstUse("hashlib")
+hmac = _ImportedOnFirstUse("hmac")
+ssl = _ImportedOnFirstUse("ssl")
 
 log = logging.getLogger("torsocksd")
 
@@ -2394,10 +2510,15 @@ def _make_final_tables(sbox):
 
 
 AES_SBOX = _make_sbox()
-_AES_ROUND_TABLES = _make_round_tables(AES_SBOX)
-_AES_FINAL_TABLES = _make_final_tables(AES_SBOX)
 AES_BLOCK_LEN = 16
 _MASK128 = (1 << 128) - 1
+
+
+@functools.lru_cache(maxsize=None)
+def _aes_tables():
+    """(round tables, final tables): 8,192 ints, 0.4 MiB, made when
+    CONNECT_DIR first needs them rather than at every start."""
+    return _make_round_tables(AES_SBOX), _make_final_tables(AES_SBOX)
 
 
 def aes128_round_keys(key: bytes):
@@ -2423,7 +2544,7 @@ def _aes_round(state: bytes, round_key: int) -> int:
     """SubBytes, ShiftRows, MixColumns and AddRoundKey: output column c takes
     row r from input column c + r, so each term is one table lookup."""
     ((a0, b0, c0, d0), (a1, b1, c1, d1), (a2, b2, c2, d2),
-     (a3, b3, c3, d3)) = _AES_ROUND_TABLES
+     (a3, b3, c3, d3)) = _aes_tables()[0]
     s = state
     return (a0[s[0]] ^ b0[s[5]] ^ c0[s[10]] ^ d0[s[15]]
             ^ a1[s[4]] ^ b1[s[9]] ^ c1[s[14]] ^ d1[s[3]]
@@ -2434,7 +2555,7 @@ def _aes_round(state: bytes, round_key: int) -> int:
 def _aes_final_round(state: bytes, round_key: int) -> int:
     """The last round: no MixColumns."""
     (f0, f1, f2, f3, f4, f5, f6, f7, f8, f9, f10, f11, f12, f13, f14,
-     f15) = _AES_FINAL_TABLES
+     f15) = _aes_tables()[1]
     s = state
     return (f0[s[0]] ^ f1[s[5]] ^ f2[s[10]] ^ f3[s[15]]
             ^ f4[s[4]] ^ f5[s[9]] ^ f6[s[14]] ^ f7[s[3]]
@@ -2460,10 +2581,11 @@ def aes128_ctr_blocks(round_keys, start: int, count: int) -> bytes:
     by four (one column); both are computed once per 256 blocks.  Rounds 3
     to 10 are _aes_round and _aes_final_round written out inline, as a
     call per round costs a fifth of the time."""
+    round_tables, final_tables = _aes_tables()
     ((a0, b0, c0, d0), (a1, b1, c1, d1), (a2, b2, c2, d2),
-     (a3, b3, c3, d3)) = _AES_ROUND_TABLES
+     (a3, b3, c3, d3)) = round_tables
     (f0, f1, f2, f3, f4, f5, f6, f7, f8, f9, f10, f11, f12, f13, f14,
-     f15) = _AES_FINAL_TABLES
+     f15) = final_tables
     middle, last = round_keys[3:10], round_keys[10]
     output = []
     append = output.append
@@ -4086,6 +4208,9 @@ class EventLoop:
     def run_once(self, limit: Optional[float] = None):
         """Wait for events (no longer than the next timer, or limit), then
         run what is due: socket handlers, calls made soon, timers."""
+        timers = self._timers
+        while timers and timers[0][2] is None:
+            heapq.heappop(timers)       # cancelled: no reason to wake up
         timeout = limit
         if self._ready:
             timeout = 0
@@ -5865,9 +5990,10 @@ def configure_logging(level: str, log_file: Optional[str] = None,
         handler = logging.FileHandler(log_file)
         handler.setFormatter(logging.Formatter(LOG_FORMAT))
     elif use_syslog:
-        handler = logging.handlers.SysLogHandler(
+        from logging.handlers import SysLogHandler     # 0.7 MiB: only here
+        handler = SysLogHandler(
             address="/dev/log" if os.path.exists("/dev/log") else "/var/run/syslog",
-            facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+            facility=SysLogHandler.LOG_DAEMON)
         handler.setFormatter(logging.Formatter(SYSLOG_FORMAT))
     else:
         handler = logging.StreamHandler(sys.stderr)
@@ -5989,18 +6115,25 @@ def run_workers(server: Server, count: int, on_reload) -> int:
     server.bind()
     workers = {}            # pid -> when it started
     stopping = False
-    parent = os.getpid()
+    # Only the parent holds the write end: the workers read EOF once it is
+    # gone, however it ended.
+    parent_alive, parent_alive_writer = os.pipe()
 
     def spawn():
         # Signals wait until the child has its own handlers in place.
         signal.pthread_sigmask(signal.SIG_BLOCK, PASSED_SIGNALS)
+        # Everything loaded so far leaves the collector's generations, so
+        # that a worker's collections do not write to (and so copy) the
+        # pages it shares with the parent.
+        gc.freeze()
         pid = os.fork()
         if pid == 0:
             status = 1
             try:
+                os.close(parent_alive_writer)
                 install_signal_handlers(server, on_reload)
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, PASSED_SIGNALS)
-                watch_parent(server, parent)
+                watch_parent(server, parent_alive)
                 server.serve_forever()
                 status = 0
             except BaseException:
@@ -6046,16 +6179,26 @@ def run_workers(server: Server, count: int, on_reload) -> int:
     return 0
 
 
-def watch_parent(server: Server, parent: int):
+def watch_parent(server: Server, parent_alive: int):
     """A worker whose parent died (SIGKILL, a crash) drains and exits
-    instead of serving on as an orphan nobody supervises."""
-    def check(_):
-        if os.getppid() != parent:
-            log.warning("the parent process is gone: draining")
-            server.stop(wait=False)
-        else:
-            server.call_at(time.monotonic() + 1.0, check, None)
-    server.call_soon_threadsafe(check, None)
+    instead of serving on as an orphan nobody supervises.  parent_alive is
+    the read end of a pipe whose write end only the parent holds: it reads
+    EOF once the parent is gone.  A thread waits on it, so nothing wakes
+    while the parent lives."""
+    def wait():
+        while True:
+            try:
+                if not os.read(parent_alive, 1):
+                    break
+            except InterruptedError:
+                continue
+            except OSError:
+                break
+        os.close(parent_alive)
+        log.warning("the parent process is gone: draining")
+        server.stop(wait=False)
+    threading.Thread(target=wait, name="torsocksd-parent", daemon=True) \
+        .start()
 
 
 def log_statistics(server: Server):
@@ -6424,6 +6567,20 @@ def main(argv=None) -> int:
     server.serve_forever()
     log.info("stopped")
     return 0
+
+
+def _main_after_exec(compiled: bool) -> int:
+    """main() in the interpreter the script handed over to (see "Run as a
+    script" at the top).  compiled: the import found no fresh bytecode and
+    compiled this file, and glibc keeps what that freed (some 8 MiB) until
+    asked to give it back."""
+    if compiled:
+        try:
+            import ctypes
+            ctypes.CDLL(None).malloc_trim(0)
+        except (ImportError, OSError, AttributeError):
+            pass            # not glibc: the memory stays with the process
+    return main()
 
 
 if __name__ == "__main__":
