@@ -949,6 +949,59 @@ def destination_refusal(client_is_local: bool, destination) -> Optional[str]:
     return "a remote client may not reach a local-only address"
 
 
+# One grammar for "where" on the command line and in rules: HOST:PORT,
+# [IPv6]:PORT, and HOST or [IPv6] alone where a port may be left out.  An
+# IPv6 address needs brackets wherever a port may follow: "::1:53" could
+# be either, so a bare address with colons there is an error.
+
+def parse_port(text: str, zero_allowed: bool = False) -> int:
+    """A port number, 1 to 65535 (0 too where it means "any")."""
+    if not (text.isdigit() and text.isascii()):
+        raise ValueError("%r is not a port number" % text)
+    port = int(text)
+    if not (0 if zero_allowed else 1) <= port <= 65535:
+        raise ValueError("port %d is out of range" % port)
+    return port
+
+
+def _is_ipv6_network(text: str) -> bool:
+    try:
+        return ipaddress.ip_network(text, strict=False).version == 6
+    except ValueError:
+        return False
+
+
+def split_host_port(text: str, default_port: Optional[int] = None):
+    """(host, port text or None) from "HOST:PORT", "[IPv6]:PORT", "HOST",
+    "[IPv6]"; a port must be there unless default_port says what it is
+    (then it is that number, as text).  The brackets are taken off."""
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket:
+            raise ValueError("%r: no closing bracket" % text)
+        if rest and not rest.startswith(":"):
+            raise ValueError("%r: only :PORT may follow ]" % text)
+        port = rest[1:] if rest else None
+    elif text.count(":") > 1:
+        # A bare IPv6 address (or network) is taken where no port need
+        # follow and it cannot be read as address and port at once.
+        head, _, tail = text.rpartition(":")
+        if default_port is None or not _is_ipv6_network(text) or (
+                tail.isdigit() and _is_ipv6_network(head)):
+            raise ValueError("%r: write an IPv6 address in brackets, as "
+                             "[::1]:9050" % text)
+        host, port = text, None
+    elif ":" in text:
+        host, _, port = text.partition(":")
+    else:
+        host, port = text, None
+    if port is None:
+        if default_port is None:
+            raise ValueError("%r: no port" % text)
+        port = str(default_port)
+    return host, port
+
+
 def parse_network(text: str):
     """"192.0.2.0/24", "2001:db8::/32", "192.0.2.7" or "*" -> a network
     (or None for "*": any address of either family).  IPv4-mapped networks
@@ -1014,18 +1067,22 @@ class DestinationPolicy:
             raise ValueError("%r: a rule is accept|reject ADDR[/MASK]"
                              "[:PORT[-PORT]]" % text)
         target = target.strip()
+        mask = ""
+        if target.startswith("[") and "]/" in target:
+            # Tor writes an IPv6 network as [2001:db8::]/32:80.
+            closing = target.index("]/")
+            mask, colon, ports = target[closing + 1:].partition(":")
+            target = target[:closing + 1] + (colon + ports)
+        address, ports = split_host_port(target, default_port="*")
         low, high = 0, 65535        # no port given, or "*": every port
-        if target.startswith("["):
-            address, _, ports = target[1:].partition("]")
-            ports = ports[1:] if ports.startswith(":") else ports
-        elif target.count(":") == 1:
-            address, _, ports = target.partition(":")
-        else:
-            address, ports = target, ""
-        if ports and ports != "*":
-            first, _, last = ports.partition("-")
-            low, high = int(first), int(last or first)
-        return verdict == "accept", parse_network(address), low, high
+        if ports != "*":
+            first, dash, last = ports.partition("-")
+            low = parse_port(first, zero_allowed=True)
+            high = parse_port(last, zero_allowed=True) if dash else low
+            if low > high:
+                raise ValueError("%r: the port range is backwards" % text)
+        return (verdict == "accept", parse_network(address + mask), low,
+                high)
 
     def refusal(self, client_is_local: bool, address, port: int):
         address = ip_of(address)
@@ -1723,17 +1780,10 @@ def parse_dns_response(message: bytes, query_id: int, name: str,
 
 def parse_nameserver(text: str):
     """(IP, port) from --nameserver IP, IP:PORT, [IPv6] or [IPv6]:PORT."""
-    host, port = text, str(DNS_PORT)
-    if text.startswith("["):
-        host, _, port = text[1:].partition("]")
-        port = port[1:] if port.startswith(":") else port or str(DNS_PORT)
-    elif text.count(":") == 1:      # more colons: a bare IPv6 address
-        host, _, port = text.partition(":")
     try:
+        host, port = split_host_port(text, DNS_PORT)
         address = ipaddress.ip_address(host)
-        number = int(port)
-        if not 0 < number < 65536:
-            raise ValueError(port)
+        number = parse_port(port)
     except ValueError:
         raise argparse.ArgumentTypeError(
             "%r: give IP[:PORT], as 127.0.0.1:5353 or [::1]:53" % text) \
@@ -6261,11 +6311,12 @@ def router_pin(text: str):
     if not equals:
         raise argparse.ArgumentTypeError("%r: write ADDR:PORT=FINGERPRINT"
                                          % text)
-    host, port = parse_listen(where)
     try:
-        return (str(ip_of(host)), port), parse_fingerprint(fingerprint)
+        host, port = split_host_port(where)
+        return ((str(ip_of(host)), parse_port(port)),
+                parse_fingerprint(fingerprint))
     except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error))
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def ip_argument(text: str) -> str:
@@ -6282,19 +6333,21 @@ def parse_listen(spec: str):
         if len(spec) == len("unix:"):
             raise argparse.ArgumentTypeError("%r: no path" % spec)
         return spec
-    host, _, port = spec.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise argparse.ArgumentTypeError(
-            "%r: write an IPv6 address in brackets, as [::1]:9050" % spec)
+    if spec.isdigit():
+        spec = ":" + spec
     try:
-        number = int(port)
-    except ValueError:
-        raise argparse.ArgumentTypeError("%r: the port is not a number" % spec)
-    if not 0 <= number <= 65535:
-        raise argparse.ArgumentTypeError("%r: port out of range" % spec)
-    return (host or DEFAULT_ADDRESS, number)
+        host, port = split_host_port(spec)
+        return (host or DEFAULT_ADDRESS, parse_port(port, zero_allowed=True))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def port_number(text: str) -> int:
+    """--port: 1 to 65535, or 0 for one the system picks."""
+    try:
+        return parse_port(text, zero_allowed=True)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def positive_int(text: str) -> int:
@@ -6327,7 +6380,7 @@ def build_argument_parser() -> argparse.ArgumentParser:
     default = SETTING_DEFAULTS.get
 
     listen = parser.add_argument_group("where to listen")
-    listen.add_argument("--port", type=int, default=DEFAULT_PORT,
+    listen.add_argument("--port", type=port_number, default=DEFAULT_PORT,
                         help="port for --address (default %(default)s)")
     listen.add_argument("--address", default=DEFAULT_ADDRESS,
                         help="address to listen on (default %(default)s; "
