@@ -264,6 +264,12 @@ class AddressType(enum.IntEnum):
     IPV6 = 0x04
 
 
+# Byte -> member, for the parsers (a dict lookup is much cheaper than a call
+# of the enum, which raises for an unknown value).
+COMMAND_BY_BYTE = {command.value: command for command in Command}
+ADDRESS_TYPE_BY_BYTE = {kind.value: kind for kind in AddressType}
+
+
 class Method(enum.IntEnum):
     NO_AUTH = 0x00
     GSSAPI = 0x01
@@ -451,6 +457,7 @@ def hostname_problem(host: str) -> Optional[str]:
     return None
 
 
+@functools.lru_cache(maxsize=1024)
 def ip_literal(host: str):
     """The IPv4Address or IPv6Address that host spells, or None.
 
@@ -502,7 +509,7 @@ def parse_socks4_request(data) -> ParseResult:
         return NEED_MORE
     if data[1] not in SOCKS4_COMMANDS:
         return _socks4_rejection("unknown SOCKS4 command 0x%02x" % data[1])
-    command = Command(data[1])
+    command = COMMAND_BY_BYTE[data[1]]
     if len(data) < 8:
         return NEED_MORE
     port = int.from_bytes(data[2:4], "big")
@@ -604,9 +611,8 @@ def parse_socks5_request(data) -> ParseResult:
                                "greeting" % data[0])
     if len(data) < 2:
         return NEED_MORE
-    try:
-        command = Command(data[1])
-    except ValueError:
+    command = COMMAND_BY_BYTE.get(data[1])
+    if command is None:
         return _socks5_rejection(Reply.COMMAND_NOT_SUPPORTED,
                                "unknown SOCKS5 command 0x%02x" % data[1])
     if len(data) < 3:
@@ -616,9 +622,8 @@ def parse_socks5_request(data) -> ParseResult:
                                "SOCKS5 reserved byte is not zero")
     if len(data) < 4:
         return NEED_MORE
-    try:
-        address_type = AddressType(data[3])
-    except ValueError:
+    address_type = ADDRESS_TYPE_BY_BYTE.get(data[3])
+    if address_type is None:
         return _socks5_rejection(Reply.ADDRESS_TYPE_NOT_SUPPORTED,
                                "unknown SOCKS5 address type 0x%02x" % data[3])
 
@@ -1103,8 +1108,8 @@ class DestinationPolicy:
 def happy_eyeballs_order(addresses, preferred_version=None):
     """Alternate the address families (RFC 8305 §4), starting with the
     preferred version, else with the family of the first answer."""
-    if not addresses:
-        return []
+    if len(addresses) < 2:
+        return list(addresses)
     first = preferred_version or addresses[0].version
     primary = [a for a in addresses if a.version == first]
     secondary = [a for a in addresses if a.version != first]
@@ -1306,9 +1311,10 @@ class SocksHandshake:
                         % buffered[0])
 
     def _take(self, message) -> bytes:
-        if isinstance(message, Socks5Greeting):
+        kind = type(message)
+        if kind is Socks5Greeting:
             return self._on_greeting(message)
-        if isinstance(message, UsernamePassword):
+        if kind is UsernamePassword:
             return self._on_username_password(message)
         return self._on_request(message)
 
@@ -1365,7 +1371,8 @@ class SocksHandshake:
             return self.refuse(Reply.ADDRESS_TYPE_NOT_SUPPORTED,
                                "RESOLVE_PTR of something that is not an "
                                "address")
-        problem = hostname_problem(message.host)
+        problem = hostname_problem(message.host) \
+            if address_type is AddressType.DOMAIN else None
         if problem:
             # A name with a byte outside printable ASCII is a bad request;
             # one that only Tor's hostname rule refuses is, for a lookup,
@@ -4426,14 +4433,15 @@ class Connection:
                  "client_label", "remote_address", "client_is_local",
                  "client_key", "login_throttled",
                  "target", "state", "handshake", "request", "candidates",
-                 "attempts", "last_reply", "lookup", "deadline", "idle_mark",
+                 "attempts", "last_reply", "lookup", "deadline",
+                 "deadline_at", "idle_mark",
                  "dir_stream", "upstream", "downstream", "client_events",
                  "target_events", "client_handler", "target_handler",
                  "paused_check", "outcome", "opened")
 
     def __init__(self, server: "Server", client: socket.socket,
                  client_label: str, remote_address, number: int,
-                 client_key=None):
+                 client_key=None, family: int = socket.AF_INET):
         self.server = server
         self.loop = server._loop
         self.settings = settings = server.settings     # fixed from accept on
@@ -4452,7 +4460,7 @@ class Connection:
         self.handshake = SocksHandshake(
             credentials_required=bool(credentials),
             authenticate=self._authenticate if credentials else None,
-            safe_socks=settings.safe_socks, client_family=client.family,
+            safe_socks=settings.safe_socks, client_family=family,
             local_address=self._local_address)
         self.request = None
         self.candidates = []
@@ -4460,7 +4468,8 @@ class Connection:
         self.dir_stream = None          # the BEGIN_DIR stream of a CONNECT_DIR
         self.last_reply = Reply.GENERAL_FAILURE
         self.lookup = None
-        self.deadline = None        # the Handle of the state's deadline
+        self.deadline = None        # the Handle of the timer armed for it
+        self.deadline_at = None     # when the state's deadline is
         self.idle_mark = 0
         self.upstream = _Flow(client, None)     # client -> target
         self.downstream = _Flow(None, client)   # target -> client
@@ -4468,7 +4477,7 @@ class Connection:
         self.target_events = 0
         self.client_handler = (self.on_client_event, self)
         self.target_handler = (self.on_target_event, self)
-        self.paused_check = False   # a look at an unwatched socket is due
+        self.paused_check = None    # the timer of a look at an unwatched socket
         self.outcome = "closed during handshake"
         self.opened = time.monotonic()
         self._set_deadline(settings.handshake_timeout)
@@ -4498,16 +4507,30 @@ class Connection:
             self._flush(self.downstream)
 
     def _set_deadline(self, seconds):
-        """Replace the connection's one deadline (None: no deadline)."""
-        if self.deadline is not None:
-            self.deadline.cancel()
-            self.deadline = None
-        if seconds is not None:
-            self.deadline = self.loop.call_later(
-                seconds, self._deadline_passed, owner=self)
+        """Move the connection's one deadline (None: no deadline).  A timer
+        already armed for no later is kept: when it fires early it re-arms
+        for the deadline (so a state change costs no work in the heap)."""
+        if seconds is None:
+            self.deadline_at = None
+            return
+        self.deadline_at = when = time.monotonic() + seconds
+        timer = self.deadline
+        if timer is None or timer[0] > when:
+            if timer is not None:
+                timer.cancel()
+            self.deadline = self.loop.call_at(when, self._deadline_passed,
+                                              owner=self)
 
     def _deadline_passed(self):
         self.deadline = None
+        when = self.deadline_at
+        if when is None:
+            return
+        if when > time.monotonic():     # moved since the timer was armed
+            self.deadline = self.loop.call_at(when, self._deadline_passed,
+                                              owner=self)
+            return
+        self.deadline_at = None
         self._run_guarded(getattr(self, PHASES[self.state].on_deadline))
 
     def _handshake_overdue(self):
@@ -4547,9 +4570,26 @@ class Connection:
         self._update_interest()
 
     def on_client_event(self, mask: int):
+        if mask == EVENT_READ and self.state is State.RELAYING \
+                and not self.settings.splice and self.upstream.reading:
+            # The hot path, spelled out: a tunnel's client sent bytes.
+            try:
+                self._relay(self.upstream)
+            except OSError as error:
+                self._fail(error)
+            self._update_interest()
+            return
         self._run_guarded(self._client_event, mask)
 
     def on_target_event(self, mask: int):
+        if mask == EVENT_READ and self.state is State.RELAYING \
+                and not self.settings.splice and self.downstream.reading:
+            try:
+                self._relay(self.downstream)
+            except OSError as error:
+                self._fail(error)
+            self._update_interest()
+            return
         self._run_guarded(self._target_event, mask)
 
     def close_after_bug(self):
@@ -4775,6 +4815,12 @@ class Connection:
                 self.last_reply = reply_for_errno(error_number)
                 continue
             self.attempts.append(target)
+            if error_number == 0 or (address.is_loopback
+                                     and is_connected(target)):
+                # A loopback connect is done inside connect(): no need to
+                # wait for the loop to say so.
+                self._connected(target, 0)
+                return
             self.loop.watch(target, 0, EVENT_WRITE, (functools.partial(
                 self._run_guarded, self._attempt_ready, target), self))
             if self.candidates and len(self.attempts) < MAX_PARALLEL_ATTEMPTS:
@@ -4797,17 +4843,22 @@ class Connection:
         if self.state is not State.CONNECTING or target not in self.attempts:
             return
         error_number = target.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        self.attempts.remove(target)
         if error_number:
+            self.attempts.remove(target)
             self.loop.watch(target, EVENT_WRITE, 0, None)
             target.close()
             self.last_reply = reply_for_errno(error_number)
             self._attempt_next()
             return
+        self._connected(target, EVENT_WRITE)
+
+    def _connected(self, target, events: int):
+        """target won: it becomes the connection's target (watched for
+        reading, as it was for writing while connecting), the others go."""
+        self.attempts.remove(target)
         self._abandon_attempts()
         self.target = target
-        # The winner stays registered; from now on it is the target.
-        self.loop.watch(target, EVENT_WRITE, EVENT_READ, self.target_handler)
+        self.loop.watch(target, events, EVENT_READ, self.target_handler)
         self.target_events = EVENT_READ
         with_nodelay(target)
         self.upstream.sink = target
@@ -5024,10 +5075,14 @@ class Connection:
             flow.pending = bytearray()  # let a large backlog's memory go
         if not flow.reading and not flow.sink_shut:
             flow.sink_shut = True
-            try:
-                sink.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass    # the peer is gone already; reading will tell
+            other = self.downstream if flow is self.upstream \
+                else self.upstream
+            if not other.sink_shut or self.state is State.CLOSING:
+                try:
+                    sink.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass    # the peer is gone already; reading will tell
+            # else both ways are done: the close below sends the FIN
         if self.state is State.CLOSING:
             return
         if self.upstream.sink_shut and self.downstream.sink_shut:
@@ -5079,7 +5134,11 @@ class Connection:
         if self.state is State.CLOSED:
             return
         self.state = State.CLOSED   # from anywhere: no PHASES check
-        self._set_deadline(None)
+        self.deadline_at = None
+        for timer in (self.deadline, self.paused_check):
+            if timer is not None:
+                timer.cancel()      # lets go of this connection at once
+        self.deadline = self.paused_check = None
         loop = self.loop
         if self.client_events:
             loop.watch(self.client, self.client_events, 0, None)
@@ -5111,20 +5170,18 @@ class Connection:
             return
         upstream, downstream = self.upstream, self.downstream
         client_events = target_events = 0
-        if state is State.RELAYING or state is State.RESOLVING \
-                or state is State.CONNECTING:
-            # A pipe that still holds bytes may be full whatever its count
-            # says: wait for the sink before reading more into it.
-            if upstream.reading and upstream.backlog() < HIGH_WATER \
-                    and not upstream.in_pipe:
-                client_events = EVENT_READ
-        else:       # the handshake, or closing (reading shows the client's end)
+        if state is State.HANDSHAKE or state is State.CLOSING:
+            client_events = EVENT_READ      # closing: reading shows the end
+        # A pipe that still holds bytes may be full whatever its count
+        # says: wait for the sink before reading more into it.
+        elif upstream.reading and not upstream.in_pipe \
+                and len(upstream.pending) < HIGH_WATER:
             client_events = EVENT_READ
         if downstream.pending or downstream.in_pipe:
             client_events |= EVENT_WRITE
         if state is State.RELAYING and self.target is not None:
-            if downstream.reading and downstream.backlog() < HIGH_WATER \
-                    and not downstream.in_pipe:
+            if downstream.reading and not downstream.in_pipe \
+                    and len(downstream.pending) < HIGH_WATER:
                 target_events = EVENT_READ
             if upstream.pending or upstream.in_pipe:
                 target_events |= EVENT_WRITE
@@ -5143,16 +5200,16 @@ class Connection:
             loop.watch(self.target, self.target_events, target_events,
                        self.target_handler)
             self.target_events = target_events
-        if state is State.RELAYING and not self.paused_check \
+        if state is State.RELAYING and self.paused_check is None \
                 and not (client_events and (target_events or self.dir_stream)):
             # A socket the loop does not watch cannot report a reset, so
             # look at it now and then while it is paused.
-            self.paused_check = True
-            loop.call_later(PAUSED_CHECK_INTERVAL, self._run_guarded,
-                            self._check_paused, owner=self)
+            self.paused_check = loop.call_later(
+                PAUSED_CHECK_INTERVAL, self._run_guarded, self._check_paused,
+                owner=self)
 
     def _check_paused(self):
-        self.paused_check = False
+        self.paused_check = None
         for sock, events in ((self.client, self.client_events),
                              (self.target, self.target_events)):
             if sock is not None and not events:
@@ -5173,6 +5230,8 @@ class Connection:
         return "%s:%d" % (host, handshake.port)
 
     def log_outcome(self):
+        if not log.isEnabledFor(logging.INFO):
+            return
         handshake = self.handshake
         destination = ""
         if handshake.command is not None:
@@ -5212,9 +5271,10 @@ def open_outbound_socket(address, sources=None,
     source address of its family in sources ({4: "192.0.2.1", ...}) when
     there is one, and to interface (SO_BINDTODEVICE) when given."""
     family = socket.AF_INET if address.version == 4 else socket.AF_INET6
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM | SOCK_NONBLOCK)
     try:
-        sock.setblocking(False)
+        if not SOCK_NONBLOCK:
+            sock.setblocking(False)
         source = (sources or {}).get(address.version)
         if source is not None:
             # Let connect() pick the port: bind() alone would reserve one
@@ -5232,6 +5292,18 @@ def open_outbound_socket(address, sources=None,
         sock.close()
         raise
     return sock
+
+
+# Made non-blocking at birth where the platform can (Linux): no ioctl after.
+SOCK_NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)
+
+
+def is_connected(sock: socket.socket) -> bool:
+    try:
+        sock.getpeername()
+    except OSError:
+        return False
+    return True
 
 
 def scrubbed(destination: str) -> str:
@@ -5255,6 +5327,7 @@ def close_socket(sock: socket.socket, reset: bool = False):
 # =============================================================================
 
 ACCEPTS_PER_WAKEUP = 64             # accept in batches, then serve the others
+MAX_KNOWN_PEERS = 4096              # peer addresses parsed once, then looked up
 ACCEPT_PAUSE = 1.0                  # seconds a listener rests after EMFILE & co
 ACCEPT_PAUSE_ERRORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS,
                                  errno.ENOMEM))
@@ -5542,6 +5615,7 @@ class Server:
         self._last_unsafe_warning = 0.0
         self._last_accept_error_log = 0.0
         self._per_client = collections.Counter()  # remote client key -> open
+        self._peers = {}                # peer host -> (address, key, local)
         self._login_throttle = LoginThrottle(
             self.settings.max_login_failures)
         self._lookups = None            # LookupScheduler, once the loop is
@@ -5784,11 +5858,18 @@ class Server:
         remote_address = None       # a Unix or loopback client is local
         label = "unix socket"
         key = "unix"
-        if client.family != socket.AF_UNIX:
+        # socket.family is a property that builds an enum: read it once.
+        family = client.family
+        if family != socket.AF_UNIX:
             label = format_address(peer)
-            address = ip_of(peer[0])
-            key = client_key(address)
-            local = address.is_loopback
+            known = self._peers.get(peer[0])
+            if known is None:
+                address = ip_of(peer[0])
+                known = address, client_key(address), address.is_loopback
+                if len(self._peers) >= MAX_KNOWN_PEERS:
+                    self._peers.clear()
+                self._peers[peer[0]] = known
+            address, key, local = known
             refusal = self._client_refusal(address, key, local, handed_in)
             if refusal:
                 self._refused_at_accept += 1
@@ -5801,7 +5882,7 @@ class Server:
         client.setblocking(False)
         try:
             connection = Connection(self, client, label, remote_address,
-                                    next(self._numbers), key)
+                                    next(self._numbers), key, family)
         except OSError as error:
             log.warning("cannot serve a new connection: %s", error)
             client.close()

@@ -934,8 +934,11 @@ class Proxy:
     def argv(self):
         port = str(self.port)
         if self.kind == "torsocksd":
+            # As many connections as the descriptors allow when they are
+            # idle (two each): the default budgets three for each.
             argv = [sys.executable, TORSOCKSD, "--port", port,
-                    "--log-level", "warning"]
+                    "--log-level", "warning",
+                    "--max-connections", str(max(1000, file_limit() // 2))]
             if self.workers != 1 or HAS_WORKERS:
                 argv += ["--workers", str(self.workers)]
             return argv + self.extra
