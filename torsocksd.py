@@ -1224,7 +1224,8 @@ class SocksHandshake:
         self.received += len(data)
         self.buffered += data
         replies = b""
-        while self.state is not HandshakeState.DONE and self.buffered:
+        done = HandshakeState.DONE
+        while self.state is not done and self.buffered:
             result = self._parse_next()
             if result is NEED_MORE:
                 if self.received >= MAX_HANDSHAKE_BYTES:
@@ -4363,6 +4364,15 @@ class State(enum.Enum):
     CLOSING = "closing"             # flushing a last reply, then closing
     CLOSED = "closed"
 
+    # Members are singletons: hashing by identity is right, and unlike
+    # Enum's own __hash__ it costs no Python call (PHASES[state], sets).
+    __hash__ = object.__hash__
+
+
+# The states as module names too: the hot paths read a global some ten
+# times faster than an attribute of an Enum class.
+HANDSHAKE, RESOLVING, CONNECTING, RELAYING, CLOSING, CLOSED = State
+
 
 class Phase(NamedTuple):
     """What a state allows: where it may move, and its deadline."""
@@ -4378,21 +4388,21 @@ class Phase(NamedTuple):
 # connection starts in HANDSHAKE with the deadline set at accept (the whole
 # handshake gets one), and close() ends any state.
 PHASES = {
-    State.HANDSHAKE: Phase(
-        frozenset((State.RESOLVING, State.CONNECTING, State.CLOSING,
-                   State.CLOSED)),
+    HANDSHAKE: Phase(
+        frozenset((RESOLVING, CONNECTING, CLOSING,
+                   CLOSED)),
         None, "_handshake_overdue"),
-    State.RESOLVING: Phase(
-        frozenset((State.CONNECTING, State.CLOSING, State.CLOSED)),
+    RESOLVING: Phase(
+        frozenset((CONNECTING, CLOSING, CLOSED)),
         "connect_timeout", "_lookup_overdue"),
-    State.CONNECTING: Phase(
-        frozenset((State.RELAYING, State.CLOSING, State.CLOSED)),
+    CONNECTING: Phase(
+        frozenset((RELAYING, CLOSING, CLOSED)),
         "connect_timeout", "_connect_overdue"),
-    State.RELAYING: Phase(
-        frozenset((State.CLOSED,)), "idle_timeout", "_idle_check"),
-    State.CLOSING: Phase(
-        frozenset((State.CLOSED,)), CLOSING_LINGER, "close"),
-    State.CLOSED: Phase(frozenset(), None, "close"),
+    RELAYING: Phase(
+        frozenset((CLOSED,)), "idle_timeout", "_idle_check"),
+    CLOSING: Phase(
+        frozenset((CLOSED,)), CLOSING_LINGER, "close"),
+    CLOSED: Phase(frozenset(), None, "close"),
 }
 
 class _Flow:
@@ -4430,7 +4440,7 @@ class Connection:
     (_update_interest), never toggled by hand.
     """
     __slots__ = ("server", "loop", "settings", "number", "client",
-                 "client_label", "remote_address", "client_is_local",
+                 "peer", "remote_address", "client_is_local",
                  "client_key", "login_throttled",
                  "target", "state", "handshake", "request", "candidates",
                  "attempts", "last_reply", "lookup", "deadline",
@@ -4440,14 +4450,14 @@ class Connection:
                  "paused_check", "outcome", "opened")
 
     def __init__(self, server: "Server", client: socket.socket,
-                 client_label: str, remote_address, number: int,
+                 peer, remote_address, number: int,
                  client_key=None, family: int = socket.AF_INET):
         self.server = server
         self.loop = server._loop
         self.settings = settings = server.settings     # fixed from accept on
         self.number = number
         self.client = client
-        self.client_label = client_label
+        self.peer = peer            # (host, port), or a Unix socket's name
         # The client's address unless it is on this host (loopback or Unix).
         self.remote_address = remote_address
         self.client_is_local = remote_address is None
@@ -4455,7 +4465,7 @@ class Connection:
         self.client_key = client_key
         self.login_throttled = False
         self.target = None
-        self.state = State.HANDSHAKE
+        self.state = HANDSHAKE
         credentials = settings.credentials
         self.handshake = SocksHandshake(
             credentials_required=bool(credentials),
@@ -4500,7 +4510,7 @@ class Connection:
         if isinstance(deadline, str):
             deadline = getattr(self.settings, deadline)
         self._set_deadline(deadline)
-        if state is State.CLOSING:
+        if state is CLOSING:
             # Nothing more goes to the client after the last reply: once it
             # is flushed, the client's side is shut down (_flush does it).
             self.downstream.reading = False
@@ -4561,7 +4571,7 @@ class Connection:
     # anew.
 
     def _run_guarded(self, work, *args):
-        if self.state is State.CLOSED:
+        if self.state is CLOSED:
             return
         try:
             work(*args)
@@ -4570,19 +4580,25 @@ class Connection:
         self._update_interest()
 
     def on_client_event(self, mask: int):
-        if mask == EVENT_READ and self.state is State.RELAYING \
-                and not self.settings.splice and self.upstream.reading:
-            # The hot path, spelled out: a tunnel's client sent bytes.
-            try:
-                self._relay(self.upstream)
-            except OSError as error:
-                self._fail(error)
-            self._update_interest()
+        # _run_guarded spelled out, and the two hot cases first: bytes from
+        # a tunnel's client, and the handshake's messages.
+        state = self.state
+        if state is CLOSED:
             return
-        self._run_guarded(self._client_event, mask)
+        try:
+            if mask == EVENT_READ and state is RELAYING \
+                    and not self.settings.splice and self.upstream.reading:
+                self._relay(self.upstream)
+            elif mask == EVENT_READ and state is HANDSHAKE:
+                self._handshake_readable()
+            else:
+                self._client_event(mask)
+        except OSError as error:
+            self._fail(error)
+        self._update_interest()
 
     def on_target_event(self, mask: int):
-        if mask == EVENT_READ and self.state is State.RELAYING \
+        if mask == EVENT_READ and self.state is RELAYING \
                 and not self.settings.splice and self.downstream.reading:
             try:
                 self._relay(self.downstream)
@@ -4594,36 +4610,31 @@ class Connection:
 
     def close_after_bug(self):
         """The loop met a bug in one of this connection's handlers."""
-        if self.state is not State.CLOSED:
+        if self.state is not CLOSED:
             self.outcome += ", then an internal error"
             self.close()
 
     def _client_event(self, mask: int):
         if mask & EVENT_WRITE:
             self._flush(self.downstream)
-        if mask & EVENT_READ and self.state is not State.CLOSED:
+        if mask & EVENT_READ and self.state is not CLOSED:
             self._client_readable()
 
     def _target_event(self, mask: int):
         if mask & EVENT_WRITE:
             self._flush(self.upstream)
-        if mask & EVENT_READ and self.state is State.RELAYING:
+        if mask & EVENT_READ and self.state is RELAYING:
             self._forward(self.downstream)
 
     def _client_readable(self):
         state = self.state
-        if state is State.RELAYING:
+        if state is RELAYING:
             self._forward(self.upstream)
-        elif state is State.HANDSHAKE:
-            data = self.client.recv(self.handshake.room())
-            if not data:
-                self.outcome = "client closed during handshake"
-                self.close()
-                return
-            self._on_handshake_bytes(data)
-        elif state is State.RESOLVING or state is State.CONNECTING:
+        elif state is HANDSHAKE:
+            self._handshake_readable()
+        elif state is RESOLVING or state is CONNECTING:
             self._read_early_data()
-        elif state is State.CLOSING:
+        elif state is CLOSING:
             # Discard what the client still sends, so that closing does not
             # turn into a reset that could destroy the reply in flight.
             if not self.client.recv(RECV_BUFFER_SIZE):
@@ -4633,7 +4644,7 @@ class Connection:
         if isinstance(error, (BlockingIOError, InterruptedError)):
             return
         reason = "socket error: %s" % errno.errorcode.get(error.errno, error)
-        if self.state in (State.RELAYING, State.CLOSING):
+        if self.state in (RELAYING, CLOSING):
             self.outcome += ", then " + reason
         else:
             self.outcome = reason
@@ -4643,6 +4654,14 @@ class Connection:
         self.close(reset_client=reset, reset_target=reset)
 
     # -- the handshake --------------------------------------------------------
+
+    def _handshake_readable(self):
+        data = self.client.recv(self.handshake.room())
+        if not data:
+            self.outcome = "client closed during handshake"
+            self.close()
+            return
+        self._on_handshake_bytes(data)
 
     def _on_handshake_bytes(self, data: bytes):
         handshake = self.handshake
@@ -4684,9 +4703,15 @@ class Connection:
             return True
         if throttle.allowed and throttle.failed(self.client_key, now):
             log.warning("%s: %d failed logins in %.0f s: its logins are "
-                        "refused for a while", self.client_label,
+                        "refused for a while", self.client_label(),
                         throttle.allowed, throttle.window)
         return False
+
+    def client_label(self) -> str:
+        """The client as the log shows it (made only when a line needs it)."""
+        if self.client_is_local and not isinstance(self.peer, tuple):
+            return "unix socket"
+        return format_address(self.peer)
 
     def _local_address(self) -> str:
         """Where the client reached us, as a proxy URL writes it."""
@@ -4730,7 +4755,7 @@ class Connection:
     def _start_lookup(self, method, query):
         """Ask through the Server's LookupScheduler, in this client's
         share."""
-        self._enter(State.RESOLVING)
+        self._enter(RESOLVING)
         self.lookup = method(self.client_key, query, self._resolved,
                              owner=self)
         if self.lookup is None:
@@ -4741,7 +4766,7 @@ class Connection:
         self._run_guarded(self._on_resolved, result)
 
     def _on_resolved(self, result: ResolverResult):
-        if self.state is not State.RESOLVING:
+        if self.state is not RESOLVING:
             return      # timed out or closed meanwhile
         self.lookup = None
         if result.error is not None:
@@ -4770,7 +4795,7 @@ class Connection:
     def _answer(self, reply: bytes, outcome: str):
         self._send_to_client(reply)
         self.outcome = outcome
-        self._enter(State.CLOSING)
+        self._enter(CLOSING)
 
     # -- connecting: Happy Eyeballs (RFC 8305) --------------------------------
 
@@ -4787,7 +4812,7 @@ class Connection:
             addresses, self.settings.preferred_ip_version
         )[:MAX_CONNECT_ATTEMPTS]
         self.attempts = []
-        self._enter(State.CONNECTING)
+        self._enter(CONNECTING)
         self._attempt_next()
 
     def _attempt_next(self):
@@ -4835,12 +4860,12 @@ class Connection:
     def _attempt_overdue(self, target):
         """An attempt is still pending after the delay: start the next too,
         unless MAX_PARALLEL_ATTEMPTS are out (then a failure starts it)."""
-        if self.state is State.CONNECTING and target in self.attempts \
+        if self.state is CONNECTING and target in self.attempts \
                 and len(self.attempts) < MAX_PARALLEL_ATTEMPTS:
             self._attempt_next()
 
     def _attempt_ready(self, target, mask):
-        if self.state is not State.CONNECTING or target not in self.attempts:
+        if self.state is not CONNECTING or target not in self.attempts:
             return
         error_number = target.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if error_number:
@@ -4880,7 +4905,7 @@ class Connection:
 
     def _start_relaying(self):
         """The target answered: the success reply, then the early data."""
-        self._enter(State.RELAYING)
+        self._enter(RELAYING)
         self.outcome = "relayed"
         self._send_to_client(self.handshake.success_reply())
         self._flush(self.upstream)
@@ -4899,7 +4924,7 @@ class Connection:
         else:
             self._refuse(Reply.NOT_ALLOWED, "no relay address allowed")
             return
-        self._enter(State.CONNECTING)
+        self._enter(CONNECTING)
         guarded = self._run_guarded
         try:
             self.dir_stream = server._tor_link_pool().open_stream(
@@ -4917,7 +4942,7 @@ class Connection:
                                                     self.upstream)
 
     def _dir_stream_connected(self):
-        if self.state is State.CONNECTING:
+        if self.state is CONNECTING:
             self.upstream.sink = self.dir_stream
             self._start_relaying()
 
@@ -4926,7 +4951,7 @@ class Connection:
         self._flush(self.downstream)
 
     def _dir_stream_ended(self, reason: int):
-        if self.state is State.CONNECTING:
+        if self.state is CONNECTING:
             # The relay unreachable is a connect error like any other (the
             # README's "connect errors" row); else the relay's END reason.
             error_number = self.dir_stream.end_errno
@@ -5048,7 +5073,7 @@ class Connection:
     def _release_pipe(self, flow: _Flow):
         # An idle connection holds no pipe: 4 fds only while data moves.
         if flow.pipe is not None and not flow.in_pipe \
-                and self.state is not State.CLOSED:
+                and self.state is not CLOSED:
             self.server._give_pipe(flow.pipe)
             flow.pipe = None
 
@@ -5077,35 +5102,44 @@ class Connection:
             flow.sink_shut = True
             other = self.downstream if flow is self.upstream \
                 else self.upstream
-            if not other.sink_shut or self.state is State.CLOSING:
+            if not other.sink_shut or self.state is CLOSING:
                 try:
                     sink.shutdown(socket.SHUT_WR)
                 except OSError:
                     pass    # the peer is gone already; reading will tell
             # else both ways are done: the close below sends the FIN
-        if self.state is State.CLOSING:
+        if self.state is CLOSING:
             return
         if self.upstream.sink_shut and self.downstream.sink_shut:
             self.close()
 
     def _send_to_client(self, data: bytes):
-        """Queue a SOCKS reply.  The byte counts are of relayed data only,
-        so the reply is taken off the count that _flush will add it to."""
-        self.downstream.count -= len(data)
-        self.downstream.pending += data
-        self._flush(self.downstream)
+        """Send a SOCKS reply, or queue what the socket does not take.  The
+        byte counts are of relayed data only: a reply is not counted."""
+        downstream = self.downstream
+        if not downstream.pending and not downstream.in_pipe:
+            try:
+                sent = self.client.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            if sent == len(data):
+                return          # the usual case: all of it, at once
+            data = data[sent:]
+        downstream.count -= len(data)
+        downstream.pending += data
+        self._flush(downstream)
 
     # -- refusing and closing -----------------------------------------------------
 
     def _refuse(self, reply: Reply, reason: str):
         """Send the client's refusal for reply, then close."""
-        if self.state is State.RESOLVING and self.request is not None \
+        if self.state is RESOLVING and self.request is not None \
                 and self.request.command in LOOKUP_COMMANDS:
             # Every failed lookup is "host unreachable" (the README's
             # "RESOLVE failure" row), whatever went wrong.
             reply = Reply.HOST_UNREACHABLE
         self._end_with(self.handshake.refuse(reply, reason)
-                       if self.state is State.HANDSHAKE
+                       if self.state is HANDSHAKE
                        else self.handshake.failure_reply(reply), reason)
 
     def _end_with(self, reply: bytes, reason: str):
@@ -5127,13 +5161,13 @@ class Connection:
             self.close()
             return
         self._send_to_client(reply)
-        self._enter(State.CLOSING)
+        self._enter(CLOSING)
 
     def close(self, reset_client=False, reset_target=False):
         """Close both sockets at once and forget the connection."""
-        if self.state is State.CLOSED:
+        if self.state is CLOSED:
             return
-        self.state = State.CLOSED   # from anywhere: no PHASES check
+        self.state = CLOSED   # from anywhere: no PHASES check
         self.deadline_at = None
         for timer in (self.deadline, self.paused_check):
             if timer is not None:
@@ -5166,11 +5200,11 @@ class Connection:
     def _update_interest(self):
         """Derive each socket's events from the state and the buffers."""
         state = self.state
-        if state is State.CLOSED:
+        if state is CLOSED:
             return
         upstream, downstream = self.upstream, self.downstream
         client_events = target_events = 0
-        if state is State.HANDSHAKE or state is State.CLOSING:
+        if state is HANDSHAKE or state is CLOSING:
             client_events = EVENT_READ      # closing: reading shows the end
         # A pipe that still holds bytes may be full whatever its count
         # says: wait for the sink before reading more into it.
@@ -5179,7 +5213,7 @@ class Connection:
             client_events = EVENT_READ
         if downstream.pending or downstream.in_pipe:
             client_events |= EVENT_WRITE
-        if state is State.RELAYING and self.target is not None:
+        if state is RELAYING and self.target is not None:
             if downstream.reading and not downstream.in_pipe \
                     and len(downstream.pending) < HIGH_WATER:
                 target_events = EVENT_READ
@@ -5200,7 +5234,7 @@ class Connection:
             loop.watch(self.target, self.target_events, target_events,
                        self.target_handler)
             self.target_events = target_events
-        if state is State.RELAYING and self.paused_check is None \
+        if state is RELAYING and self.paused_check is None \
                 and not (client_events and (target_events or self.dir_stream)):
             # A socket the loop does not watch cannot report a reset, so
             # look at it now and then while it is paused.
@@ -5240,7 +5274,7 @@ class Connection:
         version = handshake.version.name if handshake.version is not None \
             else "-"
         log.info("conn %d from %s: %s%s: %s; %d bytes up, %d down, %.3f s",
-                 self.number, self.client_label, version, destination,
+                 self.number, self.client_label(), version, destination,
                  self.outcome, self.upstream.count, self.downstream.count,
                  time.monotonic() - self.opened)
 
@@ -5856,12 +5890,10 @@ class Server:
                handed_in: bool = False):
         self._accepted += 1
         remote_address = None       # a Unix or loopback client is local
-        label = "unix socket"
         key = "unix"
         # socket.family is a property that builds an enum: read it once.
         family = client.family
         if family != socket.AF_UNIX:
-            label = format_address(peer)
             known = self._peers.get(peer[0])
             if known is None:
                 address = ip_of(peer[0])
@@ -5873,7 +5905,8 @@ class Server:
             refusal = self._client_refusal(address, key, local, handed_in)
             if refusal:
                 self._refused_at_accept += 1
-                log.info("refused %s at accept: %s", label, refusal)
+                log.info("refused %s at accept: %s", format_address(peer),
+                         refusal)
                 client.close()
                 return
             if not local:
@@ -5881,7 +5914,7 @@ class Server:
             with_nodelay(client)
         client.setblocking(False)
         try:
-            connection = Connection(self, client, label, remote_address,
+            connection = Connection(self, client, peer, remote_address,
                                     next(self._numbers), key, family)
         except OSError as error:
             log.warning("cannot serve a new connection: %s", error)
