@@ -4282,14 +4282,16 @@ class EventLoop:
             except Exception:
                 self._contain_bug(owner)
         ready = self._ready
-        for _ in range(len(ready)):     # not those that these calls add
-            _, _, function, args, owner = ready.popleft()
-            if function is not None:
-                try:
-                    function(*args)
-                except Exception:
-                    self._contain_bug(owner)
-        timers = self._timers
+        if ready:
+            for _ in range(len(ready)):     # not those that these calls add
+                _, _, function, args, owner = ready.popleft()
+                if function is not None:
+                    try:
+                        function(*args)
+                    except Exception:
+                        self._contain_bug(owner)
+        if not timers:
+            return
         now = time.monotonic()
         while timers and timers[0][0] <= now:
             _, _, function, args, owner = heapq.heappop(timers)
@@ -4337,6 +4339,7 @@ RELAYED_COMMANDS = frozenset((Command.CONNECT, Command.CONNECT_DIR))
 
 RECV_BUFFER_SIZE = 256 * 1024       # one buffer for the whole loop
 READS_PER_WAKEUP = 4                # fewer selects under load, still fair
+READS = range(READS_PER_WAKEUP)     # made once: the relay's loop
 HIGH_WATER = 256 * 1024             # stop reading a side past this backlog
 MAX_CONNECT_ATTEMPTS = 16           # addresses of one name tried in turn
 MAX_PARALLEL_ATTEMPTS = 2           # ... at most this many at once (fds)
@@ -5001,12 +5004,13 @@ class Connection:
         buffer, send at once, keep only what the sink would not take."""
         view = self.loop.recv_view
         source, sink = flow.source, flow.sink
-        for _ in range(READS_PER_WAKEUP):
+        for _ in READS:
             room = HIGH_WATER - len(flow.pending)
             if room <= 0:
                 return
             try:
-                size = source.recv_into(view, min(room, RECV_BUFFER_SIZE))
+                size = source.recv_into(view, room if room < RECV_BUFFER_SIZE
+                                        else RECV_BUFFER_SIZE)
             except (BlockingIOError, InterruptedError):
                 return
             if size == 0:
@@ -5203,6 +5207,12 @@ class Connection:
         if state is CLOSED:
             return
         upstream, downstream = self.upstream, self.downstream
+        if state is RELAYING and self.client_events == EVENT_READ \
+                and self.target_events == EVENT_READ and upstream.reading \
+                and downstream.reading and not upstream.pending \
+                and not downstream.pending and not upstream.in_pipe \
+                and not downstream.in_pipe:
+            return      # a tunnel's steady state: both read, nothing waits
         client_events = target_events = 0
         if state is HANDSHAKE or state is CLOSING:
             client_events = EVENT_READ      # closing: reading shows the end
