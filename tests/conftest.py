@@ -4,6 +4,7 @@ peers (echo and sink servers), an injectable resolver, and peer programs.
 Nothing here touches the machine's DNS for anything but "localhost".
 """
 
+import importlib
 import ipaddress
 import os
 import shutil
@@ -34,6 +35,19 @@ def require_program(name):
             pytest.fail(message + " (TORSOCKSD_REQUIRE_PEERS=1)")
         pytest.skip(message)
     return path
+
+
+def require_module(name):
+    """A Python module a test drives as a peer (PySocks: "socks"); skip
+    without it, fail under TORSOCKSD_REQUIRE_PEERS=1 (CI installs it into
+    the test environment)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        message = "peer module %r is not installed" % name
+        if REQUIRE_PEERS:
+            pytest.fail(message + " (TORSOCKSD_REQUIRE_PEERS=1)")
+        pytest.skip(message)
 
 
 def require_network_namespace():
