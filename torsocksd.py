@@ -4522,17 +4522,20 @@ class Connection:
                          else Reply.HOST_UNREACHABLE,
                          "BIND: no address of DST.ADDR is allowed")
             return
+        # An unspecified DST.ADDR (0.0.0.0, ::) names no peer: anyone the
+        # policy allows may connect, and DST.PORT is the port wanted (an
+        # unprivileged one), as Dante's client and server have it.
+        wildcard = any(a.is_unspecified for a in allowed)
+        wanted = request.port if wildcard and request.port >= 1024 else 0
         try:
             self.bind_listener = listener = open_bind_listener(
                 allowed[0], settings.outbound_addresses,
-                settings.outbound_interface)
+                settings.outbound_interface, wanted)
         except OSError as error:
             self._refuse(reply_for_errno(error.errno),
                          "BIND: cannot listen: %s" % error)
             return
-        # An unspecified DST.ADDR (0.0.0.0, ::) names no peer: anyone the
-        # policy allows may connect, as in Dante.
-        if not any(a.is_unspecified for a in allowed):
+        if not wildcard:
             self.bind_peers = frozenset(ip_of(a) for a in allowed)
         self.loop.watch(listener, 0, EVENT_READ, (functools.partial(
             self._run_guarded, self._bind_accept), self))
@@ -5050,11 +5053,12 @@ def local_address_towards(address, interface: Optional[str] = None):
         return probe.getsockname()
 
 
-def open_bind_listener(towards, sources=None,
-                       interface: Optional[str] = None) -> socket.socket:
-    """BIND's listening socket (the README's "BIND reply" row): on the
-    source address of towards's family in sources, else on the address
-    this host would use to reach towards; the port the kernel's."""
+def open_bind_listener(towards, sources=None, interface: Optional[str] = None,
+                       port: int = 0) -> socket.socket:
+    """BIND's listening socket (the README's "BIND" rows): on the source
+    address of towards's family in sources, else on the address this host
+    would use to reach towards; on port when it is free, else on one the
+    kernel picks."""
     source = (sources or {}).get(towards.version)
     local = (source, 0) if source is not None \
         else local_address_towards(towards, interface)
@@ -5062,7 +5066,12 @@ def open_bind_listener(towards, sources=None,
     listener = socket.socket(family, socket.SOCK_STREAM)
     try:
         bind_to_interface(listener, interface)
-        listener.bind((local[0], 0) + tuple(local[2:]))
+        try:
+            listener.bind((local[0], port) + tuple(local[2:]))
+        except OSError:
+            if not port:
+                raise
+            listener.bind((local[0], 0) + tuple(local[2:]))
         listener.listen(BIND_BACKLOG)
         listener.setblocking(False)
     except OSError:
