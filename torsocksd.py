@@ -5116,6 +5116,7 @@ UDP_NAME_TTL = 60.0             # seconds a looked-up name is used, then asked
 UDP_FAILED_NAME_TTL = 10.0      # again; a failed one is dropped for this long
 UDP_LOGGED_REFUSALS = 8         # refused destinations logged per association
 UDP_FRAGMENT = "fragment (FRAG is not 00): no reassembly"
+UDP_LITERAL_HEADER_ENDS = {AddressType.IPV4: 10, AddressType.IPV6: 22}
 
 
 class UdpDatagram(NamedTuple):
@@ -5183,7 +5184,9 @@ def udp_datagram_header(address, port: int) -> bytes:
 
 
 class _UdpRoute(NamedTuple):
-    """Where datagrams to one destination, as the client named it, go."""
+    """Where datagrams to one destination, as the client named it, go: the
+    routes are keyed by a literal destination's whole header, or by (name,
+    port)."""
     sock: Optional[socket.socket]   # None: they are dropped
     sockaddr: Optional[tuple]
     expires: Optional[float]        # for a name: when to look it up again
@@ -5218,7 +5221,7 @@ class UdpAssociation:
         self.client_host = client_host
         self.client_port = client_port
         self.client_address = None  # where replies go: the first datagram's
-        self.routes = {}            # (host, port) as the client named it
+        self.routes = {}            # header bytes, or (name, port) -> route
         self.reply_headers = {}     # (host, port) as recvfrom gives it
         self.names = {}             # name -> (expires, addresses, failure)
         self.lookups = {}           # name -> resolver handle
@@ -5302,23 +5305,36 @@ class UdpAssociation:
         return True
 
     def _relay_out(self, datagram):
+        # An address header seen before is its own key: no parsing.  Its
+        # zero RSV and FRAG are part of it, so a fragment misses.
+        end = UDP_LITERAL_HEADER_ENDS.get(datagram[3]) \
+            if len(datagram) > 3 else None
+        if end is not None:
+            route = self.routes.get(bytes(datagram[:end]))
+            if route is not None:
+                self._use(route, datagram[end:])
+                return
         result = parse_udp_datagram(datagram)
         if not isinstance(result, Parsed):
             self.dropped["fragment" if result and result.reason
                          == UDP_FRAGMENT else "malformed"] += 1
             return
-        header = result.message
-        self._send_out((header.host, header.port), header.address_type,
-                       datagram[result.used:])
+        destination, used = result.message, result.used
+        key = (destination.host, destination.port) \
+            if datagram[3] == AddressType.DOMAIN else bytes(datagram[:used])
+        self._send_out(key, destination, datagram[used:])
 
-    def _send_out(self, key, address_type, data):
+    def _send_out(self, key, destination: UdpDatagram, data):
         route = self.routes.get(key)
         if route is None or (route.expires is not None
                              and route.expires <= time.monotonic()):
-            route = self._new_route(key, address_type)
+            route = self._new_route(key, destination)
             if route is None:       # its name is being looked up
-                self._wait_for_name(key, data)
+                self._wait_for_name(destination, data)
                 return
+        self._use(route, data)
+
+    def _use(self, route: "_UdpRoute", data):
         if route.sock is None:
             self.dropped[route.dropped_as] += 1
         elif self._send(route.sock, (data,), route.sockaddr):
@@ -5327,28 +5343,32 @@ class UdpAssociation:
 
     # -- destinations -------------------------------------------------------------
 
-    def _new_route(self, key, address_type) -> Optional[_UdpRoute]:
+    def _new_route(self, key, destination: UdpDatagram) \
+            -> Optional[_UdpRoute]:
         """How to reach a destination the client names for the first time
-        (or whose name is due to be looked up again): None while its name
-        is being looked up."""
-        host, port = key
-        if address_type != AddressType.DOMAIN:
-            return self._route_to(key, (ipaddress.ip_address(host),), None)
+        (or whose name is due to be looked up again), remembered under key:
+        None while its name is being looked up."""
+        host = destination.host
+        if destination.address_type != AddressType.DOMAIN:
+            return self._route_to(key, destination,
+                                  (ipaddress.ip_address(host),), None)
         refusal = special_name_refusal(host)
         if refusal:
-            return self._refused_route(key, None, "refused", refusal)
+            return self._refused_route(key, destination, None, "refused",
+                                       refusal)
         expires, addresses, failure = self.names.get(host, (0.0, (), None))
         if expires <= time.monotonic():
             return None
         if failure:
-            return self._refused_route(key, expires, "name not found",
-                                       failure)
-        return self._route_to(key, addresses, expires)
+            return self._refused_route(key, destination, expires,
+                                       "name not found", failure)
+        return self._route_to(key, destination, addresses, expires)
 
-    def _route_to(self, key, addresses, expires) -> _UdpRoute:
+    def _route_to(self, key, destination: UdpDatagram, addresses,
+                  expires) -> _UdpRoute:
         """The first address the destination policy and the guard allow,
         in the order a CONNECT would try them."""
-        settings, port = self.settings, key[1]
+        settings, port = self.settings, destination.port
         refusal = "no usable address (--no-ipv6)"
         if port == 0:
             refusal, addresses = "destination port 0", ()
@@ -5360,20 +5380,22 @@ class UdpAssociation:
             if refusal is None:
                 sock = self._outbound_socket(address)
                 if sock is None:
-                    return self._refused_route(key, expires, "send failed",
+                    return self._refused_route(key, destination, expires,
+                                               "send failed",
                                                "no outbound socket")
                 self._expect_replies(address, port)
                 return self._remember(self.routes, key, _UdpRoute(
                     sock, (str(address), port), expires, ""))
-        return self._refused_route(key, expires, "refused", refusal)
+        return self._refused_route(key, destination, expires, "refused",
+                                   refusal)
 
-    def _refused_route(self, key, expires, dropped_as: str,
-                       reason: str) -> _UdpRoute:
+    def _refused_route(self, key, destination: UdpDatagram, expires,
+                       dropped_as: str, reason: str) -> _UdpRoute:
         if self.refusals_logged < UDP_LOGGED_REFUSALS:
             self.refusals_logged += 1
             log.info("conn %d: UDP: dropping datagrams to %s: %s",
                      self.connection.number, self.server._scrub(
-                         format_address(key)), reason)
+                         format_address(destination[1:])), reason)
         return self._remember(self.routes, key, _UdpRoute(
             None, None, expires, dropped_as))
 
@@ -5414,10 +5436,10 @@ class UdpAssociation:
 
     # -- names --------------------------------------------------------------------
 
-    def _wait_for_name(self, key, data):
+    def _wait_for_name(self, destination: UdpDatagram, data):
         """Keep a datagram until its name is looked up: through the
         resolver every CONNECT uses, one lookup per name at a time."""
-        name = key[0]
+        name = destination.host
         if name not in self.lookups and \
                 len(self.lookups) >= UDP_PENDING_LOOKUPS:
             self.dropped["queue full"] += 1
@@ -5425,7 +5447,7 @@ class UdpAssociation:
         if not self._may_queue(len(data)):
             return
         self.waiting.setdefault(name, collections.deque()).append(
-            (key[1], bytes(data)))
+            (destination.port, bytes(data)))
         if name not in self.lookups:
             self.lookups[name] = self.server.resolver.lookup(
                 name, self.loop.threadsafe_callback(functools.partial(
@@ -5452,7 +5474,8 @@ class UdpAssociation:
         for port, data in self.waiting.pop(name, ()):
             self.queued -= 1
             self.queued_bytes -= len(data)
-            self._send_out((name, port), AddressType.DOMAIN, data)
+            self._send_out((name, port), UdpDatagram(AddressType.DOMAIN,
+                                                     name, port), data)
 
     # -- sending, and what waits for a full socket -----------------------------------
 

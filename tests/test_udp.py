@@ -379,9 +379,15 @@ def test_fragments_are_dropped(udp_server, udp_echo):
         client.send("127.0.0.1", udp_echo.port, b"whole")
         assert client.receive() == header("127.0.0.1", udp_echo.port) \
             + b"whole"
+        # Also once the destination is known.
+        client.send("127.0.0.1", udp_echo.port, b"fragment", frag=1)
+        client.udp.sendto(h("0100 00") + socks5_target("127.0.0.1",
+                                                       udp_echo.port)
+                          + b"reserved", client.relay)
         assert client.nothing_more()
     assert [data for data, _ in udp_echo.received] == [b"whole"]
-    assert dropped(udp_server, "fragment") == 2
+    assert dropped(udp_server, "fragment") == 3
+    assert dropped(udp_server, "malformed") == 1
 
 
 def test_a_third_partys_datagrams_never_reach_the_client(udp_server,
