@@ -4695,7 +4695,11 @@ class Connection:
         kept for the target of a CONNECT, dropped after a RESOLVE (as Tor
         does).  Reading on also shows a client that resets meanwhile."""
         data = self.client.recv(HIGH_WATER)
-        if not data:
+        if not data and self.state is State.BINDING:
+            # Nobody is left to hear of the peer: the BIND ends, as in Dante.
+            self.outcome = "client closed before the peer came"
+            self.close()
+        elif not data:
             self.upstream.reading = False
         elif self.request.command in RELAYED_COMMANDS:
             self.upstream.pending += data
@@ -5403,10 +5407,11 @@ class UdpAssociation:
         """Datagrams from address:port go to the client from now on, behind
         a header naming it."""
         family = socket.AF_INET if address.version == 4 else socket.AF_INET6
-        source = (socket.inet_ntop(family, address.packed), port)
-        if source not in self.reply_headers:
-            self._remember(self.reply_headers, source,
-                           udp_datagram_header(address, port))
+        # Remembered anew with each route to it, so that a destination's
+        # header is forgotten only after its routes are.
+        self._remember(self.reply_headers,
+                       (socket.inet_ntop(family, address.packed), port),
+                       udp_datagram_header(address, port))
 
     @staticmethod
     def _remember(table: dict, key, value):

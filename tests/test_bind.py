@@ -261,17 +261,16 @@ def test_the_policy_judges_dst_addr(make_server):
                 == reply5("127.0.0.5", peer.getsockname()[1])
 
 
-def test_the_client_leaving_closes_the_listener(bind_server):
-    control, first = bind5(bind_server, "127.0.0.1", 21)
+def test_the_client_leaving_closes_the_listener(make_server):
+    server = make_server(enable_bind=True, connect_timeout=60)
+    control, first = bind5(server, "127.0.0.1", 21)
     control.close()
     deadline = time.monotonic() + TIMEOUT
-    while True:
-        try:
-            socket.create_connection(where(first), timeout=TIMEOUT).close()
-        except ConnectionRefusedError:
-            break
-        assert time.monotonic() < deadline, "the listener outlived its client"
+    while server.stats()["active"]:
+        assert time.monotonic() < deadline, "the BIND outlived its client"
         time.sleep(0.01)
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(where(first), timeout=TIMEOUT).close()
 
 
 # -- a real client ---------------------------------------------------------------------

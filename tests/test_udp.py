@@ -503,6 +503,31 @@ def test_datagrams_waiting_for_a_name_are_bounded(make_server):
     assert resolver.queries == slow[:1] + slow[:torsocksd.UDP_PENDING_LOOKUPS]
 
 
+def test_a_destination_in_use_stays_heard_past_the_table_bound(
+        make_server, udp_peers, monkeypatch):
+    """Destinations are remembered up to a bound, the oldest forgotten
+    first; one whose route is renewed (its name looked up again) counts
+    as new, so its answers are not forgotten while datagrams go to it."""
+    monkeypatch.setattr(torsocksd, "UDP_MAX_DESTINATIONS", 2)
+    monkeypatch.setattr(torsocksd, "UDP_NAME_TTL", 0.5)
+    first, second, third = udp_peers(), udp_peers(), udp_peers()
+    resolver = FakeResolver({"first.test": ["127.0.0.1"]})
+    server = make_server(enable_udp=True, resolver=resolver)
+    with Association(server.address) as client:
+        client.send("first.test", first.port, b"1")
+        assert client.receive().endswith(b"1")
+        client.send("127.0.0.1", second.port, b"2")
+        assert client.receive().endswith(b"2")
+        time.sleep(0.6)     # first.test is due to be looked up again
+        client.send("first.test", first.port, b"3")
+        assert client.receive().endswith(b"3")
+        client.send("127.0.0.1", third.port, b"4")
+        assert client.receive().endswith(b"4")
+        client.send("first.test", first.port, b"5")
+        assert client.receive() == header("127.0.0.1", first.port) + b"5"
+    assert resolver.queries == ["first.test", "first.test"]
+
+
 # -- the association's life ---------------------------------------------------------
 
 def test_the_association_ends_with_its_connection(udp_server, udp_echo,
