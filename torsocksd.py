@@ -561,14 +561,20 @@ def socks5_reply(reply: Reply, client_family: int = socket.AF_INET) -> bytes:
         + ZERO_IPV6 + ZERO_PORT
 
 
+def socks5_address(address, port: int) -> bytes:
+    """ATYP (1 or 4), the address and the port, as a reply's BND fields and
+    a datagram's header carry them (RFC 1928 §5)."""
+    address_type = AddressType.IPV4 if address.version == 4 \
+        else AddressType.IPV6
+    return bytes((address_type,)) + address.packed + port.to_bytes(2, "big")
+
+
 def socks5_address_reply(address, port: int = 0) -> bytes:
     """Success with address in BND.ADDR: a RESOLVE answer with port 0 (the
     README's "RESOLVE (F0)" row), or BIND's and UDP ASSOCIATE's address and
     port (RFC 1928 §6)."""
-    address_type = AddressType.IPV4 if address.version == 4 \
-        else AddressType.IPV6
-    return bytes((Version.SOCKS5, Reply.SUCCEEDED, 0, address_type)) \
-        + address.packed + port.to_bytes(2, "big")
+    return bytes((Version.SOCKS5, Reply.SUCCEEDED, 0)) \
+        + socks5_address(address, port)
 
 
 def socks5_hostname_reply(name: str) -> bytes:
@@ -4053,7 +4059,7 @@ PHASES = {
     State.RELAYING: Phase(
         frozenset((State.CLOSED,)), "idle_timeout", "_idle_check"),
     State.ASSOCIATED: Phase(
-        frozenset((State.CLOSED,)), "idle_timeout", "_association_idle_check"),
+        frozenset((State.CLOSED,)), "idle_timeout", "_idle_check"),
     State.CLOSING: Phase(
         frozenset((State.CLOSED,)), CLOSING_LINGER, "close"),
     State.CLOSED: Phase(frozenset(), None, "close"),
@@ -4195,19 +4201,15 @@ class Connection:
         self._refuse(Reply.TTL_EXPIRED, "BIND: no connection from the peer "
                      "in time")
 
-    def _association_idle_check(self):
-        moved = self.association.datagrams_up + self.association.datagrams_down
-        if moved != self.idle_mark:
-            self.idle_mark = moved
-            self._set_deadline(self.settings.idle_timeout)
-        else:
-            self.outcome += ", then idle timeout"
-            self.close()
-
     def _idle_check(self):
-        # Idle means no byte moved since the last check: re-arming here
-        # instead of on every chunk keeps the relay path free of timers.
-        moved = self.upstream.count + self.downstream.count
+        # Idle means no byte (or datagram) moved since the last check:
+        # re-arming here instead of on every chunk keeps the relay path
+        # free of timers.
+        association = self.association
+        if association is None:
+            moved = self.upstream.count + self.downstream.count
+        else:
+            moved = association.datagrams_up + association.datagrams_down
         if moved != self.idle_mark:
             self.idle_mark = moved
             self._set_deadline(self.settings.idle_timeout)
@@ -4509,18 +4511,20 @@ class Connection:
         first reply), then wait, for connect_timeout, for the one
         connection from DST.ADDR (the README's "BIND" rows)."""
         request, settings = self.request, self.settings
-        usable = self.server._usable_addresses(addresses)
+        usable = self.server._usable_addresses(ip_of(a) for a in addresses)
         if request.version is Version.SOCKS4:
             usable = [a for a in usable if a.version == 4]
+        if not usable:
+            self._refuse(Reply.HOST_UNREACHABLE, "BIND: no address of "
+                         "DST.ADDR this client can use")
+            return
         policy = settings.destination_policy
         allowed = [a for a in happy_eyeballs_order(
                        usable, settings.preferred_ip_version)
                    if not policy.refusal(self.client_is_local, a,
                                          request.port)]
         if not allowed:
-            self._refuse(Reply.NOT_ALLOWED if usable
-                         else Reply.HOST_UNREACHABLE,
-                         "BIND: no address of DST.ADDR is allowed")
+            self._refuse(Reply.NOT_ALLOWED, "BIND: DST.ADDR is not allowed")
             return
         # An unspecified DST.ADDR (0.0.0.0, ::) names no peer: anyone the
         # policy allows may connect, and DST.PORT is the port wanted (an
@@ -4536,7 +4540,7 @@ class Connection:
                          "BIND: cannot listen: %s" % error)
             return
         if not wildcard:
-            self.bind_peers = frozenset(ip_of(a) for a in allowed)
+            self.bind_peers = frozenset(allowed)
         self.loop.watch(listener, 0, EVENT_READ, (functools.partial(
             self._run_guarded, self._bind_accept), self))
         self._enter(State.BINDING)
@@ -5163,9 +5167,10 @@ def parse_udp_datagram(data) -> ParseResult:
         problem = hostname_problem(host)
         if problem:
             return Rejected(b"", problem)
-        if ip_literal(host) is not None:
+        literal = ip_literal(host)
+        if literal is not None:
             # One spelling for each address, so that it is one destination.
-            address = ip_of(ip_literal(host))
+            address = ip_of(literal)
             address_type = AddressType.IPV4 if address.version == 4 \
                 else AddressType.IPV6
             host = str(address)
@@ -5181,10 +5186,7 @@ def parse_udp_datagram(data) -> ParseResult:
 def udp_datagram_header(address, port: int) -> bytes:
     """The header that carries a destination's datagram back to the client:
     RSV FRAG 00, then its address (ATYP 1 or 4) and port (RFC 1928 §7)."""
-    address_type = AddressType.IPV4 if address.version == 4 \
-        else AddressType.IPV6
-    return bytes((0, 0, 0, address_type)) + address.packed \
-        + port.to_bytes(2, "big")
+    return bytes(3) + socks5_address(address, port)
 
 
 class _UdpRoute(NamedTuple):
