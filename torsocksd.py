@@ -4,8 +4,9 @@
 It serves SOCKS4, SOCKS4A and SOCKS5 (RFC 1928, with RFC 1929 username and
 password) plus Tor's extensions: RESOLVE (0xF0), RESOLVE_PTR (0xF1),
 CONNECT_DIR (0xF2: a one-hop BEGIN_DIR stream to a Tor relay's directory
-service) and the answer to a client that speaks HTTP to a SOCKS port.  Every
-name is looked up on the proxy side, never by the client.
+service) and the answer to a client that speaks HTTP to a SOCKS port; BIND
+and UDP ASSOCIATE when enabled.  Every name is looked up on the proxy side,
+never by the client.
 
 Run it:      python3 torsocksd.py --port 9050
 Embed it:    with torsocksd.Server(listen=[("127.0.0.1", 0)]) as server: ...
@@ -25,7 +26,8 @@ section:
   resolvers: the system's in threads, and the built-in DNS client;
   the Tor link for CONNECT_DIR: AES, KDF-TOR, cells, X.509, relay cells,
     circuits and directory streams (sans-I/O), then TorLink on the loop;
-  the event loop; Connection, its states and the relay; Settings and Server;
+  the event loop; Connection, its states and the relay (BIND's too); UDP
+    ASSOCIATE's datagram header and association; Settings and Server;
   process integration (activation, signals, workers); the command line.
 The protocol's rules, and where they differ from Tor's, are the README's
 table "What torsocksd sends, and where it differs from Tor"; comments cite
@@ -66,9 +68,10 @@ __all__ = [
     # pure parsers
     "detect_protocol", "parse_http_method", "parse_socks4_request",
     "parse_socks5_greeting", "parse_username_password", "parse_socks5_request",
-    "hostname_problem", "ip_literal",
+    "hostname_problem", "ip_literal", "parse_udp_datagram", "UdpDatagram",
     # pure reply builders
-    "socks4_reply", "socks5_reply", "socks5_address_reply",
+    "socks4_reply", "socks5_reply", "socks5_address", "socks5_address_reply",
+    "udp_datagram_header",
     "socks5_hostname_reply", "socks5_method_reply", "username_password_reply",
     "failure_reply", "http_reply", "reply_for_errno",
     # policy
@@ -136,9 +139,9 @@ RELAYED_COMMANDS = frozenset((Command.CONNECT, Command.CONNECT_DIR,
                               Command.BIND))
 # Commands whose answer is a lookup's result, then a close.
 LOOKUP_COMMANDS = frozenset((Command.RESOLVE, Command.RESOLVE_PTR))
-# Commands that connect to DST.PORT, so port 0 is refused (the README's "port
-# 0" row); BIND takes any port (the peer's is not known), UDP ASSOCIATE's is
-# the client's own, often unknown yet (RFC 1928 §6: all zeros).
+# Commands that connect to DST.PORT, so port 0 is refused (the README's
+# "port 0" row); BIND takes any port (the peer's is not known), UDP
+# ASSOCIATE's is the client's own, often unknown yet (RFC 1928 §6: zeros).
 DIALLED_COMMANDS = frozenset((Command.CONNECT, Command.CONNECT_DIR))
 
 # SOCKS4 has no UDP ASSOCIATE; Tor's grammar takes CONNECT, BIND, RESOLVE and
