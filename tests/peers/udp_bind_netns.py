@@ -131,7 +131,9 @@ class FarHost:
             "--address=/v6.test/2001:db8::42"))
         self._spawn(self.inside(sys.executable, "-c", FAR_SERVICE, "udp",
                                 FAR4, str(FAR_ECHO_PORT)))
-        self._wait_for_udp_service()
+        self._wait_for_answer((FAR4, FAR_ECHO_PORT), b"?")
+        self._wait_for_answer((FAR4, 53), torsocksd.encode_dns_query(
+            1, "v4.test", torsocksd.DnsType.A))
 
     def inside(self, *command):
         return ["nsenter", "-t", str(self.holder.pid), "-n", *command]
@@ -155,17 +157,19 @@ class FarHost:
         self.processes.append(process)
         return process
 
-    def _wait_for_udp_service(self):
+    @staticmethod
+    def _wait_for_answer(address, query):
+        """Until a UDP service of the far host answers (they bind late)."""
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
             probe.settimeout(0.1)
             for _ in range(100):
-                probe.sendto(b"?", (FAR4, FAR_ECHO_PORT))
+                probe.sendto(query, address)
                 try:
-                    probe.recv(100)
+                    probe.recv(512)
                     return
                 except OSError:
                     continue
-        raise SystemExit("the far host's UDP service does not answer")
+        raise SystemExit("the far host does not answer on %s:%d" % address)
 
     def close(self):
         for process in reversed(self.processes):
