@@ -12,7 +12,9 @@ header), for SECONDS, and counts the echoes that come back: datagrams/s is
 echoes per second, MB/s (10^6 bytes) their payload per second, one way.  A
 datagram that does not come back within LOSS_WAIT counts as lost and the
 window is refilled.  Every echo is checked: its header (through the proxy),
-size and sequence number.  Figures are medians of --reps runs.
+size and sequence number.  Figures are medians of --reps runs; "proxy CPU"
+is the CPU time torsocksd spent per echo (two datagrams through it, one each
+way), which a busy machine disturbs less than the rates.
 
 Exit status 0, or 1 when an echo was wrong or torsocksd did not start.
 Standard library only; Linux; loopback only; not collected by pytest.
@@ -75,6 +77,13 @@ class Torsocksd:
                 break
         else:
             raise SystemExit("torsocksd did not start")
+
+    def cpu_seconds(self):
+        """User and system CPU time the process has used."""
+        with open("/proc/%d/stat" % self.process.pid) as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) \
+            / os.sysconf("SC_CLK_TCK")
 
     def close(self):
         self.process.terminate()
@@ -190,27 +199,35 @@ def main(argv=None):
     try:
         print("UDP echo, %d in flight, %.0f s x %d, median (torsocksd on "
               "CPU 1, load and echo on CPU 0)" % (WINDOW, seconds, reps))
-        print("%8s  %12s %9s  %12s %9s  %6s  %s" % (
+        print("%8s  %12s %9s  %12s %9s  %6s  %10s  %s" % (
             "bytes", "direct dg/s", "MB/s", "torsocksd", "MB/s", "ratio",
-            "lost (direct / proxied)"))
+            "proxy CPU", "lost (direct / proxied)"))
         for size in sizes:
             row = {"size": size}
             for column, where in (("direct", None), ("torsocksd", relay)):
-                runs = [run(sockets[column], size, seconds, echo_port, where)
-                        for _ in range(reps)]
+                runs, cpu = [], []
+                for _ in range(reps):
+                    before = proxy.cpu_seconds()
+                    runs.append(run(sockets[column], size, seconds,
+                                    echo_port, where))
+                    cpu.append((proxy.cpu_seconds() - before)
+                               / max(runs[-1][0], 1))
                 rates = [echoes / elapsed for echoes, _, _, elapsed in runs]
                 row[column] = {
                     "datagrams_per_s": statistics.median(rates),
                     "mb_per_s": statistics.median(rates) * size / 1e6,
+                    "proxy_cpu_us_per_echo": statistics.median(cpu) * 1e6,
                     "lost": sum(r[1] for r in runs),
                     "wrong": sum(r[2] for r in runs)}
                 failed |= row[column]["wrong"] > 0
             direct, proxied = row["direct"], row["torsocksd"]
-            print("%8d  %12.0f %9.1f  %12.0f %9.1f  %5.0f%%  %d / %d%s" % (
+            print("%8d  %12.0f %9.1f  %12.0f %9.1f  %5.0f%%  %7.1f us  "
+                  "%d / %d%s" % (
                 size, direct["datagrams_per_s"], direct["mb_per_s"],
                 proxied["datagrams_per_s"], proxied["mb_per_s"],
                 100 * proxied["datagrams_per_s"]
                 / max(direct["datagrams_per_s"], 1),
+                proxied["proxy_cpu_us_per_echo"],
                 direct["lost"], proxied["lost"],
                 "  WRONG ECHOES" if direct["wrong"] or proxied["wrong"]
                 else ""))
