@@ -4004,6 +4004,7 @@ HIGH_WATER = 256 * 1024             # stop reading a side past this backlog
 MAX_CONNECT_ATTEMPTS = 16           # addresses of one name tried in turn
 BIND_BACKLOG = 8                    # BIND: strangers wait here to be refused
 BIND_ACCEPTS_PER_WAKEUP = 8
+BIND_LOGGED_REFUSALS = 8            # strangers logged per BIND, then counted
 CLOSING_LINGER = 2.0                # seconds a last reply may take to drain
 PAUSED_CHECK_INTERVAL = 1.0         # seconds between looks at a paused socket
 
@@ -4109,7 +4110,7 @@ class Connection:
                  "dir_stream", "upstream", "downstream", "client_events",
                  "target_events", "client_handler", "target_handler",
                  "paused_check", "outcome", "opened", "bind_listener",
-                 "bind_peers", "association")
+                 "bind_peers", "bind_refusals", "association")
 
     def __init__(self, server: "Server", client: socket.socket,
                  client_label: str, remote_address, number: int):
@@ -4138,6 +4139,7 @@ class Connection:
         self.dir_stream = None          # the BEGIN_DIR stream of a CONNECT_DIR
         self.bind_listener = None   # BIND: where the peer is to connect
         self.bind_peers = None      # BIND: who may (None: anyone allowed)
+        self.bind_refusals = 0      # BIND: strangers turned away
         self.association = None     # UDP ASSOCIATE: its UdpAssociation
         self.last_reply = Reply.GENERAL_FAILURE
         self.lookup = None
@@ -4202,7 +4204,7 @@ class Connection:
 
     def _bind_overdue(self):
         self._refuse(Reply.TTL_EXPIRED, "BIND: no connection from the peer "
-                     "in time")
+                     "in time" + self._strangers_refused())
 
     def _idle_check(self):
         # Idle means no byte (or datagram) moved since the last check:
@@ -4547,7 +4549,7 @@ class Connection:
         self.loop.watch(listener, 0, EVENT_READ, (functools.partial(
             self._run_guarded, self._bind_accept), self))
         self._enter(State.BINDING)
-        self.outcome = "bound, no peer came"
+        self.outcome = "bound, no peer came"    # until one comes
         where = listener.getsockname()
         self._send_to_client(self.handshake.bound_reply(ip_of(where[0]),
                                                         where[1]))
@@ -4572,10 +4574,12 @@ class Connection:
                 return
             # Others are turned away and the wait goes on (the SOCKS4 note
             # and Dante end the BIND instead).
-            log.info("conn %d: BIND: refused a connection from %s: %s",
-                     self.number, self.server._scrub(format_address(peer)),
-                     refusal)
             close_socket(peer_socket, reset=True)
+            self.bind_refusals += 1
+            if self.bind_refusals <= BIND_LOGGED_REFUSALS:
+                log.info("conn %d: BIND: refused a connection from %s: %s",
+                         self.number,
+                         self.server._scrub(format_address(peer)), refusal)
 
     def _bind_peer_refusal(self, address) -> Optional[str]:
         if self.bind_peers is not None:
@@ -4594,6 +4598,13 @@ class Connection:
         self.downstream.source = peer_socket
         self._start_relaying(self.handshake.bound_reply(ip_of(peer[0]),
                                                         peer[1]))
+        self.outcome += self._strangers_refused()
+
+    def _strangers_refused(self) -> str:
+        """For the log line: how many others BIND turned away."""
+        if not self.bind_refusals:
+            return ""
+        return " (%d stranger(s) refused)" % self.bind_refusals
 
     def _drop_bind_listener(self):
         self.loop.watch(self.bind_listener, EVENT_READ, 0, None)
@@ -4704,7 +4715,8 @@ class Connection:
         data = self.client.recv(HIGH_WATER)
         if not data and self.state is State.BINDING:
             # Nobody is left to hear of the peer: the BIND ends, as in Dante.
-            self.outcome = "client closed before the peer came"
+            self.outcome = "client closed before the peer came" \
+                + self._strangers_refused()
             self.close()
         elif not data:
             self.upstream.reading = False

@@ -8,6 +8,7 @@ through FakeResolver.  A remote client's BIND and one with a far peer are
 in peers/udp_bind_netns.py (test_udp.py runs it).
 """
 
+import logging
 import os
 import re
 import socket
@@ -16,6 +17,7 @@ import time
 
 import pytest
 
+import torsocksd
 from conftest import (TIMEOUT, FakeResolver, each_relay_mode, free_port,
                       ipv6_loopback, recv_exactly, recv_until_eof,
                       require_program, socks4_request, socks4a_request,
@@ -68,10 +70,12 @@ def peer_from(source, address):
                                     source_address=(source, 0))
 
 
-def closed_by_server(sock):
-    """The server closed (or reset) sock without a byte."""
+def turned_away(source, address):
+    """A connection from source to address is closed or reset by the
+    server without a byte (the reset may come before connect() returns)."""
     try:
-        return sock.recv(1) == b""
+        with peer_from(source, address) as stranger:
+            return stranger.recv(1) == b""
     except ConnectionResetError:
         return True
 
@@ -120,8 +124,7 @@ def test_socks5_bind_accepts_only_dst_addr_then_relays(make_server,
         assert first == reply5("127.0.0.1", listening[1])
         assert listening[1] != 0
         # Another host is turned away; the client hears nothing of it.
-        with peer_from("127.0.0.2", listening) as stranger:
-            assert closed_by_server(stranger)
+        assert turned_away("127.0.0.2", listening)
         control.settimeout(0.2)
         with pytest.raises(socket.timeout):
             control.recv(1)
@@ -162,8 +165,7 @@ def test_bind_to_a_name(make_server):
     server = make_server(enable_bind=True, resolver=resolver)
     control, first = bind5(server, "peer.test", 21)
     with control:
-        with peer_from("127.0.0.2", where(first)) as stranger:
-            assert closed_by_server(stranger)
+        assert turned_away("127.0.0.2", where(first))
         with peer_from("127.0.0.3", where(first)) as peer:
             assert read_reply(control) \
                 == reply5("127.0.0.3", peer.getsockname()[1])
@@ -254,8 +256,7 @@ def test_the_policy_judges_dst_addr(make_server):
     # With no peer named, the policy judges whoever connects.
     control, first = bind5(server, "0.0.0.0", 0)
     with control:
-        with peer_from("127.0.0.4", where(first)) as refused:
-            assert closed_by_server(refused)
+        assert turned_away("127.0.0.4", where(first))
         with peer_from("127.0.0.5", where(first)) as peer:
             assert read_reply(control) \
                 == reply5("127.0.0.5", peer.getsockname()[1])
@@ -271,6 +272,32 @@ def test_the_client_leaving_closes_the_listener(make_server):
         time.sleep(0.01)
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(where(first), timeout=TIMEOUT).close()
+
+
+def test_strangers_are_logged_up_to_a_bound_then_counted(make_server,
+                                                         caplog):
+    server = make_server(enable_bind=True, log_destinations=True)
+    strangers = torsocksd.BIND_LOGGED_REFUSALS + 3
+    with caplog.at_level(logging.INFO, logger="torsocksd"):
+        control, first = bind5(server, "127.0.0.1", 21)
+        with control:
+            for _ in range(strangers):
+                assert turned_away("127.0.0.2", where(first))
+            with peer_from("127.0.0.1", where(first)):
+                assert read_reply(control)[:2] == h("0500")
+        deadline = time.monotonic() + TIMEOUT
+        while server.stats()["active"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    messages = [record.getMessage() for record in caplog.records]
+    refused = [m for m in messages if "BIND: refused a connection" in m]
+    assert len(refused) == torsocksd.BIND_LOGGED_REFUSALS
+    assert all(m.startswith("conn 1: BIND: refused a connection from "
+                            "127.0.0.2:") and m.endswith(": not DST.ADDR")
+               for m in refused)
+    outcome = [m for m in messages if m.startswith("conn 1 from ")]
+    assert len(outcome) == 1
+    assert ": relayed (%d stranger(s) refused);" % strangers in outcome[0]
 
 
 # -- a real client ---------------------------------------------------------------------

@@ -567,6 +567,23 @@ def test_the_idle_timeout_ends_an_association(make_server, udp_echo):
     wait_for(lambda: server.stats()["udp_associations"] == 0, "the end")
 
 
+def test_a_bug_in_an_association_ends_only_its_connection(udp_server,
+                                                          udp_echo,
+                                                          monkeypatch):
+    def broken(self, datagram):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(torsocksd.UdpAssociation, "_relay_out", broken)
+    with Association(udp_server.address) as client:
+        client.send("127.0.0.1", udp_echo.port, b"boom")
+        assert client.control.recv(1) == b""
+    wait_for(lambda: udp_server.stats()["udp_associations"] == 0, "the end")
+    with socket.create_connection(udp_server.address, TIMEOUT) as other:
+        other.sendall(socks5_greeting(0)
+                      + socks5_request(0xF0, "127.0.0.1", 0))
+        assert recv_exactly(other, 12) == h("0500 05000001 7f000001 0000")
+
+
 @pytest.mark.parametrize("options", [{"max_udp_per_client": 1},
                                      {"max_udp_associations": 1}])
 def test_associations_are_capped(make_server, options):
