@@ -357,6 +357,23 @@ def socks5_reply(code, ipv6_client=False):
     return bytes((5, code, 0, 1)) + bytes(4) + bytes(2)
 
 
+def recv_socks5_reply(sock):
+    """A whole SOCKS5 reply whose BND.ADDR is an IP address (ATYP 1 or 4)."""
+    head = recv_exactly(sock, 4)
+    return head + recv_exactly(sock, {1: 6, 4: 18}[head[3]])
+
+
+def reply_address(reply):
+    """(address, port) that a SOCKS5 reply's BND fields, or a SOCKS4
+    reply's DSTIP and DSTPORT, name."""
+    if reply[0] == 0:
+        return (socket.inet_ntoa(reply[4:8]),
+                int.from_bytes(reply[2:4], "big"))
+    family = socket.AF_INET if reply[3] == 1 else socket.AF_INET6
+    return (socket.inet_ntop(family, reply[4:-2]),
+            int.from_bytes(reply[-2:], "big"))
+
+
 def open_socks5_tunnel(address, host, port, timeout=TIMEOUT):
     """A blocking client of the SOCKS server at address with a SOCKS5
     CONNECT tunnel to host:port up; the method reply (05 00) and the success

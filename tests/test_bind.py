@@ -19,9 +19,10 @@ import pytest
 
 import torsocksd
 from conftest import (TIMEOUT, FakeResolver, each_relay_mode, free_port,
-                      ipv6_loopback, recv_exactly, recv_until_eof,
-                      require_program, socks4_request, socks4a_request,
-                      socks5_greeting, socks5_reply, socks5_request)
+                      ipv6_loopback, recv_exactly, recv_socks5_reply,
+                      recv_until_eof, reply_address, require_program,
+                      socks4_request, socks4a_request, socks5_greeting,
+                      socks5_reply, socks5_request, socks5_target)
 
 h = bytes.fromhex
 BIND = 2
@@ -30,29 +31,13 @@ needs_ipv6 = pytest.mark.skipif(not ipv6_loopback(),
                                 reason="no IPv6 loopback (::1) here")
 
 
-def read_reply(sock):
-    head = recv_exactly(sock, 4)
-    return head + recv_exactly(sock, {1: 6, 4: 18}[head[3]])
-
-
 def reply5(address, port):
     """05 00 00 ATYP BND.ADDR BND.PORT naming address:port."""
-    family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    return bytes((5, 0, 0, 4 if ":" in address else 1)) \
-        + socket.inet_pton(family, address) + port.to_bytes(2, "big")
+    return h("050000") + socks5_target(address, port)
 
 
 def reply4(address, port):
     return h("005a") + port.to_bytes(2, "big") + socket.inet_aton(address)
-
-
-def where(reply):
-    """(address, port) a SOCKS4 or SOCKS5 success reply names."""
-    if reply[0] == 0:
-        return socket.inet_ntoa(reply[4:8]), int.from_bytes(reply[2:4], "big")
-    family = socket.AF_INET if reply[3] == 1 else socket.AF_INET6
-    return (socket.inet_ntop(family, reply[4:-2]),
-            int.from_bytes(reply[-2:], "big"))
 
 
 def bind5(server, host, port=0, early=b""):
@@ -61,7 +46,7 @@ def bind5(server, host, port=0, early=b""):
     control.sendall(socks5_greeting(0))
     assert recv_exactly(control, 2) == b"\x05\x00"
     control.sendall(socks5_request(BIND, host, port) + early)
-    return control, read_reply(control)
+    return control, recv_socks5_reply(control)
 
 
 def peer_from(source, address):
@@ -120,7 +105,7 @@ def test_socks5_bind_accepts_only_dst_addr_then_relays(make_server,
     server = make_server(enable_bind=True)
     control, first = bind5(server, "127.0.0.1", 21)
     with control:
-        listening = where(first)
+        listening = reply_address(first)
         assert first == reply5("127.0.0.1", listening[1])
         assert listening[1] != 0
         # Another host is turned away; the client hears nothing of it.
@@ -130,7 +115,7 @@ def test_socks5_bind_accepts_only_dst_addr_then_relays(make_server,
             control.recv(1)
         control.settimeout(TIMEOUT)
         with peer_from("127.0.0.1", listening) as peer:
-            second = read_reply(control)
+            second = recv_socks5_reply(control)
             assert second == reply5("127.0.0.1", peer.getsockname()[1])
             peer.sendall(b"from the peer")
             assert recv_exactly(control, 13) == b"from the peer"
@@ -151,7 +136,7 @@ def test_socks4_bind_replies_twice_with_5a(bind_server):
     with socket.create_connection(bind_server.address, TIMEOUT) as control:
         control.sendall(socks4_request(BIND, "127.0.0.1", 21, b"me"))
         first = recv_exactly(control, 8)
-        listening = where(first)
+        listening = reply_address(first)
         assert first == reply4("127.0.0.1", listening[1])
         with peer_from("127.0.0.1", listening) as peer:
             assert recv_exactly(control, 8) \
@@ -165,13 +150,13 @@ def test_bind_to_a_name(make_server):
     server = make_server(enable_bind=True, resolver=resolver)
     control, first = bind5(server, "peer.test", 21)
     with control:
-        assert turned_away("127.0.0.2", where(first))
-        with peer_from("127.0.0.3", where(first)) as peer:
-            assert read_reply(control) \
+        assert turned_away("127.0.0.2", reply_address(first))
+        with peer_from("127.0.0.3", reply_address(first)) as peer:
+            assert recv_socks5_reply(control) \
                 == reply5("127.0.0.3", peer.getsockname()[1])
     with socket.create_connection(server.address, TIMEOUT) as control:
         control.sendall(socks4a_request(BIND, "peer.test", 21))
-        listening = where(recv_exactly(control, 8))
+        listening = reply_address(recv_exactly(control, 8))
         with peer_from("127.0.0.3", listening) as peer:
             assert recv_exactly(control, 8) \
                 == reply4("127.0.0.3", peer.getsockname()[1])
@@ -180,17 +165,17 @@ def test_bind_to_a_name(make_server):
 
 def test_bytes_sent_before_the_peer_came_reach_it(bind_server):
     control, first = bind5(bind_server, "127.0.0.1", 21, early=b"early")
-    with control, peer_from("127.0.0.1", where(first)) as peer:
-        assert read_reply(control)[:2] == h("0500")
+    with control, peer_from("127.0.0.1", reply_address(first)) as peer:
+        assert recv_socks5_reply(control)[:2] == h("0500")
         assert recv_exactly(peer, 5) == b"early"
 
 
 def test_an_unspecified_dst_addr_takes_any_allowed_peer(bind_server):
     control, first = bind5(bind_server, "0.0.0.0", 0)
     with control:
-        assert where(first)[0] == "127.0.0.1"
-        with peer_from("127.0.0.5", where(first)) as peer:
-            assert read_reply(control) \
+        assert reply_address(first)[0] == "127.0.0.1"
+        with peer_from("127.0.0.5", reply_address(first)) as peer:
+            assert recv_socks5_reply(control) \
                 == reply5("127.0.0.5", peer.getsockname()[1])
 
 
@@ -203,30 +188,30 @@ def test_an_unspecified_dst_addr_names_the_port_wanted(bind_server):
         other, second = bind5(bind_server, "0.0.0.0", wanted)
         with other:
             assert second[:8] == h("05000001 7f000001")
-            assert where(second)[1] not in (0, wanted)
+            assert reply_address(second)[1] not in (0, wanted)
     # A privileged port is never asked for.
     control, first = bind5(bind_server, "0.0.0.0", 21)
     with control:
-        assert where(first)[1] != 21
+        assert reply_address(first)[1] != 21
 
 
 def test_bind_listens_on_the_outbound_address(make_server):
     server = make_server(enable_bind=True, outbound_addresses=["127.0.0.3"])
     control, first = bind5(server, "127.0.0.1", 21)
     with control:
-        assert where(first)[0] == "127.0.0.3"
-        with peer_from("127.0.0.1", where(first)):
-            assert read_reply(control)[:2] == h("0500")
+        assert reply_address(first)[0] == "127.0.0.3"
+        with peer_from("127.0.0.1", reply_address(first)):
+            assert recv_socks5_reply(control)[:2] == h("0500")
 
 
 @needs_ipv6
 def test_bind_over_ipv6(bind_server):
     control, first = bind5(bind_server, "::1", 21)
     with control:
-        listening = where(first)
+        listening = reply_address(first)
         assert first == reply5("::1", listening[1])
         with socket.create_connection(listening, TIMEOUT) as peer:
-            assert read_reply(control) == reply5("::1", peer.getsockname()[1])
+            assert recv_socks5_reply(control) == reply5("::1", peer.getsockname()[1])
 
 
 # -- what ends a BIND ----------------------------------------------------------------
@@ -235,10 +220,10 @@ def test_no_peer_in_time_gets_the_second_reply_06(make_server):
     server = make_server(enable_bind=True, connect_timeout=0.3)
     control, first = bind5(server, "127.0.0.1", 21)
     with control:
-        assert read_reply(control) == socks5_reply(6)
+        assert recv_socks5_reply(control) == socks5_reply(6)
         assert recv_until_eof(control) == b""
     with pytest.raises(ConnectionRefusedError):
-        socket.create_connection(where(first), timeout=TIMEOUT).close()
+        socket.create_connection(reply_address(first), timeout=TIMEOUT).close()
     with socket.create_connection(server.address, TIMEOUT) as control:
         control.sendall(socks4_request(BIND, "127.0.0.1", 21))
         assert recv_exactly(control, 8)[:2] == h("005a")
@@ -256,9 +241,9 @@ def test_the_policy_judges_dst_addr(make_server):
     # With no peer named, the policy judges whoever connects.
     control, first = bind5(server, "0.0.0.0", 0)
     with control:
-        assert turned_away("127.0.0.4", where(first))
-        with peer_from("127.0.0.5", where(first)) as peer:
-            assert read_reply(control) \
+        assert turned_away("127.0.0.4", reply_address(first))
+        with peer_from("127.0.0.5", reply_address(first)) as peer:
+            assert recv_socks5_reply(control) \
                 == reply5("127.0.0.5", peer.getsockname()[1])
 
 
@@ -271,7 +256,7 @@ def test_the_client_leaving_closes_the_listener(make_server):
         assert time.monotonic() < deadline, "the BIND outlived its client"
         time.sleep(0.01)
     with pytest.raises(ConnectionRefusedError):
-        socket.create_connection(where(first), timeout=TIMEOUT).close()
+        socket.create_connection(reply_address(first), timeout=TIMEOUT).close()
 
 
 def test_strangers_are_logged_up_to_a_bound_then_counted(make_server,
@@ -282,9 +267,9 @@ def test_strangers_are_logged_up_to_a_bound_then_counted(make_server,
         control, first = bind5(server, "127.0.0.1", 21)
         with control:
             for _ in range(strangers):
-                assert turned_away("127.0.0.2", where(first))
-            with peer_from("127.0.0.1", where(first)):
-                assert read_reply(control)[:2] == h("0500")
+                assert turned_away("127.0.0.2", reply_address(first))
+            with peer_from("127.0.0.1", reply_address(first)):
+                assert recv_socks5_reply(control)[:2] == h("0500")
         deadline = time.monotonic() + TIMEOUT
         while server.stats()["active"]:
             assert time.monotonic() < deadline

@@ -23,9 +23,10 @@ import torsocksd
 from torsocksd import (NEED_MORE, AddressType, Parsed, Rejected,
                        parse_udp_datagram, udp_datagram_header)
 from conftest import (TIMEOUT, FakeResolver, ipv6_loopback, recv_exactly,
-                      require_module, require_network_namespace,
-                      require_program, socks5_greeting, socks5_reply,
-                      socks5_request, socks5_target)
+                      recv_socks5_reply, reply_address, require_module,
+                      require_network_namespace, require_program,
+                      socks5_greeting, socks5_reply, socks5_request,
+                      socks5_target)
 
 h = bytes.fromhex
 UDP_ASSOCIATE = 3
@@ -198,17 +199,6 @@ def udp_echo(udp_peers):
     return udp_peers()
 
 
-def read_reply(sock):
-    head = recv_exactly(sock, 4)
-    return head + recv_exactly(sock, {1: 6, 4: 18}[head[3]])
-
-
-def reply_address(reply):
-    family = socket.AF_INET if reply[3] == 1 else socket.AF_INET6
-    return (socket.inet_ntop(family, reply[4:-2]),
-            int.from_bytes(reply[-2:], "big"))
-
-
 class Association:
     """A UDP ASSOCIATE made at the wire: the control connection, the reply,
     and a client UDP socket (from client_host) to talk through it."""
@@ -224,7 +214,7 @@ class Association:
         self.control.sendall(socks5_greeting(0))
         assert recv_exactly(self.control, 2) == b"\x05\x00"
         self.control.sendall(socks5_request(UDP_ASSOCIATE, host, port))
-        self.reply = read_reply(self.control)
+        self.reply = recv_socks5_reply(self.control)
         self.relay = reply_address(self.reply) if self.reply[1] == 0 \
             else None
 
@@ -605,7 +595,7 @@ def test_associations_are_capped(make_server, options):
 
 def test_a_unix_socket_client_cannot_associate(make_server, tmp_path):
     path = str(tmp_path / "socks")
-    server = make_server(enable_udp=True, listen=["unix:" + path])
+    make_server(enable_udp=True, listen=["unix:" + path])
     with socket.socket(socket.AF_UNIX) as client:
         client.settimeout(TIMEOUT)
         client.connect(path)

@@ -50,8 +50,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, os.pardir))
 sys.path.insert(0, os.path.join(HERE, os.pardir, os.pardir))
 import torsocksd  # noqa: E402
-from conftest import (recv_exactly, socks5_greeting,  # noqa: E402
-                      socks5_request, socks5_target)
+from conftest import (recv_exactly, recv_socks5_reply,  # noqa: E402
+                      reply_address, socks5_greeting, socks5_request,
+                      socks5_target)
 
 SCRIPT = os.path.join(HERE, os.pardir, os.pardir, "torsocksd.py")
 NEAR4, NEAR4_OUTBOUND, NEAR6 = "192.0.2.1", "192.0.2.2", "2001:db8::1"
@@ -222,17 +223,6 @@ class Daemon:
 
 # -- a SOCKS5 client at the wire ----------------------------------------------
 
-def read_reply(sock):
-    head = recv_exactly(sock, 4)
-    return head + recv_exactly(sock, {1: 6, 4: 18}[head[3]])
-
-
-def reply_address(reply):
-    family = socket.AF_INET if reply[3] == 1 else socket.AF_INET6
-    return (socket.inet_ntop(family, reply[4:-2]),
-            int.from_bytes(reply[-2:], "big"))
-
-
 def request(proxy, command, host, port, source=None):
     """A control connection (from source, when given) that made one
     request: (socket, first reply)."""
@@ -241,7 +231,7 @@ def request(proxy, command, host, port, source=None):
     control.sendall(socks5_greeting(0))
     assert recv_exactly(control, 2) == b"\x05\x00"
     control.sendall(socks5_request(command, host, port))
-    return control, read_reply(control)
+    return control, recv_socks5_reply(control)
 
 
 def datagram(host, port, data):
@@ -309,7 +299,7 @@ def outbound_address_and_far_bind(far):
                   and where[0] == NEAR4_OUTBOUND, first.hex())
             peer = far.connect_to(*where)
             try:
-                second = read_reply(control)
+                second = recv_socks5_reply(control)
                 check("the second reply names the far host",
                       second[:4] == b"\x05\x00\x00\x01"
                       and reply_address(second)[0] == FAR4, second.hex())
