@@ -316,6 +316,13 @@ def test_ncat_listens_through_socksify(bind_server, tmp_path):
         # ncat ends when the peer has gone; what it printed came from it.
         assert process.stdout.read() == b"hello ncat\n"
         assert process.wait(TIMEOUT) == 0
+        # Through torsocksd, not a listener of ncat's own.
+        deadline = time.monotonic() + TIMEOUT
+        while bind_server.stats()["active"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert bind_server.stats()["accepted"] == 1
+        assert bind_server.stats()["relayed_bytes"] == 22
     finally:
         if process.poll() is None:
             process.kill()

@@ -629,8 +629,8 @@ def test_pysocks_by_address_and_by_name(make_server, udp_echo):
         assert sock.recvfrom(100) == (b"by name",
                                       ("127.0.0.1", udp_echo.port))
     assert resolver.queries == ["echo.test"]
-    # PySocks leaves its control connection to the garbage collector.
     wait_for(lambda: server.stats()["udp_associations"] == 0, "the end")
+    assert server.stats()["udp"]["datagrams_up"] == 2
 
 
 @needs_ipv6
@@ -641,6 +641,7 @@ def test_pysocks_to_an_ipv6_destination(make_server, udp_peers):
         sock.sendto(b"to v6", ("::1", echo6.port))
         assert sock.recvfrom(100) == (b"to v6", ("::1", echo6.port))
     wait_for(lambda: server.stats()["udp_associations"] == 0, "the end")
+    assert server.stats()["udp"]["datagrams_down"] == 1
 
 
 def test_socksify_and_a_remote_client_in_a_network_namespace():
