@@ -50,6 +50,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, os.pardir))
 sys.path.insert(0, os.path.join(HERE, os.pardir, os.pardir))
 import torsocksd  # noqa: E402
+from torpeer import find_program  # noqa: E402
 from conftest import (recv_exactly, recv_socks5_reply,  # noqa: E402
                       reply_address, socks5_greeting, socks5_request,
                       socks5_target)
@@ -89,8 +90,17 @@ def check(label, condition, detail=""):
         FAILURES.append(label)
 
 
-def run(*args, check=True, env=None):
-    return subprocess.run(args, check=check, stdout=subprocess.PIPE,
+def program(name):
+    """A peer program's path: a user's PATH often lacks /usr/sbin."""
+    path = find_program(name)
+    if path is None:
+        raise SystemExit("%s is not installed" % name)
+    return path
+
+
+def run(name, *args, check=True, env=None):
+    return subprocess.run([program(name), *args], check=check,
+                          stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, universal_newlines=True,
                           timeout=TIMEOUT, env=env)
 
@@ -100,7 +110,8 @@ class FarHost:
 
     def __init__(self):
         self.processes = []
-        self.holder = self._spawn(["unshare", "-n", "sleep", "300"])
+        self.holder = self._spawn([program("unshare"), "-n",
+                                   program("sleep"), "300"])
         ours = os.readlink("/proc/self/ns/net")
         deadline = time.monotonic() + TIMEOUT
         while os.readlink("/proc/%d/ns/net" % self.holder.pid) == ours:
@@ -136,8 +147,9 @@ class FarHost:
         self._wait_for_answer((FAR4, 53), torsocksd.encode_dns_query(
             1, "v4.test", torsocksd.DnsType.A))
 
-    def inside(self, *command):
-        return ["nsenter", "-t", str(self.holder.pid), "-n", *command]
+    def inside(self, name, *args):
+        return [program("nsenter"), "-t", str(self.holder.pid), "-n",
+                program(name), *args]
 
     def ip(self, *args):
         return run(*self.inside("ip", *args))
@@ -264,7 +276,7 @@ def socksify_dig(tmp):
                    "socks_v5\n  method: none\n}\n" % DAEMON)
     daemon = Daemon("--enable-udp")
     try:
-        result = run("socksify", "drill", "@" + FAR4, "v4.test", "A",
+        result = run("socksify", program("drill"), "@" + FAR4, "v4.test", "A",
                      check=False, env=dict(os.environ, SOCKS_CONF=conf))
         check("drill @%s v4.test A through socksify" % FAR4, re.search(
             r"^v4\.test\.\s+\d+\s+IN\s+A\s+192\.0\.2\.10$",
