@@ -4,8 +4,9 @@
 It serves SOCKS4, SOCKS4A and SOCKS5 (RFC 1928, with RFC 1929 username and
 password) plus Tor's extensions: RESOLVE (0xF0), RESOLVE_PTR (0xF1),
 CONNECT_DIR (0xF2: a one-hop BEGIN_DIR stream to a Tor relay's directory
-service) and the answer to a client that speaks HTTP to a SOCKS port.  Every
-name is looked up on the proxy side, never by the client.
+service) and the answer to a client that speaks HTTP to a SOCKS port; BIND
+and UDP ASSOCIATE when enabled.  Every name is looked up on the proxy side,
+never by the client.
 
 Run it:      python3 torsocksd.py --port 9050
 Embed it:    with torsocksd.Server(listen=[("127.0.0.1", 0)]) as server: ...
@@ -25,7 +26,8 @@ section:
   resolvers: the system's in threads, and the built-in DNS client;
   the Tor link for CONNECT_DIR: AES, KDF-TOR, cells, X.509, relay cells,
     circuits and directory streams (sans-I/O), then TorLink on the loop;
-  the event loop; Connection, its states and the relay; Settings and Server;
+  the event loop; Connection, its states and the relay (BIND's too); UDP
+    ASSOCIATE's datagram header and association; Settings and Server;
   process integration (activation, signals, workers); the command line.
 The protocol's rules, and where they differ from Tor's, are the README's
 table "What torsocksd sends, and where it differs from Tor"; comments cite
@@ -70,9 +72,10 @@ __all__ = [
     # pure parsers
     "detect_protocol", "parse_http_method", "parse_socks4_request",
     "parse_socks5_greeting", "parse_username_password", "parse_socks5_request",
-    "hostname_problem", "ip_literal",
+    "hostname_problem", "ip_literal", "parse_udp_datagram", "UdpDatagram",
     # pure reply builders
-    "socks4_reply", "socks5_reply", "socks5_address_reply",
+    "socks4_reply", "socks5_reply", "socks5_address", "socks5_address_reply",
+    "udp_datagram_header",
     "socks5_hostname_reply", "socks5_method_reply", "username_password_reply",
     "failure_reply", "http_reply", "reply_for_errno",
     # policy
@@ -247,10 +250,16 @@ class Command(enum.IntEnum):
     CONNECT_DIR = 0xF2      # Tor 0.1.2: a one-hop BEGIN_DIR stream
 
 
-# Commands after whose reply bytes flow: the client's early data is kept.
-RELAYED_COMMANDS = frozenset((Command.CONNECT, Command.CONNECT_DIR))
+# Commands after whose reply bytes flow: the client's early data is kept
+# (for BIND, until the peer has connected).
+RELAYED_COMMANDS = frozenset((Command.CONNECT, Command.CONNECT_DIR,
+                              Command.BIND))
 # Commands whose answer is a lookup's result, then a close.
 LOOKUP_COMMANDS = frozenset((Command.RESOLVE, Command.RESOLVE_PTR))
+# Commands that connect to DST.PORT, so port 0 is refused (the README's
+# "port 0" row); BIND takes any port (the peer's is not known), UDP
+# ASSOCIATE's is the client's own, often unknown yet (RFC 1928 §6: zeros).
+DIALLED_COMMANDS = frozenset((Command.CONNECT, Command.CONNECT_DIR))
 
 # SOCKS4 has no UDP ASSOCIATE; Tor's grammar takes CONNECT, BIND, RESOLVE and
 # RESOLVE_PTR, and Tor 0.1.2 to 0.2.0 took CONNECT_DIR too.
@@ -655,10 +664,12 @@ def parse_socks5_request(data) -> ParseResult:
 # =============================================================================
 # Total: every outcome gives a complete, valid reply.
 
-def socks4_reply(code: Socks4Reply, address: bytes = ZERO_IPV4) -> bytes:
-    """VN 0, CD, port 0, DSTIP (zero, or a RESOLVE answer).  Clients such as
-    curl and tor-resolve insist on VN 0 and port 0."""
-    return bytes((0, code)) + ZERO_PORT + address
+def socks4_reply(code: Socks4Reply, address: bytes = ZERO_IPV4,
+                 port: int = 0) -> bytes:
+    """VN 0, CD, DSTPORT, DSTIP: zeros, or a RESOLVE answer, or where a
+    BIND listens or who connected.  Clients such as curl and tor-resolve
+    insist on VN 0 and port 0 for the others."""
+    return bytes((0, code)) + port.to_bytes(2, "big") + address
 
 
 def socks5_reply(reply: Reply, client_family: int = socket.AF_INET) -> bytes:
@@ -675,14 +686,20 @@ def socks5_reply(reply: Reply, client_family: int = socket.AF_INET) -> bytes:
         + ZERO_IPV6 + ZERO_PORT
 
 
-def socks5_address_reply(address) -> bytes:
-    """A RESOLVE answer: the address in BND.ADDR, port 0 (the README's
-    "RESOLVE (F0)" row)."""
-    if address.version == 4:
-        return bytes((Version.SOCKS5, Reply.SUCCEEDED, 0, AddressType.IPV4)) \
-            + address.packed + ZERO_PORT
-    return bytes((Version.SOCKS5, Reply.SUCCEEDED, 0, AddressType.IPV6)) \
-        + address.packed + ZERO_PORT
+def socks5_address(address, port: int) -> bytes:
+    """ATYP (1 or 4), the address and the port, as a reply's BND fields and
+    a datagram's header carry them (RFC 1928 §5)."""
+    address_type = AddressType.IPV4 if address.version == 4 \
+        else AddressType.IPV6
+    return bytes((address_type,)) + address.packed + port.to_bytes(2, "big")
+
+
+def socks5_address_reply(address, port: int = 0) -> bytes:
+    """Success with address in BND.ADDR: a RESOLVE answer with port 0 (the
+    README's "RESOLVE (F0)" row), or BIND's and UDP ASSOCIATE's address and
+    port (RFC 1928 §6)."""
+    return bytes((Version.SOCKS5, Reply.SUCCEEDED, 0)) \
+        + socks5_address(address, port)
 
 
 def socks5_hostname_reply(name: str) -> bytes:
@@ -1160,11 +1177,33 @@ class Request(NamedTuple):
 
 
 # Commands each version can carry, and those served by default (BIND and UDP
-# ASSOCIATE are answered "not supported", as Tor does).
+# ASSOCIATE are answered "not supported", as Tor does, unless an option turns
+# them on: the README's "BIND, UDP ASSOCIATE" row).
 COMMAND_VALUES = frozenset(Command)
 ADDRESS_TYPE_VALUES = frozenset(AddressType)
 SERVED_COMMANDS = frozenset((Command.CONNECT, Command.RESOLVE,
                              Command.RESOLVE_PTR, Command.CONNECT_DIR))
+OPTIONAL_COMMANDS = {Command.BIND: "--enable-bind",
+                     Command.UDP_ASSOCIATE: "--enable-udp"}
+
+
+def served_commands(enable_bind: bool = False,
+                    enable_udp: bool = False) -> frozenset:
+    """The commands a server answers: SERVED_COMMANDS and those enabled."""
+    served = set(SERVED_COMMANDS)
+    if enable_bind:
+        served.add(Command.BIND)
+    if enable_udp:
+        served.add(Command.UDP_ASSOCIATE)
+    return frozenset(served)
+
+
+def unsupported_reason(command: Command) -> str:
+    """The log's word for a command that is not served."""
+    option = OPTIONAL_COMMANDS.get(command)
+    if option:
+        return "%s is not enabled (%s)" % (command.name, option)
+    return "unsupported command %s" % command.name
 
 
 class SocksHandshake:
@@ -1184,21 +1223,26 @@ class SocksHandshake:
     client_family         the client socket's family: a SOCKS5 reply's ATYP
     local_address         local_address() -> "host:port" the client reached,
                           for the HTTP page (asked only for that page)
+    served_commands       the commands answered (served_commands()); the
+                          others get "command not supported"
     """
     __slots__ = ("credentials_required", "authenticate", "safe_socks",
-                 "client_family", "local_address", "state", "version",
+                 "client_family", "local_address", "served_commands",
+                 "state", "version",
                  "protocol", "method", "command", "host", "port", "unsafe",
                  "buffered", "received", "request", "refusal", "userid",
                  "early_data")
 
     def __init__(self, credentials_required: bool = False, authenticate=None,
                  safe_socks: bool = False,
-                 client_family: int = socket.AF_INET, local_address=None):
+                 client_family: int = socket.AF_INET, local_address=None,
+                 served_commands: frozenset = SERVED_COMMANDS):
         self.credentials_required = credentials_required
         self.authenticate = authenticate
         self.safe_socks = safe_socks
         self.client_family = client_family
         self.local_address = local_address
+        self.served_commands = served_commands
         self.state = HandshakeState.GREETING
         self.protocol = None        # what the first byte said
         self.method = None          # the SOCKS5 method chosen
@@ -1266,9 +1310,15 @@ class SocksHandshake:
 
     def resolve_reply(self, address) -> bytes:
         """A RESOLVE answer carrying address (SOCKS4: IPv4 only)."""
+        return self.bound_reply(address, 0)
+
+    def bound_reply(self, address, port: int) -> bytes:
+        """Success naming address:port: where a BIND listens, then who
+        connected (RFC 1928 §6, the SOCKS4 note's two 5a replies), or where
+        UDP ASSOCIATE's datagrams go (SOCKS4: IPv4 only)."""
         if self.version is Version.SOCKS4:
-            return socks4_reply(Socks4Reply.GRANTED, address.packed)
-        return socks5_address_reply(address)
+            return socks4_reply(Socks4Reply.GRANTED, address.packed, port)
+        return socks5_address_reply(address, port)
 
     # -- the messages ---------------------------------------------------------
 
@@ -1287,11 +1337,10 @@ class SocksHandshake:
                     and buffered[0] == Version.SOCKS5 and buffered[2] == 0 \
                     and buffered[3] not in ADDRESS_TYPE_VALUES \
                     and buffered[1] in COMMAND_VALUES \
-                    and buffered[1] not in SERVED_COMMANDS:
+                    and buffered[1] not in self.served_commands:
                 # The command is judged before the address type.
                 return Rejected(socks5_reply(Reply.COMMAND_NOT_SUPPORTED),
-                                "unsupported command %s"
-                                % Command(buffered[1]).name)
+                                unsupported_reason(Command(buffered[1])))
             return result
         self.protocol = protocol = detect_protocol(buffered[0])
         if protocol is Protocol.SOCKS4:
@@ -1361,9 +1410,9 @@ class SocksHandshake:
                                    "the password that credentials require")
         else:
             address_type = message.address_type
-        if command not in SERVED_COMMANDS:
+        if command not in self.served_commands:
             return self.refuse(Reply.COMMAND_NOT_SUPPORTED,
-                               "unsupported command %s" % command.name)
+                               unsupported_reason(command))
         if command is Command.RESOLVE_PTR and self.version is Version.SOCKS4:
             return self.refuse(Reply.COMMAND_NOT_SUPPORTED,
                                "RESOLVE_PTR over SOCKS4")
@@ -1390,7 +1439,7 @@ class SocksHandshake:
             refusal = special_name_refusal(message.host)
             if refusal:
                 return self.refuse(Reply.HOST_UNREACHABLE, refusal)
-        if message.port == 0 and command not in LOOKUP_COMMANDS:
+        if message.port == 0 and command in DIALLED_COMMANDS:
             return self.refuse(Reply.GENERAL_FAILURE, "destination port 0")
         self.request = Request(self.version, command, message.host,
                                message.port, address, self.userid,
@@ -4334,15 +4383,15 @@ class EventLoop:
 # Connection: states, buffers, deadlines
 # =============================================================================
 
-# Commands after whose reply bytes flow: the client's early data is kept.
-RELAYED_COMMANDS = frozenset((Command.CONNECT, Command.CONNECT_DIR))
-
 RECV_BUFFER_SIZE = 256 * 1024       # one buffer for the whole loop
 READS_PER_WAKEUP = 4                # fewer selects under load, still fair
 READS = range(READS_PER_WAKEUP)     # made once: the relay's loop
 HIGH_WATER = 256 * 1024             # stop reading a side past this backlog
 MAX_CONNECT_ATTEMPTS = 16           # addresses of one name tried in turn
 MAX_PARALLEL_ATTEMPTS = 2           # ... at most this many at once (fds)
+BIND_BACKLOG = 8                    # BIND: strangers wait here to be refused
+BIND_ACCEPTS_PER_WAKEUP = 8
+BIND_LOGGED_REFUSALS = 8            # strangers logged per BIND, then counted
 CLOSING_LINGER = 2.0                # seconds a last reply may take to drain
 PAUSED_CHECK_INTERVAL = 1.0         # seconds between looks at a paused socket
 
@@ -4363,7 +4412,9 @@ class State(enum.Enum):
     HANDSHAKE = "handshake"         # the SocksHandshake talks with the client
     RESOLVING = "resolving"         # waiting for the resolver
     CONNECTING = "connecting"       # outbound connect() or BEGIN_DIR pending
+    BINDING = "binding"             # BIND: waiting for the peer to connect
     RELAYING = "relaying"           # bytes flow both ways
+    ASSOCIATED = "associated"       # UDP ASSOCIATE: datagrams flow
     CLOSING = "closing"             # flushing a last reply, then closing
     CLOSED = "closed"
 
@@ -4374,7 +4425,8 @@ class State(enum.Enum):
 
 # The states as module names too: the hot paths read a global some ten
 # times faster than an attribute of an Enum class.
-HANDSHAKE, RESOLVING, CONNECTING, RELAYING, CLOSING, CLOSED = State
+(HANDSHAKE, RESOLVING, CONNECTING, BINDING, RELAYING, ASSOCIATED, CLOSING,
+ CLOSED) = State
 
 
 class Phase(NamedTuple):
@@ -4392,16 +4444,22 @@ class Phase(NamedTuple):
 # handshake gets one), and close() ends any state.
 PHASES = {
     HANDSHAKE: Phase(
-        frozenset((RESOLVING, CONNECTING, CLOSING,
-                   CLOSED)),
+        frozenset((RESOLVING, CONNECTING, BINDING,
+                   ASSOCIATED, CLOSING, CLOSED)),
         None, "_handshake_overdue"),
     RESOLVING: Phase(
-        frozenset((CONNECTING, CLOSING, CLOSED)),
+        frozenset((CONNECTING, BINDING, CLOSING,
+                   CLOSED)),
         "connect_timeout", "_lookup_overdue"),
     CONNECTING: Phase(
         frozenset((RELAYING, CLOSING, CLOSED)),
         "connect_timeout", "_connect_overdue"),
+    BINDING: Phase(
+        frozenset((RELAYING, CLOSING, CLOSED)),
+        "connect_timeout", "_bind_overdue"),
     RELAYING: Phase(
+        frozenset((CLOSED,)), "idle_timeout", "_idle_check"),
+    ASSOCIATED: Phase(
         frozenset((CLOSED,)), "idle_timeout", "_idle_check"),
     CLOSING: Phase(
         frozenset((CLOSED,)), CLOSING_LINGER, "close"),
@@ -4450,7 +4508,8 @@ class Connection:
                  "deadline_at", "idle_mark",
                  "dir_stream", "upstream", "downstream", "client_events",
                  "target_events", "client_handler", "target_handler",
-                 "paused_check", "outcome", "opened")
+                 "paused_check", "outcome", "opened", "bind_listener",
+                 "bind_peers", "bind_refusals", "association")
 
     def __init__(self, server: "Server", client: socket.socket,
                  peer, remote_address, number: int,
@@ -4474,11 +4533,17 @@ class Connection:
             credentials_required=bool(credentials),
             authenticate=self._authenticate if credentials else None,
             safe_socks=settings.safe_socks, client_family=family,
-            local_address=self._local_address)
+            local_address=self._local_address,
+            served_commands=served_commands(settings.enable_bind,
+                                            settings.enable_udp))
         self.request = None
         self.candidates = []
         self.attempts = ()          # sockets connecting at once
         self.dir_stream = None          # the BEGIN_DIR stream of a CONNECT_DIR
+        self.bind_listener = None   # BIND: where the peer is to connect
+        self.bind_peers = None      # BIND: who may (None: anyone allowed)
+        self.bind_refusals = 0      # BIND: strangers turned away
+        self.association = None     # UDP ASSOCIATE: its UdpAssociation
         self.last_reply = Reply.GENERAL_FAILURE
         self.lookup = None
         self.deadline = None        # the Handle of the timer armed for it
@@ -4555,10 +4620,19 @@ class Connection:
     def _connect_overdue(self):
         self._refuse(Reply.TTL_EXPIRED, "connect timed out")
 
+    def _bind_overdue(self):
+        self._refuse(Reply.TTL_EXPIRED, "BIND: no connection from the peer "
+                     "in time" + self._strangers_refused())
+
     def _idle_check(self):
-        # Idle means no byte moved since the last check: re-arming here
-        # instead of on every chunk keeps the relay path free of timers.
-        moved = self.upstream.count + self.downstream.count
+        # Idle means no byte (or datagram) moved since the last check:
+        # re-arming here instead of on every chunk keeps the relay path
+        # free of timers.
+        association = self.association
+        if association is None:
+            moved = self.upstream.count + self.downstream.count
+        else:
+            moved = association.datagrams_up + association.datagrams_down
         if moved != self.idle_mark:
             self.idle_mark = moved
             self._set_deadline(self.settings.idle_timeout)
@@ -4635,11 +4709,13 @@ class Connection:
             self._forward(self.upstream)
         elif state is HANDSHAKE:
             self._handshake_readable()
-        elif state is RESOLVING or state is CONNECTING:
+        elif state is RESOLVING or state is CONNECTING or state is BINDING:
             self._read_early_data()
-        elif state is CLOSING:
+        elif state is CLOSING or state is ASSOCIATED:
             # Discard what the client still sends, so that closing does not
-            # turn into a reset that could destroy the reply in flight.
+            # turn into a reset that could destroy the reply in flight; an
+            # association ends with its connection (RFC 1928 §6), and what
+            # comes on that connection meanwhile means nothing.
             if not self.client.recv(RECV_BUFFER_SIZE):
                 self.close()
 
@@ -4647,7 +4723,7 @@ class Connection:
         if isinstance(error, (BlockingIOError, InterruptedError)):
             return
         reason = "socket error: %s" % errno.errorcode.get(error.errno, error)
-        if self.state in (RELAYING, CLOSING):
+        if self.state in (RELAYING, CLOSING, ASSOCIATED):
             self.outcome += ", then " + reason
         else:
             self.outcome = reason
@@ -4742,6 +4818,10 @@ class Connection:
             self._start_lookup(lookups.reverse, request.address)
         elif request.address is not None:
             self._serve_answers((request.address,))
+        elif request.command is Command.UDP_ASSOCIATE:
+            # A name there stands for the client itself: never looked up
+            # (the README's "UDP ASSOCIATE request" row).
+            self._serve_answers(())
         else:
             self._start_lookup(lookups.lookup, request.host)
 
@@ -4906,12 +4986,153 @@ class Connection:
         self.target.close()
         self.target = None
 
-    def _start_relaying(self):
-        """The target answered: the success reply, then the early data."""
+    def _start_relaying(self, reply: Optional[bytes] = None):
+        """The target answered: the success reply (or BIND's second
+        reply), then the early data."""
         self._enter(RELAYING)
         self.outcome = "relayed"
-        self._send_to_client(self.handshake.success_reply())
+        self._send_to_client(reply or self.handshake.success_reply())
         self._flush(self.upstream)
+
+    # -- BIND: one inbound connection from the peer (RFC 1928 §6) -------------
+
+    def _start_binding(self, addresses):
+        """Listen where DST.ADDR can reach us, tell the client where (the
+        first reply), then wait, for connect_timeout, for the one
+        connection from DST.ADDR (the README's "BIND" rows)."""
+        request, settings = self.request, self.settings
+        usable = self.server._usable_addresses(ip_of(a) for a in addresses)
+        if request.version is Version.SOCKS4:
+            usable = [a for a in usable if a.version == 4]
+        if not usable:
+            self._refuse(Reply.HOST_UNREACHABLE, "BIND: no address of "
+                         "DST.ADDR this client can use")
+            return
+        policy = settings.destination_policy
+        allowed = [a for a in happy_eyeballs_order(
+                       usable, settings.preferred_ip_version)
+                   if not policy.refusal(self.client_is_local, a,
+                                         request.port)]
+        if not allowed:
+            self._refuse(Reply.NOT_ALLOWED, "BIND: DST.ADDR is not allowed")
+            return
+        # An unspecified DST.ADDR (0.0.0.0, ::) names no peer: anyone the
+        # policy allows may connect, and DST.PORT is the port wanted (an
+        # unprivileged one), as Dante's client and server have it.
+        wildcard = any(a.is_unspecified for a in allowed)
+        wanted = request.port if wildcard and request.port >= 1024 else 0
+        try:
+            self.bind_listener = listener = open_bind_listener(
+                allowed[0], settings.outbound_addresses,
+                settings.outbound_interface, wanted)
+        except OSError as error:
+            self._refuse(reply_for_errno(error.errno),
+                         "BIND: cannot listen: %s" % error)
+            return
+        if not wildcard:
+            self.bind_peers = frozenset(allowed)
+        self.loop.watch(listener, 0, EVENT_READ, (functools.partial(
+            self._run_guarded, self._bind_accept), self))
+        self._enter(BINDING)
+        self.outcome = "bound, no peer came"    # until one comes
+        where = listener.getsockname()
+        self._send_to_client(self.handshake.bound_reply(ip_of(where[0]),
+                                                        where[1]))
+
+    def _bind_accept(self, mask):
+        if self.state is not BINDING:
+            return
+        for _ in range(BIND_ACCEPTS_PER_WAKEUP):
+            try:
+                peer_socket, peer = self.bind_listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as error:
+                if error.errno == errno.ECONNABORTED:
+                    continue
+                self._refuse(Reply.GENERAL_FAILURE,
+                             "BIND: accept failed: %s" % error)
+                return
+            refusal = self._bind_peer_refusal(ip_of(peer[0]))
+            if refusal is None:
+                self._bind_accepted(peer_socket, peer)
+                return
+            # Others are turned away and the wait goes on (the SOCKS4 note
+            # and Dante end the BIND instead).
+            close_socket(peer_socket, reset=True)
+            self.bind_refusals += 1
+            if self.bind_refusals <= BIND_LOGGED_REFUSALS:
+                log.info("conn %d: BIND: refused a connection from %s: %s",
+                         self.number,
+                         self.server._scrub(format_address(peer)), refusal)
+
+    def _bind_peer_refusal(self, address) -> Optional[str]:
+        if self.bind_peers is not None:
+            return None if address in self.bind_peers else "not DST.ADDR"
+        return self.settings.destination_policy.refusal(
+            self.client_is_local, address, self.request.port)
+
+    def _bind_accepted(self, peer_socket, peer):
+        """The peer came: the second reply names it, then bytes flow as
+        for CONNECT."""
+        self._drop_bind_listener()
+        peer_socket.setblocking(False)
+        with_nodelay(peer_socket)
+        self.target = peer_socket
+        self.upstream.sink = peer_socket
+        self.downstream.source = peer_socket
+        self._start_relaying(self.handshake.bound_reply(ip_of(peer[0]),
+                                                        peer[1]))
+        self.outcome += self._strangers_refused()
+
+    def _strangers_refused(self) -> str:
+        """For the log line: how many others BIND turned away."""
+        if not self.bind_refusals:
+            return ""
+        return " (%d stranger(s) refused)" % self.bind_refusals
+
+    def _drop_bind_listener(self):
+        self.loop.watch(self.bind_listener, EVENT_READ, 0, None)
+        self.bind_listener.close()
+        self.bind_listener = None
+
+    # -- UDP ASSOCIATE: datagrams while this connection lives (RFC 1928 §7) ----
+
+    def _start_association(self, addresses):
+        """Open the association's UDP socket and tell the client where it
+        is.  addresses holds DST.ADDR when the client gave an address (all
+        zeros: not known yet), nothing when it gave a name; DST.PORT, when
+        not 0, is the only port its datagrams may come from (the README's
+        "UDP ASSOCIATE" rows)."""
+        if self.client.family not in (socket.AF_INET, socket.AF_INET6):
+            self._refuse(Reply.COMMAND_NOT_SUPPORTED,
+                         "UDP ASSOCIATE needs a TCP connection")
+            return
+        client_host = ip_of(self.client.getpeername()[0])
+        named = ip_of(addresses[0]) if addresses else None
+        if named is not None and not named.is_unspecified \
+                and named != client_host:
+            self._refuse(Reply.NOT_ALLOWED, "UDP ASSOCIATE for a client "
+                         "on another host than the connection's")
+            return
+        server = self.server
+        refusal = server._udp_refusal(client_host, self.settings)
+        if refusal:
+            self._refuse(Reply.GENERAL_FAILURE, refusal)
+            return
+        try:
+            self.association = UdpAssociation(self, client_host,
+                                              self.request.port)
+        except OSError as error:
+            self._refuse(reply_for_errno(error.errno),
+                         "UDP ASSOCIATE: no socket: %s" % error)
+            return
+        server._udp_opened(self.association)
+        self._enter(ASSOCIATED)
+        self.outcome = "associated"
+        where = self.association.client_side.getsockname()
+        self._send_to_client(self.handshake.bound_reply(ip_of(where[0]),
+                                                        where[1]))
 
     # -- CONNECT_DIR: a BEGIN_DIR stream on a one-hop circuit ------------------
 
@@ -4977,7 +5198,12 @@ class Connection:
         kept for the target of a CONNECT, dropped after a RESOLVE (as Tor
         does).  Reading on also shows a client that resets meanwhile."""
         data = self.client.recv(HIGH_WATER)
-        if not data:
+        if not data and self.state is BINDING:
+            # Nobody is left to hear of the peer: the BIND ends, as in Dante.
+            self.outcome = "client closed before the peer came" \
+                + self._strangers_refused()
+            self.close()
+        elif not data:
             if self.request.command in LOOKUP_COMMANDS:
                 # Nobody will read the answer: the lookup is cancelled, as
                 # Tor drops a request whose client hangs up.
@@ -5160,6 +5386,8 @@ class Connection:
         if self.dir_stream is not None:
             self.dir_stream.close()
             self.dir_stream = None
+        if self.bind_listener is not None:
+            self._drop_bind_listener()
         self.upstream.pending = bytearray()
         if not reply:
             self.close()
@@ -5190,6 +5418,10 @@ class Connection:
         if self.dir_stream is not None:
             self.dir_stream.close()     # RELAY_END DONE
             self.dir_stream = None
+        if self.bind_listener is not None:
+            self._drop_bind_listener()
+        if self.association is not None:
+            self.association.close()    # its sockets close at once
         close_socket(self.client, reset_client)
         if self.target is not None:
             close_socket(self.target, reset_target)
@@ -5214,7 +5446,7 @@ class Connection:
                 and not downstream.in_pipe:
             return      # a tunnel's steady state: both read, nothing waits
         client_events = target_events = 0
-        if state is HANDSHAKE or state is CLOSING:
+        if state is HANDSHAKE or state is CLOSING or state is ASSOCIATED:
             client_events = EVENT_READ      # closing: reading shows the end
         # A pipe that still holds bytes may be full whatever its count
         # says: wait for the sink before reading more into it.
@@ -5297,6 +5529,8 @@ COMMAND_HANDLERS = {
     Command.CONNECT_DIR: Connection._open_dir_stream,
     Command.RESOLVE: Connection._answer_resolve,
     Command.RESOLVE_PTR: Connection._answer_resolve_ptr,
+    Command.BIND: Connection._start_binding,
+    Command.UDP_ASSOCIATE: Connection._start_association,
 }
 
 
@@ -5310,12 +5544,14 @@ def with_nodelay(sock: socket.socket):
 
 
 def open_outbound_socket(address, sources=None,
-                         interface: Optional[str] = None) -> socket.socket:
-    """A non-blocking socket for a connection to address, bound to the
-    source address of its family in sources ({4: "192.0.2.1", ...}) when
-    there is one, and to interface (SO_BINDTODEVICE) when given."""
+                         interface: Optional[str] = None,
+                         kind: int = socket.SOCK_STREAM) -> socket.socket:
+    """A non-blocking socket (TCP, or UDP for kind SOCK_DGRAM) for traffic
+    to address's family, bound to the source address of that family in
+    sources ({4: "192.0.2.1", ...}) when there is one, and to interface
+    (SO_BINDTODEVICE) when given."""
     family = socket.AF_INET if address.version == 4 else socket.AF_INET6
-    sock = socket.socket(family, socket.SOCK_STREAM | SOCK_NONBLOCK)
+    sock = socket.socket(family, kind | SOCK_NONBLOCK)
     try:
         if not SOCK_NONBLOCK:
             sock.setblocking(False)
@@ -5323,15 +5559,11 @@ def open_outbound_socket(address, sources=None,
         if source is not None:
             # Let connect() pick the port: bind() alone would reserve one
             # per connection and exhaust them.
-            if IP_BIND_ADDRESS_NO_PORT is not None:
+            if IP_BIND_ADDRESS_NO_PORT is not None \
+                    and kind == socket.SOCK_STREAM:
                 sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
             sock.bind((source, 0))
-        if interface:
-            if SO_BINDTODEVICE is None:
-                raise OSError(errno.EOPNOTSUPP, "--outbound-interface "
-                              "needs SO_BINDTODEVICE (Linux)")
-            sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE,
-                            interface.encode())
+        bind_to_interface(sock, interface)
     except OSError:
         sock.close()
         raise
@@ -5350,6 +5582,55 @@ def is_connected(sock: socket.socket) -> bool:
     return True
 
 
+def bind_to_interface(sock: socket.socket, interface: Optional[str]):
+    """Send (and, for a listener, receive) through interface only
+    (--outbound-interface); nothing without one."""
+    if not interface:
+        return
+    if SO_BINDTODEVICE is None:
+        raise OSError(errno.EOPNOTSUPP, "--outbound-interface needs "
+                      "SO_BINDTODEVICE (Linux)")
+    sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, interface.encode())
+
+
+def local_address_towards(address, interface: Optional[str] = None):
+    """The source address (a sockaddr) this host would use to reach
+    address: a UDP socket's connect() asks the routing table and sends
+    nothing."""
+    family = socket.AF_INET if address.version == 4 else socket.AF_INET6
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        bind_to_interface(probe, interface)
+        probe.connect((str(address), 9))
+        return probe.getsockname()
+
+
+def open_bind_listener(towards, sources=None, interface: Optional[str] = None,
+                       port: int = 0) -> socket.socket:
+    """BIND's listening socket (the README's "BIND" rows): on the source
+    address of towards's family in sources, else on the address this host
+    would use to reach towards; on port when it is free, else on one the
+    kernel picks."""
+    source = (sources or {}).get(towards.version)
+    local = (source, 0) if source is not None \
+        else local_address_towards(towards, interface)
+    family = socket.AF_INET if towards.version == 4 else socket.AF_INET6
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        bind_to_interface(listener, interface)
+        try:
+            listener.bind((local[0], port) + tuple(local[2:]))
+        except OSError:
+            if not port:
+                raise
+            listener.bind((local[0], 0) + tuple(local[2:]))
+        listener.listen(BIND_BACKLOG)
+        listener.setblocking(False)
+    except OSError:
+        listener.close()
+        raise
+    return listener
+
+
 def scrubbed(destination: str) -> str:
     """What the log shows of a destination by default (Tor's SafeLogging
     habit; the README's "logging" row)."""
@@ -5364,6 +5645,493 @@ def close_socket(sock: socket.socket, reset: bool = False):
         except OSError:
             pass
     sock.close()
+
+
+# =============================================================================
+# UDP ASSOCIATE: the datagram header (RFC 1928 §7) and the association
+# =============================================================================
+# A client that asked UDP ASSOCIATE sends its datagrams, each behind a header
+# naming the destination, to a UDP socket of ours (the reply's BND); the data
+# goes on from a socket of the destination's family, and what a destination
+# sends back returns to the client behind a header naming it.  The
+# association lives as long as the TCP connection that asked for it.
+
+MAX_UDP_DATAGRAM = 65507        # UDP's largest payload over IPv4: 65535 - 20 - 8
+UDP_DATAGRAMS_PER_WAKEUP = 32   # read from one socket, then serve the others
+UDP_QUEUE_DATAGRAMS = 64        # datagrams one association keeps waiting (a
+UDP_QUEUE_BYTES = 256 * 1024    # full socket, a name being looked up); more
+                                # are dropped: UDP may lose them anyway
+UDP_PENDING_LOOKUPS = 8         # names one association looks up at once
+UDP_MAX_DESTINATIONS = 1024     # destinations (and names) it remembers
+UDP_NAME_TTL = 60.0             # seconds a looked-up name is used, then asked
+UDP_FAILED_NAME_TTL = 10.0      # again; a failed one is dropped for this long
+UDP_LOGGED_REFUSALS = 8         # refused destinations logged per association
+UDP_FRAGMENT = "fragment (FRAG is not 00): no reassembly"
+UDP_LITERAL_HEADER_ENDS = {AddressType.IPV4: 10, AddressType.IPV6: 22}
+
+
+class UdpDatagram(NamedTuple):
+    """A datagram header from the client: where its data goes."""
+    address_type: AddressType
+    host: str       # an IP literal as inet_ntop writes it, or the name
+    port: int
+
+
+def parse_udp_datagram(data) -> ParseResult:
+    """The header of a client's datagram (RFC 1928 §7): RSV(0000) FRAG ATYP
+    DST.ADDR DST.PORT, then the data; Parsed.used is where the data starts.
+    FRAG other than 00 is rejected (an implementation without reassembly
+    drops fragments, §7), and so is a name a CONNECT could not use.  A
+    datagram is never answered: Rejected.reply is b""."""
+    for index in range(min(len(data), 2)):
+        if data[index] != 0:
+            return Rejected(b"", "reserved bytes are not zero")
+    if len(data) < 3:
+        return NEED_MORE
+    if data[2] != 0:
+        return Rejected(b"", UDP_FRAGMENT)
+    if len(data) < 4:
+        return NEED_MORE
+    address_type = data[3]
+    if address_type == AddressType.IPV4:
+        address_end = 8
+    elif address_type == AddressType.IPV6:
+        address_end = 20
+    elif address_type == AddressType.DOMAIN:
+        if len(data) < 5:
+            return NEED_MORE
+        address_end = 5 + data[4]
+    else:
+        return Rejected(b"", "unknown address type 0x%02x" % address_type)
+    if len(data) < address_end + 2:
+        return NEED_MORE
+    if address_type == AddressType.DOMAIN:
+        host = bytes(data[5:address_end]).decode("latin-1")
+        problem = hostname_problem(host)
+        if problem:
+            return Rejected(b"", problem)
+        literal = ip_literal(host)
+        if literal is not None:
+            # One spelling for each address, so that it is one destination.
+            address = ip_of(literal)
+            address_type = AddressType.IPV4 if address.version == 4 \
+                else AddressType.IPV6
+            host = str(address)
+    else:
+        family = socket.AF_INET if address_type == AddressType.IPV4 \
+            else socket.AF_INET6
+        host = socket.inet_ntop(family, bytes(data[4:address_end]))
+    port = int.from_bytes(data[address_end:address_end + 2], "big")
+    return Parsed(UdpDatagram(AddressType(address_type), host, port),
+                  address_end + 2)
+
+
+def udp_datagram_header(address, port: int) -> bytes:
+    """The header that carries a destination's datagram back to the client:
+    RSV FRAG 00, then its address (ATYP 1 or 4) and port (RFC 1928 §7)."""
+    return bytes(3) + socks5_address(address, port)
+
+
+class _UdpRoute(NamedTuple):
+    """Where datagrams to one destination, as the client named it, go: the
+    routes are keyed by a literal destination's whole header, or by (name,
+    port)."""
+    sock: Optional[socket.socket]   # None: they are dropped
+    sockaddr: Optional[tuple]
+    expires: Optional[float]        # for a name: when to look it up again
+    dropped_as: str                 # the drop counter when sock is None
+
+
+class UdpAssociation:
+    """The datagrams of one UDP ASSOCIATE, relayed while its connection
+    lives (the README's "UDP ASSOCIATE" rows).
+
+    client_side  the UDP socket the client sends to: of the connection's
+                 family, on the address the client reached, a port of the
+                 kernel's
+    outbound     {4: socket, 6: socket}, made on first use, from the
+                 --outbound-address of the family and --outbound-interface
+
+    The client is the connection's host: a datagram from another address,
+    or from another port than DST.PORT (when not 0) or than the first
+    datagram's, is dropped; so is one from a destination the client has not
+    sent to.  The destination policy and the guard judge each destination
+    once, when the client first names it; a name is looked up through the
+    server's resolver at most once per UDP_NAME_TTL, its datagrams waiting
+    meanwhile.  Every drop is counted; nothing is ever answered.
+    """
+
+    def __init__(self, connection: "Connection", client_host,
+                 client_port: int):
+        self.connection = connection
+        self.server = connection.server
+        self.loop = connection.loop
+        self.settings = connection.settings
+        self.client_host = client_host
+        self.client_port = client_port
+        self.client_address = None  # where replies go: the first datagram's
+        self.routes = {}            # header bytes, or (name, port) -> route
+        self.reply_headers = {}     # (host, port) as recvfrom gives it
+        self.names = {}             # name -> (expires, addresses, failure)
+        self.lookups = {}           # name -> resolver handle
+        self.waiting = {}           # name -> deque of (port, data)
+        self.send_queues = {}       # socket -> deque of (data, sockaddr)
+        self.queued = self.queued_bytes = 0
+        self.events = {}            # every socket -> what the loop waits for
+        self.outbound = {}
+        self.datagrams_up = self.datagrams_down = 0
+        self.bytes_up = self.bytes_down = 0
+        self.dropped = collections.Counter()    # reason -> datagrams
+        self.refusals_logged = 0
+        self.closed = False
+        self.opened = time.monotonic()
+        local = connection.client.getsockname()
+        host = ip_of(local[0])
+        if host.version == 4:
+            sock, where = socket.socket(socket.AF_INET, socket.SOCK_DGRAM), \
+                (str(host), 0)
+        else:
+            sock, where = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM), \
+                (str(host), 0, 0, local[3])
+        try:
+            sock.setblocking(False)
+            sock.bind(where)
+        except OSError:
+            sock.close()
+            raise
+        self.client_side = sock
+        self._watch(sock, EVENT_READ)
+
+    # -- the loop's ways in -----------------------------------------------------
+
+    def _watch(self, sock, events: int):
+        old = self.events.get(sock, 0)
+        if events != old:
+            self.loop.watch(sock, old, events, (functools.partial(
+                self._on_event, sock), self))
+            self.events[sock] = events
+
+    def _on_event(self, sock, mask: int):
+        if mask & EVENT_WRITE:
+            self._flush(sock)
+        if mask & EVENT_READ and not self.closed:
+            if sock is self.client_side:
+                self._from_client()
+            else:
+                self._from_destinations(sock)
+
+    def close_after_bug(self):
+        self.connection.close_after_bug()
+
+    # -- from the client ----------------------------------------------------------
+
+    def _from_client(self):
+        view = self.loop.recv_view
+        receive = self.client_side.recvfrom_into
+        for _ in range(UDP_DATAGRAMS_PER_WAKEUP):
+            try:
+                size, source = receive(view, MAX_UDP_DATAGRAM + 1)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self.dropped["receive error"] += 1
+                continue
+            if source != self.client_address and not self._is_client(source):
+                self.dropped["not from the client"] += 1
+            elif size > MAX_UDP_DATAGRAM:
+                self.dropped["too large"] += 1
+            else:
+                self._relay_out(view[:size])
+
+    def _is_client(self, source) -> bool:
+        """Whether a datagram from source is the client's: its host, and
+        its port once known.  The first one fixes where replies go."""
+        if self.client_address is not None \
+                or ip_of(source[0]) != self.client_host \
+                or (self.client_port and source[1] != self.client_port):
+            return False
+        self.client_address = source
+        return True
+
+    def _relay_out(self, datagram):
+        # An address header seen before is its own key: no parsing.  Its
+        # zero RSV and FRAG are part of it, so a fragment misses.
+        end = UDP_LITERAL_HEADER_ENDS.get(datagram[3]) \
+            if len(datagram) > 3 else None
+        if end is not None:
+            route = self.routes.get(bytes(datagram[:end]))
+            if route is not None:
+                self._use(route, datagram[end:])
+                return
+        result = parse_udp_datagram(datagram)
+        if not isinstance(result, Parsed):
+            self.dropped["fragment" if result and result.reason
+                         == UDP_FRAGMENT else "malformed"] += 1
+            return
+        destination, used = result.message, result.used
+        key = (destination.host, destination.port) \
+            if datagram[3] == AddressType.DOMAIN else bytes(datagram[:used])
+        self._send_out(key, destination, datagram[used:])
+
+    def _send_out(self, key, destination: UdpDatagram, data):
+        route = self.routes.get(key)
+        if route is None or (route.expires is not None
+                             and route.expires <= time.monotonic()):
+            route = self._new_route(key, destination)
+            if route is None:       # its name is being looked up
+                self._wait_for_name(destination, data)
+                return
+        self._use(route, data)
+
+    def _use(self, route: "_UdpRoute", data):
+        if route.sock is None:
+            self.dropped[route.dropped_as] += 1
+        elif self._send(route.sock, (data,), route.sockaddr):
+            self.datagrams_up += 1
+            self.bytes_up += len(data)
+
+    # -- destinations -------------------------------------------------------------
+
+    def _new_route(self, key, destination: UdpDatagram) \
+            -> Optional[_UdpRoute]:
+        """How to reach a destination the client names for the first time
+        (or whose name is due to be looked up again), remembered under key:
+        None while its name is being looked up."""
+        host = destination.host
+        if destination.address_type != AddressType.DOMAIN:
+            return self._route_to(key, destination,
+                                  (ipaddress.ip_address(host),), None)
+        refusal = special_name_refusal(host)
+        if refusal:
+            return self._refused_route(key, destination, None, "refused",
+                                       refusal)
+        expires, addresses, failure = self.names.get(host, (0.0, (), None))
+        if expires <= time.monotonic():
+            return None
+        if failure:
+            return self._refused_route(key, destination, expires,
+                                       "name not found", failure)
+        return self._route_to(key, destination, addresses, expires)
+
+    def _route_to(self, key, destination: UdpDatagram, addresses,
+                  expires) -> _UdpRoute:
+        """The first address the destination policy and the guard allow,
+        in the order a CONNECT would try them."""
+        settings, port = self.settings, destination.port
+        refusal = "no usable address (--no-ipv6)"
+        if port == 0:
+            refusal, addresses = "destination port 0", ()
+        for address in happy_eyeballs_order(
+                self.server._usable_addresses(ip_of(a) for a in addresses),
+                settings.preferred_ip_version):
+            refusal = settings.destination_policy.refusal(
+                self.connection.client_is_local, address, port)
+            if refusal is None:
+                sock = self._outbound_socket(address)
+                if sock is None:
+                    return self._refused_route(key, destination, expires,
+                                               "send failed",
+                                               "no outbound socket")
+                self._expect_replies(address, port)
+                return self._remember(self.routes, key, _UdpRoute(
+                    sock, (str(address), port), expires, ""))
+        return self._refused_route(key, destination, expires, "refused",
+                                   refusal)
+
+    def _refused_route(self, key, destination: UdpDatagram, expires,
+                       dropped_as: str, reason: str) -> _UdpRoute:
+        if self.refusals_logged < UDP_LOGGED_REFUSALS:
+            self.refusals_logged += 1
+            log.info("conn %d: UDP: dropping datagrams to %s: %s",
+                     self.connection.number, self.server._scrub(
+                         format_address(destination[1:])), reason)
+        return self._remember(self.routes, key, _UdpRoute(
+            None, None, expires, dropped_as))
+
+    def _expect_replies(self, address, port: int):
+        """Datagrams from address:port go to the client from now on, behind
+        a header naming it."""
+        family = socket.AF_INET if address.version == 4 else socket.AF_INET6
+        # Remembered anew with each route to it, so that a destination's
+        # header is forgotten only after its routes are.
+        self._remember(self.reply_headers,
+                       (socket.inet_ntop(family, address.packed), port),
+                       udp_datagram_header(address, port))
+
+    @staticmethod
+    def _remember(table: dict, key, value):
+        """table[key] = value, the oldest entry going past
+        UDP_MAX_DESTINATIONS."""
+        table.pop(key, None)
+        if len(table) >= UDP_MAX_DESTINATIONS:
+            del table[next(iter(table))]
+        table[key] = value
+        return value
+
+    def _outbound_socket(self, address) -> Optional[socket.socket]:
+        sock = self.outbound.get(address.version)
+        if sock is None:
+            settings = self.settings
+            try:
+                sock = open_outbound_socket(
+                    address, settings.outbound_addresses,
+                    settings.outbound_interface, socket.SOCK_DGRAM)
+            except OSError as error:
+                log.warning("conn %d: UDP: cannot open an outbound socket: "
+                            "%s", self.connection.number, error)
+                return None
+            self.outbound[address.version] = sock
+            self._watch(sock, EVENT_READ)
+        return sock
+
+    # -- names --------------------------------------------------------------------
+
+    def _wait_for_name(self, destination: UdpDatagram, data):
+        """Keep a datagram until its name is looked up: through the
+        resolver every CONNECT uses, one lookup per name at a time."""
+        name = destination.host
+        if name not in self.lookups and \
+                len(self.lookups) >= UDP_PENDING_LOOKUPS:
+            self.dropped["queue full"] += 1
+            return
+        if not self._may_queue(len(data)):
+            return
+        self.waiting.setdefault(name, collections.deque()).append(
+            (destination.port, bytes(data)))
+        if name not in self.lookups:
+            self.lookups[name] = self.server.resolver.lookup(
+                name, self.loop.threadsafe_callback(functools.partial(
+                    self._resolved, name)))
+
+    def _resolved(self, name: str, result: ResolverResult):
+        if self.closed:
+            return
+        try:
+            self._on_resolved(name, result)
+        except Exception:   # no owner comes with a resolver's answer
+            log.exception("internal error; closing what it concerns")
+            self.close_after_bug()
+
+    def _on_resolved(self, name: str, result: ResolverResult):
+        self.lookups.pop(name, None)
+        now = time.monotonic()
+        if result.error is not None:
+            entry = (now + UDP_FAILED_NAME_TTL, (),
+                     result.reason or "name lookup failed")
+        else:
+            entry = (now + UDP_NAME_TTL, result.answers, None)
+        self._remember(self.names, name, entry)
+        for port, data in self.waiting.pop(name, ()):
+            self.queued -= 1
+            self.queued_bytes -= len(data)
+            self._send_out((name, port), UdpDatagram(AddressType.DOMAIN,
+                                                     name, port), data)
+
+    # -- sending, and what waits for a full socket -----------------------------------
+
+    def _may_queue(self, size: int) -> bool:
+        if self.queued >= UDP_QUEUE_DATAGRAMS \
+                or self.queued_bytes + size > UDP_QUEUE_BYTES:
+            self.dropped["queue full"] += 1
+            return False
+        self.queued += 1
+        self.queued_bytes += size
+        return True
+
+    def _send(self, sock, buffers, sockaddr) -> bool:
+        """Send one datagram made of buffers; what a full socket cannot take
+        now waits in a bounded queue.  Whether it went (or waits)."""
+        if not self.send_queues.get(sock):
+            try:
+                sock.sendmsg(buffers, (), 0, sockaddr)
+                return True
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                self.dropped["send failed"] += 1
+                return False
+        data = b"".join(buffers)
+        if not self._may_queue(len(data)):
+            return False
+        self.send_queues.setdefault(sock, collections.deque()).append(
+            (data, sockaddr))
+        self._watch(sock, EVENT_READ | EVENT_WRITE)
+        return True
+
+    def _flush(self, sock):
+        queue = self.send_queues.get(sock)
+        while queue:
+            data, sockaddr = queue[0]
+            try:
+                sock.sendto(data, sockaddr)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self.dropped["send failed"] += 1
+            queue.popleft()
+            self.queued -= 1
+            self.queued_bytes -= len(data)
+        self._watch(sock, EVENT_READ)
+
+    # -- from destinations ----------------------------------------------------------
+
+    def _from_destinations(self, sock):
+        view = self.loop.recv_view
+        headers, client_side = self.reply_headers, self.client_side
+        for _ in range(UDP_DATAGRAMS_PER_WAKEUP):
+            try:
+                size, source = sock.recvfrom_into(view, MAX_UDP_DATAGRAM + 1)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:     # an ICMP error for an earlier datagram
+                self.dropped["receive error"] += 1
+                continue
+            header = headers.get(source[:2])
+            if header is None:
+                self.dropped["not from a destination"] += 1
+            elif size + len(header) > MAX_UDP_DATAGRAM:
+                self.dropped["too large"] += 1
+            elif self._send(client_side, (header, view[:size]),
+                            self.client_address):
+                self.datagrams_down += 1
+                self.bytes_down += size
+
+    # -- the end ----------------------------------------------------------------------
+
+    def close(self):
+        """Close every socket at once and log what the association did."""
+        if self.closed:
+            return
+        self.closed = True
+        for handle in self.lookups.values():
+            if handle is not None:
+                handle.cancel()
+        for sock, events in self.events.items():
+            if events:
+                self.loop.watch(sock, events, 0, None)
+            sock.close()
+        self.events, self.send_queues, self.waiting = {}, {}, {}
+        connection = self.connection
+        connection.upstream.count += self.bytes_up
+        connection.downstream.count += self.bytes_down
+        self.server._udp_closed(self)
+        dropped = ", ".join("%d %s" % (count, reason) for reason, count
+                            in sorted(self.dropped.items())) or "none"
+        log.info("conn %d: UDP association ended: %d datagrams up (%d "
+                 "bytes), %d down (%d bytes); dropped: %s; %.3f s",
+                 connection.number, self.datagrams_up, self.bytes_up,
+                 self.datagrams_down, self.bytes_down, dropped,
+                 time.monotonic() - self.opened)
+
+    def counts(self) -> collections.Counter:
+        """Datagrams and bytes each way, and drops by reason."""
+        counts = collections.Counter(
+            {"datagrams_up": self.datagrams_up,
+             "datagrams_down": self.datagrams_down,
+             "bytes_up": self.bytes_up, "bytes_down": self.bytes_down})
+        for reason, count in self.dropped.items():
+            counts["dropped: " + reason] += count
+        return counts
 
 
 # =============================================================================
@@ -5415,6 +6183,10 @@ SETTING_DEFAULTS = {
     "router_pins": None,
     "nameservers": (),
     "resolver_threads": 8,
+    "enable_bind": False,
+    "enable_udp": False,
+    "max_udp_associations": 256,
+    "max_udp_per_client": 16,
 }
 
 
@@ -5636,6 +6408,12 @@ class Server:
     nameservers           [(IP, port), ...]: resolve with the built-in DNS
                           client instead of the system's resolver
     resolver_threads      threads for the system's resolver
+    enable_bind           serve BIND (SOCKS4 and SOCKS5), off by default as
+                          in Tor
+    enable_udp            serve UDP ASSOCIATE (SOCKS5), off by default
+    max_udp_associations  UDP associations open at once, in all
+    max_udp_per_client    UDP associations open at once from one client
+                          address (loopback clients included)
     """
 
     def __init__(self, listen=((DEFAULT_ADDRESS, DEFAULT_PORT),), *,
@@ -5663,6 +6441,9 @@ class Server:
         self._login_throttle = LoginThrottle(
             self.settings.max_login_failures)
         self._lookups = None            # LookupScheduler, once the loop is
+        self._udp_associations = set()
+        self._udp_per_client = collections.Counter()  # client -> associations
+        self._udp_totals = collections.Counter()  # of closed associations
         self._pipes = []                # idle pipes for the splice relay
         self._tor_links = None          # TorLinkPool, once CONNECT_DIR is used
         self._last_busy = time.monotonic()
@@ -5776,10 +6557,17 @@ class Server:
 
     def stats(self) -> dict:
         """Counters since start: connections accepted, open now, refused at
-        accept, and bytes relayed by connections that have closed."""
+        accept, and bytes relayed by connections that have closed; UDP
+        associations open now, and their datagrams and bytes each way and
+        drops by reason ("dropped: REASON"), open and closed ones alike."""
+        udp = collections.Counter(self._udp_totals)
+        for association in list(self._udp_associations):
+            udp.update(association.counts())
         return {"accepted": self._accepted, "active": len(self._connections),
                 "refused_at_accept": self._refused_at_accept,
                 "relayed_bytes": self._relayed_bytes,
+                "udp_associations": len(self._udp_associations),
+                "udp": dict(udp),
                 "listeners": [format_address(a) for a in self.addresses]}
 
     def reload(self):
@@ -5966,6 +6754,29 @@ class Server:
         connection.log_outcome()
         if not self._accepting:
             self._resume_accepting()
+
+    # -- UDP associations: the caps, and the counts of those that closed -------
+
+    def _udp_refusal(self, client_host, settings: Settings) -> Optional[str]:
+        if len(self._udp_associations) >= settings.max_udp_associations:
+            return "UDP ASSOCIATE: %d associations open already" \
+                % settings.max_udp_associations
+        if self._udp_per_client[client_host] >= settings.max_udp_per_client:
+            return "UDP ASSOCIATE: %d associations open from this client " \
+                "already" % settings.max_udp_per_client
+        return None
+
+    def _udp_opened(self, association: "UdpAssociation"):
+        self._udp_associations.add(association)
+        self._udp_per_client[association.client_host] += 1
+
+    def _udp_closed(self, association: "UdpAssociation"):
+        self._udp_associations.discard(association)
+        client_host = association.client_host
+        self._udp_per_client[client_host] -= 1
+        if not self._udp_per_client[client_host]:
+            del self._udp_per_client[client_host]
+        self._udp_totals.update(association.counts())
 
     # -- pipes for the splice relay -------------------------------------------
 
@@ -6604,6 +7415,27 @@ def build_argument_parser() -> argparse.ArgumentParser:
                         help="threads for name lookups (default "
                              "%(default)s); each client gets half of them at "
                              "most")
+
+    optional = parser.add_argument_group(
+        "BIND and UDP ASSOCIATE (off by default, as in Tor)")
+    optional.add_argument("--enable-bind", action="store_true",
+                          help="serve BIND (SOCKS4 and SOCKS5): listen for "
+                               "one inbound connection from the address the "
+                               "client names, then relay it")
+    optional.add_argument("--enable-udp", action="store_true",
+                          help="serve UDP ASSOCIATE (SOCKS5): relay the "
+                               "client's datagrams while its TCP connection "
+                               "stays open")
+    optional.add_argument("--max-udp-associations", type=positive_int,
+                          default=default("max_udp_associations"),
+                          metavar="N",
+                          help="UDP associations open at once (default "
+                               "%(default)s)")
+    optional.add_argument("--max-udp-per-client", type=positive_int,
+                          default=default("max_udp_per_client"), metavar="N",
+                          help="UDP associations open at once from one "
+                               "client address, loopback included (default "
+                               "%(default)s)")
 
     outbound = parser.add_argument_group("outbound connections")
     outbound.add_argument("--outbound-address", metavar="ADDR",

@@ -4,6 +4,7 @@ peers (echo and sink servers), an injectable resolver, and peer programs.
 Nothing here touches the machine's DNS for anything but "localhost".
 """
 
+import importlib
 import ipaddress
 import os
 import shutil
@@ -34,6 +35,19 @@ def require_program(name):
             pytest.fail(message + " (TORSOCKSD_REQUIRE_PEERS=1)")
         pytest.skip(message)
     return path
+
+
+def require_module(name):
+    """A Python module a test drives as a peer (PySocks: "socks"); skip
+    without it, fail under TORSOCKSD_REQUIRE_PEERS=1 (CI installs it into
+    the test environment)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        message = "peer module %r is not installed" % name
+        if REQUIRE_PEERS:
+            pytest.fail(message + " (TORSOCKSD_REQUIRE_PEERS=1)")
+        pytest.skip(message)
 
 
 def require_network_namespace():
@@ -341,6 +355,23 @@ def socks5_reply(code, ipv6_client=False):
     if ipv6_client:
         return bytes((5, code, 0, 4)) + bytes(16) + bytes(2)
     return bytes((5, code, 0, 1)) + bytes(4) + bytes(2)
+
+
+def recv_socks5_reply(sock):
+    """A whole SOCKS5 reply whose BND.ADDR is an IP address (ATYP 1 or 4)."""
+    head = recv_exactly(sock, 4)
+    return head + recv_exactly(sock, {1: 6, 4: 18}[head[3]])
+
+
+def reply_address(reply):
+    """(address, port) that a SOCKS5 reply's BND fields, or a SOCKS4
+    reply's DSTIP and DSTPORT, name."""
+    if reply[0] == 0:
+        return (socket.inet_ntoa(reply[4:8]),
+                int.from_bytes(reply[2:4], "big"))
+    family = socket.AF_INET if reply[3] == 1 else socket.AF_INET6
+    return (socket.inet_ntop(family, reply[4:-2]),
+            int.from_bytes(reply[-2:], "big"))
 
 
 def open_socks5_tunnel(address, host, port, timeout=TIMEOUT):
