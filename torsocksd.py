@@ -5116,7 +5116,7 @@ class Connection:
                          "on another host than the connection's")
             return
         server = self.server
-        refusal = server._udp_refusal(client_host, self.settings)
+        refusal = server._udp_refusal(self.client_key, self.settings)
         if refusal:
             self._refuse(Reply.GENERAL_FAILURE, refusal)
             return
@@ -5999,18 +5999,18 @@ class UdpAssociation:
         self.waiting.setdefault(name, collections.deque()).append(
             (destination.port, bytes(data)))
         if name not in self.lookups:
-            self.lookups[name] = self.server.resolver.lookup(
-                name, self.loop.threadsafe_callback(functools.partial(
-                    self._resolved, name)))
+            # In the client's share of the resolver, as a CONNECT's is.
+            lookup = self.server._lookups.lookup(
+                self.connection.client_key, name,
+                functools.partial(self._resolved, name), owner=self)
+            if lookup is None:
+                self._on_resolved(name, TOO_MANY_LOOKUPS)
+                return
+            self.lookups[name] = lookup
 
     def _resolved(self, name: str, result: ResolverResult):
-        if self.closed:
-            return
-        try:
+        if not self.closed:
             self._on_resolved(name, result)
-        except Exception:   # no owner comes with a resolver's answer
-            log.exception("internal error; closing what it concerns")
-            self.close_after_bug()
 
     def _on_resolved(self, name: str, result: ResolverResult):
         self.lookups.pop(name, None)
@@ -6757,25 +6757,27 @@ class Server:
 
     # -- UDP associations: the caps, and the counts of those that closed -------
 
-    def _udp_refusal(self, client_host, settings: Settings) -> Optional[str]:
+    def _udp_refusal(self, client, settings: Settings) -> Optional[str]:
+        """Why a new association for client (its client key) would be one
+        too many."""
         if len(self._udp_associations) >= settings.max_udp_associations:
             return "UDP ASSOCIATE: %d associations open already" \
                 % settings.max_udp_associations
-        if self._udp_per_client[client_host] >= settings.max_udp_per_client:
+        if self._udp_per_client[client] >= settings.max_udp_per_client:
             return "UDP ASSOCIATE: %d associations open from this client " \
                 "already" % settings.max_udp_per_client
         return None
 
     def _udp_opened(self, association: "UdpAssociation"):
         self._udp_associations.add(association)
-        self._udp_per_client[association.client_host] += 1
+        self._udp_per_client[association.connection.client_key] += 1
 
     def _udp_closed(self, association: "UdpAssociation"):
         self._udp_associations.discard(association)
-        client_host = association.client_host
-        self._udp_per_client[client_host] -= 1
-        if not self._udp_per_client[client_host]:
-            del self._udp_per_client[client_host]
+        client = association.connection.client_key
+        self._udp_per_client[client] -= 1
+        if not self._udp_per_client[client]:
+            del self._udp_per_client[client]
         self._udp_totals.update(association.counts())
 
     # -- pipes for the splice relay -------------------------------------------
@@ -7188,10 +7190,16 @@ def watch_parent(server: Server, parent_alive: int):
 
 def log_statistics(server: Server):
     stats = server.stats()
+    udp = stats["udp"]
     log.info("statistics: %d accepted, %d open, %d refused at accept, "
-             "%d bytes relayed by closed connections", stats["accepted"],
+             "%d bytes relayed by closed connections; %d UDP associations "
+             "open, %d datagrams relayed, %d dropped", stats["accepted"],
              stats["active"], stats["refused_at_accept"],
-             stats["relayed_bytes"])
+             stats["relayed_bytes"], stats["udp_associations"],
+             sum(count for name, count in udp.items()
+                 if name.startswith("datagrams")),
+             sum(count for name, count in udp.items()
+                 if name.startswith("dropped")))
 
 
 # =============================================================================

@@ -7,7 +7,6 @@ Nothing here touches the machine's DNS for anything but "localhost".
 import importlib
 import ipaddress
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir))
 
 import torsocksd  # noqa: E402
+from torpeer import find_program  # noqa: E402
 
 REQUIRE_PEERS = os.environ.get("TORSOCKSD_REQUIRE_PEERS") == "1"
 TIMEOUT = 10.0      # seconds any single socket operation in a test may take
@@ -28,7 +28,7 @@ def require_program(name):
     """The path of a peer program (also looked for in /usr/sbin and /sbin,
     which a user's PATH often lacks); skip without it, fail under
     TORSOCKSD_REQUIRE_PEERS=1 (CI installs every peer)."""
-    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+    path = find_program(name)
     if path is None:
         message = "peer program %r is not installed" % name
         if REQUIRE_PEERS:

@@ -82,6 +82,7 @@ def test_torsocks_end_to_end_in_a_network_namespace():
     inside the namespace, and torsocksd's log shows the RESOLVE and the
     CONNECT it relayed."""
     require_program("torsocks")
+    require_program("dnsmasq")      # the peer script starts it
     require_network_namespace()
     script = os.path.join(HERE, "peers", "torsocks_e2e.py")
     result = subprocess.run(

@@ -57,6 +57,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, os.pardir))
 sys.path.insert(0, os.path.join(HERE, os.pardir, os.pardir))
 import torsocksd  # noqa: E402
+from torpeer import find_program  # noqa: E402
 from conftest import (EchoServer, FakeResolver, recv_exactly,  # noqa: E402
                       socks5_greeting, socks5_request)
 
@@ -216,8 +217,8 @@ def start_dnsmasq(extra):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     process = subprocess.Popen(
-        ["dnsmasq", "--no-daemon", "--no-resolv", "--no-hosts",
-         "--listen-address=127.0.0.1", "--port=%d" % port,
+        [find_program("dnsmasq"), "--no-daemon", "--no-resolv",
+         "--no-hosts", "--listen-address=127.0.0.1", "--port=%d" % port,
          "--bind-interfaces", *extra],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     query = torsocksd.encode_dns_query(7, "ready.test", torsocksd.DnsType.A)

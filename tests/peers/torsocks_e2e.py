@@ -19,6 +19,8 @@ import threading
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir,
                                 os.pardir))
 import torsocksd  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir))
+from torpeer import find_program  # noqa: E402
 
 TEST_HOST = "192.0.2.10"
 
@@ -57,7 +59,7 @@ def main():
 
     dns_port = free_udp_port()
     dnsmasq = subprocess.Popen(
-        ["dnsmasq", "--no-daemon", "--no-resolv", "--no-hosts",
+        [find_program("dnsmasq"), "--no-daemon", "--no-resolv", "--no-hosts",
          "--listen-address=127.0.0.1", "--port=%d" % dns_port,
          "--bind-interfaces", "--address=/web.test/" + TEST_HOST],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
