@@ -4,8 +4,9 @@
 It serves SOCKS4, SOCKS4A and SOCKS5 (RFC 1928, with RFC 1929 username and
 password) plus Tor's extensions: RESOLVE (0xF0), RESOLVE_PTR (0xF1),
 CONNECT_DIR (0xF2: a one-hop BEGIN_DIR stream to a Tor relay's directory
-service) and the answer to a client that speaks HTTP to a SOCKS port.  Every
-name is looked up on the proxy side, never by the client.
+service) and the answer to a client that speaks HTTP to a SOCKS port; with
+--http-tunnel, HTTP CONNECT as Tor's HTTPTunnelPort.  Every name is looked
+up on the proxy side, never by the client.
 
 Run it:      python3 torsocksd.py --port 9050
 Embed it:    with torsocksd.Server(listen=[("127.0.0.1", 0)]) as server: ...
@@ -22,6 +23,7 @@ section:
   pure parsers (bytes in, one message out) and pure reply builders;
   policy: methods, credentials, client and destination rules;
   the SOCKS handshake, a sans-I/O object: bytes in, replies and a decision;
+  the HTTP CONNECT handshake, the same interface for --http-tunnel ports;
   resolvers: the system's in threads, and the built-in DNS client;
   the Tor link for CONNECT_DIR: AES, KDF-TOR, cells, X.509, relay cells,
     circuits and directory streams (sans-I/O), then TorLink on the loop;
@@ -62,11 +64,12 @@ __all__ = [
     "NEED_MORE", "Parsed", "Rejected",
     "Socks4Request", "Socks5Greeting", "UsernamePassword", "Socks5Request",
     # the handshake
-    "SocksHandshake", "HandshakeState", "Request",
+    "SocksHandshake", "HandshakeState", "Request", "HttpTunnelHandshake",
     # pure parsers
     "detect_protocol", "parse_http_method", "parse_socks4_request",
     "parse_socks5_greeting", "parse_username_password", "parse_socks5_request",
-    "hostname_problem", "ip_literal",
+    "hostname_problem", "ip_literal", "parse_http_request_head",
+    "split_connect_target",
     # pure reply builders
     "socks4_reply", "socks5_reply", "socks5_address_reply",
     "socks5_hostname_reply", "socks5_method_reply", "username_password_reply",
@@ -80,6 +83,7 @@ __all__ = [
 ]
 
 import argparse
+import base64
 import collections
 import enum
 import errno
@@ -174,12 +178,14 @@ class Socks4Reply(enum.IntEnum):
 
 
 class Protocol(enum.Enum):
-    """What the first byte a client sends says it speaks."""
+    """What a client speaks: on a SOCKS port its first byte says; an
+    --http-tunnel port speaks HTTP_CONNECT."""
     SOCKS4 = "SOCKS4"
     SOCKS5 = "SOCKS5"
     HTTP = "HTTP"
     TLS = "TLS"
     UNKNOWN = "unknown"
+    HTTP_CONNECT = "HTTP CONNECT"
 
 
 USERPASS_VERSION = 0x01            # RFC 1929 §2: the subnegotiation's version
@@ -632,13 +638,17 @@ elsewhere, set <code>ALL_PROXY=socks5h://%(where)s</code>.</p>
 """
 
 
+def html_text(text: str) -> str:
+    """text as HTML shows it literally."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def http_reply(method: bytes, where: Optional[str] = None) -> bytes:
     """HTTP/1.0 501 with our page, its examples naming where (the proxy's
     "host:port"); HEAD gets the headers only (the README's "HTTP to the
     SOCKS port" row)."""
-    where = (where or "HOST:PORT").replace("&", "&amp;").replace(
-        "<", "&lt;").replace(">", "&gt;")
-    page = (HTTP_PAGE % {"where": where}).encode("utf-8")
+    page = (HTTP_PAGE % {"where": html_text(where or "HOST:PORT")}
+            ).encode("utf-8")
     head = ("HTTP/1.0 501 Not Implemented: this is a SOCKS proxy\r\n"
             "Content-Type: text/html; charset=utf-8\r\n"
             "Content-Length: %d\r\n"
@@ -919,12 +929,13 @@ class HandshakeState(enum.Enum):
 
 class Request(NamedTuple):
     """A request the handshake accepted."""
-    version: Version
+    version: Version    # or Protocol.HTTP_CONNECT for an HTTP CONNECT
     command: Command
     host: str           # as the client wrote it: an IP literal or a name
     port: int
     address: object     # host as an IPv4Address or IPv6Address; None: a name
-    userid: Optional[bytes]     # SOCKS4 userid or RFC 1929 username
+    userid: Optional[bytes]     # SOCKS4 userid or RFC 1929 username; the
+                                # isolation key of an HTTP CONNECT
     unsafe: bool        # the client gave only an IP address (SafeSocks)
 
 
@@ -1021,8 +1032,9 @@ class SocksHandshake:
             return socks4_reply(Socks4Reply.GRANTED)
         return socks5_reply(Reply.SUCCEEDED, self.client_family)
 
-    def failure_reply(self, reply: Reply) -> bytes:
-        """The request failed with reply (SOCKS4 knows only "rejected")."""
+    def failure_reply(self, reply: Reply, during_lookup: bool = False) -> bytes:
+        """The request failed with reply (SOCKS4 knows only "rejected");
+        SOCKS says the same whether or not a lookup failed."""
         if self.version is None:
             return b""
         family = self.client_family
@@ -1163,6 +1175,416 @@ class SocksHandshake:
                                self.unsafe)
         self.state = HandshakeState.DONE
         return b""
+
+    def _refused(self, reply: bytes, reason: str) -> bytes:
+        self.state = HandshakeState.DONE
+        self.refusal = reason
+        return reply
+
+
+# =============================================================================
+# The HTTP CONNECT handshake (sans-I/O): Tor's HTTPTunnelPort
+# =============================================================================
+# An --http-tunnel port speaks HTTP CONNECT (RFC 9110 §9.3.6) as Tor's
+# HTTPTunnelPort does (Tor's connection_ap_process_http_connect, and the Tor
+# spec's "HTTP CONNECT" chapter with proposal 365): one request per
+# connection; a CONNECT is served as a SOCKS CONNECT is, anything else is
+# answered and closed.  HttpTunnelHandshake has SocksHandshake's interface,
+# so Connection serves either.  Every answer is HTTP/1.0, as Tor's are, and
+# carries Tor's headers except those that name Tor (the README's "HTTP
+# CONNECT answers" row).
+
+MAX_HTTP_HEAD_BYTES = 8191      # Tor's limit for a request head (8192 with
+                                # the NUL its buffer code adds)
+MAX_HTTP_FIELDS = 128           # header lines in one head (Tor takes 100)
+MAX_CONNECT_HOST = 255          # Tor answers 414 from 256 (MAX_SOCKS_ADDR_LEN)
+
+# RFC 9110 §5.6.2 token characters (methods, field names); what a request
+# line and a field value may hold (RFC 9112 §3, RFC 9110 §5.5: no control
+# bytes; a value may carry obs-text and HTAB).
+HTTP_TOKEN_BYTES = (b"!#$%&'*+-.^_`|~0123456789"
+                    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+REQUEST_LINE_BYTES = bytes(range(0x20, 0x7F))
+FIELD_VALUE_BYTES = b"\t" + bytes(range(0x20, 0x7F)) + bytes(range(0x80, 0x100))
+
+BASIC_REALM = "torsocksd"
+SERVER_FIELD = "Server: torsocksd/%s\r\n" % __version__
+ALLOWED_METHODS = "OPTIONS, CONNECT"
+
+# What each failure becomes on the HTTP CONNECT port: the END reason a Tor
+# exit sends for the same failure (errno_to_stream_end_reason in Tor's
+# reasons.c), with Tor's status line for that reason
+# (end_reason_to_http_connect_response_line, Tor 0.4.9).  The README's
+# "connect errors" and "HTTP CONNECT failures" rows.
+HTTP_TUNNEL_FAILURES = {
+    Reply.GENERAL_FAILURE: ("500 Internal Server Error", "MISC"),
+    Reply.NOT_ALLOWED: ("403 Forbidden (exit policy)", "EXITPOLICY"),
+    Reply.NETWORK_UNREACHABLE: ("503 Service Unavailable (no route)",
+                                "NOROUTE"),
+    Reply.HOST_UNREACHABLE: ("503 Service Unavailable (no route)", "NOROUTE"),
+    Reply.CONNECTION_REFUSED: ("403 Forbidden (connection refused)",
+                               "CONNECTREFUSED"),
+    Reply.TTL_EXPIRED: ("504 Gateway Timeout", "TIMEOUT"),
+}
+RESOLVE_FAILED = ("503 Service Unavailable (resolve failed)", "RESOLVEFAILED")
+TOR_PROTOCOL_VIOLATION = ("502 Bad Gateway (tor protocol violation)",
+                          "TORPROTOCOL")
+
+
+class HttpRequestHead(NamedTuple):
+    method: bytes       # as sent: Tor takes "connect" as "CONNECT"
+    target: bytes
+    version: bytes      # HTTP/1.0 or HTTP/1.1 (any HTTP/1.x)
+    fields: tuple       # ((lower-case name, value), ...) in order
+
+
+def http_tunnel_reply(status: str, failed: Optional[str] = None,
+                      fields: str = "") -> bytes:
+    """An answer on the HTTP CONNECT port: HTTP/1.0, the status, fields,
+    an empty Tor-Capabilities (none of Tor's extensions is offered), for a
+    failed CONNECT Tor-Request-Failed naming its END reason ("end/TIMEOUT"),
+    then the blank line."""
+    head = "HTTP/1.0 %s\r\n%sTor-Capabilities: \r\n" % (status, fields)
+    if failed:
+        head += "Tor-Request-Failed: %s\r\n" % failed
+    return (head + "\r\n").encode("ascii")
+
+
+HTTP_BAD_REQUEST = http_tunnel_reply("400 Bad Request")
+HTTP_REQUEST_TIMEOUT = http_tunnel_reply("408 Request Timeout")
+HTTP_URI_TOO_LONG = http_tunnel_reply("414 Request-URI Too Long")
+HTTP_NO_RPC = http_tunnel_reply("501 Not implemented (No RPC Support)")
+HTTP_PROXY_AUTHENTICATION = http_tunnel_reply(
+    "407 Proxy Authentication Required",
+    fields='Proxy-Authenticate: Basic realm="%s"\r\n' % BASIC_REALM)
+HTTP_OPTIONS_REPLY = (
+    "HTTP/1.0 200 OK\r\nAllow: %s\r\nContent-Length: 0\r\n"
+    "Tor-Capabilities: \r\n%s\r\n" % (ALLOWED_METHODS, SERVER_FIELD)
+).encode("ascii")
+
+
+def http_tunnel_failure(status_and_reason) -> bytes:
+    status, reason = status_and_reason
+    return http_tunnel_reply(status, "end/" + reason)
+
+
+# The page for a client that uses the HTTP CONNECT port as a plain HTTP
+# proxy (or opens it in a browser); %(where)s is the address it reached.
+HTTP_TUNNEL_PAGE = """\
+<!DOCTYPE html>
+<html lang="en">
+<head><meta charset="utf-8"><title>This is an HTTP CONNECT tunnel</title>
+<style>code { white-space: nowrap; }</style></head>
+<body>
+<h1>This is an HTTP CONNECT tunnel, not a full HTTP proxy</h1>
+<p>torsocksd's HTTP port only opens tunnels with CONNECT, as Tor's
+HTTPTunnelPort does: it does not fetch plain http:// pages for you.</p>
+<p>Use it for https:// addresses, which clients tunnel with CONNECT: set
+<code>https_proxy=http://%(where)s</code>, or with curl use
+<code>-x http://%(where)s</code> (add <code>--proxytunnel</code> for
+http:// addresses).</p>
+</body>
+</html>
+"""
+
+
+def http_tunnel_page_reply(method: bytes, where: Optional[str]) -> bytes:
+    """405 with our page, its examples naming where; HEAD gets the headers
+    only (the README's "HTTP CONNECT answers" row)."""
+    page = (HTTP_TUNNEL_PAGE % {"where": html_text(where or "HOST:PORT")}
+            ).encode("utf-8")
+    head = http_tunnel_reply(
+        "405 Method Not Allowed",
+        fields="Allow: %s\r\nContent-Type: text/html; charset=utf-8\r\n"
+               "Content-Length: %d\r\nConnection: close\r\n%s"
+               % (ALLOWED_METHODS, len(page), SERVER_FIELD))
+    return head if method.upper() == b"HEAD" else head + page
+
+
+def _only(data: bytes, allowed: bytes) -> bool:
+    """Whether every byte of data is one of allowed."""
+    return not data.translate(None, allowed)
+
+
+def _request_line_problem(line: bytes, complete: bool) -> Optional[str]:
+    """Why a request line (or the part of it that has come) cannot be
+    METHOD SP TARGET SP HTTP/1.x (RFC 9112 §3), or None.  Words may be
+    apart by more than one space, as Tor reads them (RFC 9112 §3 allows
+    it)."""
+    if line[:1] in (b"\x04", b"\x05"):
+        return "a SOCKS client at the HTTP CONNECT port"
+    if line[:1] == b"\x16":
+        return "TLS at the HTTP CONNECT port (an https:// proxy URL?)"
+    if not _only(line, REQUEST_LINE_BYTES):
+        return "a byte outside printable ASCII in the request line"
+    words = line.split()
+    if words and not _only(words[0], HTTP_TOKEN_BYTES):
+        return "the request line does not start with a method"
+    if not complete:
+        return None
+    if len(words) != 3:
+        return "the request line is not METHOD TARGET VERSION"
+    version = words[2]
+    if not (len(version) == 8 and version.startswith(b"HTTP/1.")
+            and version[7:].isdigit()):
+        return "not HTTP/1.x: %s" % clip_for_log(version)
+    return None
+
+
+def parse_http_request_head(data) -> ParseResult:
+    """An HTTP/1.x request head (RFC 9112 §2.2-5): the request line, header
+    lines, the blank line; CRLF only, at most MAX_HTTP_HEAD_BYTES.  A
+    request line that cannot be one is rejected as soon as it shows."""
+    data = bytes(data[:MAX_HTTP_HEAD_BYTES + 1])
+    line_end = data.find(b"\r\n")
+    line = data[:line_end] if line_end >= 0 else data
+    if line_end < 0 and line.endswith(b"\r"):
+        line = line[:-1]        # the CR of the line's CRLF has come
+    problem = _request_line_problem(line, line_end >= 0)
+    if problem:
+        return Rejected(HTTP_BAD_REQUEST, problem)
+    end = data.find(b"\r\n\r\n")
+    if end < 0 or end + 4 > MAX_HTTP_HEAD_BYTES:
+        if len(data) >= MAX_HTTP_HEAD_BYTES:
+            return Rejected(HTTP_BAD_REQUEST, "request head longer than %d "
+                            "bytes" % MAX_HTTP_HEAD_BYTES)
+        return NEED_MORE
+    lines = data[:end].split(b"\r\n")
+    if len(lines) > MAX_HTTP_FIELDS + 1:
+        return Rejected(HTTP_BAD_REQUEST, "more than %d header lines"
+                        % MAX_HTTP_FIELDS)
+    fields = []
+    for field_line in lines[1:]:
+        name, colon, value = field_line.partition(b":")
+        if not colon or not name or not _only(name, HTTP_TOKEN_BYTES):
+            # No name, a space before the colon, or a folded line (RFC 9112
+            # §5.1-5.2: a server rejects them).
+            return Rejected(HTTP_BAD_REQUEST, "malformed header line %s"
+                            % clip_for_log(field_line, 64))
+        value = value.strip(b" \t")
+        if not _only(value, FIELD_VALUE_BYTES):
+            return Rejected(HTTP_BAD_REQUEST, "a control byte in header %s"
+                            % clip_for_log(name, 64))
+        fields.append((name.lower(), value))
+    method, target, version = lines[0].split()
+    return Parsed(HttpRequestHead(method, target, version, tuple(fields)),
+                  end + 4)
+
+
+def field_value(fields, name: bytes) -> Optional[bytes]:
+    """The first value of the header name (lower case), as Tor reads it
+    (http_get_header), or None."""
+    for field, value in fields:
+        if field == name:
+            return value
+    return None
+
+
+def split_connect_target(target: str):
+    """(host, port) of a CONNECT's authority-form target (RFC 9110 §9.3.6:
+    host:port, an IPv6 address in brackets).  port is None when there is
+    none (an IPv6 address without brackets has none either, as Tor reads
+    it); a port that is not a number from 1 to 65535 is a ValueError."""
+    if target.startswith("["):
+        close = target.find("]") + 1
+        if not close or close == len(target):
+            return target, None
+        host, port_text = target[:close], target[close:]
+        if not port_text.startswith(":"):
+            raise ValueError("text after the brackets")
+        port_text = port_text[1:]
+    elif target.count(":") == 1:
+        host, _, port_text = target.partition(":")
+    else:
+        return target, None
+    if not (port_text.isdigit() and port_text.isascii()
+            and len(port_text) <= 10 and 0 < int(port_text) <= 0xFFFF):
+        raise ValueError("port %r" % port_text)
+    return host, int(port_text)
+
+
+def basic_credentials(value: Optional[bytes]):
+    """(username, password) from a Proxy-Authorization value of the Basic
+    scheme (RFC 7617), or None."""
+    scheme, _, token = (value or b"").partition(b" ")
+    if scheme.lower() != b"basic":
+        return None
+    try:
+        decoded = base64.b64decode(token.strip(b" "), validate=True)
+    except ValueError:
+        return None
+    username, colon, password = decoded.partition(b":")
+    return (username, password) if colon else None
+
+
+def is_localhost_field(value: Optional[bytes]) -> bool:
+    """Whether a Host value is "localhost", with a port or not, in any case
+    (Tor's check against cross-site probing: Tor spec, "HTTP CONNECT")."""
+    name, _, port = (value or b"").partition(b":")
+    return name.lower() == b"localhost" and (not port or port.isdigit())
+
+
+class HttpTunnelHandshake:
+    """One client's HTTP CONNECT request, from its first byte to its
+    request: SocksHandshake's interface (receive, state, request, refusal,
+    early_data, room(), refuse(), success_reply(), failure_reply()).
+
+    receive(data) answers at once what is answered without a connection
+    (a bad request, OPTIONS, another method, 407); a CONNECT that passes
+    every check becomes the request, served as a SOCKS CONNECT is.  The
+    checks come in Tor's order (bad port 400, long host 414, Tor-RPC-Target
+    501, then the destination: 502), with credentials checked first.  The
+    constructor takes SocksHandshake's arguments.
+    """
+    __slots__ = ("credentials_required", "authenticate", "safe_socks",
+                 "client_family", "local_address", "state", "version",
+                 "protocol", "command", "host", "port", "unsafe", "buffered",
+                 "received", "request", "refusal", "userid", "early_data")
+
+    def __init__(self, credentials_required: bool = False, authenticate=None,
+                 safe_socks: bool = False,
+                 client_family: int = socket.AF_INET, local_address=None):
+        self.credentials_required = credentials_required
+        self.authenticate = authenticate
+        self.safe_socks = safe_socks
+        self.client_family = client_family
+        self.local_address = local_address
+        self.state = HandshakeState.REQUESTING
+        self.protocol = self.version = Protocol.HTTP_CONNECT
+        self.command = None         # CONNECT, once its target is read
+        self.host = ""
+        self.port = 0
+        self.unsafe = None
+        self.buffered = bytearray()
+        self.received = 0
+        self.request = None
+        self.refusal = ""
+        self.userid = None
+        self.early_data = b""
+
+    def room(self) -> int:
+        """How many more bytes the request head may take."""
+        return MAX_HTTP_HEAD_BYTES - self.received
+
+    def receive(self, data) -> bytes:
+        """Take bytes; once the head is whole, decide.  The answer to send
+        now (none while the head is incomplete, or for a CONNECT that is to
+        be served)."""
+        self.received += len(data)
+        self.buffered += data
+        if self.state is HandshakeState.DONE:
+            return b""
+        result = parse_http_request_head(self.buffered)
+        if result is NEED_MORE:
+            return b""
+        if isinstance(result, Rejected):
+            return self._refused(result.reply, result.reason)
+        # Bytes after the head are the tunnel's first bytes (RFC 9110
+        # §9.3.6: a CONNECT has no content).
+        self.early_data = bytes(self.buffered[result.used:])
+        self.buffered = bytearray()
+        head = result.message
+        if head.method.upper() != b"CONNECT":
+            return self._on_other_method(head)
+        return self._on_connect(head)
+
+    def refuse(self, reply: Reply, reason: str) -> bytes:
+        """End the handshake.  Before the head is whole the client was too
+        slow (408, the README's "HTTP CONNECT limits" row); after it, the
+        request failed with reply."""
+        if self.state is not HandshakeState.DONE:
+            return self._refused(HTTP_REQUEST_TIMEOUT, reason)
+        return self._refused(self.failure_reply(reply), reason)
+
+    # -- answers that end the conversation ------------------------------------
+
+    def success_reply(self) -> bytes:
+        """The target answered: bytes flow from now on."""
+        return http_tunnel_reply("200 OK")
+
+    def failure_reply(self, reply: Reply, during_lookup: bool = False) -> bytes:
+        """Tor's answer for the END reason that stands for reply; a name
+        that did not resolve is "resolve failed"."""
+        if during_lookup and reply is Reply.HOST_UNREACHABLE:
+            return http_tunnel_failure(RESOLVE_FAILED)
+        return http_tunnel_failure(HTTP_TUNNEL_FAILURES.get(
+            reply, HTTP_TUNNEL_FAILURES[Reply.GENERAL_FAILURE]))
+
+    # -- the request ----------------------------------------------------------
+
+    def _on_other_method(self, head: HttpRequestHead) -> bytes:
+        """Another method gets an answer only when Host names localhost: a
+        web page's script can reach the port (DNS rebinding) with its own
+        Host only, and learns nothing (Tor 0.4.9 does the same)."""
+        method = clip_for_log(head.method, 32)
+        if not is_localhost_field(field_value(head.fields, b"host")):
+            return self._refused(b"", "HTTP %s whose Host is not localhost "
+                                 "(closed unanswered)" % method)
+        if head.method.upper() == b"OPTIONS":
+            return self._refused(HTTP_OPTIONS_REPLY,
+                                 "OPTIONS, answered with what is allowed")
+        where = self.local_address() if self.local_address else None
+        return self._refused(http_tunnel_page_reply(head.method, where),
+                             "HTTP %s instead of CONNECT" % method)
+
+    def _on_connect(self, head: HttpRequestHead) -> bytes:
+        fields = head.fields
+        if self.credentials_required and not self._authenticated(fields):
+            return self._refused(HTTP_PROXY_AUTHENTICATION,
+                                 "no or bad Proxy-Authorization")
+        try:
+            host, port = split_connect_target(head.target.decode("latin-1"))
+        except ValueError as error:
+            return self._refused(HTTP_BAD_REQUEST, "CONNECT target %s: %s"
+                                 % (clip_for_log(head.target, 64), error))
+        self.command = Command.CONNECT
+        self.host, self.port = host, port or 0
+        if len(host) > MAX_CONNECT_HOST:
+            return self._refused(HTTP_URI_TOO_LONG, "host longer than %d "
+                                 "bytes" % MAX_CONNECT_HOST)
+        if field_value(fields, b"tor-rpc-target") is not None:
+            return self._refused(HTTP_NO_RPC, "Tor-RPC-Target (no RPC here)")
+        if field_value(fields, b"transfer-encoding") is not None \
+                or field_value(fields, b"content-length") not in (None, b"0"):
+            return self._refused(HTTP_BAD_REQUEST, "a CONNECT with content")
+        problem = (hostname_problem(host) or special_name_refusal(host)
+                   or (None if port else "no port"))
+        if problem:
+            # What Tor answers when it refuses a destination itself.
+            return self._refused(http_tunnel_failure(TOR_PROTOCOL_VIOLATION),
+                                 problem)
+        address = ip_literal(host)
+        self.unsafe = address is not None
+        if self.unsafe and self.safe_socks:
+            return self._refused(self.failure_reply(Reply.NOT_ALLOWED),
+                                 "client gave only an IP address "
+                                 "(--safe-socks)")
+        self.userid = self.userid or self._isolation_key(fields)
+        self.request = Request(self.version, Command.CONNECT, host, port,
+                               address, self.userid, self.unsafe)
+        self.state = HandshakeState.DONE
+        return b""
+
+    def _authenticated(self, fields) -> bool:
+        """Proxy-Authorization: Basic with a user:password the credentials
+        hold (checked by authenticate, as a SOCKS5 login is)."""
+        credentials = basic_credentials(
+            field_value(fields, b"proxy-authorization"))
+        if credentials is None or not self.authenticate(*credentials):
+            return False
+        self.userid = credentials[0]
+        return True
+
+    @staticmethod
+    def _isolation_key(fields) -> Optional[bytes]:
+        """What Tor isolates streams by: Proxy-Authorization and the stream
+        isolation header, NUL between (neither can hold a NUL)."""
+        authorization = field_value(fields, b"proxy-authorization")
+        isolation = (field_value(fields, b"tor-stream-isolation")
+                     or field_value(fields, b"x-tor-stream-isolation"))
+        if authorization is None and isolation is None:
+            return None
+        return (authorization or b"") + b"\0" + (isolation or b"")
 
     def _refused(self, reply: bytes, reason: str) -> bytes:
         self.state = HandshakeState.DONE
@@ -4039,8 +4461,9 @@ class _Flow:
 class Connection:
     """One client and, once it asks for one, its target.
 
-    The SocksHandshake decides what the client asked for; the Connection
-    owns the sockets, the lookup, the connect attempts, the relay and the
+    The handshake (a SocksHandshake, or an HttpTunnelHandshake on an
+    --http-tunnel port: HANDSHAKES by the listener's kind) decides what the
+    client asked for; the Connection owns the sockets, the lookup, the connect attempts, the relay and the
     close.  The state moves only through _enter(), checked against PHASES,
     which also sets the state's deadline.  What the sockets wait for is
     derived from the state and the buffers after every event
@@ -4055,7 +4478,8 @@ class Connection:
                  "paused_check", "outcome", "opened")
 
     def __init__(self, server: "Server", client: socket.socket,
-                 client_label: str, remote_address, number: int):
+                 client_label: str, remote_address, number: int,
+                 kind: str = "socks"):
         self.server = server
         self.loop = server._loop
         self.settings = settings = server.settings     # fixed from accept on
@@ -4068,7 +4492,7 @@ class Connection:
         self.target = None
         self.state = State.HANDSHAKE
         credentials = settings.credentials
-        self.handshake = SocksHandshake(
+        self.handshake = HANDSHAKES[kind](
             credentials_required=bool(credentials),
             authenticate=credentials.check if credentials else None,
             safe_socks=settings.safe_socks, client_family=client.family,
@@ -4639,7 +5063,8 @@ class Connection:
             reply = Reply.HOST_UNREACHABLE
         self._end_with(self.handshake.refuse(reply, reason)
                        if self.state is State.HANDSHAKE
-                       else self.handshake.failure_reply(reply), reason)
+                       else self.handshake.failure_reply(
+                           reply, self.state is State.RESOLVING), reason)
 
     def _end_with(self, reply: bytes, reason: str):
         """Give up on the request: send reply (if any), then close."""
@@ -4774,6 +5199,12 @@ class Connection:
                  time.monotonic() - self.opened)
 
 
+# The handshake for each kind of listener: what its clients speak.
+HANDSHAKES = {
+    "socks": SocksHandshake,
+    "http-tunnel": HttpTunnelHandshake,
+}
+
 # The one dispatch from a command to what serves it, once its destination's
 # addresses (or, for RESOLVE_PTR, names) are known.  A command that is not
 # here is refused, never connected.
@@ -4885,6 +5316,7 @@ SETTING_DEFAULTS = {
     "router_pins": None,
     "nameservers": (),
     "resolver_threads": 4,
+    "http_tunnel": (),
 }
 
 
@@ -4934,6 +5366,7 @@ class Settings:
                            for (host, port), fingerprint
                            in dict(self.router_pins or {}).items()}
         self.nameservers = tuple(self.nameservers)
+        self.http_tunnel = tuple(self.http_tunnel)
         if self.max_connections is None:
             self.max_connections = default_max_connections()
         if self.splice and not HAVE_SPLICE:
@@ -4983,7 +5416,7 @@ def default_max_connections() -> int:
 
 class Listener:
     """A listening socket and what it serves: kind "socks" (the SOCKS
-    port), or another door a feature adds.  spec is how it was asked for
+    port), "http-tunnel" (HTTP CONNECT), or another door a feature adds.  spec is how it was asked for
     ((host, port) or "unix:/path"; None when handed in), so that a reload
     can tell which listeners to keep."""
     __slots__ = ("sock", "kind", "spec", "unix_path", "address")
@@ -4998,6 +5431,11 @@ class Listener:
 
     def close(self):
         self.sock.close()
+
+
+# How the log names a listener of each kind (this + "listening on ADDR"; the
+# address stays the line's last word, which scripts read).
+LISTENER_LABELS = {"http-tunnel": "HTTP CONNECT "}
 
 
 def open_listener_for(spec, kind: str, unix_mode: int) -> Listener:
@@ -5068,6 +5506,9 @@ class Server:
     nameservers           [(IP, port), ...]: resolve with the built-in DNS
                           client instead of the system's resolver
     resolver_threads      threads for the system's resolver
+    http_tunnel           [(host, port) or "unix:/path", ...]: HTTP CONNECT
+                          listeners (Tor's HTTPTunnelPort), bound with the
+                          others; addresses lists them after the SOCKS ones
     """
 
     def __init__(self, listen=((DEFAULT_ADDRESS, DEFAULT_PORT),), *,
@@ -5135,14 +5576,19 @@ class Server:
             for sock in self._handed_in:
                 if is_listening(sock):
                     self._listeners.append(Listener(sock))
+            for spec in self.settings.http_tunnel:
+                self._listeners.append(open_listener_for(
+                    spec, "http-tunnel", self.settings.unix_mode))
             self._check_exposure(self.settings)
         except (OSError, ValueError):
             self._close_listeners()
             self._listeners, self._bound_by = [], None
             raise
         self.addresses = [listener.address for listener in self._listeners]
-        for name in self.addresses:
-            log.info("listening on %s", format_address(name))
+        for listener in self._listeners:
+            log.info("%slistening on %s", LISTENER_LABELS.get(listener.kind,
+                                                              ""),
+                     format_address(listener.address))
 
     def start(self):
         """Bind, then serve in a background thread; returns once bound."""
@@ -5342,7 +5788,7 @@ class Server:
         client.setblocking(False)
         try:
             connection = Connection(self, client, label, remote_address,
-                                    next(self._numbers))
+                                    next(self._numbers), kind)
         except OSError as error:
             log.warning("cannot serve a new connection: %s", error)
             client.close()
@@ -5779,7 +6225,9 @@ examples:
   torsocksd                          listen on 127.0.0.1:9050
   torsocksd --port 1080              listen on 127.0.0.1:1080
   torsocksd --listen [::1]:9050 --listen 127.0.0.1:9050
+  torsocksd --http-tunnel 127.0.0.1:9080    also an HTTP CONNECT port
   curl --socks5-hostname 127.0.0.1:9050 http://example.com/
+  https_proxy=http://127.0.0.1:9080 curl https://example.com/
 
 Names are always resolved by torsocksd.  Destinations are written to the
 log as [scrubbed] unless --log-destinations is given.  SIGTERM or SIGINT
@@ -5879,8 +6327,9 @@ def build_argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="torsocksd",
         description="A SOCKS4/4A/5 server that speaks Tor's SOCKS dialect "
-                    "(RESOLVE, RESOLVE_PTR, CONNECT_DIR) and resolves every "
-                    "name itself.",
+                    "(RESOLVE, RESOLVE_PTR, CONNECT_DIR), and with "
+                    "--http-tunnel an HTTP CONNECT proxy as Tor's "
+                    "HTTPTunnelPort; it resolves every name itself.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     default = SETTING_DEFAULTS.get
 
@@ -5895,6 +6344,11 @@ def build_argument_parser() -> argparse.ArgumentParser:
                         help="listen here instead; repeatable "
                              "([::1]:9050 for IPv6, unix:/path for a Unix "
                              "socket)")
+    listen.add_argument("--http-tunnel", metavar="ADDR:PORT", action="append",
+                        type=parse_listen, default=[],
+                        help="also answer HTTP CONNECT there, as Tor's "
+                             "HTTPTunnelPort (for https_proxy=http://ADDR:PORT"
+                             "); repeatable, the same forms as --listen")
     listen.add_argument("--unix-mode", type=lambda text: int(text, 8),
                         default=default("unix_mode"), metavar="MODE",
                         help="permissions of unix: listeners (default 600)")
@@ -6064,6 +6518,9 @@ def main(argv=None) -> int:
         parser.error("--splice needs Linux and Python 3.10 or newer")
     if options.inetd and options.inetd_wait:
         parser.error("--inetd and --inetd-wait exclude each other")
+    if inetd and options.http_tunnel:
+        parser.error("--http-tunnel needs listeners of its own; under inetd, "
+                     "give the HTTP port its own inetd line instead")
     if options.inetd:
         passed = [socket.socket(fileno=0)]
     elif options.inetd_wait:
