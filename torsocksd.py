@@ -1254,9 +1254,12 @@ HTTP_BAD_REQUEST = http_tunnel_reply("400 Bad Request")
 HTTP_REQUEST_TIMEOUT = http_tunnel_reply("408 Request Timeout")
 HTTP_URI_TOO_LONG = http_tunnel_reply("414 Request-URI Too Long")
 HTTP_NO_RPC = http_tunnel_reply("501 Not implemented (No RPC Support)")
+# One request per connection: a client must log in on a new one, so say so
+# (curl would otherwise send its login down the closed connection).
 HTTP_PROXY_AUTHENTICATION = http_tunnel_reply(
     "407 Proxy Authentication Required",
-    fields='Proxy-Authenticate: Basic realm="%s"\r\n' % BASIC_REALM)
+    fields='Proxy-Authenticate: Basic realm="%s"\r\nContent-Length: 0\r\n'
+           'Connection: close\r\n' % BASIC_REALM)
 HTTP_OPTIONS_REPLY = (
     "HTTP/1.0 200 OK\r\nAllow: %s\r\nContent-Length: 0\r\n"
     "Tor-Capabilities: \r\n%s\r\n" % (ALLOWED_METHODS, SERVER_FIELD)

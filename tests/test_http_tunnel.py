@@ -44,6 +44,7 @@ TOR_PROTOCOL = answer(b"502 Bad Gateway (tor protocol violation)",
                       b"end/TORPROTOCOL")
 PROXY_AUTH = (b"HTTP/1.0 407 Proxy Authentication Required\r\n"
               b'Proxy-Authenticate: Basic realm="torsocksd"\r\n'
+              b"Content-Length: 0\r\nConnection: close\r\n"
               + CAPABILITIES + b"\r\n")
 
 # Tor's status line for each END reason (reasons.c, 0.4.9) and the reply
