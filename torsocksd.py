@@ -1032,7 +1032,8 @@ class SocksHandshake:
             return socks4_reply(Socks4Reply.GRANTED)
         return socks5_reply(Reply.SUCCEEDED, self.client_family)
 
-    def failure_reply(self, reply: Reply, during_lookup: bool = False) -> bytes:
+    def failure_reply(self, reply: Reply,
+                      during_lookup: bool = False) -> bytes:
         """The request failed with reply (SOCKS4 knows only "rejected");
         SOCKS says the same whether or not a lookup failed."""
         if self.version is None:
@@ -1205,7 +1206,8 @@ MAX_CONNECT_HOST = 255          # Tor answers 414 from 256 (MAX_SOCKS_ADDR_LEN)
 HTTP_TOKEN_BYTES = (b"!#$%&'*+-.^_`|~0123456789"
                     b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 REQUEST_LINE_BYTES = bytes(range(0x20, 0x7F))
-FIELD_VALUE_BYTES = b"\t" + bytes(range(0x20, 0x7F)) + bytes(range(0x80, 0x100))
+FIELD_VALUE_BYTES = (b"\t" + bytes(range(0x20, 0x7F))
+                     + bytes(range(0x80, 0x100)))
 
 BASIC_REALM = "torsocksd"
 SERVER_FIELD = "Server: torsocksd/%s\r\n" % __version__
@@ -1505,7 +1507,8 @@ class HttpTunnelHandshake:
         """The target answered: bytes flow from now on."""
         return http_tunnel_reply("200 OK")
 
-    def failure_reply(self, reply: Reply, during_lookup: bool = False) -> bytes:
+    def failure_reply(self, reply: Reply,
+                      during_lookup: bool = False) -> bytes:
         """Tor's answer for the END reason that stands for reply; a name
         that did not resolve is "resolve failed"."""
         if during_lookup and reply is Reply.HOST_UNREACHABLE:
@@ -4466,8 +4469,9 @@ class Connection:
 
     The handshake (a SocksHandshake, or an HttpTunnelHandshake on an
     --http-tunnel port: HANDSHAKES by the listener's kind) decides what the
-    client asked for; the Connection owns the sockets, the lookup, the connect attempts, the relay and the
-    close.  The state moves only through _enter(), checked against PHASES,
+    client asked for; the Connection owns the sockets, the lookup, the
+    connect attempts, the relay and the close.  The state moves only through
+    _enter(), checked against PHASES,
     which also sets the state's deadline.  What the sockets wait for is
     derived from the state and the buffers after every event
     (_update_interest), never toggled by hand.
@@ -5419,9 +5423,9 @@ def default_max_connections() -> int:
 
 class Listener:
     """A listening socket and what it serves: kind "socks" (the SOCKS
-    port), "http-tunnel" (HTTP CONNECT), or another door a feature adds.  spec is how it was asked for
-    ((host, port) or "unix:/path"; None when handed in), so that a reload
-    can tell which listeners to keep."""
+    port), "http-tunnel" (HTTP CONNECT), or another door a feature adds.
+    spec is how it was asked for ((host, port) or "unix:/path"; None when
+    handed in), so that a reload can tell which listeners to keep."""
     __slots__ = ("sock", "kind", "spec", "unix_path", "address")
 
     def __init__(self, sock: socket.socket, kind: str = "socks", spec=None,

@@ -34,7 +34,6 @@ from typing import NamedTuple, Optional
 
 from tor_corpus import Case, Rule
 
-DEFAULT_PAUSE = 0.1
 IDENTITY_FIELDS = (b"Via:", b"Server:")
 
 
@@ -158,7 +157,7 @@ def case(name, *chunks, pauses=(), complete=False, rules=(), expect=None):
                       tuple(rules), expect))
 
 
-# --- Other methods: only with Host: localhost is there an answer --------------
+# --- Other methods: only with Host: localhost is there an answer -------------
 
 for label, data in (
         ("get-foreign-host", request(b"GET", host=b"example.com")),
@@ -195,7 +194,7 @@ for label, target in (("star", b"*"), ("slash", b"/")):
          request(b"OPTIONS", target, b"localhost"),
          rules=("options-length",), expect=Expect(OPTIONS_ANSWER))
 
-# --- Request lines that are not HTTP/1.x --------------------------------------
+# --- Request lines that are not HTTP/1.x -------------------------------------
 
 for label, data in (("garbage", b"garbage\r\n\r\n"),
                     ("connect-alone", b"CONNECT\r\n\r\n"),
@@ -217,7 +216,7 @@ for label, field in (("no-colon", b"bad header line\r\n"),
     case("field-" + label, connect(b"example.com:80", fields=field),
          rules=("malformed-request",), expect=Expect(BAD_REQUEST))
 
-# --- Accepted heads: Tor waits for a circuit ------------------------------------
+# --- Accepted heads: Tor waits for a circuit ---------------------------------
 
 
 
@@ -245,7 +244,8 @@ for label, data in (
         ("content-length-0", connect(b"example.com:443",
                                      fields=b"Content-Length: 0\r\n")),
         ("proxy-authorization", connect(
-            b"example.com:443", fields=b"Proxy-Authorization: Basic eDp5\r\n")),
+            b"example.com:443",
+            fields=b"Proxy-Authorization: Basic eDp5\r\n")),
         ("stream-isolation", connect(
             b"example.com:443", fields=b"X-Tor-Stream-Isolation: a\r\n")),
         ("host-field", connect(b"example.com:443",
@@ -264,7 +264,7 @@ case("connect-split", b"CONN", b"ECT example.com", b":443 HTTP/1.1\r\n",
 case("connect-early-data", connect(b"%s:%d" % (ECHO_NAME.encode(), ECHO_PORT))
      + b"ping", complete=True)
 
-# --- CONNECT targets Tor refuses ---------------------------------------------------
+# --- CONNECT targets Tor refuses ---------------------------------------------
 
 for label, target in (("no-port", b"example.com"),
                       ("ipv6-bare", b"::1"),
@@ -306,7 +306,7 @@ case("connect-chunked", connect(
     b"example.com:443", fields=b"Transfer-Encoding: chunked\r\n"),
      rules=("connect-content",), expect=Expect(BAD_REQUEST))
 
-# --- Local destinations: Tor refuses them, torsocksd's loopback client may ------
+# --- Local destinations: Tor refuses them, torsocksd's loopback client may ---
 
 for label, target in (("loopback-closed", b"127.0.0.1:%d" % CLOSED_PORT),
                       ("ipv6-loopback-closed", b"[::1]:%d" % CLOSED_PORT),

@@ -11,9 +11,12 @@ clients nor the machine can look them up.
 
 Then curl (-x with -k for https, --proxytunnel for http, an IPv6 literal,
 a name that does not resolve, a login), Python's requests (a proxy for
-https, with and without a login), git (http.proxy, http.sslVerify=false)
-and pip (--proxy, --trusted-host) fetch through torsocksd, and each result
-is checked byte for byte.  A second torsocksd requires credentials.
+https, with and without a login), git (http.proxy, http.sslVerify=false,
+with and without a login) and pip (--proxy, --trusted-host) fetch through
+torsocksd, and each result is checked byte for byte.  A second torsocksd
+requires credentials.  A third listens on 0.0.0.0 for clients on other
+hosts (192.0.2.31 allowed, 192.0.2.32 not): --allow at accept, and the
+guard that keeps this host's loopback from them.
 
     unshare -n python3 http_tunnel_clients.py [--skip requests,pip]
 
@@ -28,6 +31,7 @@ import ipaddress
 import logging
 import os
 import shutil
+import socket
 import ssl
 import subprocess
 import sys
@@ -42,6 +46,8 @@ import torsocksd  # noqa: E402
 
 HOST4 = "192.0.2.30"
 HOST6 = "2001:db8::30"
+CLIENT = "192.0.2.31"           # a client on another host, allowed in
+STRANGER = "192.0.2.32"         # one that is not
 NAMES = ("www.test", "git.test", "pypi.test")
 BLOB = os.urandom(200_000)
 TIMEOUT = 60
@@ -255,9 +261,10 @@ def requests_checks(proxy, login_proxy):
               result.stderr.decode(errors="replace").strip()[-300:])
     result = run([sys.executable, "-c", REQUESTS_SCRIPT,
                   "https://www.test/blob", login_proxy.replace("s3cret", "x")])
+    error = result.stderr.decode(errors="replace").strip().splitlines()
     check("requests with a wrong proxy password fails with 407",
-          result.returncode != 0 and b"407" in result.stderr,
-          result.stderr.decode(errors="replace").strip()[-300:])
+          result.returncode != 0 and "407 Proxy Authentication Required"
+          in error[-1], error[-1][-120:] if error else "")
 
 
 def git_checks(proxy, login_proxy, directory):
@@ -275,6 +282,47 @@ def git_checks(proxy, login_proxy, directory):
         check(label, result.returncode == 0 and os.path.exists(readme)
               and open(readme).read().startswith("fetched through"),
               result.stderr.decode(errors="replace").strip()[-300:])
+
+
+def tunnel_request(port, source, target):
+    """What a client at source gets for CONNECT target (and a GET of /blob
+    through the tunnel when it opens), until the server closes."""
+    with socket.socket() as sock:
+        sock.settimeout(20)
+        sock.bind((source, 0))
+        sock.connect((HOST4, port))
+        sock.sendall(b"CONNECT %s HTTP/1.1\r\n\r\n"
+                     b"GET /blob HTTP/1.0\r\n\r\n" % target)
+        data = b""
+        try:
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    return data
+                data += chunk
+        except ConnectionResetError:
+            return data
+
+
+def remote_client_checks(loop_port):
+    """A client from another host: --allow decides at accept, and the
+    guard keeps this host's loopback from it."""
+    policy = [(True, CLIENT + "/32")]
+    with torsocksd.Server(listen=[], http_tunnel=[("0.0.0.0", 0)],
+                          resolver=Resolver(), client_policy=policy) as server:
+        port = server.address[1]
+        reply = tunnel_request(port, CLIENT, b"www.test:80")
+        check("a remote client is relayed", reply.startswith(
+            b"HTTP/1.0 200 OK\r\nTor-Capabilities: \r\n\r\nHTTP/1.0 200 ")
+            and reply.endswith(BLOB), reply[:60])
+        reply = tunnel_request(port, CLIENT, b"127.0.0.1:%d" % loop_port)
+        check("a remote client may not reach loopback: 403 (exit policy)",
+              reply == b"HTTP/1.0 403 Forbidden (exit policy)\r\n"
+              b"Tor-Capabilities: \r\nTor-Request-Failed: end/EXITPOLICY"
+              b"\r\n\r\n", reply[:80])
+        reply = tunnel_request(port, STRANGER, b"www.test:80")
+        check("a client outside --allow is closed at accept", reply == b"",
+              reply[:60])
 
 
 def pip_checks(proxy, directory, wheel):
@@ -302,8 +350,9 @@ def main():
         print("needs root (unshare -n as root)")
         return 2
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-    subprocess.run(["ip", "addr", "add", HOST4 + "/32", "dev", "lo"],
-                   check=True)
+    for address in (HOST4, CLIENT, STRANGER):
+        subprocess.run(["ip", "addr", "add", address + "/32", "dev", "lo"],
+                       check=True)
     subprocess.run(["ip", "addr", "add", HOST6 + "/128", "dev", "lo",
                     "nodad"], check=True)
     log_lines = LogLines()
@@ -317,7 +366,7 @@ def main():
         wheel = make_tree(root)
         tls = certificate(directory)
         servers = [serve(root, HOST4, 443, tls), serve(root, HOST6, 443, tls),
-                   serve(root, HOST4, 80)]
+                   serve(root, HOST4, 80), serve(root, "127.0.0.1", 0)]
         credentials = torsocksd.Credentials([(b"alice", b"s3cret")])
         with torsocksd.Server(listen=[], http_tunnel=[("127.0.0.1", 0)],
                               resolver=Resolver()) as open_server, \
@@ -333,6 +382,7 @@ def main():
             git_checks(proxy, login_proxy, directory)
             if "pip" not in skip:
                 pip_checks(proxy, directory, wheel)
+        remote_client_checks(servers[-1].server_address[1])
         relayed = [line for line in log_lines.lines
                    if "HTTP_CONNECT CONNECT [scrubbed]:443: relayed" in line]
         check("the log has the tunnels, destinations scrubbed", relayed

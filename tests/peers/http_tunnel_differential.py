@@ -35,23 +35,8 @@ import torsocksd  # noqa: E402
 import http_tunnel_corpus as corpus  # noqa: E402
 import torpeer  # noqa: E402
 from conftest import EchoServer, FakeResolver  # noqa: E402
-
-WORKERS = 24
-
-
-def outcome_json(outcome):
-    return {"received": outcome.received.hex(), "closed": outcome.closed,
-            "reset": outcome.reset}
-
-
-def run_case(case, tor_address, torsocksd_address):
-    results = {"case": case.name}
-    for label, address in (("tor", tor_address),
-                           ("torsocksd", torsocksd_address)):
-        outcome = torpeer.replay(address, case.chunks, case.pauses,
-                                 pause=corpus.DEFAULT_PAUSE)
-        results[label] = outcome_json(outcome)
-    return results
+# The SOCKS comparison's way of replaying a case to both (the same pause).
+from tor_differential import WORKERS, run_case  # noqa: E402
 
 
 def main():
