@@ -1599,6 +1599,155 @@ class HttpTunnelHandshake:
 
 
 # =============================================================================
+# The PROXY protocol: whom a load balancer relays (pure parser)
+# =============================================================================
+# A TCP balancer such as HAProxy (send-proxy, send-proxy-v2) puts a header in
+# front of each stream that names the client it relays (HAProxy's
+# doc/proxy-protocol.txt, "The PROXY protocol, Versions 1 & 2").  A
+# connection from a source of --proxy-protocol-from must begin with one;
+# from any other source a header is never parsed (it is just a bad first
+# message).  The README's "PROXY protocol" row.
+
+PROXY_V1_PREFIX = b"PROXY "
+PROXY_V1_MAX = 107                  # the longest v1 line with its CRLF (§2.1)
+PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+PROXY_V2_FIXED = 16                 # signature, version and command, family,
+                                    # length (§2.2)
+# v1 takes at most 107 bytes; v2 16, the addresses (216 for UNIX) and any
+# TLVs.  The header counts toward the handshake's byte limit.
+MAX_PROXY_HEADER_BYTES = 512
+PROXY_V2_LOCAL, PROXY_V2_PROXY = 0x0, 0x1           # commands
+PROXY_V2_UNSPEC, PROXY_V2_INET, PROXY_V2_INET6, PROXY_V2_UNIX = range(4)
+PROXY_V2_STREAM, PROXY_V2_DGRAM = 0x1, 0x2          # transport protocols
+PROXY_V2_ADDRESS_BYTES = {PROXY_V2_INET: 12, PROXY_V2_INET6: 36,
+                          PROXY_V2_UNIX: 216}
+
+
+class ProxyHeader(NamedTuple):
+    """What a PROXY header says.  source and destination are (address,
+    port) of the connection the balancer relays, or None when the
+    connection is the balancer's own (v2 LOCAL: its health checks) or names
+    no client of ours (v1 UNKNOWN, v2 UNSPEC, UNIX or UDP)."""
+    version: int
+    source: Optional[tuple]
+    destination: Optional[tuple]
+
+
+def parse_proxy_header(data, limit: int = MAX_PROXY_HEADER_BYTES
+                       ) -> ParseResult:
+    """A PROXY protocol header of version 1 (text) or 2 (binary), told
+    apart by their first bytes (§2.2); at most limit bytes.  Rejected.reply
+    is always b"": a balancer gets no answer, only a close."""
+    probe = bytes(data[:len(PROXY_V2_SIGNATURE)])
+    if PROXY_V2_SIGNATURE.startswith(probe):
+        return _parse_proxy_v2(data, limit) if probe else NEED_MORE
+    if PROXY_V1_PREFIX.startswith(probe[:len(PROXY_V1_PREFIX)]):
+        return _parse_proxy_v1(data)
+    return Rejected(b"", "no PROXY protocol header (first bytes %s)"
+                    % clip_for_log(probe))
+
+
+def _proxy_rejection(reason: str) -> Rejected:
+    return Rejected(b"", "bad PROXY header: " + reason)
+
+
+def _parse_proxy_v1(data) -> ParseResult:
+    """PROXY TCP4|TCP6 SRC DST SPORT DPORT CRLF, or PROXY UNKNOWN ... CRLF
+    (§2.1): single spaces, canonical addresses, no leading zeros."""
+    head = bytes(data[:PROXY_V1_MAX])
+    end = head.find(b"\r\n")
+    line = head[:end]
+    if end >= 0:
+        lone = b"\r" in line or b"\n" in line
+    else:       # the last byte may be the CR of the CRLF still to come
+        lone = b"\n" in head or b"\r" in head[:-1]
+    if lone:
+        return _proxy_rejection("a CR or LF alone in a v1 line")
+    if end < 0:
+        if len(head) >= PROXY_V1_MAX:
+            return _proxy_rejection("no CRLF in the first %d bytes"
+                                    % PROXY_V1_MAX)
+        return NEED_MORE
+    fields = line.split(b" ")
+    if fields[1:2] == [b"UNKNOWN"]:
+        return Parsed(ProxyHeader(1, None, None), end + 2)
+    if len(fields) != 6 or fields[1] not in (b"TCP4", b"TCP6"):
+        return _proxy_rejection("v1 line %s" % clip_for_log(line, 120))
+    version = 4 if fields[1] == b"TCP4" else 6
+    addresses = [_v1_address(text, version) for text in fields[2:4]]
+    ports = [_v1_port(text) for text in fields[4:6]]
+    if None in addresses or None in ports:
+        return _proxy_rejection("v1 line %s" % clip_for_log(line, 120))
+    return Parsed(ProxyHeader(1, (addresses[0], ports[0]),
+                              (addresses[1], ports[1])), end + 2)
+
+
+def _v1_address(text: bytes, version: int):
+    """An address as v1 writes it: a dotted quad without leading zeros, or
+    hexadecimal groups with at most one "::" (no dotted tail, no zone)."""
+    try:
+        text = text.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    if version == 4:
+        parts = text.split(".")
+        if len(parts) != 4 or not all(
+                part.isdigit() and part.isascii() and len(part) <= 3
+                and (part == "0" or not part.startswith("0"))
+                and int(part) <= 255 for part in parts):
+            return None
+        return ipaddress.IPv4Address(text)
+    if not text or text.strip("0123456789abcdefABCDEF:"):
+        return None
+    try:
+        return ipaddress.IPv6Address(text)
+    except ValueError:
+        return None
+
+
+def _v1_port(text: bytes) -> Optional[int]:
+    if not (text.isdigit() and len(text) <= 5
+            and (text == b"0" or not text.startswith(b"0"))):
+        return None
+    port = int(text)
+    return port if port <= 0xFFFF else None
+
+
+def _parse_proxy_v2(data, limit: int) -> ParseResult:
+    """The 16-byte fixed part, then its length of addresses and TLVs
+    (§2.2).  TLVs are skipped."""
+    if len(data) > 12 and (data[12] >> 4 != 2 or data[12] & 0xF
+                           not in (PROXY_V2_LOCAL, PROXY_V2_PROXY)):
+        return _proxy_rejection("v2 version and command 0x%02x" % data[12])
+    if len(data) > 13 and (data[13] >> 4 > PROXY_V2_UNIX
+                           or data[13] & 0xF > PROXY_V2_DGRAM):
+        return _proxy_rejection("v2 family and protocol 0x%02x" % data[13])
+    if len(data) < PROXY_V2_FIXED:
+        return NEED_MORE
+    size = PROXY_V2_FIXED + int.from_bytes(data[14:16], "big")
+    if size > limit:
+        return _proxy_rejection("v2 header of %d bytes, more than %d"
+                                % (size, limit))
+    if len(data) < size:
+        return NEED_MORE
+    family, protocol = data[13] >> 4, data[13] & 0xF
+    addresses = bytes(data[PROXY_V2_FIXED:size])
+    if len(addresses) < PROXY_V2_ADDRESS_BYTES.get(family, 0):
+        return _proxy_rejection("v2 addresses of %d bytes for family %d"
+                                % (len(addresses), family))
+    if data[12] & 0xF == PROXY_V2_LOCAL or protocol != PROXY_V2_STREAM \
+            or family not in (PROXY_V2_INET, PROXY_V2_INET6):
+        return Parsed(ProxyHeader(2, None, None), size)
+    width = 4 if family == PROXY_V2_INET else 16
+    ports = addresses[2 * width:2 * width + 4]
+    source = (ipaddress.ip_address(addresses[:width]),
+              int.from_bytes(ports[:2], "big"))
+    destination = (ipaddress.ip_address(addresses[width:2 * width]),
+                   int.from_bytes(ports[2:], "big"))
+    return Parsed(ProxyHeader(2, source, destination), size)
+
+
+# =============================================================================
 # Resolvers: names looked up on the proxy side, never blocking the loop
 # =============================================================================
 # A resolver has lookup(hostname, callback) and reverse(address, callback);
@@ -4401,6 +4550,7 @@ RESET_ERRORS = frozenset((errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED))
 
 
 class State(enum.Enum):
+    PROXY_HEADER = "proxy header"   # a balancer's PROXY header is due
     HANDSHAKE = "handshake"         # the SocksHandshake talks with the client
     RESOLVING = "resolving"         # waiting for the resolver
     CONNECTING = "connecting"       # outbound connect() or BEGIN_DIR pending
@@ -4413,20 +4563,28 @@ class Phase(NamedTuple):
     """What a state allows: where it may move, and its deadline."""
     moves_to: frozenset
     deadline: object            # seconds, or the Settings attribute giving
-                                # them (whose None means no deadline)
+                                # them (whose None means no deadline), or
+                                # KEEP_DEADLINE
     on_deadline: str            # the Connection method called when it passes
+
+
+KEEP_DEADLINE = object()        # entering the state keeps the running deadline
 
 
 # The state machine in one place.  _enter() checks every move against it (a
 # move it does not list is a bug, and ends that connection) and sets the new
 # state's deadline; the deadline handler is looked up here too.  A
-# connection starts in HANDSHAKE with the deadline set at accept (the whole
-# handshake gets one), and close() ends any state.
+# connection starts in HANDSHAKE, or in PROXY_HEADER when a balancer's header
+# comes first, with the deadline set at accept (the header and the whole
+# handshake share it), and close() ends any state.
 PHASES = {
+    State.PROXY_HEADER: Phase(
+        frozenset((State.HANDSHAKE, State.CLOSED)),
+        None, "_proxy_header_overdue"),
     State.HANDSHAKE: Phase(
         frozenset((State.RESOLVING, State.CONNECTING, State.CLOSING,
                    State.CLOSED)),
-        None, "_handshake_overdue"),
+        KEEP_DEADLINE, "_handshake_overdue"),
     State.RESOLVING: Phase(
         frozenset((State.CONNECTING, State.CLOSING, State.CLOSED)),
         "connect_timeout", "_lookup_overdue"),
@@ -4482,11 +4640,12 @@ class Connection:
                  "attempts", "last_reply", "lookup", "deadline", "idle_mark",
                  "dir_stream", "upstream", "downstream", "client_events",
                  "target_events", "client_handler", "target_handler",
-                 "paused_check", "outcome", "opened")
+                 "paused_check", "outcome", "opened", "kind", "balancer",
+                 "balancers_own", "proxy_buffer")
 
     def __init__(self, server: "Server", client: socket.socket,
                  client_label: str, remote_address, number: int,
-                 kind: str = "socks"):
+                 kind: str = "socks", balancer=None):
         self.server = server
         self.loop = server._loop
         self.settings = settings = server.settings     # fixed from accept on
@@ -4497,13 +4656,15 @@ class Connection:
         self.remote_address = remote_address
         self.client_is_local = remote_address is None
         self.target = None
-        self.state = State.HANDSHAKE
-        credentials = settings.credentials
-        self.handshake = HANDSHAKES[kind](
-            credentials_required=bool(credentials),
-            authenticate=credentials.check if credentials else None,
-            safe_socks=settings.safe_socks, client_family=client.family,
-            local_address=self._local_address)
+        self.kind = kind
+        # A balancer's address (--proxy-protocol-from): its PROXY header
+        # comes first and names the client (Server._admit_proxied).
+        self.balancer = balancer
+        self.balancers_own = False  # its header named no client
+        self.proxy_buffer = bytearray()
+        self.state = State.HANDSHAKE if balancer is None \
+            else State.PROXY_HEADER
+        self.handshake = self._new_handshake(client.family)
         self.request = None
         self.candidates = []
         self.attempts = ()          # sockets connecting at once
@@ -4519,7 +4680,8 @@ class Connection:
         self.client_handler = (self.on_client_event, self)
         self.target_handler = (self.on_target_event, self)
         self.paused_check = False   # a look at an unwatched socket is due
-        self.outcome = "closed during handshake"
+        self.outcome = "closed during handshake" if balancer is None \
+            else "closed before its PROXY header"
         self.opened = time.monotonic()
         self._set_deadline(settings.handshake_timeout)
         self._update_interest()
@@ -4540,7 +4702,8 @@ class Connection:
         deadline = PHASES[state].deadline
         if isinstance(deadline, str):
             deadline = getattr(self.settings, deadline)
-        self._set_deadline(deadline)
+        if deadline is not KEEP_DEADLINE:
+            self._set_deadline(deadline)
         if state is State.CLOSING:
             # Nothing more goes to the client after the last reply: once it
             # is flushed, the client's side is shut down (_flush does it).
@@ -4562,6 +4725,10 @@ class Connection:
 
     def _handshake_overdue(self):
         self._refuse(Reply.GENERAL_FAILURE, "handshake timed out")
+
+    def _proxy_header_overdue(self):
+        self._end_with(b"", "no whole PROXY header within the handshake "
+                       "timeout")
 
     def _lookup_overdue(self):
         self._refuse(Reply.TTL_EXPIRED, "name lookup timed out")
@@ -4631,6 +4798,8 @@ class Connection:
                 self.close()
                 return
             self._on_handshake_bytes(data)
+        elif state is State.PROXY_HEADER:
+            self._read_proxy_header()
         elif state is State.RESOLVING or state is State.CONNECTING:
             self._read_early_data()
         elif state is State.CLOSING:
@@ -4652,7 +4821,55 @@ class Connection:
         reset = error.errno in RESET_ERRORS
         self.close(reset_client=reset, reset_target=reset)
 
+    # -- a balancer's PROXY header ----------------------------------------------
+
+    def _read_proxy_header(self):
+        """Read the header (never past it by more than its limit); once it
+        is whole, the connection is its client's, and what follows it goes
+        to a handshake for that client."""
+        buffer = self.proxy_buffer
+        data = self.client.recv(MAX_PROXY_HEADER_BYTES - len(buffer))
+        if not data:
+            self.close()
+            return
+        buffer += data
+        result = parse_proxy_header(buffer)
+        if result is NEED_MORE:
+            return
+        if isinstance(result, Rejected):
+            self._end_with(b"", "from a --proxy-protocol-from source: "
+                           + result.reason)
+            return
+        header = result.message
+        refusal = self.server._admit_proxied(self, header)
+        if refusal:
+            self._end_with(b"", refusal)
+            return
+        self.proxy_buffer = None
+        self._enter(State.HANDSHAKE)
+        self.outcome = "closed during handshake"
+        family = self.client.family
+        if header.source is not None:
+            family = socket.AF_INET if header.source[0].version == 4 \
+                else socket.AF_INET6
+        self.handshake = self._new_handshake(family)
+        # The header counts toward the handshake's byte limit.
+        self.handshake.received = result.used
+        rest = bytes(buffer[result.used:])
+        if rest:
+            self._on_handshake_bytes(rest)
+
     # -- the handshake --------------------------------------------------------
+
+    def _new_handshake(self, client_family: int):
+        """The handshake this listener's clients speak (HANDSHAKES)."""
+        settings = self.settings
+        credentials = settings.credentials
+        return HANDSHAKES[self.kind](
+            credentials_required=bool(credentials),
+            authenticate=credentials.check if credentials else None,
+            safe_socks=settings.safe_socks, client_family=client_family,
+            local_address=self._local_address)
 
     def _on_handshake_bytes(self, data: bytes):
         handshake = self.handshake
@@ -4664,7 +4881,8 @@ class Connection:
         request = handshake.request
         settings = self.settings
         if handshake.unsafe and settings.safe_socks:
-            self.server._warn_unsafe_socks(handshake.version)
+            self.server._warn_unsafe_socks(handshake.version,
+                                           self.client_label)
         elif settings.test_socks and handshake.unsafe is not None:
             self._log_request_safety()
         if request is None:
@@ -5200,10 +5418,14 @@ class Connection:
                                       self._destination_for_log())
         version = handshake.version.name if handshake.version is not None \
             else "-"
-        log.info("conn %d from %s: %s%s: %s; %d bytes up, %d down, %.3f s",
-                 self.number, self.client_label, version, destination,
-                 self.outcome, self.upstream.count, self.downstream.count,
-                 time.monotonic() - self.opened)
+        # A balancer's health check (its own connection, no request) is no
+        # news: one every few seconds from each balancer.
+        level = logging.DEBUG if self.balancers_own \
+            and handshake.command is None else logging.INFO
+        log.log(level, "conn %d from %s: %s%s: %s; %d bytes up, %d down, "
+                "%.3f s", self.number, self.client_label, version,
+                destination, self.outcome, self.upstream.count,
+                self.downstream.count, time.monotonic() - self.opened)
 
 
 # The handshake for each kind of listener: what its clients speak.
@@ -5324,6 +5546,7 @@ SETTING_DEFAULTS = {
     "nameservers": (),
     "resolver_threads": 4,
     "http_tunnel": (),
+    "proxy_protocol_from": (),
 }
 
 
@@ -5374,6 +5597,9 @@ class Settings:
                            in dict(self.router_pins or {}).items()}
         self.nameservers = tuple(self.nameservers)
         self.http_tunnel = tuple(self.http_tunnel)
+        self.proxy_protocol_from = tuple(
+            network if not isinstance(network, str) else parse_network(network)
+            for network in self.proxy_protocol_from)
         if self.max_connections is None:
             self.max_connections = default_max_connections()
         if self.splice and not HAVE_SPLICE:
@@ -5516,6 +5742,8 @@ class Server:
     http_tunnel           [(host, port) or "unix:/path", ...]: HTTP CONNECT
                           listeners (Tor's HTTPTunnelPort), bound with the
                           others; addresses lists them after the SOCKS ones
+    proxy_protocol_from   CIDRs of load balancers whose connections begin
+                          with a PROXY protocol header naming the client
     """
 
     def __init__(self, listen=((DEFAULT_ADDRESS, DEFAULT_PORT),), *,
@@ -5780,22 +6008,28 @@ class Server:
         self._accepted += 1
         remote_address = None       # a Unix or loopback client is local
         label = "unix socket"
+        balancer = None
         if client.family != socket.AF_UNIX:
             label = format_address(peer)
             address = ip_of(peer[0])
-            refusal = self._client_refusal(address)
+            refusal = None
+            if self._is_balancer(address):
+                # Its client is checked once its PROXY header names it.
+                balancer = address
+            else:
+                refusal = self._client_refusal(address)
             if refusal:
                 self._refused_at_accept += 1
                 log.info("refused %s at accept: %s", label, refusal)
                 client.close()
                 return
-            if not address.is_loopback:
+            if balancer is None and not address.is_loopback:
                 remote_address = address
             with_nodelay(client)
         client.setblocking(False)
         try:
             connection = Connection(self, client, label, remote_address,
-                                    next(self._numbers), kind)
+                                    next(self._numbers), kind, balancer)
         except OSError as error:
             log.warning("cannot serve a new connection: %s", error)
             client.close()
@@ -5812,6 +6046,40 @@ class Server:
                 and self._per_client[address] >= settings.max_per_client):
             return "more than %d connections from one address" \
                 % settings.max_per_client
+        return None
+
+    def _is_balancer(self, address) -> bool:
+        """Whether address is a --proxy-protocol-from source."""
+        return any(network_contains(network, address)
+                   for network in self.settings.proxy_protocol_from)
+
+    def _admit_proxied(self, connection: Connection,
+                       header: ProxyHeader) -> Optional[str]:
+        """Make a balancer's connection its client's once the PROXY header
+        names the client: the checks _serve makes at accept, then the
+        client's address, locality, count and label.  A header that names
+        no client (the balancer's own connection, as its health checks)
+        leaves it the balancer's, and the balancer is not checked.  The
+        refusal, or None."""
+        balancer = connection.balancer
+        if header.source is None:
+            address = balancer
+            connection.balancers_own = True
+            connection.client_label += " (the balancer's own)"
+        else:
+            address = ip_of(header.source[0])
+            refusal = self._client_refusal(address)
+            if refusal:
+                self._refused_at_accept += 1
+                return "%s, named by a PROXY header" % refusal
+            connection.client_label = "%s via %s" % (format_address(
+                (str(address), header.source[1])), connection.client_label)
+        # On this host only if the balancer is, and the client is on the
+        # balancer's host.
+        if not (address.is_loopback and balancer.is_loopback):
+            connection.remote_address = address
+            connection.client_is_local = False
+            self._per_client[address] += 1
         return None
 
     def _connection_closed(self, connection: Connection):
@@ -5948,13 +6216,13 @@ class Server:
         return destination if self.settings.log_destinations \
             else scrubbed(destination)
 
-    def _warn_unsafe_socks(self, version: Version):
+    def _warn_unsafe_socks(self, version: Version, label: str):
         now = time.monotonic()
         if now - self._last_unsafe_warning >= 5.0:     # Tor's rate limit
             self._last_unsafe_warning = now
-            log.warning("a %s client gave only an IP address: the application "
-                        "may be leaking DNS; refused (--safe-socks)",
-                        version.name)
+            log.warning("a %s client (%s) gave only an IP address: the "
+                        "application may be leaking DNS; refused "
+                        "(--safe-socks)", version.name, label)
 
 
 def open_unix_listener(path: str, mode: int) -> socket.socket:
@@ -6260,6 +6528,15 @@ class OrderedRule(argparse.Action):
         setattr(namespace, self.dest, rules)
 
 
+def network_argument(text: str) -> str:
+    """A CIDR (or one address, or *), checked; kept as written."""
+    try:
+        parse_network(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error))
+    return text
+
+
 def policy_rule(text: str) -> str:
     try:
         DestinationPolicy.parse_rule(text)
@@ -6388,6 +6665,14 @@ def build_argument_parser() -> argparse.ArgumentParser:
                         help="CONNECT_DIR to the relay at ADDR:PORT (its "
                              "ORPort) must prove this identity (40 hex "
                              "digits); repeatable")
+    access.add_argument("--proxy-protocol-from", metavar="CIDR",
+                        action="append", default=[], type=network_argument,
+                        help="connections from CIDR (a load balancer with "
+                             "send-proxy or send-proxy-v2) must begin with a "
+                             "PROXY protocol header, whose client address is "
+                             "then the client for --allow/--deny, "
+                             "--max-per-client, the guard and the log "
+                             "(repeatable)")
     access.add_argument("--open-proxy", action="store_true",
                         help="allow a non-loopback listener without --allow, "
                              "--deny or --credentials")
