@@ -6068,12 +6068,12 @@ class Server:
             connection.client_label += " (the balancer's own)"
         else:
             address = ip_of(header.source[0])
+            connection.client_label = "%s via %s" % (format_address(
+                (str(address), header.source[1])), connection.client_label)
             refusal = self._client_refusal(address)
             if refusal:
                 self._refused_at_accept += 1
-                return "%s, named by a PROXY header" % refusal
-            connection.client_label = "%s via %s" % (format_address(
-                (str(address), header.source[1])), connection.client_label)
+                return refusal
         # On this host only if the balancer is, and the client is on the
         # balancer's host.
         if not (address.is_loopback and balancer.is_loopback):
