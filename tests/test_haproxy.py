@@ -52,3 +52,24 @@ def test_haproxy_in_front_of_two_torsocksd():
     assert result.returncode == 0
     assert result.stdout.splitlines()[-1] == "all checks passed"
     assert "FAILED" not in result.stdout
+
+
+def test_readme_scaling_out_matches_contrib_and_man_page():
+    """The README's "Scaling out" commands are the man page's, and the
+    torsocksd command line is the one contrib/haproxy.cfg gives."""
+    root = os.path.join(HERE, os.pardir)
+    with open(os.path.join(root, "README.md")) as file:
+        section = file.read().split("## Scaling out", 1)[1].split("\n## ")[0]
+    commands = [line[6:] for line in section.splitlines()
+                if line.startswith(("    $ ", "    # "))]
+    assert len(commands) == 3, commands
+    with open(os.path.join(root, "man", "torsocksd.8")) as file:
+        examples = file.read().split(".Sh EXAMPLES", 1)[1].split(".Sh ")[0]
+    examples = examples.replace("\\-", "-")
+    with open(CONFIG) as file:
+        config = file.read()
+    for command in commands:
+        assert command in examples, command
+    assert "#   " + commands[0] + "\n" in config
+    for server in ("192.0.2.11:9050", "192.0.2.12:9050"):
+        assert server in config and server in section
