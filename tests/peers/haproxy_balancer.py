@@ -38,7 +38,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.join(HERE, os.pardir, os.pardir)
 sys.path.insert(0, os.path.join(HERE, os.pardir))
-from conftest import EchoServer  # noqa: E402
+from conftest import EchoServer, recv_up_to  # noqa: E402
 
 SCRIPT = os.path.join(ROOT, "torsocksd.py")
 CONFIG = os.path.join(ROOT, "contrib", "haproxy.cfg")
@@ -180,16 +180,6 @@ def rest(sock):
         return data
 
 
-def receive(sock, size):
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return data
-
-
 def socks_echo(source, address, echo_port, payload):
     """A SOCKS5 CONNECT to the echo host from source through address:
     what came back (the two replies, then the echo)."""
@@ -197,11 +187,11 @@ def socks_echo(source, address, echo_port, payload):
                + echo_port.to_bytes(2, "big"))
     with connect_from(source, address) as sock:
         sock.sendall(request)
-        head = receive(sock, 12)
+        head = recv_up_to(sock, 12)
         if head != b"\x05\x00\x05\x00\x00\x01" + bytes(6):
             return head + rest(sock)
         sock.sendall(payload)
-        echoed = receive(sock, len(payload))
+        echoed = recv_up_to(sock, len(payload))
         sock.shutdown(socket.SHUT_WR)
         return head + echoed + rest(sock)
 
