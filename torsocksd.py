@@ -5,8 +5,9 @@ It serves SOCKS4, SOCKS4A and SOCKS5 (RFC 1928, with RFC 1929 username and
 password) plus Tor's extensions: RESOLVE (0xF0), RESOLVE_PTR (0xF1),
 CONNECT_DIR (0xF2: a one-hop BEGIN_DIR stream to a Tor relay's directory
 service) and the answer to a client that speaks HTTP to a SOCKS port; BIND
-and UDP ASSOCIATE when enabled.  Every name is looked up on the proxy side,
-never by the client.
+and UDP ASSOCIATE when enabled; with --http-tunnel, HTTP CONNECT as Tor's
+HTTPTunnelPort.  Every name is looked up on the proxy side, never by the
+client.
 
 Run it:      python3 torsocksd.py --port 9050
 Embed it:    with torsocksd.Server(listen=[("127.0.0.1", 0)]) as server: ...
@@ -23,6 +24,7 @@ section:
   pure parsers (bytes in, one message out) and pure reply builders;
   policy: methods, credentials, client and destination rules;
   the SOCKS handshake, a sans-I/O object: bytes in, replies and a decision;
+  the HTTP CONNECT handshake, the same interface for --http-tunnel ports;
   resolvers: the system's in threads, and the built-in DNS client;
   the Tor link for CONNECT_DIR: AES, KDF-TOR, cells, X.509, relay cells,
     circuits and directory streams (sans-I/O), then TorLink on the loop;
@@ -68,11 +70,12 @@ __all__ = [
     "NEED_MORE", "Parsed", "Rejected",
     "Socks4Request", "Socks5Greeting", "UsernamePassword", "Socks5Request",
     # the handshake
-    "SocksHandshake", "HandshakeState", "Request",
+    "SocksHandshake", "HandshakeState", "Request", "HttpTunnelHandshake",
     # pure parsers
     "detect_protocol", "parse_http_method", "parse_socks4_request",
     "parse_socks5_greeting", "parse_username_password", "parse_socks5_request",
     "hostname_problem", "ip_literal", "parse_udp_datagram", "UdpDatagram",
+    "parse_http_request_head", "split_connect_target",
     # pure reply builders
     "socks4_reply", "socks5_reply", "socks5_address", "socks5_address_reply",
     "udp_datagram_header",
@@ -185,6 +188,7 @@ if __name__ == "__main__" and globals().get("__spec__") is None:
     _exec_from_bytecode()
 
 import argparse
+import base64
 import collections
 import enum
 import errno
@@ -306,12 +310,14 @@ class Socks4Reply(enum.IntEnum):
 
 
 class Protocol(enum.Enum):
-    """What the first byte a client sends says it speaks."""
+    """What a client speaks: on a SOCKS port its first byte says; an
+    --http-tunnel port speaks HTTP_CONNECT."""
     SOCKS4 = "SOCKS4"
     SOCKS5 = "SOCKS5"
     HTTP = "HTTP"
     TLS = "TLS"
     UNKNOWN = "unknown"
+    HTTP_CONNECT = "HTTP CONNECT"
 
 
 USERPASS_VERSION = 0x01            # RFC 1929 §2: the subnegotiation's version
@@ -771,13 +777,17 @@ elsewhere, set <code>ALL_PROXY=socks5h://%(where)s</code>.</p>
 """
 
 
+def html_text(text: str) -> str:
+    """text as HTML shows it literally."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def http_reply(method: bytes, where: Optional[str] = None) -> bytes:
     """HTTP/1.0 501 with our page, its examples naming where (the proxy's
     "host:port"); HEAD gets the headers only (the README's "HTTP to the
     SOCKS port" row)."""
-    where = (where or "HOST:PORT").replace("&", "&amp;").replace(
-        "<", "&lt;").replace(">", "&gt;")
-    page = (HTTP_PAGE % {"where": where}).encode("utf-8")
+    page = (HTTP_PAGE % {"where": html_text(where or "HOST:PORT")}
+            ).encode("utf-8")
     head = ("HTTP/1.0 501 Not Implemented: this is a SOCKS proxy\r\n"
             "Content-Type: text/html; charset=utf-8\r\n"
             "Content-Length: %d\r\n"
@@ -1167,12 +1177,13 @@ class HandshakeState(enum.Enum):
 
 class Request(NamedTuple):
     """A request the handshake accepted."""
-    version: Version
+    version: Version    # or Protocol.HTTP_CONNECT for an HTTP CONNECT
     command: Command
     host: str           # as the client wrote it: an IP literal or a name
     port: int
     address: object     # host as an IPv4Address or IPv6Address; None: a name
-    userid: Optional[bytes]     # SOCKS4 userid or RFC 1929 username
+    userid: Optional[bytes]     # SOCKS4 userid or RFC 1929 username; the
+                                # isolation key of an HTTP CONNECT
     unsafe: bool        # the client gave only an IP address (SafeSocks)
 
 
@@ -1297,8 +1308,10 @@ class SocksHandshake:
             return socks4_reply(Socks4Reply.GRANTED)
         return socks5_reply(Reply.SUCCEEDED, self.client_family)
 
-    def failure_reply(self, reply: Reply) -> bytes:
-        """The request failed with reply (SOCKS4 knows only "rejected")."""
+    def failure_reply(self, reply: Reply,
+                      during_lookup: bool = False) -> bytes:
+        """The request failed with reply (SOCKS4 knows only "rejected");
+        SOCKS says the same whether or not a lookup failed."""
         if self.version is None:
             return b""
         family = self.client_family
@@ -1451,6 +1464,572 @@ class SocksHandshake:
         self.state = HandshakeState.DONE
         self.refusal = reason
         return reply
+
+
+# =============================================================================
+# The HTTP CONNECT handshake (sans-I/O): Tor's HTTPTunnelPort
+# =============================================================================
+# An --http-tunnel port speaks HTTP CONNECT (RFC 9110 §9.3.6) as Tor's
+# HTTPTunnelPort does (Tor's connection_ap_process_http_connect, and the Tor
+# spec's "HTTP CONNECT" chapter with proposal 365): one request per
+# connection; a CONNECT is served as a SOCKS CONNECT is, anything else is
+# answered and closed.  HttpTunnelHandshake has SocksHandshake's interface,
+# so Connection serves either.  Every answer is HTTP/1.0, as Tor's are, and
+# carries Tor's headers except those that name Tor (the README's "HTTP
+# CONNECT answers" row).
+
+MAX_HTTP_HEAD_BYTES = 8191      # Tor's limit for a request head (8192 with
+                                # the NUL its buffer code adds)
+MAX_HTTP_FIELDS = 128           # header lines in one head (Tor takes 100)
+MAX_CONNECT_HOST = 255          # Tor answers 414 from 256 (MAX_SOCKS_ADDR_LEN)
+
+# RFC 9110 §5.6.2 token characters (methods, field names); what a request
+# line and a field value may hold (RFC 9112 §3, RFC 9110 §5.5: no control
+# bytes; a value may carry obs-text and HTAB).
+HTTP_TOKEN_BYTES = (b"!#$%&'*+-.^_`|~0123456789"
+                    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+REQUEST_LINE_BYTES = bytes(range(0x20, 0x7F))
+FIELD_VALUE_BYTES = (b"\t" + bytes(range(0x20, 0x7F))
+                     + bytes(range(0x80, 0x100)))
+
+BASIC_REALM = "torsocksd"
+SERVER_FIELD = "Server: torsocksd/%s\r\n" % __version__
+ALLOWED_METHODS = "OPTIONS, CONNECT"
+
+# What each failure becomes on the HTTP CONNECT port: the END reason a Tor
+# exit sends for the same failure (errno_to_stream_end_reason in Tor's
+# reasons.c), with Tor's status line for that reason
+# (end_reason_to_http_connect_response_line, Tor 0.4.9).  The README's
+# "connect errors" and "HTTP CONNECT failures" rows.
+HTTP_TUNNEL_FAILURES = {
+    Reply.GENERAL_FAILURE: ("500 Internal Server Error", "MISC"),
+    Reply.NOT_ALLOWED: ("403 Forbidden (exit policy)", "EXITPOLICY"),
+    Reply.NETWORK_UNREACHABLE: ("503 Service Unavailable (no route)",
+                                "NOROUTE"),
+    Reply.HOST_UNREACHABLE: ("503 Service Unavailable (no route)", "NOROUTE"),
+    Reply.CONNECTION_REFUSED: ("403 Forbidden (connection refused)",
+                               "CONNECTREFUSED"),
+    Reply.TTL_EXPIRED: ("504 Gateway Timeout", "TIMEOUT"),
+}
+RESOLVE_FAILED = ("503 Service Unavailable (resolve failed)", "RESOLVEFAILED")
+TOR_PROTOCOL_VIOLATION = ("502 Bad Gateway (tor protocol violation)",
+                          "TORPROTOCOL")
+
+
+class HttpRequestHead(NamedTuple):
+    method: bytes       # as sent: Tor takes "connect" as "CONNECT"
+    target: bytes
+    version: bytes      # HTTP/1.0 or HTTP/1.1 (any HTTP/1.x)
+    fields: tuple       # ((lower-case name, value), ...) in order
+
+
+def http_tunnel_reply(status: str, failed: Optional[str] = None,
+                      fields: str = "") -> bytes:
+    """An answer on the HTTP CONNECT port: HTTP/1.0, the status, fields,
+    an empty Tor-Capabilities (none of Tor's extensions is offered), for a
+    failed CONNECT Tor-Request-Failed naming its END reason ("end/TIMEOUT"),
+    then the blank line."""
+    head = "HTTP/1.0 %s\r\n%sTor-Capabilities: \r\n" % (status, fields)
+    if failed:
+        head += "Tor-Request-Failed: %s\r\n" % failed
+    return (head + "\r\n").encode("ascii")
+
+
+HTTP_BAD_REQUEST = http_tunnel_reply("400 Bad Request")
+HTTP_REQUEST_TIMEOUT = http_tunnel_reply("408 Request Timeout")
+HTTP_URI_TOO_LONG = http_tunnel_reply("414 Request-URI Too Long")
+HTTP_NO_RPC = http_tunnel_reply("501 Not implemented (No RPC Support)")
+# One request per connection: a client must log in on a new one, so say so
+# (curl would otherwise send its login down the closed connection).
+HTTP_PROXY_AUTHENTICATION = http_tunnel_reply(
+    "407 Proxy Authentication Required",
+    fields='Proxy-Authenticate: Basic realm="%s"\r\nContent-Length: 0\r\n'
+           'Connection: close\r\n' % BASIC_REALM)
+HTTP_OPTIONS_REPLY = (
+    "HTTP/1.0 200 OK\r\nAllow: %s\r\nContent-Length: 0\r\n"
+    "Tor-Capabilities: \r\n%s\r\n" % (ALLOWED_METHODS, SERVER_FIELD)
+).encode("ascii")
+
+
+def http_tunnel_failure(status_and_reason) -> bytes:
+    status, reason = status_and_reason
+    return http_tunnel_reply(status, "end/" + reason)
+
+
+# The page for a client that uses the HTTP CONNECT port as a plain HTTP
+# proxy (or opens it in a browser); %(where)s is the address it reached.
+HTTP_TUNNEL_PAGE = """\
+<!DOCTYPE html>
+<html lang="en">
+<head><meta charset="utf-8"><title>This is an HTTP CONNECT tunnel</title>
+<style>code { white-space: nowrap; }</style></head>
+<body>
+<h1>This is an HTTP CONNECT tunnel, not a full HTTP proxy</h1>
+<p>torsocksd's HTTP port only opens tunnels with CONNECT, as Tor's
+HTTPTunnelPort does: it does not fetch plain http:// pages for you.</p>
+<p>Use it for https:// addresses, which clients tunnel with CONNECT: set
+<code>https_proxy=http://%(where)s</code>, or with curl use
+<code>-x http://%(where)s</code> (add <code>--proxytunnel</code> for
+http:// addresses).</p>
+</body>
+</html>
+"""
+
+
+def http_tunnel_page_reply(method: bytes, where: Optional[str]) -> bytes:
+    """405 with our page, its examples naming where; HEAD gets the headers
+    only (the README's "HTTP CONNECT answers" row)."""
+    page = (HTTP_TUNNEL_PAGE % {"where": html_text(where or "HOST:PORT")}
+            ).encode("utf-8")
+    head = http_tunnel_reply(
+        "405 Method Not Allowed",
+        fields="Allow: %s\r\nContent-Type: text/html; charset=utf-8\r\n"
+               "Content-Length: %d\r\nConnection: close\r\n%s"
+               % (ALLOWED_METHODS, len(page), SERVER_FIELD))
+    return head if method.upper() == b"HEAD" else head + page
+
+
+def _only(data: bytes, allowed: bytes) -> bool:
+    """Whether every byte of data is one of allowed."""
+    return not data.translate(None, allowed)
+
+
+def _request_line_problem(line: bytes, complete: bool) -> Optional[str]:
+    """Why a request line (or the part of it that has come) cannot be
+    METHOD SP TARGET SP HTTP/1.x (RFC 9112 §3), or None.  Words may be
+    apart by more than one space, as Tor reads them (RFC 9112 §3 allows
+    it)."""
+    if line[:1] in (b"\x04", b"\x05"):
+        return "a SOCKS client at the HTTP CONNECT port"
+    if line[:1] == b"\x16":
+        return "TLS at the HTTP CONNECT port (an https:// proxy URL?)"
+    if not _only(line, REQUEST_LINE_BYTES):
+        return "a byte outside printable ASCII in the request line"
+    words = line.split()
+    if words and not _only(words[0], HTTP_TOKEN_BYTES):
+        return "the request line does not start with a method"
+    if not complete:
+        return None
+    if len(words) != 3:
+        return "the request line is not METHOD TARGET VERSION"
+    version = words[2]
+    if not (len(version) == 8 and version.startswith(b"HTTP/1.")
+            and version[7:].isdigit()):
+        return "not HTTP/1.x: %s" % clip_for_log(version)
+    return None
+
+
+def parse_http_request_head(data) -> ParseResult:
+    """An HTTP/1.x request head (RFC 9112 §2.2-5): the request line, header
+    lines, the blank line; CRLF only, at most MAX_HTTP_HEAD_BYTES.  A
+    request line that cannot be one is rejected as soon as it shows."""
+    data = bytes(data[:MAX_HTTP_HEAD_BYTES + 1])
+    line_end = data.find(b"\r\n")
+    line = data[:line_end] if line_end >= 0 else data
+    if line_end < 0 and line.endswith(b"\r"):
+        line = line[:-1]        # the CR of the line's CRLF has come
+    problem = _request_line_problem(line, line_end >= 0)
+    if problem:
+        return Rejected(HTTP_BAD_REQUEST, problem)
+    end = data.find(b"\r\n\r\n")
+    if end < 0 or end + 4 > MAX_HTTP_HEAD_BYTES:
+        if len(data) >= MAX_HTTP_HEAD_BYTES:
+            return Rejected(HTTP_BAD_REQUEST, "request head longer than %d "
+                            "bytes" % MAX_HTTP_HEAD_BYTES)
+        return NEED_MORE
+    lines = data[:end].split(b"\r\n")
+    if len(lines) > MAX_HTTP_FIELDS + 1:
+        return Rejected(HTTP_BAD_REQUEST, "more than %d header lines"
+                        % MAX_HTTP_FIELDS)
+    fields = []
+    for field_line in lines[1:]:
+        name, colon, value = field_line.partition(b":")
+        if not colon or not name or not _only(name, HTTP_TOKEN_BYTES):
+            # No name, a space before the colon, or a folded line (RFC 9112
+            # §5.1-5.2: a server rejects them).
+            return Rejected(HTTP_BAD_REQUEST, "malformed header line %s"
+                            % clip_for_log(field_line, 64))
+        value = value.strip(b" \t")
+        if not _only(value, FIELD_VALUE_BYTES):
+            return Rejected(HTTP_BAD_REQUEST, "a control byte in header %s"
+                            % clip_for_log(name, 64))
+        fields.append((name.lower(), value))
+    method, target, version = lines[0].split()
+    return Parsed(HttpRequestHead(method, target, version, tuple(fields)),
+                  end + 4)
+
+
+def field_value(fields, name: bytes) -> Optional[bytes]:
+    """The first value of the header name (lower case), as Tor reads it
+    (http_get_header), or None."""
+    for field, value in fields:
+        if field == name:
+            return value
+    return None
+
+
+def split_connect_target(target: str):
+    """(host, port) of a CONNECT's authority-form target (RFC 9110 §9.3.6:
+    host:port, an IPv6 address in brackets).  port is None when there is
+    none (an IPv6 address without brackets has none either, as Tor reads
+    it); a port that is not a number from 1 to 65535 is a ValueError."""
+    if target.startswith("["):
+        close = target.find("]") + 1
+        if not close or close == len(target):
+            return target, None
+        host, port_text = target[:close], target[close:]
+        if not port_text.startswith(":"):
+            raise ValueError("text after the brackets")
+        port_text = port_text[1:]
+    elif target.count(":") == 1:
+        host, _, port_text = target.partition(":")
+    else:
+        return target, None
+    if not (port_text.isdigit() and port_text.isascii()
+            and len(port_text) <= 10 and 0 < int(port_text) <= 0xFFFF):
+        raise ValueError("port %r" % port_text)
+    return host, int(port_text)
+
+
+def basic_credentials(value: Optional[bytes]):
+    """(username, password) from a Proxy-Authorization value of the Basic
+    scheme (RFC 7617), or None."""
+    scheme, _, token = (value or b"").partition(b" ")
+    if scheme.lower() != b"basic":
+        return None
+    try:
+        decoded = base64.b64decode(token.strip(b" "), validate=True)
+    except ValueError:
+        return None
+    username, colon, password = decoded.partition(b":")
+    return (username, password) if colon else None
+
+
+def is_localhost_field(value: Optional[bytes]) -> bool:
+    """Whether a Host value is "localhost", with a port or not, in any case
+    (Tor's check against cross-site probing: Tor spec, "HTTP CONNECT")."""
+    name, _, port = (value or b"").partition(b":")
+    return name.lower() == b"localhost" and (not port or port.isdigit())
+
+
+class HttpTunnelHandshake:
+    """One client's HTTP CONNECT request, from its first byte to its
+    request: SocksHandshake's interface (receive, state, request, refusal,
+    early_data, room(), refuse(), success_reply(), failure_reply()).
+
+    receive(data) answers at once what is answered without a connection
+    (a bad request, OPTIONS, another method, 407); a CONNECT that passes
+    every check becomes the request, served as a SOCKS CONNECT is.  The
+    checks come in Tor's order (bad port 400, long host 414, Tor-RPC-Target
+    501, then the destination: 502), with credentials checked first.  The
+    constructor takes SocksHandshake's arguments.
+    """
+    __slots__ = ("credentials_required", "authenticate", "safe_socks",
+                 "client_family", "local_address", "state", "version",
+                 "protocol", "command", "host", "port", "unsafe", "buffered",
+                 "received", "request", "refusal", "userid", "early_data")
+
+    def __init__(self, credentials_required: bool = False, authenticate=None,
+                 safe_socks: bool = False,
+                 client_family: int = socket.AF_INET, local_address=None,
+                 served_commands: frozenset = SERVED_COMMANDS):
+        # served_commands is SocksHandshake's: HTTP has only CONNECT.
+        self.credentials_required = credentials_required
+        self.authenticate = authenticate
+        self.safe_socks = safe_socks
+        self.client_family = client_family
+        self.local_address = local_address
+        self.state = HandshakeState.REQUESTING
+        self.protocol = self.version = Protocol.HTTP_CONNECT
+        self.command = None         # CONNECT, once its target is read
+        self.host = ""
+        self.port = 0
+        self.unsafe = None
+        self.buffered = bytearray()
+        self.received = 0
+        self.request = None
+        self.refusal = ""
+        self.userid = None
+        self.early_data = b""
+
+    def room(self) -> int:
+        """How many more bytes the request head may take."""
+        return MAX_HTTP_HEAD_BYTES - self.received
+
+    def receive(self, data) -> bytes:
+        """Take bytes; once the head is whole, decide.  The answer to send
+        now (none while the head is incomplete, or for a CONNECT that is to
+        be served)."""
+        self.received += len(data)
+        self.buffered += data
+        if self.state is HandshakeState.DONE:
+            return b""
+        result = parse_http_request_head(self.buffered)
+        if result is NEED_MORE:
+            return b""
+        if isinstance(result, Rejected):
+            return self._refused(result.reply, result.reason)
+        # Bytes after the head are the tunnel's first bytes (RFC 9110
+        # §9.3.6: a CONNECT has no content).
+        self.early_data = bytes(self.buffered[result.used:])
+        self.buffered = bytearray()
+        head = result.message
+        if head.method.upper() != b"CONNECT":
+            return self._on_other_method(head)
+        return self._on_connect(head)
+
+    def refuse(self, reply: Reply, reason: str) -> bytes:
+        """End the handshake.  Before the head is whole the client was too
+        slow (408, the README's "HTTP CONNECT limits" row); after it, the
+        request failed with reply."""
+        if self.state is not HandshakeState.DONE:
+            return self._refused(HTTP_REQUEST_TIMEOUT, reason)
+        return self._refused(self.failure_reply(reply), reason)
+
+    # -- answers that end the conversation ------------------------------------
+
+    def success_reply(self) -> bytes:
+        """The target answered: bytes flow from now on."""
+        return http_tunnel_reply("200 OK")
+
+    def failure_reply(self, reply: Reply,
+                      during_lookup: bool = False) -> bytes:
+        """Tor's answer for the END reason that stands for reply; a name
+        that did not resolve is "resolve failed"."""
+        if during_lookup and reply is Reply.HOST_UNREACHABLE:
+            return http_tunnel_failure(RESOLVE_FAILED)
+        return http_tunnel_failure(HTTP_TUNNEL_FAILURES.get(
+            reply, HTTP_TUNNEL_FAILURES[Reply.GENERAL_FAILURE]))
+
+    # -- the request ----------------------------------------------------------
+
+    def _on_other_method(self, head: HttpRequestHead) -> bytes:
+        """Another method gets an answer only when Host names localhost: a
+        web page's script can reach the port (DNS rebinding) with its own
+        Host only, and learns nothing (Tor 0.4.9 does the same)."""
+        method = clip_for_log(head.method, 32)
+        if not is_localhost_field(field_value(head.fields, b"host")):
+            return self._refused(b"", "HTTP %s whose Host is not localhost "
+                                 "(closed unanswered)" % method)
+        if head.method.upper() == b"OPTIONS":
+            return self._refused(HTTP_OPTIONS_REPLY,
+                                 "OPTIONS, answered with what is allowed")
+        where = self.local_address() if self.local_address else None
+        return self._refused(http_tunnel_page_reply(head.method, where),
+                             "HTTP %s instead of CONNECT" % method)
+
+    def _on_connect(self, head: HttpRequestHead) -> bytes:
+        fields = head.fields
+        if self.credentials_required and not self._authenticated(fields):
+            return self._refused(HTTP_PROXY_AUTHENTICATION,
+                                 "no or bad Proxy-Authorization")
+        try:
+            host, port = split_connect_target(head.target.decode("latin-1"))
+        except ValueError as error:
+            return self._refused(HTTP_BAD_REQUEST, "CONNECT target %s: %s"
+                                 % (clip_for_log(head.target, 64), error))
+        self.command = Command.CONNECT
+        self.host, self.port = host, port or 0
+        if len(host) > MAX_CONNECT_HOST:
+            return self._refused(HTTP_URI_TOO_LONG, "host longer than %d "
+                                 "bytes" % MAX_CONNECT_HOST)
+        if field_value(fields, b"tor-rpc-target") is not None:
+            return self._refused(HTTP_NO_RPC, "Tor-RPC-Target (no RPC here)")
+        if field_value(fields, b"transfer-encoding") is not None \
+                or field_value(fields, b"content-length") not in (None, b"0"):
+            return self._refused(HTTP_BAD_REQUEST, "a CONNECT with content")
+        problem = (hostname_problem(host) or special_name_refusal(host)
+                   or (None if port else "no port"))
+        if problem:
+            # What Tor answers when it refuses a destination itself.
+            return self._refused(http_tunnel_failure(TOR_PROTOCOL_VIOLATION),
+                                 problem)
+        address = ip_literal(host)
+        self.unsafe = address is not None
+        if self.unsafe and self.safe_socks:
+            return self._refused(self.failure_reply(Reply.NOT_ALLOWED),
+                                 "client gave only an IP address "
+                                 "(--safe-socks)")
+        self.userid = self.userid or self._isolation_key(fields)
+        self.request = Request(self.version, Command.CONNECT, host, port,
+                               address, self.userid, self.unsafe)
+        self.state = HandshakeState.DONE
+        return b""
+
+    def _authenticated(self, fields) -> bool:
+        """Proxy-Authorization: Basic with a user:password the credentials
+        hold (checked by authenticate, as a SOCKS5 login is)."""
+        credentials = basic_credentials(
+            field_value(fields, b"proxy-authorization"))
+        if credentials is None or not self.authenticate(*credentials):
+            return False
+        self.userid = credentials[0]
+        return True
+
+    @staticmethod
+    def _isolation_key(fields) -> Optional[bytes]:
+        """What Tor isolates streams by: Proxy-Authorization and the stream
+        isolation header, NUL between (neither can hold a NUL)."""
+        authorization = field_value(fields, b"proxy-authorization")
+        isolation = (field_value(fields, b"tor-stream-isolation")
+                     or field_value(fields, b"x-tor-stream-isolation"))
+        if authorization is None and isolation is None:
+            return None
+        return (authorization or b"") + b"\0" + (isolation or b"")
+
+    def _refused(self, reply: bytes, reason: str) -> bytes:
+        self.state = HandshakeState.DONE
+        self.refusal = reason
+        return reply
+
+
+# =============================================================================
+# The PROXY protocol: whom a load balancer relays (pure parser)
+# =============================================================================
+# A TCP balancer such as HAProxy (send-proxy, send-proxy-v2) puts a header in
+# front of each stream that names the client it relays (HAProxy's
+# doc/proxy-protocol.txt, "The PROXY protocol, Versions 1 & 2").  A
+# connection from a source of --proxy-protocol-from must begin with one;
+# from any other source a header is never parsed (it is just a bad first
+# message).  The README's "PROXY protocol" row.
+
+PROXY_V1_PREFIX = b"PROXY "
+PROXY_V1_MAX = 107                  # the longest v1 line with its CRLF (§2.1)
+PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+PROXY_V2_FIXED = 16                 # signature, version and command, family,
+                                    # length (§2.2)
+# v1 takes at most 107 bytes; v2 16, the addresses (216 for UNIX) and any
+# TLVs.  The header counts toward the handshake's byte limit.
+MAX_PROXY_HEADER_BYTES = 512
+PROXY_V2_LOCAL, PROXY_V2_PROXY = 0x0, 0x1           # commands
+PROXY_V2_UNSPEC, PROXY_V2_INET, PROXY_V2_INET6, PROXY_V2_UNIX = range(4)
+PROXY_V2_STREAM, PROXY_V2_DGRAM = 0x1, 0x2          # transport protocols
+PROXY_V2_ADDRESS_BYTES = {PROXY_V2_INET: 12, PROXY_V2_INET6: 36,
+                          PROXY_V2_UNIX: 216}
+
+
+class ProxyHeader(NamedTuple):
+    """What a PROXY header says.  source and destination are (address,
+    port) of the connection the balancer relays, or None when the
+    connection is the balancer's own (v2 LOCAL: its health checks) or names
+    no client of ours (v1 UNKNOWN, v2 UNSPEC, UNIX or UDP)."""
+    version: int
+    source: Optional[tuple]
+    destination: Optional[tuple]
+
+
+def parse_proxy_header(data, limit: int = MAX_PROXY_HEADER_BYTES
+                       ) -> ParseResult:
+    """A PROXY protocol header of version 1 (text) or 2 (binary), told
+    apart by their first bytes (§2.2); at most limit bytes.  Rejected.reply
+    is always b"": a balancer gets no answer, only a close."""
+    probe = bytes(data[:len(PROXY_V2_SIGNATURE)])
+    if PROXY_V2_SIGNATURE.startswith(probe):
+        return _parse_proxy_v2(data, limit) if probe else NEED_MORE
+    if PROXY_V1_PREFIX.startswith(probe[:len(PROXY_V1_PREFIX)]):
+        return _parse_proxy_v1(data)
+    return Rejected(b"", "no PROXY protocol header (first bytes %s)"
+                    % clip_for_log(probe))
+
+
+def _proxy_rejection(reason: str) -> Rejected:
+    return Rejected(b"", "bad PROXY header: " + reason)
+
+
+def _parse_proxy_v1(data) -> ParseResult:
+    """PROXY TCP4|TCP6 SRC DST SPORT DPORT CRLF, or PROXY UNKNOWN ... CRLF
+    (§2.1): single spaces, canonical addresses, no leading zeros."""
+    head = bytes(data[:PROXY_V1_MAX])
+    end = head.find(b"\r\n")
+    line = head[:end]
+    if end >= 0:
+        lone = b"\r" in line or b"\n" in line
+    else:       # the last byte may be the CR of the CRLF still to come
+        lone = b"\n" in head or b"\r" in head[:-1]
+    if lone:
+        return _proxy_rejection("a CR or LF alone in a v1 line")
+    if end < 0:
+        if len(head) >= PROXY_V1_MAX:
+            return _proxy_rejection("no CRLF in the first %d bytes"
+                                    % PROXY_V1_MAX)
+        return NEED_MORE
+    fields = line.split(b" ")
+    if fields[1:2] == [b"UNKNOWN"]:
+        return Parsed(ProxyHeader(1, None, None), end + 2)
+    if len(fields) != 6 or fields[1] not in (b"TCP4", b"TCP6"):
+        return _proxy_rejection("v1 line %s" % clip_for_log(line, 120))
+    version = 4 if fields[1] == b"TCP4" else 6
+    addresses = [_v1_address(text, version) for text in fields[2:4]]
+    ports = [_v1_port(text) for text in fields[4:6]]
+    if None in addresses or None in ports:
+        return _proxy_rejection("v1 line %s" % clip_for_log(line, 120))
+    return Parsed(ProxyHeader(1, (addresses[0], ports[0]),
+                              (addresses[1], ports[1])), end + 2)
+
+
+def _v1_address(text: bytes, version: int):
+    """An address as v1 writes it: a dotted quad without leading zeros, or
+    hexadecimal groups with at most one "::" (no dotted tail, no zone)."""
+    try:
+        text = text.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    if version == 4:
+        parts = text.split(".")
+        if len(parts) != 4 or not all(
+                part.isdigit() and part.isascii() and len(part) <= 3
+                and (part == "0" or not part.startswith("0"))
+                and int(part) <= 255 for part in parts):
+            return None
+        return ipaddress.IPv4Address(text)
+    if not text or text.strip("0123456789abcdefABCDEF:"):
+        return None
+    try:
+        return ipaddress.IPv6Address(text)
+    except ValueError:
+        return None
+
+
+def _v1_port(text: bytes) -> Optional[int]:
+    if not (text.isdigit() and len(text) <= 5
+            and (text == b"0" or not text.startswith(b"0"))):
+        return None
+    port = int(text)
+    return port if port <= 0xFFFF else None
+
+
+def _parse_proxy_v2(data, limit: int) -> ParseResult:
+    """The 16-byte fixed part, then its length of addresses and TLVs
+    (§2.2).  TLVs are skipped."""
+    if len(data) > 12 and (data[12] >> 4 != 2 or data[12] & 0xF
+                           not in (PROXY_V2_LOCAL, PROXY_V2_PROXY)):
+        return _proxy_rejection("v2 version and command 0x%02x" % data[12])
+    if len(data) > 13 and (data[13] >> 4 > PROXY_V2_UNIX
+                           or data[13] & 0xF > PROXY_V2_DGRAM):
+        return _proxy_rejection("v2 family and protocol 0x%02x" % data[13])
+    if len(data) < PROXY_V2_FIXED:
+        return NEED_MORE
+    size = PROXY_V2_FIXED + int.from_bytes(data[14:16], "big")
+    if size > limit:
+        return _proxy_rejection("v2 header of %d bytes, more than %d"
+                                % (size, limit))
+    if len(data) < size:
+        return NEED_MORE
+    family, protocol = data[13] >> 4, data[13] & 0xF
+    addresses = bytes(data[PROXY_V2_FIXED:size])
+    if len(addresses) < PROXY_V2_ADDRESS_BYTES.get(family, 0):
+        return _proxy_rejection("v2 addresses of %d bytes for family %d"
+                                % (len(addresses), family))
+    if data[12] & 0xF == PROXY_V2_LOCAL or protocol != PROXY_V2_STREAM \
+            or family not in (PROXY_V2_INET, PROXY_V2_INET6):
+        return Parsed(ProxyHeader(2, None, None), size)
+    width = 4 if family == PROXY_V2_INET else 16
+    ports = addresses[2 * width:2 * width + 4]
+    source = (ipaddress.ip_address(addresses[:width]),
+              int.from_bytes(ports[:2], "big"))
+    destination = (ipaddress.ip_address(addresses[width:2 * width]),
+                   int.from_bytes(ports[2:], "big"))
+    return Parsed(ProxyHeader(2, source, destination), size)
 
 
 # =============================================================================
@@ -4409,6 +4988,7 @@ RESET_ERRORS = frozenset((errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED))
 
 
 class State(enum.Enum):
+    PROXY_HEADER = "proxy header"   # a balancer's PROXY header is due
     HANDSHAKE = "handshake"         # the SocksHandshake talks with the client
     RESOLVING = "resolving"         # waiting for the resolver
     CONNECTING = "connecting"       # outbound connect() or BEGIN_DIR pending
@@ -4425,28 +5005,36 @@ class State(enum.Enum):
 
 # The states as module names too: the hot paths read a global some ten
 # times faster than an attribute of an Enum class.
-(HANDSHAKE, RESOLVING, CONNECTING, BINDING, RELAYING, ASSOCIATED, CLOSING,
- CLOSED) = State
+(PROXY_HEADER, HANDSHAKE, RESOLVING, CONNECTING, BINDING, RELAYING,
+ ASSOCIATED, CLOSING, CLOSED) = State
 
 
 class Phase(NamedTuple):
     """What a state allows: where it may move, and its deadline."""
     moves_to: frozenset
     deadline: object            # seconds, or the Settings attribute giving
-                                # them (whose None means no deadline)
+                                # them (whose None means no deadline), or
+                                # KEEP_DEADLINE
     on_deadline: str            # the Connection method called when it passes
+
+
+KEEP_DEADLINE = object()        # entering the state keeps the running deadline
 
 
 # The state machine in one place.  _enter() checks every move against it (a
 # move it does not list is a bug, and ends that connection) and sets the new
 # state's deadline; the deadline handler is looked up here too.  A
-# connection starts in HANDSHAKE with the deadline set at accept (the whole
-# handshake gets one), and close() ends any state.
+# connection starts in HANDSHAKE, or in PROXY_HEADER when a balancer's header
+# comes first, with the deadline set at accept (the header and the whole
+# handshake share it), and close() ends any state.
 PHASES = {
+    PROXY_HEADER: Phase(
+        frozenset((HANDSHAKE, CLOSED)),
+        None, "_proxy_header_overdue"),
     HANDSHAKE: Phase(
         frozenset((RESOLVING, CONNECTING, BINDING,
                    ASSOCIATED, CLOSING, CLOSED)),
-        None, "_handshake_overdue"),
+        KEEP_DEADLINE, "_handshake_overdue"),
     RESOLVING: Phase(
         frozenset((CONNECTING, BINDING, CLOSING,
                    CLOSED)),
@@ -4493,9 +5081,11 @@ class _Flow:
 class Connection:
     """One client and, once it asks for one, its target.
 
-    The SocksHandshake decides what the client asked for; the Connection
-    owns the sockets, the lookup, the connect attempts, the relay and the
-    close.  The state moves only through _enter(), checked against PHASES,
+    The handshake (a SocksHandshake, or an HttpTunnelHandshake on an
+    --http-tunnel port: HANDSHAKES by the listener's kind) decides what the
+    client asked for; the Connection owns the sockets, the lookup, the
+    connect attempts, the relay and the close.  The state moves only through
+    _enter(), checked against PHASES,
     which also sets the state's deadline.  What the sockets wait for is
     derived from the state and the buffers after every event
     (_update_interest), never toggled by hand.
@@ -4509,11 +5099,14 @@ class Connection:
                  "dir_stream", "upstream", "downstream", "client_events",
                  "target_events", "client_handler", "target_handler",
                  "paused_check", "outcome", "opened", "bind_listener",
-                 "bind_peers", "bind_refusals", "association")
+                 "bind_peers", "bind_refusals", "association", "kind",
+                 "balancer", "balancer_peer", "balancers_own",
+                 "proxy_buffer")
 
     def __init__(self, server: "Server", client: socket.socket,
                  peer, remote_address, number: int,
-                 client_key=None, family: int = socket.AF_INET):
+                 client_key=None, family: int = socket.AF_INET,
+                 kind: str = "socks", balancer=None):
         self.server = server
         self.loop = server._loop
         self.settings = settings = server.settings     # fixed from accept on
@@ -4527,15 +5120,15 @@ class Connection:
         self.client_key = client_key
         self.login_throttled = False
         self.target = None
-        self.state = HANDSHAKE
-        credentials = settings.credentials
-        self.handshake = SocksHandshake(
-            credentials_required=bool(credentials),
-            authenticate=self._authenticate if credentials else None,
-            safe_socks=settings.safe_socks, client_family=family,
-            local_address=self._local_address,
-            served_commands=served_commands(settings.enable_bind,
-                                            settings.enable_udp))
+        self.kind = kind
+        # A balancer's address (--proxy-protocol-from): its PROXY header
+        # comes first and names the client (Server._admit_proxied).
+        self.balancer = balancer
+        self.balancer_peer = None   # the balancer's end, once it named one
+        self.balancers_own = False  # its header named no client
+        self.proxy_buffer = bytearray()
+        self.state = HANDSHAKE if balancer is None else PROXY_HEADER
+        self.handshake = self._new_handshake(family)
         self.request = None
         self.candidates = []
         self.attempts = ()          # sockets connecting at once
@@ -4556,7 +5149,8 @@ class Connection:
         self.client_handler = (self.on_client_event, self)
         self.target_handler = (self.on_target_event, self)
         self.paused_check = None    # the timer of a look at an unwatched socket
-        self.outcome = "closed during handshake"
+        self.outcome = "closed during handshake" if balancer is None \
+            else "closed before its PROXY header"
         self.opened = time.monotonic()
         self._set_deadline(settings.handshake_timeout)
         self._update_interest()
@@ -4577,7 +5171,8 @@ class Connection:
         deadline = PHASES[state].deadline
         if isinstance(deadline, str):
             deadline = getattr(self.settings, deadline)
-        self._set_deadline(deadline)
+        if deadline is not KEEP_DEADLINE:
+            self._set_deadline(deadline)
         if state is CLOSING:
             # Nothing more goes to the client after the last reply: once it
             # is flushed, the client's side is shut down (_flush does it).
@@ -4613,6 +5208,10 @@ class Connection:
 
     def _handshake_overdue(self):
         self._refuse(Reply.GENERAL_FAILURE, "handshake timed out")
+
+    def _proxy_header_overdue(self):
+        self._end_with(b"", "no whole PROXY header within the handshake "
+                       "timeout")
 
     def _lookup_overdue(self):
         self._refuse(Reply.TTL_EXPIRED, "name lookup timed out")
@@ -4709,6 +5308,8 @@ class Connection:
             self._forward(self.upstream)
         elif state is HANDSHAKE:
             self._handshake_readable()
+        elif state is PROXY_HEADER:
+            self._read_proxy_header()
         elif state is RESOLVING or state is CONNECTING or state is BINDING:
             self._read_early_data()
         elif state is CLOSING or state is ASSOCIATED:
@@ -4732,6 +5333,44 @@ class Connection:
         reset = error.errno in RESET_ERRORS
         self.close(reset_client=reset, reset_target=reset)
 
+    # -- a balancer's PROXY header ----------------------------------------------
+
+    def _read_proxy_header(self):
+        """Read the header (never past it by more than its limit); once it
+        is whole, the connection is its client's, and what follows it goes
+        to a handshake for that client."""
+        buffer = self.proxy_buffer
+        data = self.client.recv(MAX_PROXY_HEADER_BYTES - len(buffer))
+        if not data:
+            self.close()
+            return
+        buffer += data
+        result = parse_proxy_header(buffer)
+        if result is NEED_MORE:
+            return
+        if isinstance(result, Rejected):
+            self._end_with(b"", "from a --proxy-protocol-from source: "
+                           + result.reason)
+            return
+        header = result.message
+        refusal = self.server._admit_proxied(self, header)
+        if refusal:
+            self._end_with(b"", refusal)
+            return
+        self.proxy_buffer = None
+        self._enter(HANDSHAKE)
+        self.outcome = "closed during handshake"
+        family = self.client.family
+        if header.source is not None:
+            family = socket.AF_INET if header.source[0].version == 4 \
+                else socket.AF_INET6
+        self.handshake = self._new_handshake(family)
+        # The header counts toward the handshake's byte limit.
+        self.handshake.received = result.used
+        rest = bytes(buffer[result.used:])
+        if rest:
+            self._on_handshake_bytes(rest)
+
     # -- the handshake --------------------------------------------------------
 
     def _handshake_readable(self):
@@ -4741,6 +5380,18 @@ class Connection:
             self.close()
             return
         self._on_handshake_bytes(data)
+
+    def _new_handshake(self, client_family: int):
+        """The handshake this listener's clients speak (HANDSHAKES)."""
+        settings = self.settings
+        credentials = settings.credentials
+        return HANDSHAKES[self.kind](
+            credentials_required=bool(credentials),
+            authenticate=self._authenticate if credentials else None,
+            safe_socks=settings.safe_socks, client_family=client_family,
+            local_address=self._local_address,
+            served_commands=served_commands(settings.enable_bind,
+                                            settings.enable_udp))
 
     def _on_handshake_bytes(self, data: bytes):
         handshake = self.handshake
@@ -4752,7 +5403,8 @@ class Connection:
         request = handshake.request
         settings = self.settings
         if handshake.unsafe and settings.safe_socks:
-            self.server._warn_unsafe_socks(handshake.version)
+            self.server._warn_unsafe_socks(handshake.version,
+                                           self.client_label())
         elif settings.test_socks and handshake.unsafe is not None:
             self._log_request_safety()
         if request is None:
@@ -4787,10 +5439,16 @@ class Connection:
         return False
 
     def client_label(self) -> str:
-        """The client as the log shows it (made only when a line needs it)."""
-        if self.client_is_local and not isinstance(self.peer, tuple):
+        """The client as the log shows it (made only when a line needs it):
+        its address, and the balancer's when a PROXY header named it."""
+        if not isinstance(self.peer, tuple):
             return "unix socket"
-        return format_address(self.peer)
+        label = format_address(self.peer)
+        if self.balancers_own:
+            return label + " (the balancer's own)"
+        if self.balancer_peer is not None:
+            return "%s via %s" % (label, format_address(self.balancer_peer))
+        return label
 
     def _local_address(self) -> str:
         """Where the client reached us, as a proxy URL writes it."""
@@ -5370,7 +6028,8 @@ class Connection:
             reply = Reply.HOST_UNREACHABLE
         self._end_with(self.handshake.refuse(reply, reason)
                        if self.state is HANDSHAKE
-                       else self.handshake.failure_reply(reply), reason)
+                       else self.handshake.failure_reply(
+                           reply, self.state is RESOLVING), reason)
 
     def _end_with(self, reply: bytes, reason: str):
         """Give up on the request: send reply (if any), then close."""
@@ -5515,11 +6174,23 @@ class Connection:
                                       self._destination_for_log())
         version = handshake.version.name if handshake.version is not None \
             else "-"
-        log.info("conn %d from %s: %s%s: %s; %d bytes up, %d down, %.3f s",
-                 self.number, self.client_label(), version, destination,
-                 self.outcome, self.upstream.count, self.downstream.count,
-                 time.monotonic() - self.opened)
+        # A balancer's health check (its own connection, no request) is no
+        # news: one every few seconds from each balancer.
+        level = logging.DEBUG if self.balancers_own \
+            and handshake.command is None else logging.INFO
+        if not log.isEnabledFor(level):
+            return
+        log.log(level, "conn %d from %s: %s%s: %s; %d bytes up, %d down, "
+                "%.3f s", self.number, self.client_label(), version,
+                destination, self.outcome, self.upstream.count,
+                self.downstream.count, time.monotonic() - self.opened)
 
+
+# The handshake for each kind of listener: what its clients speak.
+HANDSHAKES = {
+    "socks": SocksHandshake,
+    "http-tunnel": HttpTunnelHandshake,
+}
 
 # The one dispatch from a command to what serves it, once its destination's
 # addresses (or, for RESOLVE_PTR, names) are known.  A command that is not
@@ -6187,6 +6858,8 @@ SETTING_DEFAULTS = {
     "enable_udp": False,
     "max_udp_associations": 256,
     "max_udp_per_client": 16,
+    "http_tunnel": (),
+    "proxy_protocol_from": (),
 }
 
 
@@ -6236,6 +6909,10 @@ class Settings:
                            for (host, port), fingerprint
                            in dict(self.router_pins or {}).items()}
         self.nameservers = tuple(self.nameservers)
+        self.http_tunnel = tuple(self.http_tunnel)
+        self.proxy_protocol_from = tuple(
+            network if not isinstance(network, str) else parse_network(network)
+            for network in self.proxy_protocol_from)
         if self.max_connections is None:
             lookup_fds = dns_lookup_capacity(file_limit()) \
                 if self.nameservers else self.resolver_threads
@@ -6312,9 +6989,9 @@ def default_max_connections(lookup_fds: int = 0,
 
 class Listener:
     """A listening socket and what it serves: kind "socks" (the SOCKS
-    port), or another door a feature adds.  spec is how it was asked for
-    ((host, port) or "unix:/path"; None when handed in), so that a reload
-    can tell which listeners to keep."""
+    port), "http-tunnel" (HTTP CONNECT), or another door a feature adds.
+    spec is how it was asked for ((host, port) or "unix:/path"; None when
+    handed in), so that a reload can tell which listeners to keep."""
     __slots__ = ("sock", "kind", "spec", "unix_path", "address")
 
     def __init__(self, sock: socket.socket, kind: str = "socks", spec=None,
@@ -6327,6 +7004,11 @@ class Listener:
 
     def close(self):
         self.sock.close()
+
+
+# How the log names a listener of each kind (this + "listening on ADDR"; the
+# address stays the line's last word, which scripts read).
+LISTENER_LABELS = {"http-tunnel": "HTTP CONNECT "}
 
 
 def open_listener_for(spec, kind: str, unix_mode: int) -> Listener:
@@ -6414,6 +7096,11 @@ class Server:
     max_udp_associations  UDP associations open at once, in all
     max_udp_per_client    UDP associations open at once from one client
                           address (loopback clients included)
+    http_tunnel           [(host, port) or "unix:/path", ...]: HTTP CONNECT
+                          listeners (Tor's HTTPTunnelPort), bound with the
+                          others; addresses lists them after the SOCKS ones
+    proxy_protocol_from   CIDRs of load balancers whose connections begin
+                          with a PROXY protocol header naming the client
     """
 
     def __init__(self, listen=((DEFAULT_ADDRESS, DEFAULT_PORT),), *,
@@ -6488,14 +7175,19 @@ class Server:
             for sock in self._handed_in:
                 if is_listening(sock):
                     self._listeners.append(Listener(sock))
+            for spec in self.settings.http_tunnel:
+                self._listeners.append(open_listener_for(
+                    spec, "http-tunnel", self.settings.unix_mode))
             self._check_exposure(self.settings)
         except (OSError, ValueError):
             self._close_listeners()
             self._listeners, self._bound_by = [], None
             raise
         self.addresses = [listener.address for listener in self._listeners]
-        for name in self.addresses:
-            log.info("listening on %s", format_address(name))
+        for listener in self._listeners:
+            log.info("%slistening on %s", LISTENER_LABELS.get(listener.kind,
+                                                              ""),
+                     format_address(listener.address))
 
     def start(self):
         """Bind, then serve in a background thread; returns once bound."""
@@ -6689,6 +7381,7 @@ class Server:
         self._accepted += 1
         remote_address = None       # a Unix or loopback client is local
         key = "unix"
+        balancer = None
         # socket.family is a property that builds an enum: read it once.
         family = client.family
         if family != socket.AF_UNIX:
@@ -6700,20 +7393,28 @@ class Server:
                     self._peers.clear()
                 self._peers[peer[0]] = known
             address, key, local = known
-            refusal = self._client_refusal(address, key, local, handed_in)
+            refusal = None
+            if self.settings.proxy_protocol_from \
+                    and self._is_balancer(address):
+                # Its client is checked once its PROXY header names it.
+                balancer = address
+            else:
+                refusal = self._client_refusal(address, key, local,
+                                               handed_in)
             if refusal:
                 self._refused_at_accept += 1
                 log.info("refused %s at accept: %s", format_address(peer),
                          refusal)
                 client.close()
                 return
-            if not local:
+            if balancer is None and not local:
                 remote_address = address
             with_nodelay(client)
         client.setblocking(False)
         try:
             connection = Connection(self, client, peer, remote_address,
-                                    next(self._numbers), key, family)
+                                    next(self._numbers), key, family, kind,
+                                    balancer)
         except OSError as error:
             log.warning("cannot serve a new connection: %s", error)
             client.close()
@@ -6739,6 +7440,43 @@ class Server:
             return "more than %d connections from one %s" % (
                 settings.max_per_client,
                 "address" if address.version == 4 else "/64")
+        return None
+
+    def _is_balancer(self, address) -> bool:
+        """Whether address is a --proxy-protocol-from source."""
+        return any(network_contains(network, address)
+                   for network in self.settings.proxy_protocol_from)
+
+    def _admit_proxied(self, connection: Connection,
+                       header: ProxyHeader) -> Optional[str]:
+        """Make a balancer's connection its client's once the PROXY header
+        names the client: the checks _serve makes at accept, then the
+        client's address, locality, count and label.  A header that names
+        no client (the balancer's own connection, as its health checks)
+        leaves it the balancer's, and the balancer is not checked.  The
+        refusal, or None."""
+        balancer = connection.balancer
+        connection.balancer_peer = connection.peer
+        if header.source is None:
+            address = balancer
+            connection.balancers_own = True
+        else:
+            address = ip_of(header.source[0])
+            connection.peer = (str(address), header.source[1])
+        key = client_key(address)
+        # On this host only if the balancer is, and the client is on the
+        # balancer's host.
+        local = address.is_loopback and balancer.is_loopback
+        if header.source is not None:
+            refusal = self._client_refusal(address, key, local, False)
+            if refusal:
+                self._refused_at_accept += 1
+                return refusal
+        connection.client_key = key
+        if not local:
+            connection.remote_address = address
+            connection.client_is_local = False
+            self._per_client[key] += 1
         return None
 
     def _connection_closed(self, connection: Connection):
@@ -6906,13 +7644,13 @@ class Server:
         return destination if self.settings.log_destinations \
             else scrubbed(destination)
 
-    def _warn_unsafe_socks(self, version: Version):
+    def _warn_unsafe_socks(self, version: Version, label: str):
         now = time.monotonic()
         if now - self._last_unsafe_warning >= 5.0:     # Tor's rate limit
             self._last_unsafe_warning = now
-            log.warning("a %s client gave only an IP address: the application "
-                        "may be leaking DNS; refused (--safe-socks)",
-                        version.name)
+            log.warning("a %s client (%s) gave only an IP address: the "
+                        "application may be leaking DNS; refused "
+                        "(--safe-socks)", version.name, label)
 
 
 def open_unix_listener(path: str, mode: int) -> socket.socket:
@@ -7214,7 +7952,9 @@ examples:
   torsocksd                          listen on 127.0.0.1:9050
   torsocksd --port 1080              listen on 127.0.0.1:1080
   torsocksd --listen [::1]:9050 --listen 127.0.0.1:9050
+  torsocksd --http-tunnel 127.0.0.1:9080    also an HTTP CONNECT port
   curl --socks5-hostname 127.0.0.1:9050 http://example.com/
+  https_proxy=http://127.0.0.1:9080 curl https://example.com/
 
 Names are always resolved by torsocksd.  Destinations are written to the
 log as [scrubbed] unless --log-destinations is given.  SIGTERM or SIGINT
@@ -7238,6 +7978,15 @@ class OrderedRule(argparse.Action):
         rules = list(getattr(namespace, self.dest) or [])
         rules.append((self.verdict, value))
         setattr(namespace, self.dest, rules)
+
+
+def network_argument(text: str) -> str:
+    """A CIDR (or one address, or *), checked; kept as written."""
+    try:
+        parse_network(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error))
+    return text
 
 
 def policy_rule(text: str) -> str:
@@ -7317,8 +8066,9 @@ def build_argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="torsocksd",
         description="A SOCKS4/4A/5 server that speaks Tor's SOCKS dialect "
-                    "(RESOLVE, RESOLVE_PTR, CONNECT_DIR) and resolves every "
-                    "name itself.",
+                    "(RESOLVE, RESOLVE_PTR, CONNECT_DIR), and with "
+                    "--http-tunnel an HTTP CONNECT proxy as Tor's "
+                    "HTTPTunnelPort; it resolves every name itself.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     default = SETTING_DEFAULTS.get
 
@@ -7333,6 +8083,11 @@ def build_argument_parser() -> argparse.ArgumentParser:
                         help="listen here instead; repeatable "
                              "([::1]:9050 for IPv6, unix:/path for a Unix "
                              "socket)")
+    listen.add_argument("--http-tunnel", metavar="ADDR:PORT", action="append",
+                        type=parse_listen, default=[],
+                        help="also answer HTTP CONNECT there, as Tor's "
+                             "HTTPTunnelPort (for https_proxy=http://ADDR:PORT"
+                             "); repeatable, the same forms as --listen")
     listen.add_argument("--unix-mode", type=lambda text: int(text, 8),
                         default=default("unix_mode"), metavar="MODE",
                         help="permissions of unix: listeners (default 600)")
@@ -7365,6 +8120,14 @@ def build_argument_parser() -> argparse.ArgumentParser:
                         help="CONNECT_DIR to the relay at ADDR:PORT (its "
                              "ORPort) must prove this identity (40 hex "
                              "digits); repeatable")
+    access.add_argument("--proxy-protocol-from", metavar="CIDR",
+                        action="append", default=[], type=network_argument,
+                        help="connections from CIDR (a load balancer with "
+                             "send-proxy or send-proxy-v2) must begin with a "
+                             "PROXY protocol header, whose client address is "
+                             "then the client for --allow/--deny, "
+                             "--max-per-client, the guard and the log "
+                             "(repeatable)")
     access.add_argument("--open-proxy", action="store_true",
                         help="allow a non-loopback listener without --allow, "
                              "--deny or --credentials")
@@ -7533,6 +8296,9 @@ def main(argv=None) -> int:
         parser.error("--splice needs Linux and Python 3.10 or newer")
     if options.inetd and options.inetd_wait:
         parser.error("--inetd and --inetd-wait exclude each other")
+    if inetd and options.http_tunnel:
+        parser.error("--http-tunnel needs listeners of its own; under inetd, "
+                     "give the HTTP port its own inetd line instead")
     if options.inetd:
         passed = [socket.socket(fileno=0)]
     elif options.inetd_wait:

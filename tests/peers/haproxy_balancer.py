@@ -1,0 +1,336 @@
+"""Run inside a fresh network namespace (unshare -n), as root: Debian's
+HAProxy with contrib/haproxy.cfg in front of two torsocksd processes.
+
+Brings lo up and adds test host addresses: 192.0.2.1 (HAProxy's frontend),
+192.0.2.40 (a client torsocksd's --allow lets in), 192.0.2.41 (one it does
+not) and 192.0.2.50 (a host with an echo server).  Both torsocksd processes
+listen on 127.0.0.1, take PROXY headers from 127.0.0.1 (where HAProxy's
+connections come from) and allow only 192.0.2.40: the balancer itself is
+not allowed, so a relayed client proves the header's address was used.
+contrib/haproxy.cfg is used as it is but for addresses, ports, a check
+interval of 200 ms and a stats socket to read the servers' state from.
+
+Checks, with send-proxy-v2: both servers come UP (the SOCKS5 health check
+works through the PROXY header, as v2 LOCAL); 192.0.2.40 is relayed byte
+for byte, 192.0.2.41 refused; the logs name 192.0.2.40; the health checks
+leave no warning or error; a connection from 127.0.0.1 without a header,
+and headers from untrusted sources, are not honoured; after one backend is
+killed and marked DOWN, every new connection succeeds on the other.  With
+send-proxy (v1): the checks name the balancer, so without --allow for it
+the servers go DOWN, and with it they come UP and relay as before.
+
+    unshare -n python3 haproxy_balancer.py
+
+Prints one line per check and, when all passed, "all checks passed".
+"""
+
+import csv
+import io
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.join(HERE, os.pardir, os.pardir)
+sys.path.insert(0, os.path.join(HERE, os.pardir))
+from conftest import EchoServer, recv_up_to  # noqa: E402
+
+SCRIPT = os.path.join(ROOT, "torsocksd.py")
+CONFIG = os.path.join(ROOT, "contrib", "haproxy.cfg")
+FRONTEND, CLIENT, STRANGER, TARGET = ("192.0.2.1", "192.0.2.40",
+                                      "192.0.2.41", "192.0.2.50")
+TIMEOUT = 10.0
+FAILURES = []
+
+
+def check(label, condition, detail=""):
+    print("%s: %s%s" % ("ok" if condition else "FAILED", label,
+                        (" (%s)" % detail) if detail else ""), flush=True)
+    if not condition:
+        FAILURES.append(label)
+
+
+def free_port(address="127.0.0.1"):
+    with socket.socket() as probe:
+        probe.bind((address, 0))
+        return probe.getsockname()[1]
+
+
+def wait_until(condition, timeout=TIMEOUT, step=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(step)
+    return condition()
+
+
+class Backend:
+    """torsocksd on 127.0.0.1, logging to a file."""
+
+    def __init__(self, directory, name, *extra):
+        self.port = free_port()
+        self.log = os.path.join(directory, name + ".log")
+        self.process = subprocess.Popen(
+            [sys.executable, SCRIPT, "--listen", "127.0.0.1:%d" % self.port,
+             "--proxy-protocol-from", "127.0.0.1", "--allow", CLIENT,
+             "--log-file", self.log, *extra],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)
+        if not wait_until(lambda: "listening on" in self.text()):
+            raise RuntimeError("%s did not start: %s" % (name, self.text()))
+
+    def text(self):
+        try:
+            with open(self.log) as file:
+                return file.read()
+        except FileNotFoundError:
+            return ""
+
+    def stop(self, sig=signal.SIGTERM):
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.process.wait(TIMEOUT)
+
+
+class Balancer:
+    """HAProxy with contrib/haproxy.cfg, addresses and ports filled in."""
+
+    def __init__(self, directory, backends, version=2):
+        self.port = free_port(FRONTEND)
+        self.stats = os.path.join(directory, "haproxy-%d.sock" % version)
+        config = open(CONFIG).read()
+        config = config.replace("bind :9050", "bind %s:%d"
+                                % (FRONTEND, self.port))
+        for number, backend in enumerate(backends, 1):
+            config = re.sub(r"(server torsocksd%d )\S+" % number,
+                            r"\g<1>127.0.0.1:%d" % backend.port, config)
+        config = config.replace("inter 2s", "inter 200ms")
+        config = config.replace("global\n", "global\n    stats socket %s "
+                                "level admin\n" % self.stats, 1)
+        if version == 1:
+            config = config.replace("send-proxy-v2", "send-proxy")
+        self.config = os.path.join(directory, "haproxy-%d.cfg" % version)
+        with open(self.config, "w") as file:
+            file.write(config)
+        self.log = open(os.path.join(directory, "haproxy-%d.log" % version),
+                        "w")
+        self.process = subprocess.Popen(
+            ["haproxy", "-db", "-f", self.config], stdin=subprocess.DEVNULL,
+            stdout=self.log, stderr=subprocess.STDOUT)
+        if not wait_until(lambda: os.path.exists(self.stats)):
+            raise RuntimeError("haproxy did not start")
+
+    def states(self, field="status"):
+        """{server name: status} (or another field of "show stat") from
+        the stats socket."""
+        try:
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.settimeout(TIMEOUT)
+                sock.connect(self.stats)
+                sock.sendall(b"show stat\n")
+                data = b""
+                while True:
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+        except OSError:
+            return {}
+        rows = csv.DictReader(io.StringIO(data.decode().lstrip("# ")))
+        return {row["svname"]: row[field] for row in rows
+                if row["svname"].startswith("torsocksd")}
+
+    def wait_for(self, wanted):
+        """Until the servers' states are wanted ({name: "UP"}); whether
+        they came to be."""
+        return wait_until(lambda: all(
+            self.states().get(name) == state
+            for name, state in wanted.items()))
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(TIMEOUT)
+        self.log.close()
+
+
+def connect_from(source, address):
+    sock = socket.socket()
+    sock.settimeout(TIMEOUT)
+    sock.bind((source, 0))
+    sock.connect(address)
+    return sock
+
+
+def rest(sock):
+    data = b""
+    try:
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return data
+            data += chunk
+    except ConnectionResetError:
+        return data
+
+
+def socks_echo(source, address, echo_port, payload):
+    """A SOCKS5 CONNECT to the echo host from source through address:
+    what came back (the two replies, then the echo)."""
+    request = (b"\x05\x01\x00\x05\x01\x00\x01" + socket.inet_aton(TARGET)
+               + echo_port.to_bytes(2, "big"))
+    with connect_from(source, address) as sock:
+        sock.sendall(request)
+        head = recv_up_to(sock, 12)
+        if head != b"\x05\x00\x05\x00\x00\x01" + bytes(6):
+            return head + rest(sock)
+        sock.sendall(payload)
+        echoed = recv_up_to(sock, len(payload))
+        sock.shutdown(socket.SHUT_WR)
+        return head + echoed + rest(sock)
+
+
+def relays(source, address, echo_port):
+    payload = os.urandom(65536)
+    reply = socks_echo(source, address, echo_port, payload)
+    return reply == b"\x05\x00\x05\x00\x00\x01" + bytes(6) + payload
+
+
+def log_problems(backends):
+    return [line for backend in backends for line in backend.text()
+            .splitlines() if " WARNING " in line or " ERROR " in line
+            or "Traceback" in line]
+
+
+def version_2(directory, echo_port):
+    backends = [Backend(directory, "v2-one", "--log-level", "debug"),
+                Backend(directory, "v2-two", "--log-level", "debug")]
+    balancer = Balancer(directory, backends)
+    try:
+        front = (FRONTEND, balancer.port)
+        check("send-proxy-v2: both servers pass the SOCKS5 health check",
+              balancer.wait_for({"torsocksd1": "UP", "torsocksd2": "UP"}),
+              balancer.states())
+        results = [relays(CLIENT, front, echo_port) for _ in range(6)]
+        check("a client inside --allow is relayed byte for byte",
+              all(results), results)
+        check("a client outside --allow is refused",
+              socks_echo(STRANGER, front, echo_port, b"x") == b"")
+        named = [line for backend in backends
+                 for line in backend.text().splitlines()
+                 if " from %s:" % CLIENT in line and " via 127.0.0.1:" in line
+                 and ": relayed" in line]
+        check("the logs name the client, via the balancer", len(named) == 6
+              and all(backend.text().count(" from %s:" % CLIENT)
+                      for backend in backends), "%d lines" % len(named))
+        check("the refusal names the client", wait_until(lambda: any(
+            " from %s:" % STRANGER in line and " via 127.0.0.1:" in line
+            and "refused: not allowed by --allow/--deny" in line
+            for backend in backends
+            for line in backend.text().splitlines())))
+        direct = ("127.0.0.1", backends[1].port)
+        with connect_from("127.0.0.1", direct) as sock:
+            sock.sendall(b"\x05\x01\x00")
+            check("a trusted source without a header is closed",
+                  rest(sock) == b"")
+        check("... with one log line", wait_until(
+            lambda: backends[1].text().count("no PROXY protocol header") == 1))
+        lie = b"PROXY TCP4 %s 127.0.0.1 1 2\r\n\x05\x01\x00" % CLIENT.encode()
+        with connect_from(STRANGER, direct) as sock:
+            sock.sendall(lie)
+            check("an untrusted source's header is not honoured (refused at "
+                  "accept)", rest(sock) == b"")
+        lie = b"PROXY TCP4 %s 127.0.0.1 1 2\r\n\x05\x01\x00" \
+            % STRANGER.encode()
+        with connect_from(CLIENT, direct) as sock:
+            sock.sendall(lie)
+            check("... nor read as one: it is HTTP to a SOCKS port",
+                  rest(sock).startswith(b"HTTP/1.0 501 "))
+        check("the health checks reach torsocksd, logged at debug level",
+              wait_until(lambda: all(len(re.findall(
+                  r"DEBUG conn .*\(the balancer's own\): SOCKS5: ",
+                  backend.text())) >= 3 for backend in backends)) and not any(
+                  " INFO " in line and "(the balancer's own)" in line
+                  for backend in backends
+                  for line in backend.text().splitlines()))
+        check("no warning or error from the health checks",
+              not log_problems(backends), log_problems(backends)[:3])
+        failed = balancer.states("chkfail")
+        check("and none of them failed", set(failed.values()) == {"0"},
+              failed)
+        backends[0].stop(signal.SIGKILL)
+        check("a killed backend is marked DOWN",
+              balancer.wait_for({"torsocksd1": "DOWN", "torsocksd2": "UP"}),
+              balancer.states())
+        results = [relays(CLIENT, front, echo_port) for _ in range(20)]
+        check("then every new connection succeeds on the other",
+              all(results), results.count(False))
+    finally:
+        balancer.stop()
+        for backend in backends:
+            backend.stop()
+    return backends
+
+
+def version_1(directory, echo_port, backends_v2):
+    # The v2 backends are gone; the same arguments, without the balancer's
+    # address allowed: v1 health checks name the balancer, and fail.
+    unallowed = [Backend(directory, "v1-unallowed")]
+    balancer = Balancer(directory, unallowed + unallowed, version=1)
+    try:
+        check("send-proxy: without --allow for the balancer the checks fail",
+              balancer.wait_for({"torsocksd1": "DOWN"}), balancer.states())
+    finally:
+        balancer.stop()
+        unallowed[0].stop()
+    backends = [Backend(directory, "v1-one", "--allow", "127.0.0.1"),
+                Backend(directory, "v1-two", "--allow", "127.0.0.1")]
+    balancer = Balancer(directory, backends, version=1)
+    try:
+        front = (FRONTEND, balancer.port)
+        check("send-proxy: with it both servers come UP",
+              balancer.wait_for({"torsocksd1": "UP", "torsocksd2": "UP"}),
+              balancer.states())
+        results = [relays(CLIENT, front, echo_port) for _ in range(4)]
+        check("send-proxy: a client inside --allow is relayed", all(results),
+              results)
+        check("send-proxy: a client outside --allow is refused",
+              socks_echo(STRANGER, front, echo_port, b"x") == b"")
+        check("send-proxy: no warning or error", not log_problems(backends),
+              log_problems(backends)[:3])
+    finally:
+        balancer.stop()
+        for backend in backends:
+            backend.stop()
+
+
+def main():
+    if os.geteuid() != 0:
+        print("needs root (unshare -n as root)")
+        return 2
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    for address in (FRONTEND, CLIENT, STRANGER, TARGET):
+        subprocess.run(["ip", "addr", "add", address + "/32", "dev", "lo"],
+                       check=True)
+    echo = EchoServer(host=TARGET)
+    try:
+        with tempfile.TemporaryDirectory(prefix="haproxy-") as directory:
+            backends = version_2(directory, echo.port)
+            version_1(directory, echo.port, backends)
+    finally:
+        echo.close()
+    if FAILURES:
+        print("%d check(s) failed" % len(FAILURES))
+        return 1
+    print("all checks passed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
