@@ -1224,12 +1224,16 @@ class SystemResolver:
     def reverse(self, address, callback) -> _Lookup:
         return self._submit(_Lookup(("address", address), callback))
 
-    def close(self):
+    def close(self, wait: bool = True):
+        """Stop the threads once the lookups queued are done; wait=False
+        does not wait for them (a reload retiring this resolver)."""
         with self._lock:
             self._closed = True
             threads, self._threads = self._threads, []
         for _ in threads:
             self._jobs.put(None)
+        if not wait:
+            return
         # Daemon threads: one stuck in getaddrinfo must not hold up a stop.
         deadline = time.monotonic() + 1.0
         for thread in threads:
@@ -4843,6 +4847,9 @@ def close_socket(sock: socket.socket, reset: bool = False):
 # =============================================================================
 
 ACCEPTS_PER_WAKEUP = 64             # accept in batches, then serve the others
+LOOP_CALL_WAIT = 30.0               # seconds reload() waits for the loop
+RESOLVER_RETIRE_CHECK = 1.0         # seconds between looks at a replaced
+                                    # resolver's pending lookups
 ACCEPT_PAUSE = 1.0                  # seconds a listener rests after EMFILE & co
 ACCEPT_PAUSE_ERRORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS,
                                  errno.ENOMEM))
@@ -4860,6 +4867,7 @@ DEFAULT_ADDRESS = "127.0.0.1"       # never listen beyond this host unless told
 # destinations have the same names, so an option is written here, in the
 # Server docstring and in build_argument_parser(), and nowhere else.
 SETTING_DEFAULTS = {
+    "listen": ((DEFAULT_ADDRESS, DEFAULT_PORT),),
     "handshake_timeout": 10.0,
     "connect_timeout": 10.0,
     "idle_timeout": None,
@@ -4886,6 +4894,41 @@ SETTING_DEFAULTS = {
     "nameservers": (),
     "resolver_threads": 4,
 }
+
+# Each kind of listener, and the setting that lists where it listens (specs:
+# (host, port) or "unix:/path").  A reload compares (kind, spec) pairs: a
+# listener whose pair is still wanted keeps its socket.  A kind added later
+# (another door into the server) adds a row here, a setting, and an accept
+# handler in Server.SERVE_BY_KIND.
+LISTENER_SETTINGS = {
+    "socks": "listen",
+}
+# Kinds that show the server's state rather than serve clients: other hosts
+# may reach them only as --allow says, and they keep no inetd client's
+# process alive.
+MONITORING_KINDS = frozenset(("metrics",))
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; problems lists every reason
+    (one line each), and nothing was changed."""
+
+    def __init__(self, problems):
+        self.problems = list(problems)
+        super().__init__("; ".join(self.problems))
+
+
+class ReloadReport(NamedTuple):
+    """What a reload did to the listeners (their describe() strings)."""
+    opened: list
+    closed: list
+    kept: list
+
+
+class _ListenerPlan(NamedTuple):
+    listeners: list     # every listener once the reload is applied, in order
+    opened: list        # opened for it
+    removed: list       # to close once it is applied
 
 
 class Settings:
@@ -4934,6 +4977,8 @@ class Settings:
                            for (host, port), fingerprint
                            in dict(self.router_pins or {}).items()}
         self.nameservers = tuple(self.nameservers)
+        for attribute in LISTENER_SETTINGS.values():
+            setattr(self, attribute, listener_specs(getattr(self, attribute)))
         if self.max_connections is None:
             self.max_connections = default_max_connections()
         if self.splice and not HAVE_SPLICE:
@@ -4945,6 +4990,25 @@ class Settings:
         if self.nameservers:
             return DnsResolver(self.nameservers)
         return SystemResolver(workers=self.resolver_threads)
+
+
+def listener_specs(specs) -> tuple:
+    """Listener specs in a form that compares and hashes: (host, port)
+    tuples and "unix:/path" strings, each once, in the order given."""
+    unique = []
+    for spec in specs or ():
+        if not isinstance(spec, str):
+            host, port = spec
+            spec = (str(host), int(port))
+        if spec not in unique:
+            unique.append(spec)
+    return tuple(unique)
+
+
+def wanted_listeners(settings: Settings):
+    """(kind, spec) of every listener settings ask for, SOCKS first."""
+    return [(kind, spec) for kind, attribute in LISTENER_SETTINGS.items()
+            for spec in getattr(settings, attribute)]
 
 
 def open_listener(host: str, port: int) -> socket.socket:
@@ -4983,9 +5047,9 @@ def default_max_connections() -> int:
 
 class Listener:
     """A listening socket and what it serves: kind "socks" (the SOCKS
-    port), or another door a feature adds.  spec is how it was asked for
-    ((host, port) or "unix:/path"; None when handed in), so that a reload
-    can tell which listeners to keep."""
+    port), or another door a feature adds (LISTENER_SETTINGS).  spec is how
+    it was asked for ((host, port) or "unix:/path"; None when handed in), so
+    that a reload can tell which listeners to keep."""
     __slots__ = ("sock", "kind", "spec", "unix_path", "address")
 
     def __init__(self, sock: socket.socket, kind: str = "socks", spec=None,
@@ -4999,6 +5063,12 @@ class Listener:
     def close(self):
         self.sock.close()
 
+    def describe(self) -> str:
+        """Where it listens, and for what unless it is the SOCKS port."""
+        where = format_address(self.address)
+        return where if self.kind == "socks" else "%s (%s)" % (where,
+                                                               self.kind)
+
 
 def open_listener_for(spec, kind: str, unix_mode: int) -> Listener:
     """A Listener for spec: (host, port) or "unix:/path"."""
@@ -5007,6 +5077,32 @@ def open_listener_for(spec, kind: str, unix_mode: int) -> Listener:
         return Listener(open_unix_listener(path, unix_mode), kind, spec,
                         unix_path=path)
     return Listener(open_listener(*spec), kind, spec)
+
+
+def exposure_problems(settings: Settings, listeners) -> list:
+    """Why these listeners would expose more than settings allow: a proxy
+    other hosts can reach needs a client policy or credentials (or
+    open_proxy), and the metrics page other hosts can reach needs an
+    --allow rule that lets the scraper in.  listeners: (kind, family,
+    address) triples; an empty list means all is well."""
+    problems = []
+    for kind, family, address in listeners:
+        if family not in (socket.AF_INET, socket.AF_INET6) \
+                or ip_of(address[0]).is_loopback:
+            continue
+        if kind in MONITORING_KINDS:
+            if not any(allowed for allowed, _ in settings.client_policy.rules):
+                problems.append(
+                    "refusing to serve metrics on %s without --allow: "
+                    "anyone could read them (--allow the scraper's address)"
+                    % format_address(address))
+        elif not (settings.open_proxy or settings.client_policy
+                  or settings.credentials):
+            problems.append(
+                "refusing to listen on %s without --allow/--deny or "
+                "--credentials: anyone could use this proxy (give "
+                "--open-proxy if that is meant)" % format_address(address))
+    return problems
 
 
 def is_listening(sock: socket.socket) -> bool:
@@ -5023,16 +5119,24 @@ class Server:
     "unix:/path".  start() binds and serves in a background thread,
     returning once the listeners are bound, so port 0 works: address and url
     then tell where.  stop() is safe to call twice, and the server is a
-    context manager.
+    context manager.  reload() applies a new configuration without dropping
+    a connection.
 
     sockets               sockets to serve instead of binding: listening
                           ones are served as listeners; a connected one is
                           one client, and the server ends when it is done
-                          (inetd "nowait", systemd Accept=yes)
+                          (inetd "nowait", systemd Accept=yes); listen is
+                          then not used
     resolver              an object with lookup() and reverse() (see
                           SystemResolver); default: from the options below
+    config_source         a function that returns the configuration for
+                          reload() without arguments: a Settings or a dict
+                          of options (main() passes one that reads --config
+                          and the command line again); it may raise
+                          ConfigError, OSError or ValueError
 
     The options (keyword arguments; the command line's long options):
+    listen                where to listen for SOCKS clients (as above)
     handshake_timeout     seconds from accept for the whole handshake
     connect_timeout       seconds for a name lookup, and for connecting
     idle_timeout          seconds a relayed connection may sit idle (None:
@@ -5070,12 +5174,19 @@ class Server:
     resolver_threads      threads for the system's resolver
     """
 
-    def __init__(self, listen=((DEFAULT_ADDRESS, DEFAULT_PORT),), *,
-                 sockets=(), resolver=None, **options):
+    def __init__(self, listen=None, *, sockets=(), resolver=None,
+                 config_source=None, **options):
+        if listen is not None:
+            options["listen"] = listen
+        if sockets:
+            options["listen"] = ()      # the sockets handed in are the ones
         self.settings = Settings(**options)
-        self.resolver = resolver if resolver is not None \
-            else self.settings.new_resolver()
-        self._listen = [] if sockets else list(listen)
+        self._resolver_given = resolver is not None
+        self.resolver = TrackedResolver(
+            resolver if resolver is not None
+            else self.settings.new_resolver())
+        self._retiring_resolvers = []   # replaced, closed once idle
+        self._config_source = config_source
         self._handed_in = list(sockets)
         self._listeners = []            # Listener records
         self._bound_by = None           # the process that made them
@@ -5128,21 +5239,25 @@ class Server:
         if self._bound_by is not None:
             return
         self._bound_by = os.getpid()
+        settings = self.settings
         try:
-            for spec in self._listen:
-                self._listeners.append(open_listener_for(
-                    spec, "socks", self.settings.unix_mode))
             for sock in self._handed_in:
                 if is_listening(sock):
                     self._listeners.append(Listener(sock))
-            self._check_exposure(self.settings)
+            for kind, spec in wanted_listeners(settings):
+                self._listeners.append(open_listener_for(
+                    spec, kind, settings.unix_mode))
+            problems = exposure_problems(settings, self._listener_triples(
+                self._listeners))
+            if problems:
+                raise ConfigError(problems)
         except (OSError, ValueError):
             self._close_listeners()
             self._listeners, self._bound_by = [], None
             raise
         self.addresses = [listener.address for listener in self._listeners]
-        for name in self.addresses:
-            log.info("listening on %s", format_address(name))
+        for listener in self._listeners:
+            self._log_listening(listener)
 
     def start(self):
         """Bind, then serve in a background thread; returns once bound."""
@@ -5210,26 +5325,31 @@ class Server:
                 "relayed_bytes": self._relayed_bytes,
                 "listeners": [format_address(a) for a in self.addresses]}
 
-    def reload(self):
-        """Re-read what can change without dropping a connection (SIGHUP):
-        the credentials file.  A file that does not parse or names no user,
-        or a result that would make an open proxy, keeps the old
-        credentials.  Connections already open keep the settings they were
-        accepted under."""
-        path = self.settings.credentials_file
-        if not path:
-            return
-        try:
-            settings = self.settings.replace(
-                credentials=Credentials.from_file(path))
-            self._check_exposure(settings)
-        except (OSError, ValueError) as error:
-            log.error("reload: keeping the old credentials: %s", error)
-            return
-        self.settings = settings
-        log.info("reload: credentials re-read from %s", path)
+    def reload(self, settings=None, **changes) -> "ReloadReport":
+        """Apply a new configuration without dropping a connection.
 
-    # -- the loop -------------------------------------------------------------
+        reload()                  the configuration read again: from the
+                                  config_source, else the current settings
+                                  with the credentials file read again
+        reload(settings)          this Settings (or dict of options) whole
+        reload(**changes)         the current settings with these options
+                                  changed (listen=..., max_connections=...)
+
+        Everything is checked first (the credentials file, the listeners
+        it asks for, that no listener other hosts can reach lacks access
+        control), and only then swapped in: new listeners open before
+        removed ones close, and one whose kind and spec are unchanged keeps
+        its socket.  Connections already open keep the settings they were
+        accepted under; new ones get the new.  On any problem nothing
+        changes, each problem is logged, and ConfigError (its problems
+        attribute lists them) is raised.  Returns a ReloadReport.
+
+        Safe from any thread and from a signal handler's posted call: the
+        work is done in the server's loop, and this waits for it.
+        """
+        return self._run_in_loop(self._reload_now, settings, changes)
+
+    # -- the loop -------------------------------------------------------------    # -- the loop -------------------------------------------------------------
 
     def _prepare_loop(self):
         """Bind, make the loop, serve the handed-in clients (once)."""
@@ -5246,14 +5366,15 @@ class Server:
         if attach is not None:
             attach(loop)        # a resolver that runs in this loop
         clients = [sock for sock in self._handed_in if not is_listening(sock)]
-        if clients and not self._listeners:
+        if clients and all(listener.kind in MONITORING_KINDS
+                           for listener in self._listeners):
             self._exit_when_done = True
         for client in clients:
             self._serve(client, client.getpeername())
         self._resume_accepting()
         if os.getpid() != self._bound_by:   # a forked worker: say so too
-            for name in self.addresses:
-                log.info("worker listening on %s", format_address(name))
+            for listener in self._listeners:
+                self._log_listening(listener, "worker ")
 
     def _finished(self) -> bool:
         if self._exit_when_done and not self._connections:
@@ -5286,9 +5407,12 @@ class Server:
         if len(self._connections) >= self.settings.max_connections:
             return
         for listener in self._listeners:
-            self._loop.watch(listener.sock, 0, EVENT_READ, (functools.partial(
-                self._accept_from, listener), None))
+            self._watch_listener(listener)
         self._accepting = True
+
+    def _watch_listener(self, listener: Listener):
+        self._loop.watch(listener.sock, 0, EVENT_READ, (functools.partial(
+            self._accept_from, listener), None))
 
     def _pause_accepting(self):
         if not self._accepting:
@@ -5433,32 +5557,32 @@ class Server:
             self._drain_deadline = deadline
 
     def _close_listeners(self):
+        for listener in self._listeners:
+            self._close_listener(listener)
+
+    def _close_listener(self, listener: Listener):
         # Only the process that made a Unix listener removes its path (a
         # forked worker leaves it to its parent).
-        made_here = self._bound_by == os.getpid()
-        for listener in self._listeners:
-            listener.close()
-            if made_here and listener.unix_path is not None:
-                try:
-                    os.unlink(listener.unix_path)
-                except OSError:
-                    pass
-                listener.unix_path = None
+        listener.close()
+        if listener.unix_path is not None and self._bound_by == os.getpid():
+            try:
+                os.unlink(listener.unix_path)
+            except OSError:
+                pass
+        listener.unix_path = None
 
-    def _check_exposure(self, settings: Settings):
-        """Refuse to be an open proxy by accident."""
-        if settings.open_proxy or settings.client_policy \
-                or settings.credentials:
-            return
-        for listener in self._listeners:
-            if listener.sock.family not in (socket.AF_INET, socket.AF_INET6):
-                continue
-            if not ip_of(listener.address[0]).is_loopback:
-                raise ValueError(
-                    "refusing to listen on %s without --allow/--deny or "
-                    "--credentials: anyone could use this proxy (give "
-                    "--open-proxy if that is meant)"
-                    % format_address(listener.address))
+    @staticmethod
+    def _listener_triples(listeners):
+        return [(listener.kind, listener.sock.family, listener.address)
+                for listener in listeners]
+
+    @staticmethod
+    def _log_listening(listener: Listener, who: str = ""):
+        where = format_address(listener.address)
+        if listener.kind == "socks":
+            log.info("%slistening on %s", who, where)
+        else:
+            log.info("%slistening for %s on %s", who, listener.kind, where)
 
     def _close_everything(self):
         loop = self._loop
@@ -5483,9 +5607,223 @@ class Server:
         self._close_resolver()
 
     def _close_resolver(self):
-        close = getattr(self.resolver, "close", None)
-        if close is not None:
-            close()
+        for resolver in [self.resolver] + self._retiring_resolvers:
+            resolver.close()
+        self._retiring_resolvers = []
+
+    # -- reload: a new configuration, nothing dropped ------------------------
+
+    def _run_in_loop(self, function, *args):
+        """function(*args) in the loop's thread, returning its result or
+        raising its exception here: at once from the loop's own thread, or
+        when no loop runs (not started, or a process that only binds)."""
+        loop_thread = self._loop_thread
+        if loop_thread is None or loop_thread is threading.current_thread() \
+                or self._loop_done.is_set():
+            return function(*args)
+        done = threading.Event()
+        outcome = []
+
+        def run():
+            try:
+                outcome.append((True, function(*args)))
+            except BaseException as error:      # handed to the caller
+                outcome.append((False, error))
+            done.set()
+        self.call_soon_threadsafe(run)
+        deadline = time.monotonic() + LOOP_CALL_WAIT
+        while not done.wait(0.05):
+            if self._loop_done.is_set():
+                raise ConfigError(["the server has stopped"])
+            if time.monotonic() >= deadline:
+                raise TimeoutError("the server's loop did not answer within "
+                                   "%.0f s" % LOOP_CALL_WAIT)
+        succeeded, value = outcome[0]
+        if succeeded:
+            return value
+        raise value
+
+    def _reload_now(self, settings, changes) -> ReloadReport:
+        try:
+            if self._drain_deadline is not None:
+                raise ConfigError(["the server is shutting down"])
+            new = self._next_settings(settings, changes)
+            plan = self._plan_listeners(new)
+        except ConfigError as error:
+            self._reload_failed(error.problems)
+            raise
+        return self._apply(new, plan)
+
+    def _next_settings(self, settings, changes) -> Settings:
+        """The Settings a reload asks for, read and checked."""
+        try:
+            if settings is None and not changes:
+                if self._config_source is not None:
+                    settings = self._config_source()
+                else:
+                    settings = self.settings.replace(
+                        credentials=None if self.settings.credentials_file
+                        else self.settings.credentials)
+            elif settings is None:
+                if "credentials_file" in changes \
+                        and "credentials" not in changes:
+                    changes = dict(changes, credentials=None)
+                settings = self.settings.replace(**changes)
+            elif changes:
+                raise TypeError("reload() takes settings or changes, not both")
+            if isinstance(settings, dict):
+                settings = Settings(**settings)
+        except ConfigError:
+            raise
+        except (OSError, ValueError, TypeError) as error:
+            raise ConfigError([str(error)])
+        if self._handed_in and settings.listen:
+            settings = settings.replace(listen=())
+            log.warning("reload: the SOCKS listeners were handed in (socket "
+                        "activation or inetd): listen is not used")
+        return settings
+
+    def _plan_listeners(self, settings: Settings, received=None):
+        """The listeners settings ask for: those that stay, and new ones
+        opened (or taken from received, {(kind, spec): Listener}, made by
+        the process that binds); checked for exposure.  None before the
+        first bind, which will open them."""
+        if self._bound_by is None:
+            return None
+        current = {(listener.kind, listener.spec): listener
+                   for listener in self._listeners
+                   if listener.spec is not None}
+        received = dict(received or {})
+        listeners = [listener for listener in self._listeners
+                     if listener.spec is None]      # handed in: stay
+        opened, problems = [], []
+        wanted = wanted_listeners(settings)
+        for kind, spec in wanted:
+            listener = current.pop((kind, spec), None)
+            if listener is None:
+                listener = received.pop((kind, spec), None)
+            if listener is None:
+                listener = self._bound_as(kind, spec, current, wanted)
+            if listener is None:
+                try:
+                    listener = open_listener_for(spec, kind,
+                                                 settings.unix_mode)
+                except OSError as error:
+                    problems.append("cannot listen on %s for %s: %s" % (
+                        spec if isinstance(spec, str)
+                        else format_address(spec), kind, error))
+                    continue
+            if listener not in self._listeners:
+                opened.append(listener)
+            listeners.append(listener)
+        for listener in received.values():      # not asked for after all
+            self._close_listener(listener)
+        problems += exposure_problems(settings,
+                                      self._listener_triples(listeners))
+        if problems:
+            for listener in opened:
+                self._close_listener(listener)
+            raise ConfigError(problems)
+        return _ListenerPlan(listeners, opened, list(current.values()))
+
+    @staticmethod
+    def _bound_as(kind: str, spec, current: dict, wanted):
+        """A listener of kind, among current (not asked for by its own
+        spec), that is bound where spec points ("localhost:9050" written
+        for what "127.0.0.1:9050" opened, or the bound address of a port 0
+        spec): it stays, under spec."""
+        if isinstance(spec, str) or spec[1] == 0:
+            return None
+        try:
+            infos = socket.getaddrinfo(spec[0], spec[1], socket.AF_UNSPEC,
+                                       socket.SOCK_STREAM, 0,
+                                       socket.AI_PASSIVE)
+        except (OSError, UnicodeError):
+            return None     # opening it will say what is wrong
+        where = infos[0][4][:2]
+        for key, listener in list(current.items()):
+            if key[0] == kind and key not in wanted \
+                    and not isinstance(listener.address, str) \
+                    and listener.address[:2] == where:
+                del current[key]
+                listener.spec = spec
+                return listener
+        return None
+
+    def _reload_failed(self, problems):
+        for problem in problems:
+            log.error("reload: %s", problem)
+        log.error("reload: nothing changed; the old configuration stays")
+
+    def _apply(self, new: Settings, plan) -> ReloadReport:
+        """Swap in what a reload checked; nothing here can fail."""
+        old, self.settings = self.settings, new
+        report = ReloadReport([], [], [])
+        if plan is not None:
+            report = self._swap_listeners(plan)
+        if not self._resolver_given and (new.nameservers,
+                                         new.resolver_threads) \
+                != (old.nameservers, old.resolver_threads):
+            self._swap_resolver(new.new_resolver())
+        if self._tor_links is not None:
+            self._tor_links.timeout = new.connect_timeout
+        if self._loop is not None:
+            self._resume_accepting()    # max_connections may have grown
+        if self._handed_in:
+            log.info("reload: the SOCKS listeners were handed in (socket "
+                     "activation or inetd): they are not ours to change")
+        log.info("reload: applied; listeners: %d kept, %d opened, %d closed%s",
+                 len(report.kept), len(report.opened), len(report.closed),
+                 "; credentials read from %s" % new.credentials_file
+                 if new.credentials_file else "")
+        return report
+
+    def _swap_listeners(self, plan: _ListenerPlan) -> ReloadReport:
+        """New listeners are watched before removed ones close, so that
+        there is never a moment without one; kept ones are not touched."""
+        watching = self._loop is not None and self._accepting
+        for listener in plan.opened:
+            if watching:
+                self._watch_listener(listener)
+            self._log_listening(listener)
+        closed = []
+        for listener in plan.removed:
+            if watching:
+                self._loop.watch(listener.sock, EVENT_READ, 0, None)
+            closed.append(listener.describe())
+            self._close_listener(listener)
+            log.info("stopped listening on %s", closed[-1])
+        self._listeners = plan.listeners
+        self.addresses = [listener.address for listener in self._listeners]
+        return ReloadReport(
+            [listener.describe() for listener in plan.opened], closed,
+            [listener.describe() for listener in plan.listeners
+             if listener not in plan.opened])
+
+    def _swap_resolver(self, resolver):
+        """New lookups go to resolver; those in flight finish on the old
+        one, which is closed once it is idle."""
+        retired, self.resolver = self.resolver, TrackedResolver(resolver)
+        if self._loop is not None:
+            attach = getattr(self.resolver, "attach", None)
+            if attach is not None:
+                attach(self._loop)
+            self._retiring_resolvers.append(retired)
+            self._close_idle_resolvers()
+        else:
+            retired.close()
+
+    def _close_idle_resolvers(self):
+        still_busy = []
+        for resolver in self._retiring_resolvers:
+            if resolver.pending:
+                still_busy.append(resolver)
+            else:
+                resolver.close(wait=False)
+        self._retiring_resolvers = still_busy
+        if still_busy and self._loop is not None:
+            self._loop.call_later(RESOLVER_RETIRE_CHECK,
+                                  self._close_idle_resolvers)
 
     # -- logging helpers -----------------------------------------------------------
 
@@ -5502,6 +5840,75 @@ class Server:
             log.warning("a %s client gave only an IP address: the application "
                         "may be leaking DNS; refused (--safe-socks)",
                         version.name)
+
+
+class _TrackedLookup:
+    """A lookup TrackedResolver passes on: it ends once, answered or
+    cancelled, whichever comes first."""
+    __slots__ = ("tracker", "callback", "inner", "ended")
+
+    def __init__(self, tracker, callback):
+        self.tracker = tracker
+        self.callback = callback
+        self.inner = None           # the wrapped resolver's handle
+        self.ended = False
+
+    def deliver(self, result: ResolverResult):
+        if self.tracker.end(self, result):
+            self.callback(result)
+
+    def cancel(self):
+        if self.tracker.end(self, None) and self.inner is not None:
+            self.inner.cancel()
+
+
+class TrackedResolver:
+    """A resolver as the server uses it: every lookup is counted while it
+    is pending (so that a resolver a reload replaced is closed once idle),
+    and its result is counted for the metrics page.  Everything else
+    (attach, the resolver's own attributes) is the wrapped resolver's."""
+
+    def __init__(self, resolver, on_result=None):
+        self.resolver = resolver
+        self.on_result = on_result  # on_result(result or None: cancelled)
+        self.pending = 0
+        self._lock = threading.Lock()   # answers come from worker threads
+
+    def lookup(self, hostname: str, callback) -> _TrackedLookup:
+        return self._start(self.resolver.lookup, hostname, callback)
+
+    def reverse(self, address, callback) -> _TrackedLookup:
+        return self._start(self.resolver.reverse, address, callback)
+
+    def _start(self, method, query, callback) -> _TrackedLookup:
+        lookup = _TrackedLookup(self, callback)
+        with self._lock:
+            self.pending += 1
+        lookup.inner = method(query, lookup.deliver)
+        return lookup
+
+    def end(self, lookup: _TrackedLookup, result) -> bool:
+        """Count lookup's end (result None: cancelled); False if it had
+        ended already."""
+        with self._lock:
+            if lookup.ended:
+                return False
+            lookup.ended = True
+            self.pending -= 1
+            if self.on_result is not None:
+                self.on_result(result)
+        return True
+
+    def close(self, wait: bool = True):
+        if isinstance(self.resolver, SystemResolver):
+            self.resolver.close(wait=wait)
+            return
+        close = getattr(self.resolver, "close", None)
+        if close is not None:
+            close()
+
+    def __getattr__(self, name):
+        return getattr(self.resolver, name)
 
 
 def open_unix_listener(path: str, mode: int) -> socket.socket:
@@ -6085,8 +6492,8 @@ def main(argv=None) -> int:
         except (OSError, ValueError) as error:
             log.error("cannot read credentials: %s", error)
             return EX_USAGE
-    server = Server(options.listen or [(options.address, options.port)],
-                    sockets=passed, **settings)
+    settings["listen"] = options.listen or [(options.address, options.port)]
+    server = Server(sockets=passed, **settings)
 
     def reload():
         if options.log_file:

@@ -1050,7 +1050,7 @@ def test_sighup_rereads_credentials_and_keeps_open_connections(
 
         users.write_text("alice:new password\n")
         daemon.process.send_signal(signal.SIGHUP)
-        daemon.wait_for("reload: credentials re-read")
+        daemon.wait_for("reload: applied")
 
         with client_for(address) as refused:
             assert authenticate(refused, b"alice", b"old password") \
@@ -1077,7 +1077,7 @@ def test_sighup_with_a_bad_credentials_file_keeps_the_old_ones(
     daemon, address = daemon_with_credentials(users, notify)
     users.write_text("no colon on this line\n")
     daemon.process.send_signal(signal.SIGHUP)
-    daemon.wait_for("keeping the old credentials")
+    daemon.wait_for("reload: nothing changed; the old configuration stays")
     with client_for(address) as client:
         assert authenticate(client, b"alice", b"secret") == b"\x01\x00"
     daemon.process.send_signal(signal.SIGTERM)
@@ -1116,8 +1116,7 @@ def test_sighup_with_no_user_left_keeps_the_old_credentials(
         client.sendall(PAYLOAD)
         assert recv_exactly(client, len(PAYLOAD)) == PAYLOAD
     assert len(echo_server.accepted) == 1
-    assert "keeping the old credentials: %s: no user:password line" \
-        % users in reloaded
+    assert "reload: %s: no user:password line" % users in reloaded
     assert " ERROR reload: " in reloaded
     daemon.process.send_signal(signal.SIGTERM)
     assert daemon.finish() == 0
