@@ -5964,11 +5964,11 @@ SYSLOG_FORMAT = "torsocksd[%(process)d]: %(levelname)s %(message)s"
 
 def configure_logging(level: str, log_file: Optional[str] = None,
                       use_syslog: bool = False):
-    """Log to a file, to syslog, or to stderr.  Returns the handler so that
-    SIGHUP can reopen a file that logrotate moved away."""
-    for handler in list(log.handlers):
-        log.removeHandler(handler)
-        handler.close()
+    """Log to a file, to syslog, or to stderr, at level; called again on
+    SIGHUP (which reopens a file that logrotate moved away).  The new
+    handler is made before the old one goes: when it cannot be (OSError:
+    a file that cannot be opened, after --user perhaps), the old one stays
+    and the error is raised.  Returns the handler."""
     if log_file:
         handler = logging.FileHandler(log_file)
         handler.setFormatter(logging.Formatter(LOG_FORMAT))
@@ -5980,6 +5980,9 @@ def configure_logging(level: str, log_file: Optional[str] = None,
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    for old in list(log.handlers):
+        log.removeHandler(old)
+        old.close()
     log.addHandler(handler)
     log.setLevel(level.upper())
     log.propagate = False
@@ -6018,8 +6021,9 @@ def socket_activation():
 
 
 def sd_notify(message: str):
-    """Tell systemd (Type=notify) how we are: READY=1, STOPPING=1, STATUS=.
-    Advisory: without NOTIFY_SOCKET, or when sending fails, nothing happens."""
+    """Tell systemd (Type=notify) how we are: READY=1, RELOADING=1,
+    STOPPING=1, STATUS=.  Advisory: without NOTIFY_SOCKET, or when sending
+    fails, nothing happens."""
     address = os.environ.get("NOTIFY_SOCKET")
     if not address or not address.startswith(("/", "@")):
         return
@@ -6030,6 +6034,13 @@ def sd_notify(message: str):
             sock.sendto(message.encode(), address)
     except OSError as error:
         log.debug("sd_notify failed: %s", error)
+
+
+def sd_notify_reloading():
+    """RELOADING=1 with the time it began on CLOCK_MONOTONIC, which systemd
+    253 and newer want for Type=notify-reload (sd_notify(3))."""
+    now = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    sd_notify("RELOADING=1\nMONOTONIC_USEC=%d" % now)
 
 
 def raise_file_limit():
@@ -6279,17 +6290,45 @@ def positive_seconds(text: str) -> float:
     return value
 
 
+class OptionParser(argparse.ArgumentParser):
+    """argparse, but a problem in a config file's line is raised as
+    ConfigError (while errors_raise is set) instead of ending the process."""
+    errors_raise = False
+
+    def error(self, message):
+        if self.errors_raise:
+            raise ConfigError([message])
+        super().error(message)
+
+
 def build_argument_parser() -> argparse.ArgumentParser:
     """The command line.  Every option that is a Server setting has the
     setting's name as its destination (see SETTING_DEFAULTS); the others
-    (where to listen, how the process runs, logging) are main()'s own."""
-    parser = argparse.ArgumentParser(
+    (how the process runs, logging) are main()'s own.  A config file's
+    lines go through this same parser (read_config_file)."""
+    parser = OptionParser(
         prog="torsocksd",
         description="A SOCKS4/4A/5 server that speaks Tor's SOCKS dialect "
                     "(RESOLVE, RESOLVE_PTR, CONNECT_DIR) and resolves every "
                     "name itself.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     default = SETTING_DEFAULTS.get
+
+    config = parser.add_argument_group("configuration")
+    config.add_argument("--config", metavar="FILE",
+                        help="read options from FILE: one per line, the long "
+                             "option's name without dashes, then its value "
+                             "(listen 127.0.0.1:9050, policy accept *:443, "
+                             "a flag alone); whole-line # comments; read "
+                             "again on SIGHUP.  The command line comes on "
+                             "top: its options override the file's, except "
+                             "repeatable ones (--listen, --allow, --policy, "
+                             "...), which add to it")
+    config.add_argument("--check-config", action="store_true",
+                        help="check the options, the --config file, the "
+                             "credentials file and that the listeners can "
+                             "be opened, then exit: 0 when all is well, "
+                             "else 64 after one line per problem")
 
     listen = parser.add_argument_group("where to listen")
     listen.add_argument("--port", type=int, default=DEFAULT_PORT,
@@ -6448,15 +6487,207 @@ def build_argument_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# =============================================================================
+# Configuration: the config file, the command line on top, its checks
+# =============================================================================
+# A config file is the command line written one option a line: "listen
+# 127.0.0.1:9050" is read as --listen=127.0.0.1:9050 by the same parser, so
+# every option means and checks the same in both places, and a problem is
+# reported with its file and line.  The command line is parsed on top of
+# the file's options: a scalar given there overrides the file's, a
+# repeatable option (append actions, --allow/--deny) adds to the file's.
+
+# Options that say how to run this one command, not how to serve.
+COMMAND_LINE_ONLY = frozenset(("help", "version", "config", "check_config"))
+# Options a running process cannot change: a reload that changes them says
+# that they wait for a restart.
+RESTART_ONLY = ("workers", "user", "inetd", "inetd_wait", "idle_exit")
+
+
+def config_file_options(parser: argparse.ArgumentParser) -> dict:
+    """The names a config file may use (long options without dashes), each
+    with its argparse action."""
+    return {text[2:]: action
+            for text, action in parser._option_string_actions.items()
+            if text.startswith("--") and action.dest not in COMMAND_LINE_ONLY}
+
+
+def read_config_file(parser: OptionParser, path: str,
+                     namespace: argparse.Namespace) -> list:
+    """Parse the config file at path into namespace, line by line through
+    the command line's parser; every problem as "path:line: what"."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            lines = file.read().splitlines()
+    except (OSError, UnicodeError) as error:
+        return ["cannot read the config file: %s" % error]
+    known = config_file_options(parser)
+    problems = []
+    for number, line in enumerate(lines, 1):
+        words = line.split(None, 1)
+        if not words or words[0].startswith("#"):
+            continue
+        name, value = words[0], words[1].strip() if len(words) > 1 else None
+        if name not in known:
+            problems.append("%s:%d: unknown option %r" % (path, number,
+                                                          clip_for_log(name)))
+            continue
+        token = "--" + name if value is None else "--%s=%s" % (name, value)
+        parser.errors_raise = True
+        try:
+            parser.parse_args([token], namespace)
+        except ConfigError as error:
+            problems.append("%s:%d: %s" % (path, number, error))
+        finally:
+            parser.errors_raise = False
+    return problems
+
+
+def load_options(parser: OptionParser, argv):
+    """The options argv asks for: its --config file's, then argv's own on
+    top.  (options, problems); argv itself was checked already."""
+    command_line = parser.parse_args(argv)
+    if not command_line.config:
+        return command_line, []
+    options = argparse.Namespace()
+    problems = read_config_file(parser, command_line.config, options)
+    return parser.parse_args(argv, options), problems
+
+
+def combination_problems(options, handed_in: bool) -> list:
+    """Options that exclude each other (the file's lines are parsed one by
+    one, so argparse cannot tell), or that do not fit handed-in sockets."""
+    problems = []
+    if handed_in and (options.listen or options.inetd or options.inetd_wait):
+        problems.append("sockets came from systemd (LISTEN_FDS); --listen, "
+                        "--inetd and --inetd-wait cannot be added to them")
+    if options.inetd and options.inetd_wait:
+        problems.append("--inetd and --inetd-wait exclude each other")
+    if options.preferred_ip_version is not None and not options.ipv6:
+        problems.append("--prefer-ipv%d and --no-ipv6 exclude each other"
+                        % options.preferred_ip_version)
+    if options.splice and not HAVE_SPLICE:
+        problems.append("--splice needs Linux and Python 3.10 or newer")
+    return problems
+
+
+def settings_from_options(options, handed_in: bool = False) -> dict:
+    """The Server options that the parsed options give; the credentials
+    file is read (ConfigError when it cannot be)."""
+    settings = {name: value for name, value in vars(options).items()
+                if name in SETTING_DEFAULTS}
+    settings["listen"] = () if handed_in else (
+        options.listen or [(options.address, options.port)])
+    if options.inetd_wait:
+        settings["exit_when_idle"] = options.idle_exit
+    if options.credentials_file:
+        try:
+            settings["credentials"] = Credentials.from_file(
+                options.credentials_file)
+        except (OSError, ValueError) as error:
+            raise ConfigError(["cannot read credentials: %s" % error])
+    return settings
+
+
+def probe_listener(spec):
+    """Whether spec could be listened on, found without keeping anything
+    open: (problem or None, note or None, (family, address) or None).  A
+    port in use is a note: the running torsocksd may hold it."""
+    if isinstance(spec, str):
+        path = spec[len("unix:"):]
+        folder = os.path.dirname(path) or "."
+        if not os.path.isdir(folder):
+            return "%s: no such directory" % spec, None, None
+        if not os.access(folder, os.W_OK | os.X_OK):
+            return "%s: cannot make a socket in %s" % (spec, folder), None, \
+                None
+        if os.path.lexists(path) and not stat_is_socket(path):
+            return "%s: exists and is not a socket" % spec, None, None
+        return None, None, (socket.AF_UNIX, path)
+    where = format_address(spec)
+    try:
+        infos = socket.getaddrinfo(spec[0], spec[1], socket.AF_UNSPEC,
+                                   socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+    except (OSError, UnicodeError) as error:
+        return "%s: %s" % (where, error), None, None
+    family, kind, protocol, _, sockaddr = infos[0]
+    with socket.socket(family, kind, protocol) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            probe.bind(sockaddr)
+        except OSError as error:
+            if error.errno != errno.EADDRINUSE:
+                return "%s: %s" % (where, error.strerror), None, None
+            return None, "%s is in use now (by this torsocksd, when it " \
+                "runs)" % where, (family, sockaddr)
+    return None, None, (family, sockaddr)
+
+
+def check_configuration(options, problems) -> int:
+    """--check-config: every problem on stderr, one a line; the status."""
+    problems = list(problems)
+    problems += combination_problems(options, handed_in=False)
+    notes, settings = [], None
+    try:
+        settings = Settings(**settings_from_options(options))
+    except ConfigError as error:
+        problems += error.problems
+    except (OSError, ValueError, TypeError) as error:
+        problems.append(str(error))
+    if settings is not None:
+        listeners = []
+        for kind, spec in wanted_listeners(settings):
+            problem, note, bound = probe_listener(spec)
+            problems += [problem] if problem else []
+            notes += [note] if note else []
+            if bound is not None:
+                listeners.append((kind,) + bound)
+        problems += exposure_problems(settings, listeners)
+    if options.user:
+        import pwd
+        try:
+            pwd.getpwnam(options.user)
+        except KeyError:
+            problems.append("--user %s: no such user" % options.user)
+    if options.log_file:
+        target = options.log_file if os.path.exists(options.log_file) \
+            else os.path.dirname(os.path.abspath(options.log_file))
+        if not os.access(target, os.W_OK):
+            problems.append("--log-file %s: cannot write there"
+                            % options.log_file)
+    for line in notes:
+        print("torsocksd: note: %s" % line, file=sys.stderr)
+    for problem in problems:
+        print("torsocksd: %s" % problem, file=sys.stderr)
+    if problems:
+        return EX_USAGE
+    print("torsocksd: the configuration is valid", file=sys.stderr)
+    return 0
+
+
 def main(argv=None) -> int:
     """Run torsocksd with the command line argv (default sys.argv[1:]);
     return the exit status."""
     parser = build_argument_parser()
-    options = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser.parse_args(argv)     # a bad command line ends here, status 2
+    options, problems = load_options(parser, argv)
+    if options.check_config:
+        return check_configuration(options, problems)
     inetd = options.inetd or options.inetd_wait
     # Under inetd, stdout and stderr may be the client's socket.
-    configure_logging(options.log_level, options.log_file,
-                      options.syslog or (inetd and not options.log_file))
+    try:
+        configure_logging(options.log_level, options.log_file,
+                          options.syslog or (inetd and not options.log_file))
+    except OSError as error:
+        print("torsocksd: cannot log there: %s" % error, file=sys.stderr)
+        return EX_UNAVAILABLE
+    if problems:
+        for problem in problems:
+            log.error("%s", problem)
+        return EX_USAGE
     raise_file_limit()
     try:
         listeners, connections = socket_activation()
@@ -6464,18 +6695,13 @@ def main(argv=None) -> int:
         log.error("socket activation: %s", error)
         return EX_USAGE
     passed = listeners + connections
-    if passed and (options.listen or inetd):
-        parser.error("sockets came from systemd (LISTEN_FDS); --listen, "
-                     "--inetd and --inetd-wait cannot be added to them")
-    if options.splice and not HAVE_SPLICE:
-        parser.error("--splice needs Linux and Python 3.10 or newer")
-    if options.inetd and options.inetd_wait:
-        parser.error("--inetd and --inetd-wait exclude each other")
+    problems = combination_problems(options, handed_in=bool(passed))
+    if problems:
+        parser.error(problems[0])
     if options.inetd:
         passed = [socket.socket(fileno=0)]
     elif options.inetd_wait:
         passed = [socket.socket(fileno=0)]
-        options.exit_when_idle = options.idle_exit
     if inetd:
         # stdout and stderr may be the client's socket: nothing may reach
         # it, not even logging's own complaint about an absent syslog.
@@ -6483,22 +6709,43 @@ def main(argv=None) -> int:
         with open(os.devnull, "wb") as null:
             os.dup2(null.fileno(), 1)
             os.dup2(null.fileno(), 2)
-    settings = {name: value for name, value in vars(options).items()
-                if name in SETTING_DEFAULTS}
-    if options.credentials_file:
-        try:
-            settings["credentials"] = Credentials.from_file(
-                options.credentials_file)
-        except (OSError, ValueError) as error:
-            log.error("cannot read credentials: %s", error)
-            return EX_USAGE
-    settings["listen"] = options.listen or [(options.address, options.port)]
-    server = Server(sockets=passed, **settings)
+    handed_in = bool(passed)
+    try:
+        settings = settings_from_options(options, handed_in)
+    except ConfigError as error:
+        log.error("%s", error)
+        return EX_USAGE
+    current = [options]     # the options in force (logging is main's)
+    read = []               # the options a reload read, once it applies
+
+    def read_again() -> dict:
+        """What a reload applies: the config file and argv, read again."""
+        new, problems = load_options(parser, argv)
+        problems += combination_problems(new, handed_in)
+        if problems:
+            raise ConfigError(problems)
+        for name in RESTART_ONLY:
+            if getattr(new, name) != getattr(current[0], name):
+                log.warning("reload: --%s changes only at a restart",
+                            name.replace("_", "-"))
+        settings = settings_from_options(new, handed_in)
+        read[:] = [new]
+        return settings
+
+    server = Server(sockets=passed, config_source=read_again, **settings)
 
     def reload():
-        if options.log_file:
-            configure_logging(options.log_level, options.log_file)
-        server.reload()
+        sd_notify_reloading()
+        del read[:]
+        try:
+            server.reload()
+        except ConfigError:
+            pass        # each problem is logged; the old configuration stays
+        else:
+            current[:] = read
+        reopen_log(current[0], inetd)
+        sd_notify("READY=1\nSTATUS=accepting on %s"
+                  % ", ".join(server.stats()["listeners"]))
 
     workers = options.workers > 1 and not connections and not options.inetd
     if not workers:
@@ -6522,6 +6769,17 @@ def main(argv=None) -> int:
     server.serve_forever()
     log.info("stopped")
     return 0
+
+
+def reopen_log(options, inetd: bool):
+    """Logging as options say, the file reopened (after logrotate); when
+    the new handler cannot be made, the old one stays, and says why."""
+    try:
+        configure_logging(options.log_level, options.log_file,
+                          options.syslog or (inetd and not options.log_file))
+    except OSError as error:
+        log.error("reload: cannot reopen the log (%s); logging goes on as "
+                  "before", error)
 
 
 if __name__ == "__main__":

@@ -1116,7 +1116,8 @@ def test_sighup_with_no_user_left_keeps_the_old_credentials(
         client.sendall(PAYLOAD)
         assert recv_exactly(client, len(PAYLOAD)) == PAYLOAD
     assert len(echo_server.accepted) == 1
-    assert "reload: %s: no user:password line" % users in reloaded
+    assert "reload: cannot read credentials: %s: no user:password line" \
+        % users in reloaded
     assert " ERROR reload: " in reloaded
     daemon.process.send_signal(signal.SIGTERM)
     assert daemon.finish() == 0
