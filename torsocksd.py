@@ -92,6 +92,7 @@ import ipaddress
 import itertools
 import logging
 import logging.handlers
+import mmap
 import os
 import queue
 import selectors
@@ -3848,6 +3849,7 @@ class EventLoop:
         self._wakeup_writer.setblocking(False)
         self.watch(self._wakeup_reader, 0, EVENT_READ, (self._on_wakeup, None))
         self.closed = False
+        self.bugs = 0                   # handler errors contained
 
     def watch(self, sock, old_events: int, new_events: int, handler):
         """Change what the loop waits for on sock (0 means nothing)."""
@@ -3920,10 +3922,10 @@ class EventLoop:
                 except Exception:
                     self._contain_bug(owner)
 
-    @staticmethod
-    def _contain_bug(owner):
+    def _contain_bug(self, owner):
         """A bug met while handling one event: log it, close what it
         belongs to, and keep serving everyone else."""
+        self.bugs += 1
         log.exception("internal error; closing what it concerns")
         if owner is not None:
             try:
@@ -4110,6 +4112,8 @@ class Connection:
             log.debug("conn %d: %s -> %s", self.number, self.state.value,
                       state.value)
         self.state = state
+        if state is State.RELAYING or state is State.CLOSING:
+            self.server._replied(self)      # the handshake's last reply
         deadline = PHASES[state].deadline
         if isinstance(deadline, str):
             deadline = getattr(self.settings, deadline)
@@ -4893,6 +4897,7 @@ SETTING_DEFAULTS = {
     "router_pins": None,
     "nameservers": (),
     "resolver_threads": 4,
+    "metrics": (),
 }
 
 # Each kind of listener, and the setting that lists where it listens (specs:
@@ -4902,6 +4907,12 @@ SETTING_DEFAULTS = {
 # handler in Server.SERVE_BY_KIND.
 LISTENER_SETTINGS = {
     "socks": "listen",
+    "metrics": "metrics",
+}
+# The Server method that takes a client a listener of each kind accepted
+# (the SOCKS port's, _serve, unless named here).
+SERVE_BY_KIND = {
+    "metrics": "_serve_metrics",
 }
 # Kinds that show the server's state rather than serve clients: other hosts
 # may reach them only as --allow says, and they keep no inetd client's
@@ -5172,6 +5183,9 @@ class Server:
     nameservers           [(IP, port), ...]: resolve with the built-in DNS
                           client instead of the system's resolver
     resolver_threads      threads for the system's resolver
+    metrics               [(host, port), ...]: serve the Prometheus metrics
+                          page (GET /metrics) there; one other hosts can
+                          reach needs a client_policy that allows them
     """
 
     def __init__(self, listen=None, *, sockets=(), resolver=None,
@@ -5181,14 +5195,19 @@ class Server:
         if sockets:
             options["listen"] = ()      # the sockets handed in are the ones
         self.settings = Settings(**options)
+        self._metrics = MetricsTable()
+        self._metrics_base = {}         # PUBLISHED_COUNTERS when taken
+        self._closed_bytes = [0, 0]     # up, down: of connections closed
+        self._metrics_exchanges = set()
+        self._lookup_lock = threading.Lock()
         self._resolver_given = resolver is not None
-        self.resolver = TrackedResolver(
-            resolver if resolver is not None
-            else self.settings.new_resolver())
+        self.resolver = self._track(resolver if resolver is not None
+                                    else self.settings.new_resolver())
         self._retiring_resolvers = []   # replaced, closed once idle
         self._config_source = config_source
         self._handed_in = list(sockets)
         self._listeners = []            # Listener records
+        self._watched = set()           # those the loop waits on
         self._bound_by = None           # the process that made them
         self._loop = None
         self._thread = None             # the thread start() made
@@ -5375,6 +5394,8 @@ class Server:
         if os.getpid() != self._bound_by:   # a forked worker: say so too
             for listener in self._listeners:
                 self._log_listening(listener, "worker ")
+        if self._metrics.slots > 1:
+            self._publish_now_and_then()
 
     def _finished(self) -> bool:
         if self._exit_when_done and not self._connections:
@@ -5402,30 +5423,42 @@ class Server:
     # -- accepting ---------------------------------------------------------------
 
     def _resume_accepting(self):
-        if self._accepting or self._drain_deadline is not None:
+        """Watch the listeners: those of clients when there is room for
+        another connection, the monitoring ones always (a full server is
+        worth a scrape)."""
+        if self._drain_deadline is not None:
             return
-        if len(self._connections) >= self.settings.max_connections:
-            return
+        room = len(self._connections) < self.settings.max_connections
         for listener in self._listeners:
-            self._watch_listener(listener)
-        self._accepting = True
+            if room or listener.kind in MONITORING_KINDS:
+                self._watch_listener(listener)
+        self._accepting = room
 
     def _watch_listener(self, listener: Listener):
-        self._loop.watch(listener.sock, 0, EVENT_READ, (functools.partial(
-            self._accept_from, listener), None))
+        if listener not in self._watched:
+            self._watched.add(listener)
+            self._loop.watch(listener.sock, 0, EVENT_READ, (functools.partial(
+                self._accept_from, listener), None))
+
+    def _unwatch_listener(self, listener: Listener):
+        if listener in self._watched:
+            self._watched.discard(listener)
+            if not self._loop.closed:
+                self._loop.watch(listener.sock, EVENT_READ, 0, None)
 
     def _pause_accepting(self):
-        if not self._accepting:
-            return
         for listener in self._listeners:
-            self._loop.watch(listener.sock, EVENT_READ, 0, None)
+            if listener.kind not in MONITORING_KINDS:
+                self._unwatch_listener(listener)
         self._accepting = False
 
     def _accept_from(self, listener: Listener, mask):
+        monitoring = listener.kind in MONITORING_KINDS
+        serve = getattr(self, SERVE_BY_KIND.get(listener.kind, "_serve"))
         max_connections = self.settings.max_connections
         accept = listener.sock.accept
         for _ in range(ACCEPTS_PER_WAKEUP):
-            if len(self._connections) >= max_connections:
+            if not monitoring and len(self._connections) >= max_connections:
                 self._pause_accepting()
                 return
             try:
@@ -5433,14 +5466,16 @@ class Server:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as error:
-                self._accept_failed(error)
+                self._accept_failed(error, listener)
                 return
-            self._serve(client, peer, listener.kind)
+            serve(client, peer, listener.kind)
 
-    def _accept_failed(self, error: OSError):
+    def _accept_failed(self, error: OSError, listener: Listener):
+        self._metrics.add(("torsocksd_errors_total", "accept"))
         if error.errno in ACCEPT_PAUSE_ERRORS:
             # Out of descriptors or memory: rest instead of spinning.
             self._pause_accepting()
+            self._unwatch_listener(listener)
             self._loop.call_later(ACCEPT_PAUSE, self._resume_accepting)
         now = time.monotonic()
         if now - self._last_accept_error_log >= 1.0:
@@ -5457,6 +5492,8 @@ class Server:
             refusal = self._client_refusal(address)
             if refusal:
                 self._refused_at_accept += 1
+                self._metrics.add(("torsocksd_connections_total", "none",
+                                   "none", "refused"))
                 log.info("refused %s at accept: %s", label, refusal)
                 client.close()
                 return
@@ -5490,6 +5527,7 @@ class Server:
         self._last_busy = time.monotonic()
         self._relayed_bytes += connection.upstream.count \
             + connection.downstream.count
+        self._count_closed(connection)
         remote_address = connection.remote_address
         if remote_address is not None:
             self._per_client[remote_address] -= 1
@@ -5563,6 +5601,7 @@ class Server:
     def _close_listener(self, listener: Listener):
         # Only the process that made a Unix listener removes its path (a
         # forked worker leaves it to its parent).
+        self._unwatch_listener(listener)
         listener.close()
         if listener.unix_path is not None and self._bound_by == os.getpid():
             try:
@@ -5598,6 +5637,8 @@ class Server:
         for connection in list(self._connections):
             connection.outcome += ", cut at shutdown"
             connection.close()
+        for exchange in list(self._metrics_exchanges):
+            exchange.close()
         if self._tor_links is not None:
             self._tor_links.close()     # while the loop is still open
         loop.close()
@@ -5610,6 +5651,110 @@ class Server:
         for resolver in [self.resolver] + self._retiring_resolvers:
             resolver.close()
         self._retiring_resolvers = []
+
+    # -- metrics ---------------------------------------------------------------
+
+    def metrics_text(self) -> bytes:
+        """The metrics page: the Prometheus text format 0.0.4, with every
+        worker's numbers when there are workers.  Call it in the loop (the
+        metrics listener does) or when the server is not running."""
+        self._publish_metrics()
+        return render_metrics(self._metrics)
+
+    def share_metrics(self, slots: int):
+        """Keep the metrics in memory that processes forked from now on
+        share, one slot each (slot 0: this one); see take_metrics_slot."""
+        table = MetricsTable(slots)
+        table.mine[:] = self._metrics.mine
+        self._metrics = table
+
+    def take_metrics_slot(self, slot: int):
+        """In a forked worker: count in slot from now on, carrying on from
+        what a worker that had it before published."""
+        table = self._metrics
+        table.take_slot(slot)
+        self._metrics_base = {key: table.get(key)
+                              for key in PUBLISHED_COUNTERS}
+        self._closed_bytes = [0, 0]
+
+    def _track(self, resolver) -> "TrackedResolver":
+        return TrackedResolver(resolver, self._count_lookup,
+                               self._lookup_lock)
+
+    def _count_lookup(self, result):
+        """A lookup ended (result None: cancelled); under the lookup lock,
+        since answers come from resolver threads."""
+        if result is None:
+            kind = "cancelled"
+        elif result.error is None:
+            kind = "answered"
+        elif result.error is Reply.HOST_UNREACHABLE:
+            kind = "not_found"
+        else:
+            kind = "failed"
+        self._metrics.add(("torsocksd_lookups_total", kind))
+
+    def _replied(self, connection: Connection):
+        self._metrics.observe("torsocksd_handshake_seconds",
+                              time.monotonic() - connection.opened)
+
+    def _count_closed(self, connection: Connection):
+        metrics = self._metrics
+        metrics.add(("torsocksd_connections_total",)
+                    + connection_labels(connection))
+        for kind in connection_errors(connection.outcome):
+            metrics.add(("torsocksd_errors_total", kind))
+        self._closed_bytes[0] += max(0, connection.upstream.count)
+        self._closed_bytes[1] += max(0, connection.downstream.count)
+
+    def _publish_metrics(self):
+        """Write the numbers that are a snapshot into this process's slot:
+        gauges, bytes (of closed and of open connections: a count that
+        only grows), errors contained, the process's own numbers."""
+        metrics = self._metrics
+        up, down = self._closed_bytes
+        for connection in self._connections:
+            up += max(0, connection.upstream.count)
+            down += max(0, connection.downstream.count)
+        bugs = self._loop.bugs if self._loop is not None else 0
+        base = self._metrics_base
+        for key, value in ((("torsocksd_bytes_total", "up"), up),
+                           (("torsocksd_bytes_total", "down"), down),
+                           (("torsocksd_errors_total", "internal"), bugs)):
+            metrics.set(key, base.get(key, 0.0) + value)
+        metrics.set(("torsocksd_connections_open",), len(self._connections))
+        metrics.set(("torsocksd_lookups_pending",), sum(
+            resolver.pending for resolver
+            in [self.resolver] + self._retiring_resolvers))
+        paused = self._loop is not None and not self._accepting \
+            and self._drain_deadline is None
+        metrics.set(("torsocksd_listener_paused",), 1.0 if paused else 0.0)
+        for name, value in process_numbers().items():
+            metrics.set((name,), value)
+
+    def _publish_now_and_then(self):
+        """With workers: publish every METRICS_PUBLISH_INTERVAL, so that
+        the worker answering a scrape has the others' numbers."""
+        self._publish_metrics()
+        self._loop.call_later(METRICS_PUBLISH_INTERVAL,
+                              self._publish_now_and_then)
+
+    def _serve_metrics(self, client: socket.socket, peer, kind: str):
+        label = "unix socket"
+        if client.family != socket.AF_UNIX:
+            label = format_address(peer)
+            if not self.settings.client_policy.permits(ip_of(peer[0])):
+                log.info("refused %s at the metrics listener: not allowed "
+                         "by --allow/--deny", label)
+                client.close()
+                return
+        if len(self._metrics_exchanges) >= MAX_METRICS_EXCHANGES:
+            log.warning("refused %s at the metrics listener: %d scrapes "
+                        "open already", label, MAX_METRICS_EXCHANGES)
+            client.close()
+            return
+        client.setblocking(False)
+        self._metrics_exchanges.add(MetricsExchange(self, client, label))
 
     # -- reload: a new configuration, nothing dropped ------------------------
 
@@ -5650,8 +5795,10 @@ class Server:
             new = self._next_settings(settings, changes)
             plan = self._plan_listeners(new)
         except ConfigError as error:
+            self._metrics.add(("torsocksd_reloads_total", "failure"))
             self._reload_failed(error.problems)
             raise
+        self._metrics.add(("torsocksd_reloads_total", "success"))
         return self._apply(new, plan)
 
     def _next_settings(self, settings, changes) -> Settings:
@@ -5781,15 +5928,14 @@ class Server:
     def _swap_listeners(self, plan: _ListenerPlan) -> ReloadReport:
         """New listeners are watched before removed ones close, so that
         there is never a moment without one; kept ones are not touched."""
-        watching = self._loop is not None and self._accepting
+        serving = self._loop is not None and self._drain_deadline is None
         for listener in plan.opened:
-            if watching:
+            if serving and (self._accepting
+                            or listener.kind in MONITORING_KINDS):
                 self._watch_listener(listener)
             self._log_listening(listener)
         closed = []
         for listener in plan.removed:
-            if watching:
-                self._loop.watch(listener.sock, EVENT_READ, 0, None)
             closed.append(listener.describe())
             self._close_listener(listener)
             log.info("stopped listening on %s", closed[-1])
@@ -5803,7 +5949,7 @@ class Server:
     def _swap_resolver(self, resolver):
         """New lookups go to resolver; those in flight finish on the old
         one, which is closed once it is idle."""
-        retired, self.resolver = self.resolver, TrackedResolver(resolver)
+        retired, self.resolver = self.resolver, self._track(resolver)
         if self._loop is not None:
             attach = getattr(self.resolver, "attach", None)
             if attach is not None:
@@ -5868,11 +6014,13 @@ class TrackedResolver:
     and its result is counted for the metrics page.  Everything else
     (attach, the resolver's own attributes) is the wrapped resolver's."""
 
-    def __init__(self, resolver, on_result=None):
+    def __init__(self, resolver, on_result=None, lock=None):
         self.resolver = resolver
         self.on_result = on_result  # on_result(result or None: cancelled)
         self.pending = 0
-        self._lock = threading.Lock()   # answers come from worker threads
+        # Answers come from worker threads; the server's resolvers, old
+        # and new, share one lock for the counts they share.
+        self._lock = lock if lock is not None else threading.Lock()
 
     def lookup(self, hostname: str, callback) -> _TrackedLookup:
         return self._start(self.resolver.lookup, hostname, callback)
@@ -5952,6 +6100,422 @@ def format_address(sockaddr) -> str:
         return "unix:" + sockaddr
     host, port = sockaddr[0], sockaddr[1]
     return ("[%s]:%d" if ":" in host else "%s:%d") % (host, port)
+
+
+# =============================================================================
+# Metrics: what the server counts, and the page Prometheus scrapes
+# =============================================================================
+# Every number is a double in a MetricsTable: one slot (a row of
+# METRIC_SERIES values) per process.  Counters are added to as things
+# happen; gauges, the bytes of open connections and the process_* numbers
+# are written when published: at each scrape, and with --workers every
+# METRICS_PUBLISH_INTERVAL.  With --workers the table is an anonymous shared
+# mmap made before the fork: each process writes only its own slot, and the
+# worker that answers a scrape adds every slot up, so any scrape shows the
+# whole server (summed, never labelled by worker: a worker that is replaced
+# takes over its slot, and the sums stay monotonic).  No destination is ever
+# a label value: every label takes its values from a fixed set below.
+
+class MetricFamily(NamedTuple):
+    name: str
+    kind: str               # "counter", "gauge" or "histogram"
+    help: str
+    labels: tuple = ()      # label names
+    values: tuple = ()      # for each label, every value it can take
+    combine: str = "sum"    # how the slots add up: "sum", "max" or "min"
+    show_zero: bool = True  # False: a series shows once it is not 0
+
+
+CONNECTION_VERSIONS = ("socks4", "socks5", "http", "none")
+CONNECTION_COMMANDS = tuple(command.name.lower() for command in Command) \
+    + ("none",)
+# success: a tunnel or an answer; refused: a failure reply, the HTTP page,
+# or a close at accept (--allow/--deny, --max-per-client); failed: it ended
+# with no answer (the client left, a reset, a deadline before a version).
+CONNECTION_OUTCOMES = ("success", "refused", "failed")
+LOOKUP_RESULTS = ("answered", "not_found", "failed", "cancelled")
+ERROR_KINDS = ("accept", "socket", "timeout", "internal")
+# Seconds from accept to the reply that ends the handshake.
+HANDSHAKE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                     1.0, 2.5, 5.0, 10.0)
+
+METRIC_FAMILIES = (
+    MetricFamily("torsocksd_connections_total", "counter",
+                 "Client connections that ended, by SOCKS version, command "
+                 "and outcome.", ("version", "command", "outcome"),
+                 (CONNECTION_VERSIONS, CONNECTION_COMMANDS,
+                  CONNECTION_OUTCOMES), show_zero=False),
+    MetricFamily("torsocksd_connections_open", "gauge",
+                 "Client connections open now."),
+    MetricFamily("torsocksd_bytes_total", "counter",
+                 "Bytes relayed: up is client to destination, down the "
+                 "other way.", ("direction",), (("up", "down"),)),
+    MetricFamily("torsocksd_handshake_seconds", "histogram",
+                 "Seconds from accept to the reply that ends the SOCKS "
+                 "handshake (success or refusal)."),
+    MetricFamily("torsocksd_lookups_total", "counter",
+                 "Name lookups that ended, by result.", ("result",),
+                 (LOOKUP_RESULTS,)),
+    MetricFamily("torsocksd_lookups_pending", "gauge",
+                 "Name lookups waiting for an answer now."),
+    MetricFamily("torsocksd_listener_paused", "gauge",
+                 "1 while the SOCKS listeners wait (--max-connections "
+                 "reached, or out of descriptors); with --workers, how many "
+                 "workers wait."),
+    MetricFamily("torsocksd_errors_total", "counter",
+                 "Errors by kind: accept() failed, a connection's socket "
+                 "failed, a deadline passed, an internal error was "
+                 "contained.", ("kind",), (ERROR_KINDS,)),
+    MetricFamily("torsocksd_reloads_total", "counter",
+                 "Reloads (SIGHUP, reload()) by result.", ("result",),
+                 (("success", "failure"),)),
+    MetricFamily("process_cpu_seconds_total", "counter",
+                 "User and system CPU time spent in seconds."),
+    MetricFamily("process_resident_memory_bytes", "gauge",
+                 "Resident memory size in bytes."),
+    MetricFamily("process_virtual_memory_bytes", "gauge",
+                 "Virtual memory size in bytes."),
+    MetricFamily("process_open_fds", "gauge",
+                 "Number of open file descriptors."),
+    MetricFamily("process_max_fds", "gauge",
+                 "Maximum number of open file descriptors.", combine="max"),
+    MetricFamily("process_start_time_seconds", "gauge",
+                 "Start time of the process since unix epoch in seconds.",
+                 combine="min"),
+)
+
+
+def _metric_layout(families):
+    """Where each series lives in a slot: ("name", value, ...) -> index;
+    a histogram's name -> its first index (buckets, +Inf, sum, count)."""
+    index, size = {}, 0
+    for family in families:
+        if family.kind == "histogram":
+            index[family.name] = size
+            size += len(HANDSHAKE_BUCKETS) + 3
+            continue
+        for values in itertools.product(*family.values):
+            index[(family.name,) + values] = size
+            size += 1
+    return index, size
+
+
+METRIC_INDEX, METRIC_SERIES = _metric_layout(METRIC_FAMILIES)
+# Counters a process keeps itself and publishes (its slot's value when it
+# took the slot, plus its own count), so that they stay monotonic.
+PUBLISHED_COUNTERS = (("torsocksd_bytes_total", "up"),
+                      ("torsocksd_bytes_total", "down"),
+                      ("torsocksd_errors_total", "internal"))
+METRICS_PUBLISH_INTERVAL = 1.0      # seconds, with --workers
+NOT_AVAILABLE = float("nan")        # a number this platform cannot tell
+
+
+class MetricsTable:
+    """The numbers of the metrics page, slots of METRIC_SERIES doubles.
+
+    MetricsTable() is one process's; MetricsTable(slots) with slots > 1
+    lives in an anonymous shared mmap, to be made before fork(): each
+    process then take_slot()s its own row, and combined() adds all rows.
+    """
+
+    def __init__(self, slots: int = 1):
+        size = 8 * METRIC_SERIES * slots
+        self.buffer = mmap.mmap(-1, size) if slots > 1 else bytearray(size)
+        self.values = memoryview(self.buffer).cast("d")
+        self.slots = slots
+        self.take_slot(0)
+
+    def take_slot(self, slot: int):
+        """Write to row slot from now on; its gauges start from 0."""
+        self.slot = slot
+        self.mine = self.values[slot * METRIC_SERIES:
+                                (slot + 1) * METRIC_SERIES]
+        for family in METRIC_FAMILIES:
+            if family.kind == "gauge":
+                for values in itertools.product(*family.values):
+                    self.mine[METRIC_INDEX[(family.name,) + values]] = 0.0
+
+    def add(self, key, amount: float = 1.0):
+        self.mine[METRIC_INDEX[key]] += amount
+
+    def set(self, key, value: float):
+        self.mine[METRIC_INDEX[key]] = value
+
+    def get(self, key) -> float:
+        return self.mine[METRIC_INDEX[key]]
+
+    def observe(self, name: str, value: float):
+        """One observation of the histogram name."""
+        first = METRIC_INDEX[name]
+        bucket = len(HANDSHAKE_BUCKETS)         # +Inf
+        for number, bound in enumerate(HANDSHAKE_BUCKETS):
+            if value <= bound:
+                bucket = number
+                break
+        mine = self.mine
+        mine[first + bucket] += 1
+        mine[first + len(HANDSHAKE_BUCKETS) + 1] += value
+        mine[first + len(HANDSHAKE_BUCKETS) + 2] += 1
+
+    def combined(self, index: int, combine: str = "sum") -> float:
+        """Series index over every slot."""
+        values = self.values[index::METRIC_SERIES]
+        if combine == "sum":
+            return sum(values)
+        present = [value for value in values if value]
+        if not present:
+            return 0.0
+        return max(present) if combine == "max" else min(present)
+
+
+def _metric_number(value: float) -> str:
+    if value == int(value) and abs(value) < 1e15:
+        return "%d" % value
+    return repr(value)
+
+
+def _metric_labels(names, values) -> str:
+    if not names:
+        return ""
+    return "{%s}" % ",".join('%s="%s"' % (name, value.replace(
+        "\\", "\\\\").replace('"', '\\"').replace("\n", "\\n"))
+        for name, value in zip(names, values))
+
+
+def render_metrics(table: MetricsTable) -> bytes:
+    """The Prometheus text exposition format 0.0.4 of every slot added up
+    (a number this platform cannot tell is left out)."""
+    lines = []
+    for family in METRIC_FAMILIES:
+        name = family.name
+        lines.append("# HELP %s %s" % (name, family.help))
+        lines.append("# TYPE %s %s" % (name, family.kind))
+        if family.kind == "histogram":
+            first, total = METRIC_INDEX[name], 0.0
+            for number, bound in enumerate(HANDSHAKE_BUCKETS
+                                           + (float("inf"),)):
+                total += table.combined(first + number)
+                lines.append('%s_bucket{le="%s"} %s' % (
+                    name, "+Inf" if bound == float("inf") else repr(bound),
+                    _metric_number(total)))
+            done = first + len(HANDSHAKE_BUCKETS) + 1
+            lines.append("%s_sum %s" % (name, repr(table.combined(done))))
+            lines.append("%s_count %s" % (name, _metric_number(
+                table.combined(done + 1))))
+            continue
+        for values in itertools.product(*family.values):
+            value = table.combined(METRIC_INDEX[(name,) + values],
+                                   family.combine)
+            if value != value or (not value and not family.show_zero):
+                continue    # NaN: not available here
+            lines.append("%s%s %s" % (name, _metric_labels(family.labels,
+                                                           values),
+                                      _metric_number(value)))
+    return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+def process_numbers() -> dict:
+    """This process's process_* numbers, as Prometheus's client libraries
+    define them (from /proc on Linux; elsewhere NOT_AVAILABLE)."""
+    times = os.times()
+    numbers = {"process_cpu_seconds_total": times.user + times.system,
+               "process_resident_memory_bytes": NOT_AVAILABLE,
+               "process_virtual_memory_bytes": NOT_AVAILABLE,
+               "process_open_fds": NOT_AVAILABLE,
+               "process_max_fds": NOT_AVAILABLE,
+               "process_start_time_seconds": NOT_AVAILABLE}
+    try:
+        import resource
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY:
+            numbers["process_max_fds"] = float(soft)
+    except (ImportError, OSError, ValueError):
+        pass
+    try:
+        page = os.sysconf("SC_PAGE_SIZE")
+        with open("/proc/self/statm") as statm:
+            size, resident = statm.read().split()[:2]
+        numbers["process_virtual_memory_bytes"] = float(int(size) * page)
+        numbers["process_resident_memory_bytes"] = float(int(resident) * page)
+        numbers["process_open_fds"] = float(len(os.listdir("/proc/self/fd")))
+        with open("/proc/self/stat") as stat:
+            # Field 22, counted after the command name in parentheses.
+            started = int(stat.read().rpartition(")")[2].split()[19])
+        with open("/proc/stat") as boot:
+            booted = next(int(line.split()[1]) for line in boot
+                          if line.startswith("btime "))
+        numbers["process_start_time_seconds"] = \
+            booted + started / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        pass
+    return numbers
+
+
+def connection_labels(connection) -> tuple:
+    """(version, command, outcome) of a connection that ended."""
+    handshake = connection.handshake
+    if handshake.version is not None:
+        version = handshake.version.name.lower()
+    elif handshake.protocol is Protocol.HTTP:
+        version = "http"
+    else:
+        version = "none"
+    command = handshake.command.name.lower() \
+        if handshake.command is not None else "none"
+    outcome = connection.outcome
+    if outcome.startswith(("relayed", "answered")):
+        result = "success"
+    elif outcome.startswith("refused"):
+        result = "refused"
+    else:
+        result = "failed"
+    return version, command, result
+
+
+def connection_errors(outcome: str):
+    """The errors_total kinds a connection's outcome shows."""
+    if "socket error" in outcome:
+        yield "socket"
+    if "timed out" in outcome or "idle timeout" in outcome:
+        yield "timeout"
+
+
+# -- the scrape: a small HTTP responder on the same loop --------------------------
+
+METRICS_PATH = "/metrics"
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4"
+MAX_METRICS_REQUEST = 8192          # bytes of request head read at most
+METRICS_EXCHANGE_TIMEOUT = 10.0     # seconds from accept to the last byte
+MAX_METRICS_EXCHANGES = 16          # scrapes at once; more are closed
+
+HTTP_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found",
+                405: "Method Not Allowed",
+                431: "Request Header Fields Too Large"}
+
+
+def metrics_http_reply(status: int, body: bytes = b"",
+                       content_type: str = "text/plain; charset=utf-8",
+                       head_only: bool = False) -> bytes:
+    """An HTTP/1.1 response that closes the connection (one request per
+    connection)."""
+    head = ("HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
+            "%sConnection: close\r\n\r\n"
+            % (status, HTTP_REASONS[status], content_type, len(body),
+               "Allow: GET, HEAD\r\n" if status == 405 else ""))
+    return head.encode("ascii") + (b"" if head_only else body)
+
+
+def parse_metrics_request(data) -> ParseResult:
+    """An HTTP/1.x request head (RFC 9112 §2-3), ended by an empty line:
+    Parsed((method, path), used) for GET or HEAD, else Rejected with the
+    response (400, 405, or 431 past MAX_METRICS_REQUEST bytes)."""
+    data = bytes(data[:MAX_METRICS_REQUEST + 4])
+    end = data.find(b"\r\n\r\n")
+    used = end + 4
+    if end < 0:
+        end = data.find(b"\n\n")
+        used = end + 2
+    if end < 0 or end > MAX_METRICS_REQUEST:
+        if len(data) > MAX_METRICS_REQUEST:
+            return Rejected(metrics_http_reply(431, b"request too long\n"),
+                            "request head longer than %d bytes"
+                            % MAX_METRICS_REQUEST)
+        return NEED_MORE
+    request_line = data[:end].split(b"\n", 1)[0].rstrip(b"\r")
+    parts = request_line.split(b" ")
+    if len(parts) != 3 or not parts[2].startswith(b"HTTP/1.") \
+            or not parts[1].startswith(b"/"):
+        return Rejected(metrics_http_reply(400, b"bad request\n"),
+                        "not an HTTP/1 request line")
+    method, target = parts[0], parts[1]
+    if method not in (b"GET", b"HEAD"):
+        return Rejected(metrics_http_reply(405, b"GET or HEAD only\n"),
+                        "method %s" % clip_for_log(method))
+    path = target.split(b"?", 1)[0].decode("ascii", "replace")
+    return Parsed((method.decode("ascii"), path), used)
+
+
+class MetricsExchange:
+    """One scrape: a request head read within MAX_METRICS_REQUEST bytes and
+    METRICS_EXCHANGE_TIMEOUT seconds, one response, then the close (what
+    the client still sends is read and dropped, so that the close does not
+    reset the response away)."""
+
+    def __init__(self, server: "Server", sock: socket.socket, label: str):
+        self.server = server
+        self.loop = server._loop
+        self.sock = sock
+        self.label = label
+        self.received = bytearray()
+        self.outgoing = b""
+        self.answered = False
+        self.events = 0
+        self.deadline = self.loop.call_later(METRICS_EXCHANGE_TIMEOUT,
+                                             self.close, owner=self)
+        self._want(EVENT_READ)
+
+    def _want(self, events: int):
+        if events != self.events:
+            self.loop.watch(self.sock, self.events, events,
+                            (self._on_event, self))
+            self.events = events
+
+    def _on_event(self, mask: int):
+        try:
+            if mask & EVENT_READ:
+                self._readable()
+            if self.outgoing and self.deadline is not None:
+                self._send()
+        except OSError:
+            self.close()
+
+    def _readable(self):
+        data = self.sock.recv(MAX_METRICS_REQUEST)
+        if not data:
+            self.close()
+            return
+        if self.answered:
+            return      # dropped: one request per connection
+        self.received += data
+        result = parse_metrics_request(self.received)
+        if result is NEED_MORE:
+            return
+        self.answered = True
+        self.received = bytearray()
+        if isinstance(result, Rejected):
+            log.info("metrics request from %s refused: %s", self.label,
+                     result.reason)
+            self.outgoing = result.reply
+        else:
+            method, path = result.message
+            if path != METRICS_PATH:
+                self.outgoing = metrics_http_reply(404, b"not found\n")
+            else:
+                self.outgoing = metrics_http_reply(
+                    200, self.server.metrics_text(), METRICS_CONTENT_TYPE,
+                    head_only=method == "HEAD")
+        self._want(EVENT_READ | EVENT_WRITE)
+
+    def _send(self):
+        sent = self.sock.send(self.outgoing)
+        self.outgoing = self.outgoing[sent:]
+        if not self.outgoing:
+            self.sock.shutdown(socket.SHUT_WR)
+            self._want(EVENT_READ)      # until the client closes
+
+    def close_after_bug(self):
+        self.close()
+
+    def close(self):
+        if self.deadline is None:
+            return
+        self.deadline.cancel()
+        self.deadline = None
+        if self.events and not self.loop.closed:
+            self.loop.watch(self.sock, self.events, 0, None)
+        self.events = 0
+        self.sock.close()
+        self.server._metrics_exchanges.discard(self)
 
 
 # =============================================================================
@@ -6273,6 +6837,15 @@ def parse_listen(spec: str):
     return (host or DEFAULT_ADDRESS, number)
 
 
+def metrics_address(text: str):
+    """--metrics: "ADDR:PORT", "[IPv6]:PORT" or "PORT" (on 127.0.0.1)."""
+    spec = parse_listen(text)
+    if isinstance(spec, str):
+        raise argparse.ArgumentTypeError("%r: the metrics page is served "
+                                         "over TCP only" % text)
+    return spec
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -6341,6 +6914,11 @@ def build_argument_parser() -> argparse.ArgumentParser:
                         help="listen here instead; repeatable "
                              "([::1]:9050 for IPv6, unix:/path for a Unix "
                              "socket)")
+    listen.add_argument("--metrics", metavar="ADDR:PORT", action="append",
+                        type=metrics_address, default=[],
+                        help="serve Prometheus metrics (GET /metrics) "
+                             "there; PORT alone is on 127.0.0.1; another "
+                             "host's scraper needs --allow; repeatable")
     listen.add_argument("--unix-mode", type=lambda text: int(text, 8),
                         default=default("unix_mode"), metavar="MODE",
                         help="permissions of unix: listeners (default 600)")

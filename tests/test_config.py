@@ -65,7 +65,7 @@ SAMPLES = {
     "no-ipv6": None, "happy-eyeballs-delay": "0.1", "inetd": None,
     "inetd-wait": None, "idle-exit": "30", "workers": "3", "splice": None,
     "user": "nobody", "log-level": "debug", "log-file": "/var/log/t.log",
-    "syslog": None, "log-destinations": None,
+    "syslog": None, "log-destinations": None, "metrics": "[::1]:9051",
 }
 
 
