@@ -80,6 +80,7 @@ __all__ = [
 ]
 
 import argparse
+import array
 import collections
 import enum
 import errno
@@ -94,7 +95,9 @@ import logging
 import logging.handlers
 import mmap
 import os
+import pickle
 import queue
+import select
 import selectors
 import signal
 import socket
@@ -5897,6 +5900,17 @@ class Server:
                 return listener
         return None
 
+    def _adopt(self, settings: Settings, received: dict):
+        """A worker: apply settings its parent checked, with the listeners
+        it opened (received: {(kind, spec): Listener}); listeners this
+        process has for a spec keep their sockets."""
+        try:
+            plan = self._plan_listeners(settings, received)
+        except ConfigError as error:
+            self._reload_failed(error.problems)
+            raise
+        return self._apply(settings, plan)
+
     def _reload_failed(self, problems):
         for problem in problems:
             log.error("reload: %s", problem)
@@ -6660,30 +6674,61 @@ def install_signal_handlers(server: Server, on_reload):
 
 
 WORKER_RESTART_PAUSE = 1.0      # seconds between restarts of a crashing worker
+WORKER_RELOAD_WAIT = 10.0       # seconds workers get to confirm a reload
 PASSED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+MAX_PASSED_LISTENERS = 250      # sockets in one message (Linux: SCM_MAX_FD)
 
 
-def run_workers(server: Server, count: int, on_reload) -> int:
+class _Worker(NamedTuple):
+    slot: int                   # its row of the shared metrics
+    started: float
+    control: socket.socket      # the parent's end of its socketpair
+
+
+def run_workers(server: Server, count: int, reload_configuration,
+                log_target) -> int:
     """Serve with count worker processes that share server's listeners.
 
-    The parent binds, forks, passes TERM, INT, HUP and USR1 on to the
-    workers and restarts one that dies, until it is told to stop.
+    The parent binds, forks, passes TERM, INT and USR1 on to the workers and
+    restarts one that dies, until it is told to stop.  SIGHUP is the
+    parent's: reload_configuration() reads and checks the configuration
+    once (so each problem is logged once), opens new listeners and closes
+    removed ones here; then every worker gets the new settings and the
+    listeners' sockets over its socketpair, applies them, and confirms;
+    then READY=1.  log_target() gives configure_logging()'s arguments.
     """
     server.bind()
-    workers = {}            # pid -> when it started
-    stopping = False
+    server.share_metrics(count + 1)     # slot 0: this process
     parent = os.getpid()
+    workers = {}            # pid -> _Worker
+    respawns = []           # (when, slot) of workers to start again
+    received = collections.deque()
+    wakeup_reader, wakeup_writer = socket.socketpair()
+    for sock in (wakeup_reader, wakeup_writer):
+        sock.setblocking(False)
+    watched = PASSED_SIGNALS + (signal.SIGCHLD,)
+    stopping = False
 
-    def spawn():
+    def spawn(slot: int):
+        control, child_end = control_socketpair()
         # Signals wait until the child has its own handlers in place.
-        signal.pthread_sigmask(signal.SIG_BLOCK, PASSED_SIGNALS)
+        signal.pthread_sigmask(signal.SIG_BLOCK, watched)
         pid = os.fork()
         if pid == 0:
             status = 1
             try:
-                install_signal_handlers(server, on_reload)
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, PASSED_SIGNALS)
+                signal.set_wakeup_fd(-1)
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                for sock in [wakeup_reader, wakeup_writer, control] + [
+                        worker.control for worker in workers.values()]:
+                    sock.close()
+                server.take_metrics_slot(slot)
+                install_signal_handlers(server, lambda: log.info(
+                    "SIGHUP to a worker: the main process, %d, reloads",
+                    parent))
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, watched)
                 watch_parent(server, parent)
+                follow_parent(server, child_end)
                 server.serve_forever()
                 status = 0
             except BaseException:
@@ -6691,42 +6736,174 @@ def run_workers(server: Server, count: int, on_reload) -> int:
             finally:
                 logging.shutdown()
                 os._exit(status)
-        workers[pid] = time.monotonic()
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, PASSED_SIGNALS)
+        child_end.close()
+        control.settimeout(WORKER_RELOAD_WAIT)
+        workers[pid] = _Worker(slot, time.monotonic(), control)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, watched)
 
-    def pass_on(number, frame):
-        nonlocal stopping
-        if number in (signal.SIGTERM, signal.SIGINT):
-            stopping = True
-            sd_notify("STOPPING=1")
+    def reap():
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            worker = workers.pop(pid, None)
+            if worker is None:
+                continue
+            worker.control.close()
+            if stopping:
+                continue
+            log.warning("worker %d ended (wait status %d); starting another",
+                        pid, status)
+            now = time.monotonic()
+            quick = now - worker.started < WORKER_RESTART_PAUSE
+            respawns.append((now + WORKER_RESTART_PAUSE if quick else now,
+                             worker.slot))      # no fork storm
+
+    def pass_on(number: int):
         for pid in workers:
             try:
                 os.kill(pid, number)
             except ProcessLookupError:
                 pass
 
-    for number in PASSED_SIGNALS:
-        signal.signal(number, pass_on)
-    for _ in range(count):
-        spawn()
+    def reload():
+        sd_notify_reloading()
+        if reload_configuration():
+            send_configuration()
+        server._publish_metrics()
+        sd_notify("READY=1\nSTATUS=%d workers" % count)
+
+    def send_configuration():
+        listeners = [listener for listener in server._listeners
+                     if listener.spec is not None][:MAX_PASSED_LISTENERS]
+        message = pickle.dumps((server.settings, [
+            (listener.kind, listener.spec) for listener in listeners],
+            log_target()))
+        fds = array.array("i", [listener.sock.fileno()
+                                for listener in listeners])
+        waiting = {}
+        for pid, worker in workers.items():
+            try:
+                worker.control.sendmsg([message], [(
+                    socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)] if fds else [])
+                waiting[worker.control] = pid
+            except OSError as error:
+                log.error("worker %d cannot take the new configuration (%s):"
+                          " stopping it; another starts", pid, error)
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + WORKER_RELOAD_WAIT
+        while waiting and time.monotonic() < deadline:
+            ready, _, _ = select.select(list(waiting), [], [], max(
+                0.0, deadline - time.monotonic()))
+            for control in ready:
+                pid = waiting.pop(control)
+                try:
+                    control.recv(16)
+                except OSError:
+                    pass    # it ended: it is restarted with the new one
+        for pid in waiting.values():
+            log.warning("worker %d did not confirm the reload within %.0f s",
+                        pid, WORKER_RELOAD_WAIT)
+
+    def note(number, frame):
+        received.append(number)
+
+    signal.set_wakeup_fd(wakeup_writer.fileno())
+    for number in watched:
+        signal.signal(number, note)
+    for slot in range(1, count + 1):
+        spawn(slot)
     log.info("%d workers started", count)
+    server._publish_metrics()
     sd_notify("READY=1\nSTATUS=%d workers" % count)
-    while workers:
-        try:
-            pid, status = os.wait()
-        except ChildProcessError:
-            break
-        started = workers.pop(pid, None)
-        if started is None or stopping:
-            continue
-        log.warning("worker %d ended (wait status %d); starting another",
-                    pid, status)
-        if time.monotonic() - started < WORKER_RESTART_PAUSE:
-            time.sleep(WORKER_RESTART_PAUSE)    # no fork storm
-        if not stopping:
-            spawn()
+    try:
+        while workers or (respawns and not stopping):
+            reap()
+            while received:
+                number = received.popleft()
+                if number in (signal.SIGTERM, signal.SIGINT):
+                    if not stopping:
+                        stopping = True
+                        sd_notify("STOPPING=1")
+                    pass_on(number)     # a second one ends them at once
+                elif number == signal.SIGUSR1:
+                    pass_on(number)
+                elif number == signal.SIGHUP and not stopping:
+                    reload()
+            now = time.monotonic()
+            for when, slot in list(respawns):
+                if stopping:
+                    respawns.remove((when, slot))
+                elif when <= now:
+                    respawns.remove((when, slot))
+                    spawn(slot)
+            timeout = None
+            if respawns and not stopping:
+                timeout = max(0.0, min(when for when, _ in respawns) - now)
+            if workers or respawns:
+                select.select([wakeup_reader], [], [], timeout)
+            try:
+                while wakeup_reader.recv(4096):
+                    pass
+            except OSError:
+                pass
+    finally:
+        signal.set_wakeup_fd(-1)
+        wakeup_reader.close()
+        wakeup_writer.close()
     server.stop()
     return 0
+
+
+def control_socketpair():
+    """A socketpair that keeps messages whole and tells either end when the
+    other is gone (SOCK_SEQPACKET; SOCK_DGRAM where there is none)."""
+    try:
+        return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    except (AttributeError, OSError):
+        return socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+
+
+def follow_parent(server: Server, control: socket.socket):
+    """A worker: apply each configuration the parent sends over control
+    (settings, the listeners' specs with their sockets, the logging), and
+    confirm it."""
+    def on_message(mask):
+        try:
+            message, ancillary, _, _ = control.recvmsg(
+                1 << 20, socket.CMSG_LEN(MAX_PASSED_LISTENERS * 4))
+        except (BlockingIOError, InterruptedError):
+            return
+        fds = array.array("i")
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+        if not message:     # the parent is gone: watch_parent drains
+            server._loop.watch(control, EVENT_READ, 0, None)
+            control.close()
+            return
+        settings, specs, logging_target = pickle.loads(message)
+        received = {}
+        for (kind, spec), fd in zip(specs, fds):
+            unix_path = spec[len("unix:"):] if isinstance(spec, str) else None
+            received[(kind, spec)] = Listener(socket.socket(fileno=fd), kind,
+                                              spec, unix_path)
+        for fd in fds[len(specs):]:
+            os.close(fd)
+        try:
+            server._adopt(settings, received)
+        except ConfigError:
+            pass        # logged; this worker keeps what it had
+        reopen_log(*logging_target)
+        control.send(b"applied")
+
+    def start(_):
+        control.setblocking(False)
+        server._loop.watch(control, 0, EVENT_READ, (on_message, None))
+    server.call_soon_threadsafe(start, None)
 
 
 def watch_parent(server: Server, parent: int):
@@ -6737,7 +6914,7 @@ def watch_parent(server: Server, parent: int):
             log.warning("the parent process is gone: draining")
             server.stop(wait=False)
         else:
-            server.call_at(time.monotonic() + 1.0, check, None)
+            server._loop.call_later(1.0, check, None)
     server.call_soon_threadsafe(check, None)
 
 
@@ -7257,8 +7434,7 @@ def main(argv=None) -> int:
     inetd = options.inetd or options.inetd_wait
     # Under inetd, stdout and stderr may be the client's socket.
     try:
-        configure_logging(options.log_level, options.log_file,
-                          options.syslog or (inetd and not options.log_file))
+        configure_logging(*logging_target(options, inetd))
     except OSError as error:
         print("torsocksd: cannot log there: %s" % error, file=sys.stderr)
         return EX_UNAVAILABLE
@@ -7312,16 +7488,26 @@ def main(argv=None) -> int:
 
     server = Server(sockets=passed, config_source=read_again, **settings)
 
-    def reload():
-        sd_notify_reloading()
+    def log_target():
+        return logging_target(current[0], inetd)
+
+    def reload_configuration() -> bool:
+        """SIGHUP's work: the configuration read again and applied (True),
+        or not at all; the log reopened either way (after logrotate)."""
         del read[:]
         try:
             server.reload()
         except ConfigError:
-            pass        # each problem is logged; the old configuration stays
+            applied = False     # each problem is logged; the old one stays
         else:
             current[:] = read
-        reopen_log(current[0], inetd)
+            applied = True
+        reopen_log(*log_target())
+        return applied
+
+    def reload():
+        sd_notify_reloading()
+        reload_configuration()
         sd_notify("READY=1\nSTATUS=accepting on %s"
                   % ", ".join(server.stats()["listeners"]))
 
@@ -7340,7 +7526,8 @@ def main(argv=None) -> int:
         log.error("cannot start: %s", error)
         return EX_UNAVAILABLE
     if workers:
-        return run_workers(server, options.workers, reload)
+        return run_workers(server, options.workers, reload_configuration,
+                           log_target)
     if not connections and not options.inetd:
         sd_notify("READY=1\nSTATUS=accepting on %s"
                   % ", ".join(server.stats()["listeners"]))
@@ -7349,12 +7536,18 @@ def main(argv=None) -> int:
     return 0
 
 
-def reopen_log(options, inetd: bool):
-    """Logging as options say, the file reopened (after logrotate); when
-    the new handler cannot be made, the old one stays, and says why."""
+def logging_target(options, inetd: bool) -> tuple:
+    """configure_logging()'s arguments for options.  Under inetd, stdout
+    and stderr may be the client's socket: syslog unless --log-file."""
+    return (options.log_level, options.log_file,
+            options.syslog or (inetd and not options.log_file))
+
+
+def reopen_log(level: str, log_file: Optional[str], use_syslog: bool):
+    """Logging as asked, the file reopened (after logrotate); when the new
+    handler cannot be made, the old one stays, and says why."""
     try:
-        configure_logging(options.log_level, options.log_file,
-                          options.syslog or (inetd and not options.log_file))
+        configure_logging(level, log_file, use_syslog)
     except OSError as error:
         log.error("reload: cannot reopen the log (%s); logging goes on as "
                   "before", error)

@@ -220,3 +220,29 @@ def test_workers_share_the_listener_and_a_dead_worker_is_replaced(
     daemon.process.send_signal(signal.SIGTERM)
     assert daemon.finish() == 0
     assert any("starting another" in line for line in daemon.lines)
+
+
+def test_workers_whose_parent_is_killed_drain_and_exit():
+    """A worker notices that its parent is gone (SIGKILL: nothing passed
+    on) and drains and exits instead of serving on as an orphan."""
+    daemon = Daemon("--port", str(free_port()), "--workers", "2",
+                    listeners=3)
+    workers = children_of(daemon.process.pid)
+    assert len(workers) == 2
+    daemon.process.kill()
+    daemon.process.wait(TIMEOUT)
+    deadline = time.monotonic() + TIMEOUT
+    alive = workers
+    while alive and time.monotonic() < deadline:
+        alive = [pid for pid in workers if running(pid)]
+        time.sleep(0.05)
+    assert alive == [], "orphaned workers still serve"
+
+
+def running(pid):
+    """Whether pid is a live process (a zombie nobody reaped is not)."""
+    try:
+        with open("/proc/%d/stat" % pid) as stat:
+            return stat.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -528,3 +528,36 @@ def test_reload_under_load_loses_no_byte(tmp_path, notify, echo_server):
           "bytes echoed when each SIGHUP was sent: %s"
           % (chunks * CHUNK >> 20, sent_digest.hexdigest()[:16],
              ", ".join(str(before["received"]) for before, _ in in_flight)))
+
+
+# -- with --workers: the parent reads, every worker applies ----------------------
+
+def test_workers_reload_once_and_every_worker_applies(tmp_path, notify,
+                                                      echo_server):
+    first, second = free_port(), free_port()
+    base = "listen 127.0.0.1:%d\n" % first
+    daemon = Reloadable(tmp_path, notify, base, "--workers", "2")
+    daemon.daemon.wait_for("2 workers started")
+    with open_socks5_tunnel(("127.0.0.1", first), "127.0.0.1",
+                            echo_server.port) as tunnel:
+        daemon.reload(base + "listen 127.0.0.1:%d\n" % second)
+        # READY=1 came once both workers had it: each can serve the new one.
+        for _ in range(3):
+            daemon.daemon.wait_for("listening on 127.0.0.1:%d" % second)
+        daemon.daemon.wait_for("reload: applied")
+        for _ in range(6):
+            with open_socks5_tunnel(("127.0.0.1", second), "127.0.0.1",
+                                    echo_server.port) as fresh:
+                fresh.sendall(b"new")
+                assert recv_exactly(fresh, 3) == b"new"
+        tunnel.sendall(b"kept")
+        assert recv_exactly(tunnel, 4) == b"kept"
+        # A bad file: said once, by the parent, and nothing changes.
+        daemon.reload(base + "bogus\n")
+        daemon.reload(base + "listen 127.0.0.1:%d\n" % second)
+        tunnel.sendall(b"still")
+        assert recv_exactly(tunnel, 5) == b"still"
+    daemon.stop()
+    text = daemon.daemon.text()
+    assert text.count("unknown option 'bogus'") == 1, text
+    assert text.count("reload: applied") == 6, text     # parent + 2, twice

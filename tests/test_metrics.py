@@ -8,6 +8,7 @@ lookup, each byte.  No destination ever appears on the page.
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import torsocksd
 from conftest import (TIMEOUT, FakeResolver, free_port, open_socks5_tunnel,
                       recv_exactly, recv_until_eof, require_network_namespace,
                       require_program, socks4_request, socks5_request)
-from test_deploy import SCRIPT, Child, base_env, notify  # noqa: F401
+from test_deploy import SCRIPT, Child, notify  # noqa: F401
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SECRET = "secret-destination.test"     # must never reach the page
@@ -349,3 +350,67 @@ def test_a_real_prometheus_scrapes_it_in_a_network_namespace():
     assert result.returncode == 0
     assert result.stdout.splitlines()[-1] == "all checks passed"
     assert "FAILED" not in result.stdout
+
+
+# -- with --workers: one page for all of them --------------------------------------
+
+def scrape_daemon(port):
+    with socket.create_connection(("127.0.0.1", port),
+                                  timeout=TIMEOUT) as client:
+        client.sendall(GET)
+        response = recv_until_eof(client)
+    assert response.startswith(b"HTTP/1.1 200 OK\r\n")
+    return samples(response.partition(b"\r\n\r\n")[2].decode())
+
+
+def refused_connects(port, count):
+    for _ in range(count):
+        with socket.create_connection(("127.0.0.1", port),
+                                      timeout=TIMEOUT) as client:
+            client.sendall(b"\x05\x01\x00" + socks5_request(
+                1, "127.0.0.1", free_port()))
+            assert recv_exactly(client, 12) == b"\x05\x00\x05\x05\x00\x01" \
+                + bytes(6)
+            assert recv_until_eof(client) == b""
+
+
+REFUSED = 'torsocksd_connections_total{version="socks5",command="connect",' \
+          'outcome="refused"}'
+
+
+def wait_for_sample(port, series, expected):
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        value = scrape_daemon(port).get(series)
+        if value == expected:
+            return
+        assert value is None or value < expected, value
+        time.sleep(0.02)
+    raise AssertionError("%s stayed at %r, not %r" % (series, value,
+                                                      expected))
+
+
+def test_workers_numbers_add_up_across_a_worker_restart(notify):
+    """Every scrape shows every worker's numbers (summed); a worker that
+    dies and is replaced leaves its counts behind, so no counter drops."""
+    socks, metrics = free_port(), free_port()
+    ready = notify()
+    daemon = Child([sys.executable, SCRIPT, "--listen", "127.0.0.1:%d" % socks,
+                    "--metrics", "127.0.0.1:%d" % metrics, "--workers", "2"],
+                   env=ready.env())
+    ready.wait_ready()
+    refused_connects(socks, 8)
+    wait_for_sample(metrics, REFUSED, 8)
+    victim = int(re.search(r"torsocksd\[(\d+)\] INFO conn ",
+                           daemon.wait_for(" INFO conn ")).group(1))
+    os.kill(victim, signal.SIGKILL)
+    daemon.wait_for("worker %d ended" % victim)
+    daemon.wait_for("worker listening for metrics on 127.0.0.1:%d" % metrics)
+    for _ in range(20):     # whichever worker answers
+        assert scrape_daemon(metrics)[REFUSED] == 8
+    refused_connects(socks, 2)
+    wait_for_sample(metrics, REFUSED, 10)
+    page = scrape_daemon(metrics)
+    assert page["process_open_fds"] > 10     # three processes' worth
+    daemon.process.send_signal(signal.SIGINT)
+    assert daemon.finish() == 0
