@@ -388,9 +388,8 @@ def test_sighup_changes_log_level_and_reopens_the_log(tmp_path, notify):
             assert recv_exactly(client, 2) == b"\x05\x00"
     wait_for_file(str(log_path), " INFO conn 2 from ")
     daemon.stop()
-    rotated = (tmp_path / "torsocksd.log.1").read_text()
-    assert rotated == ""        # nothing at warning level before the reload
-    assert "conn 1 " not in log_path.read_text()
+    # At warning level, nothing was written before the reload.
+    assert (tmp_path / "torsocksd.log.1").read_text() == ""
 
 
 def test_log_reopen_that_fails_keeps_the_old_log_and_applies_the_rest(
