@@ -52,6 +52,10 @@ its rows by their first cell.
 # FROM, OUT OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR OTHER DEALINGS
 # IN THE SOFTWARE.
 
+# Annotations stay unevaluated: a signature may name ssl.SSLContext without
+# importing ssl (see _ImportedOnFirstUse below).
+from __future__ import annotations
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -75,9 +79,107 @@ __all__ = [
     "choose_method", "special_name_refusal", "destination_refusal",
     "Credentials", "ClientPolicy", "DestinationPolicy",
     # resolvers, the server, the command line
-    "ResolverResult", "SystemResolver", "DnsResolver",
+    "ResolverResult", "SystemResolver", "DnsResolver", "LookupScheduler",
+    "LoginThrottle",
     "Server", "Settings", "main",
 ]
+
+import os
+import sys
+
+
+# =============================================================================
+# Run as a script: hand over to the bytecode cache
+# =============================================================================
+# "python3 torsocksd.py" compiles the whole file before its first line runs
+# and keeps the parse tree, some 9 MiB, until the script ends.  So the script
+# does nothing but exec a fresh interpreter that imports torsocksd as a
+# module: from its bytecode cache (__pycache__ beside the file, which that
+# import writes when the directory is writable), or compiled once more.  exec
+# keeps the process ID, the descriptors (inetd's socket, systemd's
+# LISTEN_FDS), the environment and the interpreter's options.  Where that
+# cannot be done or would not be the same (Python before 3.10, no os.execv,
+# -I, a file not named NAME.py, another program running this file), the
+# script serves itself.
+
+def _bytecode_is_fresh(source: str, module: str) -> bool:
+    """Whether importing module from source will find bytecode it can use
+    as it is (importlib's own test for a timestamp-based .pyc)."""
+    tag = sys.implementation.cache_tag
+    if tag is None:
+        return False
+    directory = os.path.dirname(source)
+    name = "%s.%s%s.pyc" % (module, tag, ".opt-%d" % sys.flags.optimize
+                            if sys.flags.optimize else "")
+    prefix = getattr(sys, "pycache_prefix", None)
+    cache = (os.path.join(prefix, directory.lstrip(os.sep), name) if prefix
+             else os.path.join(directory, "__pycache__", name))
+    try:
+        with open(cache, "rb") as pyc:
+            header = pyc.read(16)       # magic, flags, mtime, size
+        status = os.stat(source)
+    except OSError:
+        return False
+    if len(header) < 16:
+        return False
+    if header[4:8] != bytes(4):         # hash-based: importlib decides
+        return True
+    return (int.from_bytes(header[8:12], "little")
+            == int(status.st_mtime) & 0xFFFFFFFF
+            and int.from_bytes(header[12:16], "little")
+            == status.st_size & 0xFFFFFFFF)
+
+
+def _interpreter_options(command_line):
+    """The options in command_line (sys.orig_argv) when it reads "python3
+    [options] FILE ARGS" with sys.argv being FILE ARGS; None when it does
+    not (python3 -m pdb FILE, coverage run FILE, ...)."""
+    first = len(command_line) - len(sys.argv)
+    if first < 1 or command_line[first:] != sys.argv:
+        return None
+    options = command_line[1:first]
+    value_follows = False
+    for option in options:
+        if value_follows:
+            value_follows = False
+        elif option in ("-W", "-X", "--check-hash-based-pycs"):
+            value_follows = True
+        elif not option.startswith("-") or option in ("-", "--") or (
+                not option.startswith(("--", "-W", "-X"))
+                and ("c" in option or "m" in option)):
+            return None
+    return None if value_follows else options
+
+
+def _exec_from_bytecode():
+    # Only when the interpreter itself ran this file (runpy.run_path() and
+    # exec() set no loader for it).
+    script = globals().get("__file__")
+    if not script or getattr(globals().get("__loader__"), "path",
+                             None) != script:
+        return
+    source = os.path.realpath(script)
+    directory, name = os.path.split(source)
+    module = name[:-len(".py")]
+    command_line = getattr(sys, "orig_argv", None)      # Python 3.10+
+    options = None if not command_line else _interpreter_options(command_line)
+    if (options is None or not hasattr(os, "execv") or not sys.executable
+            or not name.endswith(".py") or not module.isidentifier()
+            or os.path.realpath(sys.path[0]) != directory):
+        return
+    code = ("import sys; sys.argv.pop(0); sys.path[0] = %r; import %s; "
+            "sys.exit(%s._main_after_exec(compiled=%r))"
+            % (directory, module, module,
+               not _bytecode_is_fresh(source, module)))
+    try:
+        os.execv(sys.executable,
+                 [sys.executable] + options + ["-c", code] + sys.argv)
+    except OSError:
+        pass
+
+
+if __name__ == "__main__" and globals().get("__spec__") is None:
+    _exec_from_bytecode()
 
 import argparse
 import array
@@ -86,28 +188,44 @@ import enum
 import errno
 import fcntl
 import functools
-import hashlib
+import gc
 import heapq
-import hmac
 import ipaddress
 import itertools
 import logging
-import logging.handlers
-import mmap
-import os
-import pickle
 import queue
 import select
 import selectors
 import signal
 import socket
-import ssl
 import stat
 import struct
-import sys
 import threading
 import time
 from typing import NamedTuple, Optional, Union
+
+
+class _ImportedOnFirstUse:
+    """Stands in for a module until one of its names is first used, then
+    imports it and takes its place among this module's globals.  hashlib,
+    hmac and ssl serve only CONNECT_DIR and --credentials, and they load
+    OpenSSL: some 5 MiB and 6 ms that every other start would pay."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attribute: str):
+        module = __import__(self._name)
+        globals()[self._name] = module
+        return getattr(module, attribute)
+
+
+hashlib = _ImportedOnFirstUse("hashlib")
+hmac = _ImportedOnFirstUse("hmac")
+ssl = _ImportedOnFirstUse("ssl")
+# Only --workers needs these (shared metrics, configurations to workers).
+mmap = _ImportedOnFirstUse("mmap")
+pickle = _ImportedOnFirstUse("pickle")
 
 log = logging.getLogger("torsocksd")
 
@@ -723,6 +841,58 @@ class Credentials:
         return matched
 
 
+# Failed RFC 1929 logins from one client before its logins are refused
+# outright: a person mistyping gets a few tries, a guesser gets few too.
+LOGIN_FAILURES_ALLOWED = 5          # the default of --max-login-failures
+LOGIN_FAILURE_WINDOW = 30.0         # seconds a failure counts
+MAX_THROTTLED_CLIENTS = 4096        # clients remembered; the oldest go first
+
+
+class LoginThrottle:
+    """Failed logins per client (an address, or an IPv6 /64).
+
+    After LOGIN_FAILURES_ALLOWED failures within LOGIN_FAILURE_WINDOW
+    seconds, a client's next logins are refused without a check until its
+    oldest failure ages out.  Decisions only: the caller gives the time.
+    """
+
+    def __init__(self, allowed: int = LOGIN_FAILURES_ALLOWED,
+                 window: float = LOGIN_FAILURE_WINDOW,
+                 remembered: int = MAX_THROTTLED_CLIENTS):
+        self.allowed = allowed
+        self.window = window
+        self.remembered = remembered
+        self._failures = collections.OrderedDict()   # client -> deque of times
+
+    def blocked(self, client, now: float) -> bool:
+        """Whether client's logins are refused without a check now."""
+        times = self._recent(client, now)
+        return times is not None and len(times) >= self.allowed
+
+    def failed(self, client, now: float) -> bool:
+        """Record a failed login; True when it is the one that blocks the
+        client (to be logged once per burst)."""
+        times = self._recent(client, now)
+        if times is None:
+            times = self._failures[client] = collections.deque()
+            while len(self._failures) > self.remembered:
+                self._failures.popitem(last=False)
+        times.append(now)
+        self._failures.move_to_end(client)
+        return len(times) == self.allowed
+
+    def _recent(self, client, now: float):
+        times = self._failures.get(client)
+        if times is None:
+            return None
+        while times and times[0] <= now - self.window:
+            times.popleft()
+        if not times:
+            del self._failures[client]
+            return None
+        return times
+
+
 def special_name_refusal(host: str) -> Optional[str]:
     """Why a name must never reach DNS (.onion, .exit), or None."""
     name = host.rstrip(".").lower()
@@ -782,6 +952,59 @@ def destination_refusal(client_is_local: bool, destination) -> Optional[str]:
     if client_is_local or not is_local_only(ip_of(destination)):
         return None
     return "a remote client may not reach a local-only address"
+
+
+# One grammar for "where" on the command line and in rules: HOST:PORT,
+# [IPv6]:PORT, and HOST or [IPv6] alone where a port may be left out.  An
+# IPv6 address needs brackets wherever a port may follow: "::1:53" could
+# be either, so a bare address with colons there is an error.
+
+def parse_port(text: str, zero_allowed: bool = False) -> int:
+    """A port number, 1 to 65535 (0 too where it means "any")."""
+    if not (text.isdigit() and text.isascii()):
+        raise ValueError("%r is not a port number" % text)
+    port = int(text)
+    if not (0 if zero_allowed else 1) <= port <= 65535:
+        raise ValueError("port %d is out of range" % port)
+    return port
+
+
+def _is_ipv6_network(text: str) -> bool:
+    try:
+        return ipaddress.ip_network(text, strict=False).version == 6
+    except ValueError:
+        return False
+
+
+def split_host_port(text: str, default_port: Optional[int] = None):
+    """(host, port text or None) from "HOST:PORT", "[IPv6]:PORT", "HOST",
+    "[IPv6]"; a port must be there unless default_port says what it is
+    (then it is that number, as text).  The brackets are taken off."""
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket:
+            raise ValueError("%r: no closing bracket" % text)
+        if rest and not rest.startswith(":"):
+            raise ValueError("%r: only :PORT may follow ]" % text)
+        port = rest[1:] if rest else None
+    elif text.count(":") > 1:
+        # A bare IPv6 address (or network) is taken where no port need
+        # follow and it cannot be read as address and port at once.
+        head, _, tail = text.rpartition(":")
+        if default_port is None or not _is_ipv6_network(text) or (
+                tail.isdigit() and _is_ipv6_network(head)):
+            raise ValueError("%r: write an IPv6 address in brackets, as "
+                             "[::1]:9050" % text)
+        host, port = text, None
+    elif ":" in text:
+        host, _, port = text.partition(":")
+    else:
+        host, port = text, None
+    if port is None:
+        if default_port is None:
+            raise ValueError("%r: no port" % text)
+        port = str(default_port)
+    return host, port
 
 
 def parse_network(text: str):
@@ -849,18 +1072,22 @@ class DestinationPolicy:
             raise ValueError("%r: a rule is accept|reject ADDR[/MASK]"
                              "[:PORT[-PORT]]" % text)
         target = target.strip()
+        mask = ""
+        if target.startswith("[") and "]/" in target:
+            # Tor writes an IPv6 network as [2001:db8::]/32:80.
+            closing = target.index("]/")
+            mask, colon, ports = target[closing + 1:].partition(":")
+            target = target[:closing + 1] + (colon + ports)
+        address, ports = split_host_port(target, default_port="*")
         low, high = 0, 65535        # no port given, or "*": every port
-        if target.startswith("["):
-            address, _, ports = target[1:].partition("]")
-            ports = ports[1:] if ports.startswith(":") else ports
-        elif target.count(":") == 1:
-            address, _, ports = target.partition(":")
-        else:
-            address, ports = target, ""
-        if ports and ports != "*":
-            first, _, last = ports.partition("-")
-            low, high = int(first), int(last or first)
-        return verdict == "accept", parse_network(address), low, high
+        if ports != "*":
+            first, dash, last = ports.partition("-")
+            low = parse_port(first, zero_allowed=True)
+            high = parse_port(last, zero_allowed=True) if dash else low
+            if low > high:
+                raise ValueError("%r: the port range is backwards" % text)
+        return (verdict == "accept", parse_network(address + mask), low,
+                high)
 
     def refusal(self, client_is_local: bool, address, port: int):
         address = ip_of(address)
@@ -1214,8 +1441,9 @@ class SystemResolver:
     fails at once instead of queueing without bound.
     """
 
-    def __init__(self, workers: int = 4, max_pending: int = 512):
+    def __init__(self, workers: int = 8, max_pending: int = 512):
         self.workers = max(1, workers)
+        self.capacity = self.workers    # lookups that run at once
         self.max_pending = max_pending
         self._jobs = queue.Queue()
         self._threads = []
@@ -1561,17 +1789,10 @@ def parse_dns_response(message: bytes, query_id: int, name: str,
 
 def parse_nameserver(text: str):
     """(IP, port) from --nameserver IP, IP:PORT, [IPv6] or [IPv6]:PORT."""
-    host, port = text, str(DNS_PORT)
-    if text.startswith("["):
-        host, _, port = text[1:].partition("]")
-        port = port[1:] if port.startswith(":") else port or str(DNS_PORT)
-    elif text.count(":") == 1:      # more colons: a bare IPv6 address
-        host, _, port = text.partition(":")
     try:
+        host, port = split_host_port(text, DNS_PORT)
         address = ipaddress.ip_address(host)
-        number = int(port)
-        if not 0 < number < 65536:
-            raise ValueError(port)
+        number = parse_port(port)
     except ValueError:
         raise argparse.ArgumentTypeError(
             "%r: give IP[:PORT], as 127.0.0.1:5353 or [::1]:53" % text) \
@@ -1917,6 +2138,7 @@ class DnsResolver:
         self.attempts = max(1, attempts)
         self.cache_size = cache_size
         self.max_pending = max_pending
+        self.capacity = max_pending     # lookups that ask at once
         # (name, qtype) -> (monotonic expiry, DnsAnswer), oldest first
         self.cache = collections.OrderedDict()
         self.queries = set()        # _DnsQuery in flight, one per lookup
@@ -2026,6 +2248,156 @@ class DnsResolver:
         self.cache[key] = (time.monotonic() + ttl, answer)
         while len(self.cache) > self.cache_size:
             self.cache.popitem(last=False)
+
+
+# =============================================================================
+# Sharing the resolver: one client's lookups never hold another's back
+# =============================================================================
+# A client here is what Server calls a client key: an IPv4 address, an IPv6
+# /64, or all Unix-socket clients together.  Names whose servers never
+# answer are the cheap way to tie a resolver up; each client gets a share.
+
+MAX_WAITING_LOOKUPS = 512           # lookups waiting for the resolver, in all
+MAX_WAITING_LOOKUPS_PER_CLIENT = 64  # ... from one client
+DEFAULT_RESOLVER_CAPACITY = 64      # lookups at once, for a resolver that
+                                    # does not say (its capacity attribute)
+
+
+class _ScheduledLookup:
+    """One lookup as the scheduler holds it: waiting, then at the resolver."""
+    __slots__ = ("scheduler", "client", "kind", "query", "callback", "owner",
+                 "inner", "state")
+
+    def __init__(self, scheduler, client, kind, query, callback, owner):
+        self.scheduler = scheduler
+        self.client = client
+        self.kind = kind            # "name" or "address"
+        self.query = query
+        self.callback = callback    # runs in the loop with the result
+        self.owner = owner
+        self.inner = None           # the resolver's handle, once asked
+        self.state = "waiting"
+
+    def cancel(self):
+        self.scheduler.cancel(self)
+
+
+class LookupScheduler:
+    """Hands lookups to the resolver fairly, client by client.
+
+    The resolver gets at most capacity lookups at once, and each client at
+    most half of them (share); more wait, at most
+    MAX_WAITING_LOOKUPS_PER_CLIENT per client and MAX_WAITING_LOOKUPS in
+    all, beyond which lookup() refuses at once (None).  A free place goes
+    to the waiting client with the fewest lookups out, in turn among
+    equals.  A cancelled lookup gives
+    its place back at once.  Runs in the loop; the resolver may answer from
+    any thread.
+    """
+
+    def __init__(self, resolver, loop, capacity: Optional[int] = None):
+        self.resolver = resolver
+        self.loop = loop
+        self.capacity = max(1, capacity or getattr(
+            resolver, "capacity", DEFAULT_RESOLVER_CAPACITY))
+        self.share = max(1, self.capacity // 2)
+        self.asking = collections.Counter()     # client -> at the resolver
+        self.asking_total = 0
+        self.waiting = collections.OrderedDict()  # client -> deque, in turn
+        self.waiting_total = 0
+
+    def lookup(self, client, hostname: str, callback, owner=None):
+        return self._submit(client, "name", hostname, callback, owner)
+
+    def reverse(self, client, address, callback, owner=None):
+        return self._submit(client, "address", address, callback, owner)
+
+    def pending(self) -> int:
+        return self.asking_total + self.waiting_total
+
+    def use(self, resolver):
+        """Ask resolver from now on (a reload); lookups out finish where
+        they are."""
+        self.resolver = resolver
+        self.capacity = max(1, getattr(resolver, "capacity",
+                                       DEFAULT_RESOLVER_CAPACITY))
+        self.share = max(1, self.capacity // 2)
+        self._next()
+
+    def _submit(self, client, kind, query, callback, owner):
+        queue = self.waiting.get(client)
+        if self.waiting_total >= MAX_WAITING_LOOKUPS or (
+                queue is not None
+                and len(queue) >= MAX_WAITING_LOOKUPS_PER_CLIENT):
+            return None
+        job = _ScheduledLookup(self, client, kind, query, callback, owner)
+        if queue is None and self._has_room(client):
+            self._ask(job)
+        else:
+            self.waiting.setdefault(client, collections.deque()).append(job)
+            self.waiting_total += 1
+        return job
+
+    def _has_room(self, client) -> bool:
+        return (self.asking_total < self.capacity
+                and self.asking[client] < self.share)
+
+    def _ask(self, job: _ScheduledLookup):
+        job.state = "asking"
+        self.asking[job.client] += 1
+        self.asking_total += 1
+        method = self.resolver.lookup if job.kind == "name" \
+            else self.resolver.reverse
+        answer = self.loop.threadsafe_callback(
+            functools.partial(self._answered, job), owner=job.owner)
+        job.inner = method(job.query, answer)
+
+    def _answered(self, job: _ScheduledLookup, result: ResolverResult):
+        if job.state != "asking":
+            return          # cancelled meanwhile
+        self._release(job)
+        job.state = "done"
+        job.callback(result)
+        self._next()
+
+    def cancel(self, job: _ScheduledLookup):
+        if job.state == "waiting":
+            queue = self.waiting[job.client]
+            queue.remove(job)
+            self.waiting_total -= 1
+            if not queue:
+                del self.waiting[job.client]
+        elif job.state == "asking":
+            if job.inner is not None:
+                job.inner.cancel()
+            self._release(job)
+            self._next()
+        job.state = "cancelled"
+
+    def _release(self, job: _ScheduledLookup):
+        self.asking_total -= 1
+        self.asking[job.client] -= 1
+        if not self.asking[job.client]:
+            del self.asking[job.client]
+
+    def _next(self):
+        """Give free places to waiting clients, one lookup each in turn."""
+        while self.asking_total < self.capacity:
+            # The client with the fewest lookups out goes first; among
+            # equals, the one whose turn came longest ago.
+            eligible = [client for client in self.waiting
+                        if self.asking[client] < self.share]
+            if not eligible:
+                return
+            client = min(eligible, key=self.asking.__getitem__)
+            queue = self.waiting[client]
+            job = queue.popleft()
+            self.waiting_total -= 1
+            if queue:
+                self.waiting.move_to_end(client)    # its turn is over
+            else:
+                del self.waiting[client]
+            self._ask(job)
 
 
 # =============================================================================
@@ -2146,6 +2518,7 @@ LINK_RECEIVED_HIGH_WATER = 128 * 1024
 # one TLS record, some 6 ms of relay crypto in CPython.
 LINK_CELLS_PER_WAKEUP = 32
 LINK_IDLE_TIMEOUT = 60.0       # seconds an unused circuit stays open for reuse
+MAX_TOR_LINKS = 64             # links (a socket each) open at once
 
 
 class TorProtocolError(Exception):
@@ -2205,10 +2578,15 @@ def _make_final_tables(sbox):
 
 
 AES_SBOX = _make_sbox()
-_AES_ROUND_TABLES = _make_round_tables(AES_SBOX)
-_AES_FINAL_TABLES = _make_final_tables(AES_SBOX)
 AES_BLOCK_LEN = 16
 _MASK128 = (1 << 128) - 1
+
+
+@functools.lru_cache(maxsize=None)
+def _aes_tables():
+    """(round tables, final tables): 8,192 ints, 0.4 MiB, made when
+    CONNECT_DIR first needs them rather than at every start."""
+    return _make_round_tables(AES_SBOX), _make_final_tables(AES_SBOX)
 
 
 def aes128_round_keys(key: bytes):
@@ -2234,7 +2612,7 @@ def _aes_round(state: bytes, round_key: int) -> int:
     """SubBytes, ShiftRows, MixColumns and AddRoundKey: output column c takes
     row r from input column c + r, so each term is one table lookup."""
     ((a0, b0, c0, d0), (a1, b1, c1, d1), (a2, b2, c2, d2),
-     (a3, b3, c3, d3)) = _AES_ROUND_TABLES
+     (a3, b3, c3, d3)) = _aes_tables()[0]
     s = state
     return (a0[s[0]] ^ b0[s[5]] ^ c0[s[10]] ^ d0[s[15]]
             ^ a1[s[4]] ^ b1[s[9]] ^ c1[s[14]] ^ d1[s[3]]
@@ -2245,7 +2623,7 @@ def _aes_round(state: bytes, round_key: int) -> int:
 def _aes_final_round(state: bytes, round_key: int) -> int:
     """The last round: no MixColumns."""
     (f0, f1, f2, f3, f4, f5, f6, f7, f8, f9, f10, f11, f12, f13, f14,
-     f15) = _AES_FINAL_TABLES
+     f15) = _aes_tables()[1]
     s = state
     return (f0[s[0]] ^ f1[s[5]] ^ f2[s[10]] ^ f3[s[15]]
             ^ f4[s[4]] ^ f5[s[9]] ^ f6[s[14]] ^ f7[s[3]]
@@ -2271,10 +2649,11 @@ def aes128_ctr_blocks(round_keys, start: int, count: int) -> bytes:
     by four (one column); both are computed once per 256 blocks.  Rounds 3
     to 10 are _aes_round and _aes_final_round written out inline, as a
     call per round costs a fifth of the time."""
+    round_tables, final_tables = _aes_tables()
     ((a0, b0, c0, d0), (a1, b1, c1, d1), (a2, b2, c2, d2),
-     (a3, b3, c3, d3)) = _AES_ROUND_TABLES
+     (a3, b3, c3, d3)) = round_tables
     (f0, f1, f2, f3, f4, f5, f6, f7, f8, f9, f10, f11, f12, f13, f14,
-     f15) = _AES_FINAL_TABLES
+     f15) = final_tables
     middle, last = round_keys[3:10], round_keys[10]
     output = []
     append = output.append
@@ -3774,6 +4153,9 @@ class TorLinkPool:
         address = str(ip_of(address))
         link = self._find_link(address, port, fingerprint)
         if link is None:
+            if len(self.links) >= MAX_TOR_LINKS:
+                raise OSError(errno.EAGAIN, "%d Tor links open already"
+                              % MAX_TOR_LINKS)
             if self._tls_context is None:
                 self._tls_context = tor_tls_context()
             link = TorLink(self.loop, address, port, fingerprint,
@@ -3877,24 +4259,27 @@ class EventLoop:
         self._ready.append(handle)
         return handle
 
-    def call_soon_threadsafe(self, function, *args) -> Handle:
-        handle = self.call_soon(function, *args)    # deque.append is atomic
+    def call_soon_threadsafe(self, function, *args, owner=None) -> Handle:
+        handle = self.call_soon(function, *args, owner=owner)   # atomic
         try:
             self._wakeup_writer.send(b"\0")
         except OSError:
             pass    # full (a wake-up is pending anyway) or closed
         return handle
 
-    def threadsafe_callback(self, callback):
+    def threadsafe_callback(self, callback, owner=None):
         """A callable any thread may call with one argument; callback then
         runs with it in the loop (for resolvers' answers)."""
         def post(result):
-            self.call_soon_threadsafe(callback, result)
+            self.call_soon_threadsafe(callback, result, owner=owner)
         return post
 
     def run_once(self, limit: Optional[float] = None):
         """Wait for events (no longer than the next timer, or limit), then
         run what is due: socket handlers, calls made soon, timers."""
+        timers = self._timers
+        while timers and timers[0][2] is None:
+            heapq.heappop(timers)       # cancelled: no reason to wake up
         timeout = limit
         if self._ready:
             timeout = 0
@@ -3965,6 +4350,7 @@ RECV_BUFFER_SIZE = 256 * 1024       # one buffer for the whole loop
 READS_PER_WAKEUP = 4                # fewer selects under load, still fair
 HIGH_WATER = 256 * 1024             # stop reading a side past this backlog
 MAX_CONNECT_ATTEMPTS = 16           # addresses of one name tried in turn
+MAX_PARALLEL_ATTEMPTS = 2           # ... at most this many at once (fds)
 CLOSING_LINGER = 2.0                # seconds a last reply may take to drain
 PAUSED_CHECK_INTERVAL = 1.0         # seconds between looks at a paused socket
 
@@ -4057,6 +4443,7 @@ class Connection:
     """
     __slots__ = ("server", "loop", "settings", "number", "client",
                  "client_label", "remote_address", "client_is_local",
+                 "client_key", "login_throttled",
                  "target", "state", "handshake", "request", "candidates",
                  "attempts", "last_reply", "lookup", "deadline", "idle_mark",
                  "dir_stream", "upstream", "downstream", "client_events",
@@ -4064,7 +4451,8 @@ class Connection:
                  "paused_check", "outcome", "opened")
 
     def __init__(self, server: "Server", client: socket.socket,
-                 client_label: str, remote_address, number: int):
+                 client_label: str, remote_address, number: int,
+                 client_key=None):
         self.server = server
         self.loop = server._loop
         self.settings = settings = server.settings     # fixed from accept on
@@ -4074,12 +4462,15 @@ class Connection:
         # The client's address unless it is on this host (loopback or Unix).
         self.remote_address = remote_address
         self.client_is_local = remote_address is None
+        # Whose share of lookups and logins this is (Server._client_key).
+        self.client_key = client_key
+        self.login_throttled = False
         self.target = None
         self.state = State.HANDSHAKE
         credentials = settings.credentials
         self.handshake = SocksHandshake(
             credentials_required=bool(credentials),
-            authenticate=credentials.check if credentials else None,
+            authenticate=self._authenticate if credentials else None,
             safe_socks=settings.safe_socks, client_family=client.family,
             local_address=self._local_address)
         self.request = None
@@ -4248,6 +4639,8 @@ class Connection:
         elif settings.test_socks and handshake.unsafe is not None:
             self._log_request_safety()
         if request is None:
+            if self.login_throttled:
+                handshake.refusal = "too many failed logins from this client"
             if handshake.protocol is Protocol.HTTP:
                 # The page is what the client gets: it counts as bytes down.
                 self.downstream.count += len(replies)
@@ -4259,6 +4652,22 @@ class Connection:
         if request.command in RELAYED_COMMANDS:
             self.upstream.pending = bytearray(handshake.early_data)
         self._start_request(request)
+
+    def _authenticate(self, username: bytes, password: bytes) -> bool:
+        """RFC 1929 against the credentials, unless this client failed too
+        often lately (the README's "SOCKS5 methods with credentials")."""
+        throttle = self.server._login_throttle
+        now = time.monotonic()
+        if throttle.allowed and throttle.blocked(self.client_key, now):
+            self.login_throttled = True
+            return False
+        if self.settings.credentials.check(username, password):
+            return True
+        if throttle.allowed and throttle.failed(self.client_key, now):
+            log.warning("%s: %d failed logins in %.0f s: its logins are "
+                        "refused for a while", self.client_label,
+                        throttle.allowed, throttle.window)
+        return False
 
     def _local_address(self) -> str:
         """Where the client reached us, as a proxy URL writes it."""
@@ -4281,13 +4690,13 @@ class Connection:
     def _start_request(self, request: Request):
         """Look the destination up (or take its IP literal), then hand the
         answers to the command's handler."""
-        resolver = self.server.resolver
+        lookups = self.server._lookups
         if request.command is Command.RESOLVE_PTR:
-            self._start_lookup(resolver.reverse, request.address)
+            self._start_lookup(lookups.reverse, request.address)
         elif request.address is not None:
             self._serve_answers((request.address,))
         else:
-            self._start_lookup(resolver.lookup, request.host)
+            self._start_lookup(lookups.lookup, request.host)
 
     def _serve_answers(self, answers):
         handler = COMMAND_HANDLERS.get(self.request.command)
@@ -4300,9 +4709,14 @@ class Connection:
     # -- resolving ------------------------------------------------------------
 
     def _start_lookup(self, method, query):
+        """Ask through the Server's LookupScheduler, in this client's
+        share."""
         self._enter(State.RESOLVING)
-        self.lookup = method(query, self.loop.threadsafe_callback(
-            self._resolved))
+        self.lookup = method(self.client_key, query, self._resolved,
+                             owner=self)
+        if self.lookup is None:
+            self._refuse(Reply.GENERAL_FAILURE, "too many pending name "
+                         "lookups from this client")
 
     def _resolved(self, result: ResolverResult):
         self._run_guarded(self._on_resolved, result)
@@ -4384,7 +4798,7 @@ class Connection:
             self.attempts.append(target)
             self.loop.watch(target, 0, EVENT_WRITE, (functools.partial(
                 self._run_guarded, self._attempt_ready, target), self))
-            if self.candidates:
+            if self.candidates and len(self.attempts) < MAX_PARALLEL_ATTEMPTS:
                 self.loop.call_later(
                     self.settings.happy_eyeballs_delay, self._run_guarded,
                     self._attempt_overdue, target, owner=self)
@@ -4394,8 +4808,10 @@ class Connection:
                 self.last_reply.name.lower().replace("_", " ")))
 
     def _attempt_overdue(self, target):
-        """An attempt is still pending after the delay: start the next too."""
-        if self.state is State.CONNECTING and target in self.attempts:
+        """An attempt is still pending after the delay: start the next too,
+        unless MAX_PARALLEL_ATTEMPTS are out (then a failure starts it)."""
+        if self.state is State.CONNECTING and target in self.attempts \
+                and len(self.attempts) < MAX_PARALLEL_ATTEMPTS:
             self._attempt_next()
 
     def _attempt_ready(self, target, mask):
@@ -4504,7 +4920,13 @@ class Connection:
         does).  Reading on also shows a client that resets meanwhile."""
         data = self.client.recv(HIGH_WATER)
         if not data:
-            self.upstream.reading = False
+            if self.request.command in LOOKUP_COMMANDS:
+                # Nobody will read the answer: the lookup is cancelled, as
+                # Tor drops a request whose client hangs up.
+                self.outcome = "client closed before the answer"
+                self.close()
+                return
+            self.upstream.reading = False   # a CONNECT's half-close
         elif self.request.command in RELAYED_COMMANDS:
             self.upstream.pending += data
 
@@ -4883,6 +5305,7 @@ SETTING_DEFAULTS = {
     "max_per_client": None,
     "credentials": None,
     "credentials_file": None,
+    "max_login_failures": 5,
     "client_policy": None,
     "destination_policy": None,
     "open_proxy": False,
@@ -4899,7 +5322,7 @@ SETTING_DEFAULTS = {
     "splice": False,
     "router_pins": None,
     "nameservers": (),
-    "resolver_threads": 4,
+    "resolver_threads": 8,
     "metrics": (),
 }
 
@@ -4994,7 +5417,10 @@ class Settings:
         for attribute in LISTENER_SETTINGS.values():
             setattr(self, attribute, listener_specs(getattr(self, attribute)))
         if self.max_connections is None:
-            self.max_connections = default_max_connections()
+            lookup_fds = dns_lookup_capacity(file_limit()) \
+                if self.nameservers else self.resolver_threads
+            self.max_connections = default_max_connections(lookup_fds,
+                                                           self.splice)
         if self.splice and not HAVE_SPLICE:
             raise ValueError("the splice relay needs Linux and Python 3.10+")
 
@@ -5002,7 +5428,8 @@ class Settings:
         """The resolver these settings ask for: the built-in DNS client with
         nameservers, else the system's resolver in a thread pool."""
         if self.nameservers:
-            return DnsResolver(self.nameservers)
+            return DnsResolver(self.nameservers,
+                               max_pending=dns_lookup_capacity(file_limit()))
         return SystemResolver(workers=self.resolver_threads)
 
 
@@ -5046,17 +5473,40 @@ def open_listener(host: str, port: int) -> socket.socket:
     return listener
 
 
-def default_max_connections() -> int:
-    """As many connections as the fd limit allows: two fds each, and some
-    spare for listeners, the wakeup pair and lookups."""
+# The file descriptor budget.  A connection holds its client and up to
+# MAX_PARALLEL_ATTEMPTS sockets while it connects (then one target); the
+# splice relay lends a moving connection two pipes.  Lookups and Tor links
+# hold their own; the rest (listeners, the loop, logs) is FDS_SPARE.  The
+# default --max-connections is what the limit allows when every connection
+# holds the most it can, so a new client is never left without a socket.
+FDS_SPARE = 64
+FDS_PER_CONNECTION = 1 + MAX_PARALLEL_ATTEMPTS
+FDS_PER_SPLICED_CONNECTION = FDS_PER_CONNECTION + 4
+
+
+def file_limit() -> int:
+    """The soft RLIMIT_NOFILE (65536 for "unlimited")."""
     try:
         import resource
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     except (ImportError, OSError, ValueError):
-        return 512
-    if soft == resource.RLIM_INFINITY:
-        soft = 65536
-    return max(16, (soft - 64) // 2)
+        return 1024
+    return 65536 if soft == resource.RLIM_INFINITY else soft
+
+
+def dns_lookup_capacity(limit: int) -> int:
+    """Lookups the built-in DNS client may have out at once (a socket
+    each): a sixteenth of the fd limit, between 16 and 512."""
+    return max(16, min(512, limit // 16))
+
+
+def default_max_connections(lookup_fds: int = 0,
+                            splice: bool = False) -> int:
+    """As many connections as the fd limit allows (see FDS_SPARE)."""
+    per_connection = FDS_PER_SPLICED_CONNECTION if splice \
+        else FDS_PER_CONNECTION
+    spare = FDS_SPARE + MAX_TOR_LINKS + lookup_fds
+    return max(16, (file_limit() - spare) // per_connection)
 
 
 class Listener:
@@ -5110,13 +5560,20 @@ def exposure_problems(settings: Settings, listeners) -> list:
                     "refusing to serve metrics on %s without --allow: "
                     "anyone could read them (--allow the scraper's address)"
                     % format_address(address))
-        elif not (settings.open_proxy or settings.client_policy
-                  or settings.credentials):
+        elif not Server._guarded(settings):
             problems.append(
                 "refusing to listen on %s without --allow/--deny or "
                 "--credentials: anyone could use this proxy (give "
                 "--open-proxy if that is meant)" % format_address(address))
     return problems
+
+
+def client_key(address):
+    """Whose share a client uses (per-client caps, lookups, failed logins):
+    its IPv4 address, or its IPv6 /64, which one host usually has whole."""
+    if address.version == 4:
+        return address
+    return ipaddress.IPv6Network((address, 64), strict=False)
 
 
 def is_listening(sock: socket.socket) -> bool:
@@ -5162,6 +5619,9 @@ class Server:
     credentials           a Credentials object: RFC 1929 becomes mandatory
     credentials_file      a file of user:password lines, read now and again
                           by reload()
+    max_login_failures    failed logins one client (an address, an IPv6 /64)
+                          may make within 30 s before its logins are
+                          refused for a while (0: no limit)
     client_policy         a ClientPolicy, or [(allowed, CIDR), ...] (--allow,
                           --deny)
     destination_policy    a DestinationPolicy, or its rules (--policy)
@@ -5202,6 +5662,7 @@ class Server:
         self._metrics_base = {}         # PUBLISHED_COUNTERS when taken
         self._closed_bytes = [0, 0]     # up, down: of connections closed
         self._metrics_exchanges = set()
+        self._publish_timer = None      # with workers, while busy
         self._lookup_lock = threading.Lock()
         self._resolver_given = resolver is not None
         self.resolver = self._track(resolver if resolver is not None
@@ -5223,7 +5684,10 @@ class Server:
         self._numbers = itertools.count(1)
         self._last_unsafe_warning = 0.0
         self._last_accept_error_log = 0.0
-        self._per_client = collections.Counter()  # remote address -> open
+        self._per_client = collections.Counter()  # remote client key -> open
+        self._login_throttle = LoginThrottle(
+            self.settings.max_login_failures)
+        self._lookups = None            # LookupScheduler, once the loop is
         self._pipes = []                # idle pipes for the splice relay
         self._tor_links = None          # TorLinkPool, once CONNECT_DIR is used
         self._last_busy = time.monotonic()
@@ -5387,18 +5851,19 @@ class Server:
         attach = getattr(self.resolver, "attach", None)
         if attach is not None:
             attach(loop)        # a resolver that runs in this loop
+        self._lookups = LookupScheduler(self.resolver, loop)
         clients = [sock for sock in self._handed_in if not is_listening(sock)]
         if clients and all(listener.kind in MONITORING_KINDS
                            for listener in self._listeners):
             self._exit_when_done = True
         for client in clients:
-            self._serve(client, client.getpeername())
+            self._serve(client, client.getpeername(), handed_in=True)
         self._resume_accepting()
         if os.getpid() != self._bound_by:   # a forked worker: say so too
             for listener in self._listeners:
                 self._log_listening(listener, "worker ")
         if self._metrics.slots > 1:
-            self._publish_now_and_then()
+            self._publish_metrics()     # this worker's process numbers
 
     def _finished(self) -> bool:
         if self._exit_when_done and not self._connections:
@@ -5456,6 +5921,7 @@ class Server:
         self._accepting = False
 
     def _accept_from(self, listener: Listener, mask):
+        self._keep_publishing()
         monitoring = listener.kind in MONITORING_KINDS
         serve = getattr(self, SERVE_BY_KIND.get(listener.kind, "_serve"))
         max_connections = self.settings.max_connections
@@ -5485,14 +5951,18 @@ class Server:
             self._last_accept_error_log = now
             log.warning("accept failed: %s", error)
 
-    def _serve(self, client: socket.socket, peer, kind: str = "socks"):
+    def _serve(self, client: socket.socket, peer, kind: str = "socks",
+               handed_in: bool = False):
         self._accepted += 1
         remote_address = None       # a Unix or loopback client is local
         label = "unix socket"
+        key = "unix"
         if client.family != socket.AF_UNIX:
             label = format_address(peer)
             address = ip_of(peer[0])
-            refusal = self._client_refusal(address)
+            key = client_key(address)
+            local = address.is_loopback
+            refusal = self._client_refusal(address, key, local, handed_in)
             if refusal:
                 self._refused_at_accept += 1
                 self._metrics.add(("torsocksd_connections_total", "none",
@@ -5500,29 +5970,38 @@ class Server:
                 log.info("refused %s at accept: %s", label, refusal)
                 client.close()
                 return
-            if not address.is_loopback:
+            if not local:
                 remote_address = address
             with_nodelay(client)
         client.setblocking(False)
         try:
             connection = Connection(self, client, label, remote_address,
-                                    next(self._numbers))
+                                    next(self._numbers), key)
         except OSError as error:
             log.warning("cannot serve a new connection: %s", error)
             client.close()
             return
         if remote_address is not None:
-            self._per_client[remote_address] += 1
+            self._per_client[key] += 1
         self._connections.add(connection)
 
-    def _client_refusal(self, address) -> Optional[str]:
+    def _client_refusal(self, address, key, local: bool,
+                        handed_in: bool) -> Optional[str]:
         settings = self.settings
         if not settings.client_policy.permits(address):
             return "not allowed by --allow/--deny"
-        if (settings.max_per_client is not None and not address.is_loopback
-                and self._per_client[address] >= settings.max_per_client):
-            return "more than %d connections from one address" \
-                % settings.max_per_client
+        if local:
+            return None
+        if handed_in and not self._guarded(settings):
+            # inetd and Accept=yes hand us a client instead of a listener:
+            # the rule for an exposed listener holds for it too.
+            return ("a client from another host needs --allow/--deny or "
+                    "--credentials (or --open-proxy)")
+        if (settings.max_per_client is not None
+                and self._per_client[key] >= settings.max_per_client):
+            return "more than %d connections from one %s" % (
+                settings.max_per_client,
+                "address" if address.version == 4 else "/64")
         return None
 
     def _connection_closed(self, connection: Connection):
@@ -5531,11 +6010,11 @@ class Server:
         self._relayed_bytes += connection.upstream.count \
             + connection.downstream.count
         self._count_closed(connection)
-        remote_address = connection.remote_address
-        if remote_address is not None:
-            self._per_client[remote_address] -= 1
-            if not self._per_client[remote_address]:
-                del self._per_client[remote_address]
+        if connection.remote_address is not None:
+            key = connection.client_key
+            self._per_client[key] -= 1
+            if not self._per_client[key]:
+                del self._per_client[key]
         connection.log_outcome()
         if not self._accepting:
             self._resume_accepting()
@@ -5612,6 +6091,13 @@ class Server:
             except OSError:
                 pass
         listener.unix_path = None
+
+    @staticmethod
+    def _guarded(settings: Settings) -> bool:
+        """Whether other hosts may be served: a client policy, credentials,
+        or --open-proxy said on purpose."""
+        return bool(settings.open_proxy or settings.client_policy
+                    or settings.credentials)
 
     @staticmethod
     def _listener_triples(listeners):
@@ -5726,21 +6212,28 @@ class Server:
                            (("torsocksd_errors_total", "internal"), bugs)):
             metrics.set(key, base.get(key, 0.0) + value)
         metrics.set(("torsocksd_connections_open",), len(self._connections))
-        metrics.set(("torsocksd_lookups_pending",), sum(
-            resolver.pending for resolver
-            in [self.resolver] + self._retiring_resolvers))
+        metrics.set(("torsocksd_lookups_pending",), self._lookups.pending()
+                    if self._lookups is not None else 0)
         paused = self._loop is not None and not self._accepting \
             and self._drain_deadline is None
         metrics.set(("torsocksd_listener_paused",), 1.0 if paused else 0.0)
         for name, value in process_numbers().items():
             metrics.set((name,), value)
 
-    def _publish_now_and_then(self):
-        """With workers: publish every METRICS_PUBLISH_INTERVAL, so that
-        the worker answering a scrape has the others' numbers."""
+    def _keep_publishing(self):
+        """With workers: publish every METRICS_PUBLISH_INTERVAL while this
+        one is busy, so that the worker answering a scrape has the others'
+        numbers; once idle, publish once more and sleep (idle workers wake
+        for nothing)."""
+        if self._metrics.slots > 1 and self._publish_timer is None:
+            self._publish_timer = self._loop.call_later(
+                METRICS_PUBLISH_INTERVAL, self._publish_tick)
+
+    def _publish_tick(self):
+        self._publish_timer = None
         self._publish_metrics()
-        self._loop.call_later(METRICS_PUBLISH_INTERVAL,
-                              self._publish_now_and_then)
+        if self._connections or self._lookups.pending():
+            self._keep_publishing()
 
     def _serve_metrics(self, client: socket.socket, peer, kind: str):
         label = "unix socket"
@@ -5928,6 +6421,8 @@ class Server:
             self._swap_resolver(new.new_resolver())
         if self._tor_links is not None:
             self._tor_links.timeout = new.connect_timeout
+        # Failures counted so far stay: a reload is no way out of a block.
+        self._login_throttle.allowed = new.max_login_failures
         if self._loop is not None:
             self._resume_accepting()    # max_connections may have grown
         if self._handed_in:
@@ -5968,6 +6463,7 @@ class Server:
             attach = getattr(self.resolver, "attach", None)
             if attach is not None:
                 attach(self._loop)
+            self._lookups.use(self.resolver)
             self._retiring_resolvers.append(retired)
             self._close_idle_resolvers()
         else:
@@ -6551,9 +7047,10 @@ def configure_logging(level: str, log_file: Optional[str] = None,
         handler = logging.FileHandler(log_file)
         handler.setFormatter(logging.Formatter(LOG_FORMAT))
     elif use_syslog:
-        handler = logging.handlers.SysLogHandler(
+        from logging.handlers import SysLogHandler     # 0.7 MiB: only here
+        handler = SysLogHandler(
             address="/dev/log" if os.path.exists("/dev/log") else "/var/run/syslog",
-            facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+            facility=SysLogHandler.LOG_DAEMON)
         handler.setFormatter(logging.Formatter(SYSLOG_FORMAT))
     else:
         handler = logging.StreamHandler(sys.stderr)
@@ -6700,6 +7197,9 @@ def run_workers(server: Server, count: int, reload_configuration,
     server.bind()
     server.share_metrics(count + 1)     # slot 0: this process
     parent = os.getpid()
+    # Only the parent holds the write end: the workers read EOF once it is
+    # gone, however it ended.
+    parent_alive, parent_alive_writer = os.pipe()
     workers = {}            # pid -> _Worker
     respawns = []           # (when, slot) of workers to start again
     received = collections.deque()
@@ -6713,12 +7213,17 @@ def run_workers(server: Server, count: int, reload_configuration,
         control, child_end = control_socketpair()
         # Signals wait until the child has its own handlers in place.
         signal.pthread_sigmask(signal.SIG_BLOCK, watched)
+        # Everything loaded so far leaves the collector's generations, so
+        # that a worker's collections do not write to (and so copy) the
+        # pages it shares with the parent.
+        gc.freeze()
         pid = os.fork()
         if pid == 0:
             status = 1
             try:
                 signal.set_wakeup_fd(-1)
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                os.close(parent_alive_writer)
                 for sock in [wakeup_reader, wakeup_writer, control] + [
                         worker.control for worker in workers.values()]:
                     sock.close()
@@ -6727,7 +7232,7 @@ def run_workers(server: Server, count: int, reload_configuration,
                     "SIGHUP to a worker: the main process, %d, reloads",
                     parent))
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, watched)
-                watch_parent(server, parent)
+                watch_parent(server, parent_alive)
                 follow_parent(server, child_end)
                 server.serve_forever()
                 status = 0
@@ -6906,16 +7411,26 @@ def follow_parent(server: Server, control: socket.socket):
     server.call_soon_threadsafe(start, None)
 
 
-def watch_parent(server: Server, parent: int):
+def watch_parent(server: Server, parent_alive: int):
     """A worker whose parent died (SIGKILL, a crash) drains and exits
-    instead of serving on as an orphan nobody supervises."""
-    def check(_):
-        if os.getppid() != parent:
-            log.warning("the parent process is gone: draining")
-            server.stop(wait=False)
-        else:
-            server._loop.call_later(1.0, check, None)
-    server.call_soon_threadsafe(check, None)
+    instead of serving on as an orphan nobody supervises.  parent_alive is
+    the read end of a pipe whose write end only the parent holds: it reads
+    EOF once the parent is gone.  A thread waits on it, so nothing wakes
+    while the parent lives."""
+    def wait():
+        while True:
+            try:
+                if not os.read(parent_alive, 1):
+                    break
+            except InterruptedError:
+                continue
+            except OSError:
+                break
+        os.close(parent_alive)
+        log.warning("the parent process is gone: draining")
+        server.stop(wait=False)
+    threading.Thread(target=wait, name="torsocksd-parent", daemon=True) \
+        .start()
 
 
 def log_statistics(server: Server):
@@ -6978,11 +7493,12 @@ def router_pin(text: str):
     if not equals:
         raise argparse.ArgumentTypeError("%r: write ADDR:PORT=FINGERPRINT"
                                          % text)
-    host, port = parse_listen(where)
     try:
-        return (str(ip_of(host)), port), parse_fingerprint(fingerprint)
+        host, port = split_host_port(where)
+        return ((str(ip_of(host)), parse_port(port)),
+                parse_fingerprint(fingerprint))
     except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error))
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def ip_argument(text: str) -> str:
@@ -6999,19 +7515,21 @@ def parse_listen(spec: str):
         if len(spec) == len("unix:"):
             raise argparse.ArgumentTypeError("%r: no path" % spec)
         return spec
-    host, _, port = spec.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise argparse.ArgumentTypeError(
-            "%r: write an IPv6 address in brackets, as [::1]:9050" % spec)
+    if spec.isdigit():
+        spec = ":" + spec
     try:
-        number = int(port)
-    except ValueError:
-        raise argparse.ArgumentTypeError("%r: the port is not a number" % spec)
-    if not 0 <= number <= 65535:
-        raise argparse.ArgumentTypeError("%r: port out of range" % spec)
-    return (host or DEFAULT_ADDRESS, number)
+        host, port = split_host_port(spec)
+        return (host or DEFAULT_ADDRESS, parse_port(port, zero_allowed=True))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def port_number(text: str) -> int:
+    """--port: 1 to 65535, or 0 for one the system picks."""
+    try:
+        return parse_port(text, zero_allowed=True)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def metrics_address(text: str):
@@ -7081,7 +7599,7 @@ def build_argument_parser() -> argparse.ArgumentParser:
                              "else 64 after one line per problem")
 
     listen = parser.add_argument_group("where to listen")
-    listen.add_argument("--port", type=int, default=DEFAULT_PORT,
+    listen.add_argument("--port", type=port_number, default=DEFAULT_PORT,
                         help="port for --address (default %(default)s)")
     listen.add_argument("--address", default=DEFAULT_ADDRESS,
                         help="address to listen on (default %(default)s; "
@@ -7158,16 +7676,24 @@ def build_argument_parser() -> argparse.ArgumentParser:
                         help="close relayed connections idle at least this "
                              "long (checked every SECONDS, so within twice "
                              "that; default: never)")
+    limits.add_argument("--max-login-failures", type=int, metavar="N",
+                        default=default("max_login_failures"),
+                        help="failed logins one client (address, or IPv6 "
+                             "/64) may make in 30 s before its logins are "
+                             "refused for a while; 0: no limit (default "
+                             "%(default)s)")
     limits.add_argument("--max-per-client", type=positive_int, metavar="N",
-                        help="connections from one remote address (default: "
-                             "no cap; loopback clients are never capped)")
+                        help="connections from one remote client: an "
+                             "address, or an IPv6 /64 (default: no cap; "
+                             "loopback clients are never capped)")
     limits.add_argument("--drain-timeout", type=float,
                         default=default("drain_timeout"), metavar="SECONDS",
                         help="time open connections get at shutdown "
                              "(default %(default)s)")
     limits.add_argument("--max-connections", type=positive_int, metavar="N",
                         help="connections served at once (default: what the "
-                             "file descriptor limit allows)")
+                             "file descriptor limit allows when each holds "
+                             "its client and two connect attempts)")
     limits.add_argument("--nameserver", metavar="IP[:PORT]", action="append",
                         dest="nameservers", default=[], type=parse_nameserver,
                         help="ask this DNS server directly, from the event "
@@ -7175,7 +7701,9 @@ def build_argument_parser() -> argparse.ArgumentParser:
                              "(repeatable; [IPv6]:PORT)")
     limits.add_argument("--resolver-threads", type=positive_int,
                         default=default("resolver_threads"), metavar="N",
-                        help="threads for name lookups (default %(default)s)")
+                        help="threads for name lookups (default "
+                             "%(default)s); each client gets half of them at "
+                             "most")
 
     outbound = parser.add_argument_group("outbound connections")
     outbound.add_argument("--outbound-address", metavar="ADDR",
@@ -7551,6 +8079,20 @@ def reopen_log(level: str, log_file: Optional[str], use_syslog: bool):
     except OSError as error:
         log.error("reload: cannot reopen the log (%s); logging goes on as "
                   "before", error)
+
+
+def _main_after_exec(compiled: bool) -> int:
+    """main() in the interpreter the script handed over to (see "Run as a
+    script" at the top).  compiled: the import found no fresh bytecode and
+    compiled this file, and glibc keeps what that freed (some 8 MiB) until
+    asked to give it back."""
+    if compiled:
+        try:
+            import ctypes
+            ctypes.CDLL(None).malloc_trim(0)
+        except (ImportError, OSError, AttributeError):
+            pass            # not glibc: the memory stays with the process
+    return main()
 
 
 if __name__ == "__main__":

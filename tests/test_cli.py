@@ -1,5 +1,6 @@
 """The command line: defaults, options, signals, exit statuses."""
 
+import ipaddress
 import os
 import select
 import signal
@@ -223,27 +224,49 @@ def test_workers_share_the_listener_and_a_dead_worker_is_replaced(
     assert any("starting another" in line for line in daemon.lines)
 
 
-def test_workers_whose_parent_is_killed_drain_and_exit():
-    """A worker notices that its parent is gone (SIGKILL: nothing passed
-    on) and drains and exits instead of serving on as an orphan."""
-    daemon = Daemon("--port", str(free_port()), "--workers", "2",
-                    listeners=3)
-    workers = children_of(daemon.process.pid)
-    assert len(workers) == 2
-    daemon.process.kill()
-    daemon.process.wait(TIMEOUT)
-    deadline = time.monotonic() + TIMEOUT
-    alive = workers
-    while alive and time.monotonic() < deadline:
-        alive = [pid for pid in workers if running(pid)]
-        time.sleep(0.05)
-    assert alive == [], "orphaned workers still serve"
+# -- one address grammar --------------------------------------------------------
+
+@pytest.mark.parametrize("arguments", [
+    ["--port", "99999"], ["--port", "-1"], ["--port", "80a"],
+    ["--listen", "127.0.0.1:65536"], ["--listen", "::1:9050"],
+    ["--nameserver", "::1:53"], ["--nameserver", "2001:db8::1:53"],
+    ["--nameserver", "127.0.0.1:0"], ["--nameserver", "[::1]x"],
+    ["--policy", "accept ::1:80"], ["--policy", "reject *:70000"],
+    ["--policy", "reject *:90-80"],
+    ["--pin-relay", "::1:9001=" + "AB" * 20],
+    ["--pin-relay", "127.0.0.1:0=" + "AB" * 20],
+])
+def test_ambiguous_or_out_of_range_addresses_are_usage_errors(arguments,
+                                                                capsys):
+    with pytest.raises(SystemExit) as exited:
+        torsocksd.build_argument_parser().parse_args(arguments)
+    assert exited.value.code == 2
+    assert "error:" in capsys.readouterr().err
 
 
-def running(pid):
-    """Whether pid is a live process (a zombie nobody reaped is not)."""
-    try:
-        with open("/proc/%d/stat" % pid) as stat:
-            return stat.read().rpartition(")")[2].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+@pytest.mark.parametrize("rule, parsed", [
+    ("accept [::1]:80", (True, "::1/128", 80, 80)),
+    ("reject [::1]:25", (False, "::1/128", 25, 25)),
+    ("accept [2001:db8::]/32:80", (True, "2001:db8::/32", 80, 80)),
+    ("accept [2001:db8::/32]:80-90", (True, "2001:db8::/32", 80, 90)),
+    ("reject 127.0.0.0/8", (False, "127.0.0.0/8", 0, 65535)),
+    ("accept 192.0.2.7:443", (True, "192.0.2.7/32", 443, 443)),
+])
+def test_policy_rules_read_one_grammar(rule, parsed):
+    verdict, network, low, high = torsocksd.DestinationPolicy.parse_rule(rule)
+    assert (verdict, str(network), low, high) == parsed
+
+
+def test_a_rule_for_ipv6_port_25_blocks_only_port_25():
+    policy = torsocksd.DestinationPolicy(["reject [::1]:25"])
+    loopback = ipaddress.ip_address("::1")
+    assert policy.refusal(True, loopback, 25)
+    assert not policy.refusal(True, loopback, 80)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("[::1]:53", ("::1", 53)), ("[::1]", ("::1", 53)),
+    ("127.0.0.1", ("127.0.0.1", 53)), ("127.0.0.1:5353", ("127.0.0.1", 5353)),
+])
+def test_nameservers_read_one_grammar(text, expected):
+    assert torsocksd.parse_nameserver(text) == expected

@@ -59,7 +59,8 @@ SAMPLES = {
     "credentials": "/etc/torsocksd/users", "safe-socks": None,
     "test-socks": None, "handshake-timeout": "3", "connect-timeout": "4",
     "idle-timeout": "600", "max-per-client": "8", "drain-timeout": "2",
-    "max-connections": "100", "nameserver": "[2001:db8::53]:5353",
+    "max-connections": "100", "max-login-failures": "3",
+    "nameserver": "[2001:db8::53]:5353",
     "resolver-threads": "2", "outbound-address": "192.0.2.5",
     "outbound-interface": "eth0", "prefer-ipv6": None, "prefer-ipv4": None,
     "no-ipv6": None, "happy-eyeballs-delay": "0.1", "inetd": None,
@@ -143,8 +144,7 @@ def test_problems_name_the_file_and_line_and_all_are_reported(tmp_path):
              for problem in problems]
     assert lines == [2, 3, 4, 5, 6, 7, 8, 9], problems
     assert "unknown option 'lisen'" in problems[0]
-    assert "argument --listen: '127.0.0.1:port': the port is not a number" \
-        in problems[1]
+    assert "argument --listen: 'port' is not a port number" in problems[1]
     assert "ignored explicit argument 'yes'" in problems[2]
     assert "expected one argument" in problems[3]
     assert "unknown option 'config'" in problems[4]

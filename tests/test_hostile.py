@@ -134,7 +134,8 @@ def test_fuzz_live_server(make_server, phase, connections, credentials,
             resolver=FakeResolver(fuzz_campaign.NAMES, fuzz_campaign.REVERSE),
             destination_policy=campaign.policy(),
             credentials=torsocksd.Credentials(credentials)
-            if credentials else None)
+            if credentials else None,
+            max_login_failures=0)   # the campaign fails logins on purpose
         figures = fuzz_campaign.live_campaign(server, campaign, connections,
                                                credentials=credentials)
         problem = campaign.check_normal_client(server, credentials)

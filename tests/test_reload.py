@@ -405,3 +405,12 @@ def test_ipv6_listener_added(make_server):
                                   timeout=TIMEOUT) as client:
         client.sendall(b"\x05\x01\x00")
         assert recv_exactly(client, 2) == b"\x05\x00"
+
+
+def test_login_failure_limit_is_reloaded_and_counts_kept(make_server):
+    server = make_server(resolver=FakeResolver(), max_login_failures=5)
+    throttle = server._login_throttle
+    throttle.failed("client", time.monotonic())
+    server.reload(max_login_failures=1)
+    assert server._login_throttle is throttle and throttle.allowed == 1
+    assert throttle.blocked("client", time.monotonic())

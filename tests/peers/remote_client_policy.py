@@ -250,6 +250,8 @@ def main():
 
     run_destination_rule_checks(loop_echo, host_echo)
     run_mapped_rule_checks(loop_echo, host_echo)
+    run_handed_in_checks(host_echo)
+    run_ipv6_prefix_checks()
 
     if FAILURES:
         print("%d check(s) failed" % len(FAILURES))
@@ -387,6 +389,86 @@ def run_mapped_rule_checks(loop_echo, host_echo):
         check("%s: the echo server on 192.0.2.1 saw no connection" % label,
               len(host_echo.accepted) == before,
               "peers %r" % host_echo.accepted[before:])
+
+
+def handed_in_pair(source):
+    """(the server's end, the client's end) of a TCP connection from
+    source to HOST, as inetd or systemd Accept=yes would hand it over."""
+    with socket.socket() as listener:
+        listener.bind((HOST, 0))
+        listener.listen(1)
+        client_end = socket.socket()
+        client_end.settimeout(TIMEOUT)
+        client_end.bind((source, 0))
+        client_end.connect(listener.getsockname())
+        server_end, _ = listener.accept()
+    return server_end, client_end
+
+
+def run_handed_in_checks(host_echo):
+    """inetd and Accept=yes hand in a connected socket: a client from
+    another host needs a client policy or credentials there too."""
+    server_end, client_end = handed_in_pair(OTHER_HOST)
+    server = torsocksd.Server(sockets=[server_end], resolver=Resolver())
+    server.start()
+    with client_end:
+        client_end.sendall(b"\x05\x01\x00")
+        data, end = rest_until_eof(client_end)
+    server.stop()
+    check("handed-in client from another host, no policy: no byte, closed",
+          data == b"" and end in ("eof", "reset"), "got %r, %s" % (data, end))
+    check("handed-in client from another host, no policy: refused at accept",
+          server.stats()["refused_at_accept"] == 1, repr(server.stats()))
+
+    server_end, client_end = handed_in_pair(OTHER_HOST)
+    server = torsocksd.Server(sockets=[server_end], resolver=Resolver(),
+                              client_policy=REMOTE_CLIENTS)
+    server.start()
+    with client_end:
+        client_end.sendall(b"\x05\x01\x00\x05\x01\x00"
+                           + socks5_target(HOST, host_echo.port))
+        reply = recv_up_to(client_end, 12)
+        outcome = ping_through(client_end, reply)
+    server.stop()
+    check("handed-in client from another host, --allow covers it: relayed",
+          outcome == (b"\x05\x00" + SUCCEEDED, (b"ping", "eof")),
+          repr(outcome))
+
+
+def run_ipv6_prefix_checks():
+    """--max-per-client counts an IPv6 /64: one host usually has all of
+    it, so two addresses of one /64 are one client."""
+    first, second, elsewhere = "2001:db8:0:1::1", "2001:db8:0:1::2", \
+        "2001:db8:0:2::1"
+    for address in (first, second, elsewhere):
+        subprocess.run(["ip", "addr", "add", address + "/128", "dev", "lo",
+                        "nodad"], check=True)
+    policy = torsocksd.ClientPolicy([(True, "2001:db8::/32")])
+    with torsocksd.Server([("2001:db8:0:1::1", 0)], resolver=Resolver(),
+                          client_policy=policy, max_per_client=1) as server:
+        port = server.address[1]
+
+        def from_(source):
+            sock = socket.socket(socket.AF_INET6)
+            sock.settimeout(TIMEOUT)
+            sock.bind((source, 0))
+            sock.connect((first, port))
+            return sock
+
+        with from_(first) as held:
+            held.sendall(b"\x05\x01\x00")
+            check("IPv6 /64: the first client is served",
+                  recv_up_to(held, 2) == b"\x05\x00")
+            with from_(second) as same_prefix:
+                same_prefix.sendall(b"\x05\x01\x00")
+                data, end = rest_until_eof(same_prefix)
+            check("IPv6 /64: a second address of the same /64 is over the "
+                  "cap", data == b"" and end in ("eof", "reset"),
+                  "got %r, %s" % (data, end))
+            with from_(elsewhere) as other_prefix:
+                other_prefix.sendall(b"\x05\x01\x00")
+                check("IPv6 /64: another /64 is another client",
+                      recv_up_to(other_prefix, 2) == b"\x05\x00")
 
 
 def wait_idle(server, seconds=5.0):
