@@ -5543,6 +5543,18 @@ def open_listener_for(spec, kind: str, unix_mode: int) -> Listener:
     return Listener(open_listener(*spec), kind, spec)
 
 
+def literal_listener(kind: str, spec) -> list:
+    """[(kind, family, address)] of a spec whose host is an IP literal, as
+    exposure_problems() takes it; [] for a name or a Unix socket."""
+    if isinstance(spec, str):
+        return []
+    address = ip_literal(spec[0])
+    if address is None:
+        return []
+    family = socket.AF_INET if address.version == 4 else socket.AF_INET6
+    return [(kind, family, (str(address), spec[1]))]
+
+
 def exposure_problems(settings: Settings, listeners) -> list:
     """Why these listeners would expose more than settings allow: a proxy
     other hosts can reach needs a client policy or credentials (or
@@ -6348,6 +6360,13 @@ class Server:
             if listener is None:
                 listener = self._bound_as(kind, spec, current, wanted)
             if listener is None:
+                # One that would be exposed is not opened at all when its
+                # address says so; a name is checked once it is bound.
+                exposed = exposure_problems(settings, literal_listener(
+                    kind, spec))
+                if exposed:
+                    problems += exposed
+                    continue
                 try:
                     listener = open_listener_for(spec, kind,
                                                  settings.unix_mode)
@@ -6423,6 +6442,8 @@ class Server:
             self._tor_links.timeout = new.connect_timeout
         # Failures counted so far stay: a reload is no way out of a block.
         self._login_throttle.allowed = new.max_login_failures
+        if new.unix_mode != old.unix_mode:
+            self._chmod_unix_listeners(new.unix_mode)
         if self._loop is not None:
             self._resume_accepting()    # max_connections may have grown
         if self._handed_in:
@@ -6433,6 +6454,18 @@ class Server:
                  "; credentials read from %s" % new.credentials_file
                  if new.credentials_file else "")
         return report
+
+    def _chmod_unix_listeners(self, mode: int):
+        """unix_mode for the Unix listeners this process made."""
+        if self._bound_by != os.getpid():
+            return
+        for listener in self._listeners:
+            if listener.unix_path is not None:
+                try:
+                    os.chmod(listener.unix_path, mode)
+                except OSError as error:
+                    log.warning("reload: cannot change the mode of %s: %s",
+                                listener.unix_path, error)
 
     def _swap_listeners(self, plan: _ListenerPlan) -> ReloadReport:
         """New listeners are watched before removed ones close, so that

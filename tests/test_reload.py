@@ -176,6 +176,29 @@ def test_exposure_is_checked_on_the_new_configuration(make_server,
         tunnel_round_trip(tunnel)
 
 
+def test_a_listener_exposed_by_its_address_is_never_opened(make_server,
+                                                         monkeypatch):
+    server = make_server(resolver=FakeResolver())
+    opened = []
+    real = torsocksd.open_listener_for
+
+    def recording(spec, kind, unix_mode):
+        opened.append(spec)
+        return real(spec, kind, unix_mode)
+    monkeypatch.setattr(torsocksd, "open_listener_for", recording)
+    port = free_port()
+    with pytest.raises(torsocksd.ConfigError) as refused:
+        server.reload(listen=[server.address, ("::", port),
+                              ("0.0.0.0", port), ("127.0.0.2", port)])
+    assert [problem.split(" without")[0] for problem
+            in refused.value.problems] == [
+        "refusing to listen on [::]:%d" % port,
+        "refusing to listen on 0.0.0.0:%d" % port]
+    assert opened == [("127.0.0.2", port)]      # and closed again
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.2", port))
+
+
 def test_settings_apply_to_new_connections_only(make_server, echo_server):
     server = make_server(resolver=FakeResolver())
     with open_socks5_tunnel(server.address, "127.0.0.1",
@@ -261,6 +284,8 @@ def test_unix_listener_added_then_removed(make_server, tmp_path):
         client.connect(path)
         client.sendall(b"\x05\x01\x00")
         assert recv_exactly(client, 2) == b"\x05\x00"
+    server.reload(listen=[tcp, "unix:" + path], unix_mode=0o600)
+    assert os.stat(path).st_mode & 0o777 == 0o600       # the kept one too
     server.reload(listen=[tcp])
     assert not os.path.exists(path)
 
