@@ -188,6 +188,7 @@ if __name__ == "__main__" and globals().get("__spec__") is None:
     _exec_from_bytecode()
 
 import argparse
+import array
 import base64
 import collections
 import enum
@@ -200,6 +201,7 @@ import ipaddress
 import itertools
 import logging
 import queue
+import select
 import selectors
 import signal
 import socket
@@ -228,6 +230,9 @@ class _ImportedOnFirstUse:
 hashlib = _ImportedOnFirstUse("hashlib")
 hmac = _ImportedOnFirstUse("hmac")
 ssl = _ImportedOnFirstUse("ssl")
+# Only --workers needs these (shared metrics, configurations to workers).
+mmap = _ImportedOnFirstUse("mmap")
+pickle = _ImportedOnFirstUse("pickle")
 
 log = logging.getLogger("torsocksd")
 
@@ -2087,12 +2092,16 @@ class SystemResolver:
     def reverse(self, address, callback) -> _Lookup:
         return self._submit(_Lookup(("address", address), callback))
 
-    def close(self):
+    def close(self, wait: bool = True):
+        """Stop the threads once the lookups queued are done; wait=False
+        does not wait for them (a reload retiring this resolver)."""
         with self._lock:
             self._closed = True
             threads, self._threads = self._threads, []
         for _ in threads:
             self._jobs.put(None)
+        if not wait:
+            return
         # Daemon threads: one stuck in getaddrinfo must not hold up a stop.
         deadline = time.monotonic() + 1.0
         for thread in threads:
@@ -2941,6 +2950,15 @@ class LookupScheduler:
 
     def pending(self) -> int:
         return self.asking_total + self.waiting_total
+
+    def use(self, resolver):
+        """Ask resolver from now on (a reload); lookups out finish where
+        they are."""
+        self.resolver = resolver
+        self.capacity = max(1, getattr(resolver, "capacity",
+                                       DEFAULT_RESOLVER_CAPACITY))
+        self.share = max(1, self.capacity // 2)
+        self._next()
 
     def _submit(self, client, kind, query, callback, owner):
         queue = self.waiting.get(client)
@@ -4852,6 +4870,7 @@ class EventLoop:
         self._wakeup_writer.setblocking(False)
         self.watch(self._wakeup_reader, 0, EVENT_READ, (self._on_wakeup, None))
         self.closed = False
+        self.bugs = 0                   # handler errors contained
 
     def watch(self, sock, old_events: int, new_events: int, handler):
         """Change what the loop waits for on sock (0 means nothing)."""
@@ -4929,10 +4948,10 @@ class EventLoop:
                 except Exception:
                     self._contain_bug(owner)
 
-    @staticmethod
-    def _contain_bug(owner):
+    def _contain_bug(self, owner):
         """A bug met while handling one event: log it, close what it
         belongs to, and keep serving everyone else."""
+        self.bugs += 1
         log.exception("internal error; closing what it concerns")
         if owner is not None:
             try:
@@ -5168,6 +5187,8 @@ class Connection:
             log.debug("conn %d: %s -> %s", self.number, self.state.value,
                       state.value)
         self.state = state
+        if state is State.RELAYING or state is State.CLOSING:
+            self.server._replied(self)      # the handshake's last reply
         deadline = PHASES[state].deadline
         if isinstance(deadline, str):
             deadline = getattr(self.settings, deadline)
@@ -6811,6 +6832,9 @@ class UdpAssociation:
 
 ACCEPTS_PER_WAKEUP = 64             # accept in batches, then serve the others
 MAX_KNOWN_PEERS = 4096              # peer addresses parsed once, then looked up
+LOOP_CALL_WAIT = 30.0               # seconds reload() waits for the loop
+RESOLVER_RETIRE_CHECK = 1.0         # seconds between looks at a replaced
+                                    # resolver's pending lookups
 ACCEPT_PAUSE = 1.0                  # seconds a listener rests after EMFILE & co
 ACCEPT_PAUSE_ERRORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS,
                                  errno.ENOMEM))
@@ -6828,6 +6852,7 @@ DEFAULT_ADDRESS = "127.0.0.1"       # never listen beyond this host unless told
 # destinations have the same names, so an option is written here, in the
 # Server docstring and in build_argument_parser(), and nowhere else.
 SETTING_DEFAULTS = {
+    "listen": ((DEFAULT_ADDRESS, DEFAULT_PORT),),
     "handshake_timeout": 10.0,
     "connect_timeout": 10.0,
     "idle_timeout": None,
@@ -6860,7 +6885,50 @@ SETTING_DEFAULTS = {
     "max_udp_per_client": 16,
     "http_tunnel": (),
     "proxy_protocol_from": (),
+    "metrics": (),
 }
+
+# Each kind of listener, and the setting that lists where it listens (specs:
+# (host, port) or "unix:/path").  A reload compares (kind, spec) pairs: a
+# listener whose pair is still wanted keeps its socket.  A kind added later
+# (another door into the server) adds a row here, a setting, and an accept
+# handler in Server.SERVE_BY_KIND.
+LISTENER_SETTINGS = {
+    "socks": "listen",
+    "http-tunnel": "http_tunnel",
+    "metrics": "metrics",
+}
+# The Server method that takes a client a listener of each kind accepted
+# (the SOCKS port's, _serve, unless named here).
+SERVE_BY_KIND = {
+    "metrics": "_serve_metrics",
+}
+# Kinds that show the server's state rather than serve clients: other hosts
+# may reach them only as --allow says, and they keep no inetd client's
+# process alive.
+MONITORING_KINDS = frozenset(("metrics",))
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; problems lists every reason
+    (one line each), and nothing was changed."""
+
+    def __init__(self, problems):
+        self.problems = list(problems)
+        super().__init__("; ".join(self.problems))
+
+
+class ReloadReport(NamedTuple):
+    """What a reload did to the listeners (their describe() strings)."""
+    opened: list
+    closed: list
+    kept: list
+
+
+class _ListenerPlan(NamedTuple):
+    listeners: list     # every listener once the reload is applied, in order
+    opened: list        # opened for it
+    removed: list       # to close once it is applied
 
 
 class Settings:
@@ -6909,10 +6977,11 @@ class Settings:
                            for (host, port), fingerprint
                            in dict(self.router_pins or {}).items()}
         self.nameservers = tuple(self.nameservers)
-        self.http_tunnel = tuple(self.http_tunnel)
         self.proxy_protocol_from = tuple(
             network if not isinstance(network, str) else parse_network(network)
             for network in self.proxy_protocol_from)
+        for attribute in LISTENER_SETTINGS.values():
+            setattr(self, attribute, listener_specs(getattr(self, attribute)))
         if self.max_connections is None:
             lookup_fds = dns_lookup_capacity(file_limit()) \
                 if self.nameservers else self.resolver_threads
@@ -6928,6 +6997,25 @@ class Settings:
             return DnsResolver(self.nameservers,
                                max_pending=dns_lookup_capacity(file_limit()))
         return SystemResolver(workers=self.resolver_threads)
+
+
+def listener_specs(specs) -> tuple:
+    """Listener specs in a form that compares and hashes: (host, port)
+    tuples and "unix:/path" strings, each once, in the order given."""
+    unique = []
+    for spec in specs or ():
+        if not isinstance(spec, str):
+            host, port = spec
+            spec = (str(host), int(port))
+        if spec not in unique:
+            unique.append(spec)
+    return tuple(unique)
+
+
+def wanted_listeners(settings: Settings):
+    """(kind, spec) of every listener settings ask for, SOCKS first."""
+    return [(kind, spec) for kind, attribute in LISTENER_SETTINGS.items()
+            for spec in getattr(settings, attribute)]
 
 
 def open_listener(host: str, port: int) -> socket.socket:
@@ -6989,9 +7077,10 @@ def default_max_connections(lookup_fds: int = 0,
 
 class Listener:
     """A listening socket and what it serves: kind "socks" (the SOCKS
-    port), "http-tunnel" (HTTP CONNECT), or another door a feature adds.
-    spec is how it was asked for ((host, port) or "unix:/path"; None when
-    handed in), so that a reload can tell which listeners to keep."""
+    port), "http-tunnel" (HTTP CONNECT), "metrics", or another door a
+    feature adds (LISTENER_SETTINGS).  spec is how it was asked for ((host,
+    port) or "unix:/path"; None when handed in), so that a reload can tell
+    which listeners to keep."""
     __slots__ = ("sock", "kind", "spec", "unix_path", "address")
 
     def __init__(self, sock: socket.socket, kind: str = "socks", spec=None,
@@ -7005,10 +7094,20 @@ class Listener:
     def close(self):
         self.sock.close()
 
+    def describe(self) -> str:
+        """Where it listens, and for what unless it is the SOCKS port."""
+        where = format_address(self.address)
+        return where if self.kind == "socks" else "%s (%s)" % (where,
+                                                               self.kind)
+
 
 # How the log names a listener of each kind (this + "listening on ADDR"; the
 # address stays the line's last word, which scripts read).
-LISTENER_LABELS = {"http-tunnel": "HTTP CONNECT "}
+# What the log says a listener of each kind does (the address comes last,
+# for scripts that wait for it).
+LISTENER_LABELS = {"socks": "listening on ",
+                   "http-tunnel": "HTTP CONNECT listening on ",
+                   "metrics": "listening for metrics on "}
 
 
 def open_listener_for(spec, kind: str, unix_mode: int) -> Listener:
@@ -7018,6 +7117,43 @@ def open_listener_for(spec, kind: str, unix_mode: int) -> Listener:
         return Listener(open_unix_listener(path, unix_mode), kind, spec,
                         unix_path=path)
     return Listener(open_listener(*spec), kind, spec)
+
+
+def literal_listener(kind: str, spec) -> list:
+    """[(kind, family, address)] of a spec whose host is an IP literal, as
+    exposure_problems() takes it; [] for a name or a Unix socket."""
+    if isinstance(spec, str):
+        return []
+    address = ip_literal(spec[0])
+    if address is None:
+        return []
+    family = socket.AF_INET if address.version == 4 else socket.AF_INET6
+    return [(kind, family, (str(address), spec[1]))]
+
+
+def exposure_problems(settings: Settings, listeners) -> list:
+    """Why these listeners would expose more than settings allow: a proxy
+    other hosts can reach needs a client policy or credentials (or
+    open_proxy), and the metrics page other hosts can reach needs an
+    --allow rule that lets the scraper in.  listeners: (kind, family,
+    address) triples; an empty list means all is well."""
+    problems = []
+    for kind, family, address in listeners:
+        if family not in (socket.AF_INET, socket.AF_INET6) \
+                or ip_of(address[0]).is_loopback:
+            continue
+        if kind in MONITORING_KINDS:
+            if not any(allowed for allowed, _ in settings.client_policy.rules):
+                problems.append(
+                    "refusing to serve metrics on %s without --allow: "
+                    "anyone could read them (--allow the scraper's address)"
+                    % format_address(address))
+        elif not Server._guarded(settings):
+            problems.append(
+                "refusing to listen on %s without --allow/--deny or "
+                "--credentials: anyone could use this proxy (give "
+                "--open-proxy if that is meant)" % format_address(address))
+    return problems
 
 
 def client_key(address):
@@ -7042,16 +7178,24 @@ class Server:
     "unix:/path".  start() binds and serves in a background thread,
     returning once the listeners are bound, so port 0 works: address and url
     then tell where.  stop() is safe to call twice, and the server is a
-    context manager.
+    context manager.  reload() applies a new configuration without dropping
+    a connection.
 
     sockets               sockets to serve instead of binding: listening
                           ones are served as listeners; a connected one is
                           one client, and the server ends when it is done
-                          (inetd "nowait", systemd Accept=yes)
+                          (inetd "nowait", systemd Accept=yes); listen is
+                          then not used
     resolver              an object with lookup() and reverse() (see
                           SystemResolver); default: from the options below
+    config_source         a function that returns the configuration for
+                          reload() without arguments: a Settings or a dict
+                          of options (main() passes one that reads --config
+                          and the command line again); it may raise
+                          ConfigError, OSError or ValueError
 
     The options (keyword arguments; the command line's long options):
+    listen                where to listen for SOCKS clients (as above)
     handshake_timeout     seconds from accept for the whole handshake
     connect_timeout       seconds for a name lookup, and for connecting
     idle_timeout          seconds a relayed connection may sit idle (None:
@@ -7101,16 +7245,32 @@ class Server:
                           others; addresses lists them after the SOCKS ones
     proxy_protocol_from   CIDRs of load balancers whose connections begin
                           with a PROXY protocol header naming the client
+    metrics               [(host, port), ...]: serve the Prometheus metrics
+                          page (GET /metrics) there; one other hosts can
+                          reach needs a client_policy that allows them
     """
 
-    def __init__(self, listen=((DEFAULT_ADDRESS, DEFAULT_PORT),), *,
-                 sockets=(), resolver=None, **options):
+    def __init__(self, listen=None, *, sockets=(), resolver=None,
+                 config_source=None, **options):
+        if listen is not None:
+            options["listen"] = listen
+        if sockets:
+            options["listen"] = ()      # the sockets handed in are the ones
         self.settings = Settings(**options)
-        self.resolver = resolver if resolver is not None \
-            else self.settings.new_resolver()
-        self._listen = [] if sockets else list(listen)
+        self._metrics = MetricsTable()
+        self._metrics_base = {}         # PUBLISHED_COUNTERS when taken
+        self._closed_bytes = [0, 0]     # up, down: of connections closed
+        self._metrics_exchanges = set()
+        self._publish_timer = None      # with workers, while busy
+        self._lookup_lock = threading.Lock()
+        self._resolver_given = resolver is not None
+        self.resolver = self._track(resolver if resolver is not None
+                                    else self.settings.new_resolver())
+        self._retiring_resolvers = []   # replaced, closed once idle
+        self._config_source = config_source
         self._handed_in = list(sockets)
         self._listeners = []            # Listener records
+        self._watched = set()           # those the loop waits on
         self._bound_by = None           # the process that made them
         self._loop = None
         self._thread = None             # the thread start() made
@@ -7168,26 +7328,25 @@ class Server:
         if self._bound_by is not None:
             return
         self._bound_by = os.getpid()
+        settings = self.settings
         try:
-            for spec in self._listen:
-                self._listeners.append(open_listener_for(
-                    spec, "socks", self.settings.unix_mode))
             for sock in self._handed_in:
                 if is_listening(sock):
                     self._listeners.append(Listener(sock))
-            for spec in self.settings.http_tunnel:
+            for kind, spec in wanted_listeners(settings):
                 self._listeners.append(open_listener_for(
-                    spec, "http-tunnel", self.settings.unix_mode))
-            self._check_exposure(self.settings)
+                    spec, kind, settings.unix_mode))
+            problems = exposure_problems(settings, self._listener_triples(
+                self._listeners))
+            if problems:
+                raise ConfigError(problems)
         except (OSError, ValueError):
             self._close_listeners()
             self._listeners, self._bound_by = [], None
             raise
         self.addresses = [listener.address for listener in self._listeners]
         for listener in self._listeners:
-            log.info("%slistening on %s", LISTENER_LABELS.get(listener.kind,
-                                                              ""),
-                     format_address(listener.address))
+            self._log_listening(listener)
 
     def start(self):
         """Bind, then serve in a background thread; returns once bound."""
@@ -7262,26 +7421,31 @@ class Server:
                 "udp": dict(udp),
                 "listeners": [format_address(a) for a in self.addresses]}
 
-    def reload(self):
-        """Re-read what can change without dropping a connection (SIGHUP):
-        the credentials file.  A file that does not parse or names no user,
-        or a result that would make an open proxy, keeps the old
-        credentials.  Connections already open keep the settings they were
-        accepted under."""
-        path = self.settings.credentials_file
-        if not path:
-            return
-        try:
-            settings = self.settings.replace(
-                credentials=Credentials.from_file(path))
-            self._check_exposure(settings)
-        except (OSError, ValueError) as error:
-            log.error("reload: keeping the old credentials: %s", error)
-            return
-        self.settings = settings
-        log.info("reload: credentials re-read from %s", path)
+    def reload(self, settings=None, **changes) -> "ReloadReport":
+        """Apply a new configuration without dropping a connection.
 
-    # -- the loop -------------------------------------------------------------
+        reload()                  the configuration read again: from the
+                                  config_source, else the current settings
+                                  with the credentials file read again
+        reload(settings)          this Settings (or dict of options) whole
+        reload(**changes)         the current settings with these options
+                                  changed (listen=..., max_connections=...)
+
+        Everything is checked first (the credentials file, the listeners
+        it asks for, that no listener other hosts can reach lacks access
+        control), and only then swapped in: new listeners open before
+        removed ones close, and one whose kind and spec are unchanged keeps
+        its socket.  Connections already open keep the settings they were
+        accepted under; new ones get the new.  On any problem nothing
+        changes, each problem is logged, and ConfigError (its problems
+        attribute lists them) is raised.  Returns a ReloadReport.
+
+        Safe from any thread and from a signal handler's posted call: the
+        work is done in the server's loop, and this waits for it.
+        """
+        return self._run_in_loop(self._reload_now, settings, changes)
+
+    # -- the loop -------------------------------------------------------------    # -- the loop -------------------------------------------------------------
 
     def _prepare_loop(self):
         """Bind, make the loop, serve the handed-in clients (once)."""
@@ -7299,14 +7463,17 @@ class Server:
             attach(loop)        # a resolver that runs in this loop
         self._lookups = LookupScheduler(self.resolver, loop)
         clients = [sock for sock in self._handed_in if not is_listening(sock)]
-        if clients and not self._listeners:
+        if clients and all(listener.kind in MONITORING_KINDS
+                           for listener in self._listeners):
             self._exit_when_done = True
         for client in clients:
             self._serve(client, client.getpeername(), handed_in=True)
         self._resume_accepting()
         if os.getpid() != self._bound_by:   # a forked worker: say so too
-            for name in self.addresses:
-                log.info("worker listening on %s", format_address(name))
+            for listener in self._listeners:
+                self._log_listening(listener, "worker ")
+        if self._metrics.slots > 1:
+            self._publish_metrics()     # this worker's process numbers
 
     def _finished(self) -> bool:
         if self._exit_when_done and not self._connections:
@@ -7334,27 +7501,43 @@ class Server:
     # -- accepting ---------------------------------------------------------------
 
     def _resume_accepting(self):
-        if self._accepting or self._drain_deadline is not None:
+        """Watch the listeners: those of clients when there is room for
+        another connection, the monitoring ones always (a full server is
+        worth a scrape)."""
+        if self._drain_deadline is not None:
             return
-        if len(self._connections) >= self.settings.max_connections:
-            return
+        room = len(self._connections) < self.settings.max_connections
         for listener in self._listeners:
+            if room or listener.kind in MONITORING_KINDS:
+                self._watch_listener(listener)
+        self._accepting = room
+
+    def _watch_listener(self, listener: Listener):
+        if listener not in self._watched:
+            self._watched.add(listener)
             self._loop.watch(listener.sock, 0, EVENT_READ, (functools.partial(
                 self._accept_from, listener), None))
-        self._accepting = True
+
+    def _unwatch_listener(self, listener: Listener):
+        if listener in self._watched:
+            self._watched.discard(listener)
+            if not self._loop.closed:
+                self._loop.watch(listener.sock, EVENT_READ, 0, None)
 
     def _pause_accepting(self):
-        if not self._accepting:
-            return
         for listener in self._listeners:
-            self._loop.watch(listener.sock, EVENT_READ, 0, None)
+            if listener.kind not in MONITORING_KINDS:
+                self._unwatch_listener(listener)
         self._accepting = False
 
     def _accept_from(self, listener: Listener, mask):
+        self._keep_publishing()
+        monitoring = listener.kind in MONITORING_KINDS
+        serve = getattr(self, SERVE_BY_KIND.get(listener.kind, "_serve"))
         max_connections = self.settings.max_connections
         accept = listener.sock.accept
         for _ in range(ACCEPTS_PER_WAKEUP):
-            if len(self._connections) >= max_connections:
+            if not monitoring and len(self._connections) >= max_connections:
                 self._pause_accepting()
                 return
             try:
@@ -7362,14 +7545,16 @@ class Server:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as error:
-                self._accept_failed(error)
+                self._accept_failed(error, listener)
                 return
-            self._serve(client, peer, listener.kind)
+            serve(client, peer, listener.kind)
 
-    def _accept_failed(self, error: OSError):
+    def _accept_failed(self, error: OSError, listener: Listener):
+        self._metrics.add(("torsocksd_errors_total", "accept"))
         if error.errno in ACCEPT_PAUSE_ERRORS:
             # Out of descriptors or memory: rest instead of spinning.
             self._pause_accepting()
+            self._unwatch_listener(listener)
             self._loop.call_later(ACCEPT_PAUSE, self._resume_accepting)
         now = time.monotonic()
         if now - self._last_accept_error_log >= 1.0:
@@ -7403,6 +7588,8 @@ class Server:
                                                handed_in)
             if refusal:
                 self._refused_at_accept += 1
+                self._metrics.add(("torsocksd_connections_total", "none",
+                                   "none", "refused"))
                 log.info("refused %s at accept: %s", format_address(peer),
                          refusal)
                 client.close()
@@ -7484,6 +7671,7 @@ class Server:
         self._last_busy = time.monotonic()
         self._relayed_bytes += connection.upstream.count \
             + connection.downstream.count
+        self._count_closed(connection)
         if connection.remote_address is not None:
             key = connection.client_key
             self._per_client[key] -= 1
@@ -7576,17 +7764,20 @@ class Server:
             self._drain_deadline = deadline
 
     def _close_listeners(self):
+        for listener in self._listeners:
+            self._close_listener(listener)
+
+    def _close_listener(self, listener: Listener):
         # Only the process that made a Unix listener removes its path (a
         # forked worker leaves it to its parent).
-        made_here = self._bound_by == os.getpid()
-        for listener in self._listeners:
-            listener.close()
-            if made_here and listener.unix_path is not None:
-                try:
-                    os.unlink(listener.unix_path)
-                except OSError:
-                    pass
-                listener.unix_path = None
+        self._unwatch_listener(listener)
+        listener.close()
+        if listener.unix_path is not None and self._bound_by == os.getpid():
+            try:
+                os.unlink(listener.unix_path)
+            except OSError:
+                pass
+        listener.unix_path = None
 
     @staticmethod
     def _guarded(settings: Settings) -> bool:
@@ -7595,19 +7786,16 @@ class Server:
         return bool(settings.open_proxy or settings.client_policy
                     or settings.credentials)
 
-    def _check_exposure(self, settings: Settings):
-        """Refuse to be an open proxy by accident."""
-        if self._guarded(settings):
-            return
-        for listener in self._listeners:
-            if listener.sock.family not in (socket.AF_INET, socket.AF_INET6):
-                continue
-            if not ip_of(listener.address[0]).is_loopback:
-                raise ValueError(
-                    "refusing to listen on %s without --allow/--deny or "
-                    "--credentials: anyone could use this proxy (give "
-                    "--open-proxy if that is meant)"
-                    % format_address(listener.address))
+    @staticmethod
+    def _listener_triples(listeners):
+        return [(listener.kind, listener.sock.family, listener.address)
+                for listener in listeners]
+
+    @staticmethod
+    def _log_listening(listener: Listener, who: str = ""):
+        log.info("%s%s%s", who, LISTENER_LABELS.get(
+            listener.kind, "listening for %s on " % listener.kind),
+            format_address(listener.address))
 
     def _close_everything(self):
         loop = self._loop
@@ -7623,6 +7811,8 @@ class Server:
         for connection in list(self._connections):
             connection.outcome += ", cut at shutdown"
             connection.close()
+        for exchange in list(self._metrics_exchanges):
+            exchange.close()
         if self._tor_links is not None:
             self._tor_links.close()     # while the loop is still open
         loop.close()
@@ -7632,9 +7822,370 @@ class Server:
         self._close_resolver()
 
     def _close_resolver(self):
-        close = getattr(self.resolver, "close", None)
-        if close is not None:
-            close()
+        for resolver in [self.resolver] + self._retiring_resolvers:
+            resolver.close()
+        self._retiring_resolvers = []
+
+    # -- metrics ---------------------------------------------------------------
+
+    def metrics_text(self) -> bytes:
+        """The metrics page: the Prometheus text format 0.0.4, with every
+        worker's numbers when there are workers.  Call it in the loop (the
+        metrics listener does) or when the server is not running."""
+        self._publish_metrics()
+        return render_metrics(self._metrics)
+
+    def share_metrics(self, slots: int):
+        """Keep the metrics in memory that processes forked from now on
+        share, one slot each (slot 0: this one); see take_metrics_slot."""
+        table = MetricsTable(slots)
+        table.mine[:] = self._metrics.mine
+        self._metrics = table
+
+    def take_metrics_slot(self, slot: int):
+        """In a forked worker: count in slot from now on, carrying on from
+        what a worker that had it before published."""
+        table = self._metrics
+        table.take_slot(slot)
+        self._metrics_base = {key: table.get(key)
+                              for key in PUBLISHED_COUNTERS}
+        self._closed_bytes = [0, 0]
+
+    def _track(self, resolver) -> "TrackedResolver":
+        return TrackedResolver(resolver, self._count_lookup,
+                               self._lookup_lock)
+
+    def _count_lookup(self, result):
+        """A lookup ended (result None: cancelled); under the lookup lock,
+        since answers come from resolver threads."""
+        if result is None:
+            kind = "cancelled"
+        elif result.error is None:
+            kind = "answered"
+        elif result.error is Reply.HOST_UNREACHABLE:
+            kind = "not_found"
+        else:
+            kind = "failed"
+        self._metrics.add(("torsocksd_lookups_total", kind))
+
+    def _replied(self, connection: Connection):
+        self._metrics.observe("torsocksd_handshake_seconds",
+                              time.monotonic() - connection.opened)
+
+    def _count_closed(self, connection: Connection):
+        metrics = self._metrics
+        metrics.add(("torsocksd_connections_total",)
+                    + connection_labels(connection))
+        for kind in connection_errors(connection.outcome):
+            metrics.add(("torsocksd_errors_total", kind))
+        self._closed_bytes[0] += max(0, connection.upstream.count)
+        self._closed_bytes[1] += max(0, connection.downstream.count)
+
+    def _publish_metrics(self):
+        """Write the numbers that are a snapshot into this process's slot:
+        gauges, bytes (of closed and of open connections: a count that
+        only grows), errors contained, the process's own numbers."""
+        metrics = self._metrics
+        up, down = self._closed_bytes
+        for connection in self._connections:
+            up += max(0, connection.upstream.count)
+            down += max(0, connection.downstream.count)
+        bugs = self._loop.bugs if self._loop is not None else 0
+        base = self._metrics_base
+        for key, value in ((("torsocksd_bytes_total", "up"), up),
+                           (("torsocksd_bytes_total", "down"), down),
+                           (("torsocksd_errors_total", "internal"), bugs)):
+            metrics.set(key, base.get(key, 0.0) + value)
+        metrics.set(("torsocksd_connections_open",), len(self._connections))
+        metrics.set(("torsocksd_lookups_pending",), self._lookups.pending()
+                    if self._lookups is not None else 0)
+        paused = self._loop is not None and not self._accepting \
+            and self._drain_deadline is None
+        metrics.set(("torsocksd_listener_paused",), 1.0 if paused else 0.0)
+        for name, value in process_numbers().items():
+            metrics.set((name,), value)
+
+    def _keep_publishing(self):
+        """With workers: publish every METRICS_PUBLISH_INTERVAL while this
+        one is busy, so that the worker answering a scrape has the others'
+        numbers; once idle, publish once more and sleep (idle workers wake
+        for nothing)."""
+        if self._metrics.slots > 1 and self._publish_timer is None:
+            self._publish_timer = self._loop.call_later(
+                METRICS_PUBLISH_INTERVAL, self._publish_tick)
+
+    def _publish_tick(self):
+        self._publish_timer = None
+        self._publish_metrics()
+        if self._connections or self._lookups.pending():
+            self._keep_publishing()
+
+    def _serve_metrics(self, client: socket.socket, peer, kind: str):
+        label = "unix socket"
+        if client.family != socket.AF_UNIX:
+            label = format_address(peer)
+            if not self.settings.client_policy.permits(ip_of(peer[0])):
+                log.info("refused %s at the metrics listener: not allowed "
+                         "by --allow/--deny", label)
+                client.close()
+                return
+        if len(self._metrics_exchanges) >= MAX_METRICS_EXCHANGES:
+            log.warning("refused %s at the metrics listener: %d scrapes "
+                        "open already", label, MAX_METRICS_EXCHANGES)
+            client.close()
+            return
+        client.setblocking(False)
+        self._metrics_exchanges.add(MetricsExchange(self, client, label))
+
+    # -- reload: a new configuration, nothing dropped ------------------------
+
+    def _run_in_loop(self, function, *args):
+        """function(*args) in the loop's thread, returning its result or
+        raising its exception here: at once from the loop's own thread, or
+        when no loop runs (not started, or a process that only binds)."""
+        loop_thread = self._loop_thread
+        if loop_thread is None or loop_thread is threading.current_thread() \
+                or self._loop_done.is_set():
+            return function(*args)
+        done = threading.Event()
+        outcome = []
+
+        def run():
+            try:
+                outcome.append((True, function(*args)))
+            except BaseException as error:      # handed to the caller
+                outcome.append((False, error))
+            done.set()
+        self.call_soon_threadsafe(run)
+        deadline = time.monotonic() + LOOP_CALL_WAIT
+        while not done.wait(0.05):
+            if self._loop_done.is_set():
+                raise ConfigError(["the server has stopped"])
+            if time.monotonic() >= deadline:
+                raise TimeoutError("the server's loop did not answer within "
+                                   "%.0f s" % LOOP_CALL_WAIT)
+        succeeded, value = outcome[0]
+        if succeeded:
+            return value
+        raise value
+
+    def _reload_now(self, settings, changes) -> ReloadReport:
+        try:
+            if self._drain_deadline is not None:
+                raise ConfigError(["the server is shutting down"])
+            new = self._next_settings(settings, changes)
+            plan = self._plan_listeners(new)
+        except ConfigError as error:
+            self._metrics.add(("torsocksd_reloads_total", "failure"))
+            self._reload_failed(error.problems)
+            raise
+        self._metrics.add(("torsocksd_reloads_total", "success"))
+        return self._apply(new, plan)
+
+    def _next_settings(self, settings, changes) -> Settings:
+        """The Settings a reload asks for, read and checked."""
+        try:
+            if settings is None and not changes:
+                if self._config_source is not None:
+                    settings = self._config_source()
+                else:
+                    settings = self.settings.replace(
+                        credentials=None if self.settings.credentials_file
+                        else self.settings.credentials)
+            elif settings is None:
+                if "credentials_file" in changes \
+                        and "credentials" not in changes:
+                    changes = dict(changes, credentials=None)
+                settings = self.settings.replace(**changes)
+            elif changes:
+                raise TypeError("reload() takes settings or changes, not both")
+            if isinstance(settings, dict):
+                settings = Settings(**settings)
+        except ConfigError:
+            raise
+        except (OSError, ValueError, TypeError) as error:
+            raise ConfigError([str(error)])
+        if self._handed_in and settings.listen:
+            settings = settings.replace(listen=())
+            log.warning("reload: the SOCKS listeners were handed in (socket "
+                        "activation or inetd): listen is not used")
+        return settings
+
+    def _plan_listeners(self, settings: Settings, received=None):
+        """The listeners settings ask for: those that stay, and new ones
+        opened (or taken from received, {(kind, spec): Listener}, made by
+        the process that binds); checked for exposure.  None before the
+        first bind, which will open them."""
+        if self._bound_by is None:
+            return None
+        current = {(listener.kind, listener.spec): listener
+                   for listener in self._listeners
+                   if listener.spec is not None}
+        received = dict(received or {})
+        listeners = [listener for listener in self._listeners
+                     if listener.spec is None]      # handed in: stay
+        opened, problems = [], []
+        wanted = wanted_listeners(settings)
+        for kind, spec in wanted:
+            listener = current.pop((kind, spec), None)
+            if listener is None:
+                listener = received.pop((kind, spec), None)
+            if listener is None:
+                listener = self._bound_as(kind, spec, current, wanted)
+            if listener is None:
+                # One that would be exposed is not opened at all when its
+                # address says so; a name is checked once it is bound.
+                exposed = exposure_problems(settings, literal_listener(
+                    kind, spec))
+                if exposed:
+                    problems += exposed
+                    continue
+                try:
+                    listener = open_listener_for(spec, kind,
+                                                 settings.unix_mode)
+                except OSError as error:
+                    problems.append("cannot listen on %s for %s: %s" % (
+                        spec if isinstance(spec, str)
+                        else format_address(spec), kind, error))
+                    continue
+            if listener not in self._listeners:
+                opened.append(listener)
+            listeners.append(listener)
+        for listener in received.values():      # not asked for after all
+            self._close_listener(listener)
+        problems += exposure_problems(settings,
+                                      self._listener_triples(listeners))
+        if problems:
+            for listener in opened:
+                self._close_listener(listener)
+            raise ConfigError(problems)
+        return _ListenerPlan(listeners, opened, list(current.values()))
+
+    @staticmethod
+    def _bound_as(kind: str, spec, current: dict, wanted):
+        """A listener of kind, among current (not asked for by its own
+        spec), that is bound where spec points ("localhost:9050" written
+        for what "127.0.0.1:9050" opened, or the bound address of a port 0
+        spec): it stays, under spec."""
+        if isinstance(spec, str) or spec[1] == 0:
+            return None
+        try:
+            infos = socket.getaddrinfo(spec[0], spec[1], socket.AF_UNSPEC,
+                                       socket.SOCK_STREAM, 0,
+                                       socket.AI_PASSIVE)
+        except (OSError, UnicodeError):
+            return None     # opening it will say what is wrong
+        where = infos[0][4][:2]
+        for key, listener in list(current.items()):
+            if key[0] == kind and key not in wanted \
+                    and not isinstance(listener.address, str) \
+                    and listener.address[:2] == where:
+                del current[key]
+                listener.spec = spec
+                return listener
+        return None
+
+    def _adopt(self, settings: Settings, received: dict):
+        """A worker: apply settings its parent checked, with the listeners
+        it opened (received: {(kind, spec): Listener}); listeners this
+        process has for a spec keep their sockets."""
+        try:
+            plan = self._plan_listeners(settings, received)
+        except ConfigError as error:
+            self._reload_failed(error.problems)
+            raise
+        return self._apply(settings, plan)
+
+    def _reload_failed(self, problems):
+        for problem in problems:
+            log.error("reload: %s", problem)
+        log.error("reload: nothing changed; the old configuration stays")
+
+    def _apply(self, new: Settings, plan) -> ReloadReport:
+        """Swap in what a reload checked; nothing here can fail."""
+        old, self.settings = self.settings, new
+        report = ReloadReport([], [], [])
+        if plan is not None:
+            report = self._swap_listeners(plan)
+        if not self._resolver_given and (new.nameservers,
+                                         new.resolver_threads) \
+                != (old.nameservers, old.resolver_threads):
+            self._swap_resolver(new.new_resolver())
+        if self._tor_links is not None:
+            self._tor_links.timeout = new.connect_timeout
+        # Failures counted so far stay: a reload is no way out of a block.
+        self._login_throttle.allowed = new.max_login_failures
+        if new.unix_mode != old.unix_mode:
+            self._chmod_unix_listeners(new.unix_mode)
+        if self._loop is not None:
+            self._resume_accepting()    # max_connections may have grown
+        if self._handed_in:
+            log.info("reload: the SOCKS listeners were handed in (socket "
+                     "activation or inetd): they are not ours to change")
+        log.info("reload: applied; listeners: %d kept, %d opened, %d closed%s",
+                 len(report.kept), len(report.opened), len(report.closed),
+                 "; credentials read from %s" % new.credentials_file
+                 if new.credentials_file else "")
+        return report
+
+    def _chmod_unix_listeners(self, mode: int):
+        """unix_mode for the Unix listeners this process made."""
+        if self._bound_by != os.getpid():
+            return
+        for listener in self._listeners:
+            if listener.unix_path is not None:
+                try:
+                    os.chmod(listener.unix_path, mode)
+                except OSError as error:
+                    log.warning("reload: cannot change the mode of %s: %s",
+                                listener.unix_path, error)
+
+    def _swap_listeners(self, plan: _ListenerPlan) -> ReloadReport:
+        """New listeners are watched before removed ones close, so that
+        there is never a moment without one; kept ones are not touched."""
+        serving = self._loop is not None and self._drain_deadline is None
+        for listener in plan.opened:
+            if serving and (self._accepting
+                            or listener.kind in MONITORING_KINDS):
+                self._watch_listener(listener)
+            self._log_listening(listener)
+        closed = []
+        for listener in plan.removed:
+            closed.append(listener.describe())
+            self._close_listener(listener)
+            log.info("stopped listening on %s", closed[-1])
+        self._listeners = plan.listeners
+        self.addresses = [listener.address for listener in self._listeners]
+        return ReloadReport(
+            [listener.describe() for listener in plan.opened], closed,
+            [listener.describe() for listener in plan.listeners
+             if listener not in plan.opened])
+
+    def _swap_resolver(self, resolver):
+        """New lookups go to resolver; those in flight finish on the old
+        one, which is closed once it is idle."""
+        retired, self.resolver = self.resolver, self._track(resolver)
+        if self._loop is not None:
+            attach = getattr(self.resolver, "attach", None)
+            if attach is not None:
+                attach(self._loop)
+            self._lookups.use(self.resolver)
+            self._retiring_resolvers.append(retired)
+            self._close_idle_resolvers()
+        else:
+            retired.close()
+
+    def _close_idle_resolvers(self):
+        still_busy = []
+        for resolver in self._retiring_resolvers:
+            if resolver.pending:
+                still_busy.append(resolver)
+            else:
+                resolver.close(wait=False)
+        self._retiring_resolvers = still_busy
+        if still_busy and self._loop is not None:
+            self._loop.call_later(RESOLVER_RETIRE_CHECK,
+                                  self._close_idle_resolvers)
 
     # -- logging helpers -----------------------------------------------------------
 
@@ -7651,6 +8202,77 @@ class Server:
             log.warning("a %s client (%s) gave only an IP address: the "
                         "application may be leaking DNS; refused "
                         "(--safe-socks)", version.name, label)
+
+
+class _TrackedLookup:
+    """A lookup TrackedResolver passes on: it ends once, answered or
+    cancelled, whichever comes first."""
+    __slots__ = ("tracker", "callback", "inner", "ended")
+
+    def __init__(self, tracker, callback):
+        self.tracker = tracker
+        self.callback = callback
+        self.inner = None           # the wrapped resolver's handle
+        self.ended = False
+
+    def deliver(self, result: ResolverResult):
+        if self.tracker.end(self, result):
+            self.callback(result)
+
+    def cancel(self):
+        if self.tracker.end(self, None) and self.inner is not None:
+            self.inner.cancel()
+
+
+class TrackedResolver:
+    """A resolver as the server uses it: every lookup is counted while it
+    is pending (so that a resolver a reload replaced is closed once idle),
+    and its result is counted for the metrics page.  Everything else
+    (attach, the resolver's own attributes) is the wrapped resolver's."""
+
+    def __init__(self, resolver, on_result=None, lock=None):
+        self.resolver = resolver
+        self.on_result = on_result  # on_result(result or None: cancelled)
+        self.pending = 0
+        # Answers come from worker threads; the server's resolvers, old
+        # and new, share one lock for the counts they share.
+        self._lock = lock if lock is not None else threading.Lock()
+
+    def lookup(self, hostname: str, callback) -> _TrackedLookup:
+        return self._start(self.resolver.lookup, hostname, callback)
+
+    def reverse(self, address, callback) -> _TrackedLookup:
+        return self._start(self.resolver.reverse, address, callback)
+
+    def _start(self, method, query, callback) -> _TrackedLookup:
+        lookup = _TrackedLookup(self, callback)
+        with self._lock:
+            self.pending += 1
+        lookup.inner = method(query, lookup.deliver)
+        return lookup
+
+    def end(self, lookup: _TrackedLookup, result) -> bool:
+        """Count lookup's end (result None: cancelled); False if it had
+        ended already."""
+        with self._lock:
+            if lookup.ended:
+                return False
+            lookup.ended = True
+            self.pending -= 1
+            if self.on_result is not None:
+                self.on_result(result)
+        return True
+
+    def close(self, wait: bool = True):
+        if isinstance(self.resolver, SystemResolver):
+            self.resolver.close(wait=wait)
+            return
+        close = getattr(self.resolver, "close", None)
+        if close is not None:
+            close()
+
+    def __getattr__(self, name):
+        return getattr(self.resolver, name)
 
 
 def open_unix_listener(path: str, mode: int) -> socket.socket:
@@ -7697,6 +8319,424 @@ def format_address(sockaddr) -> str:
 
 
 # =============================================================================
+# Metrics: what the server counts, and the page Prometheus scrapes
+# =============================================================================
+# Every number is a double in a MetricsTable: one slot (a row of
+# METRIC_SERIES values) per process.  Counters are added to as things
+# happen; gauges, the bytes of open connections and the process_* numbers
+# are written when published: at each scrape, and with --workers every
+# METRICS_PUBLISH_INTERVAL.  With --workers the table is an anonymous shared
+# mmap made before the fork: each process writes only its own slot, and the
+# worker that answers a scrape adds every slot up, so any scrape shows the
+# whole server (summed, never labelled by worker: a worker that is replaced
+# takes over its slot, and the sums stay monotonic).  No destination is ever
+# a label value: every label takes its values from a fixed set below.
+
+class MetricFamily(NamedTuple):
+    name: str
+    kind: str               # "counter", "gauge" or "histogram"
+    help: str
+    labels: tuple = ()      # label names
+    values: tuple = ()      # for each label, every value it can take
+    combine: str = "sum"    # how the slots add up: "sum", "max" or "min"
+    show_zero: bool = True  # False: a series shows once it is not 0
+
+
+# http: HTTP spoken to a SOCKS port (the page); http_connect: a client of
+# --http-tunnel.
+CONNECTION_VERSIONS = ("socks4", "socks5", "http", "http_connect", "none")
+CONNECTION_COMMANDS = tuple(command.name.lower() for command in Command) \
+    + ("none",)
+# success: a tunnel, an answer or a UDP association; refused: a failure reply, the HTTP page,
+# or a close at accept (--allow/--deny, --max-per-client); failed: it ended
+# with no answer (the client left, a reset, a deadline before a version).
+CONNECTION_OUTCOMES = ("success", "refused", "failed")
+LOOKUP_RESULTS = ("answered", "not_found", "failed", "cancelled")
+ERROR_KINDS = ("accept", "socket", "timeout", "internal")
+# Seconds from accept to the reply that ends the handshake.
+HANDSHAKE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                     1.0, 2.5, 5.0, 10.0)
+
+METRIC_FAMILIES = (
+    MetricFamily("torsocksd_connections_total", "counter",
+                 "Client connections that ended, by SOCKS version, command "
+                 "and outcome.", ("version", "command", "outcome"),
+                 (CONNECTION_VERSIONS, CONNECTION_COMMANDS,
+                  CONNECTION_OUTCOMES), show_zero=False),
+    MetricFamily("torsocksd_connections_open", "gauge",
+                 "Client connections open now."),
+    MetricFamily("torsocksd_bytes_total", "counter",
+                 "Bytes relayed: up is client to destination, down the "
+                 "other way.", ("direction",), (("up", "down"),)),
+    MetricFamily("torsocksd_handshake_seconds", "histogram",
+                 "Seconds from accept to the reply that ends the SOCKS "
+                 "handshake (success or refusal)."),
+    MetricFamily("torsocksd_lookups_total", "counter",
+                 "Name lookups that ended, by result.", ("result",),
+                 (LOOKUP_RESULTS,)),
+    MetricFamily("torsocksd_lookups_pending", "gauge",
+                 "Name lookups waiting for an answer now."),
+    MetricFamily("torsocksd_listener_paused", "gauge",
+                 "1 while the SOCKS listeners wait (--max-connections "
+                 "reached, or out of descriptors); with --workers, how many "
+                 "workers wait."),
+    MetricFamily("torsocksd_errors_total", "counter",
+                 "Errors by kind: accept() failed, a connection's socket "
+                 "failed, a deadline passed, an internal error was "
+                 "contained.", ("kind",), (ERROR_KINDS,)),
+    MetricFamily("torsocksd_reloads_total", "counter",
+                 "Reloads (SIGHUP, reload()) by result.", ("result",),
+                 (("success", "failure"),)),
+    MetricFamily("process_cpu_seconds_total", "counter",
+                 "User and system CPU time spent in seconds."),
+    MetricFamily("process_resident_memory_bytes", "gauge",
+                 "Resident memory size in bytes."),
+    MetricFamily("process_virtual_memory_bytes", "gauge",
+                 "Virtual memory size in bytes."),
+    MetricFamily("process_open_fds", "gauge",
+                 "Number of open file descriptors."),
+    MetricFamily("process_max_fds", "gauge",
+                 "Maximum number of open file descriptors.", combine="max"),
+    MetricFamily("process_start_time_seconds", "gauge",
+                 "Start time of the process since unix epoch in seconds.",
+                 combine="min"),
+)
+
+
+def _metric_layout(families):
+    """Where each series lives in a slot: ("name", value, ...) -> index;
+    a histogram's name -> its first index (buckets, +Inf, sum, count)."""
+    index, size = {}, 0
+    for family in families:
+        if family.kind == "histogram":
+            index[family.name] = size
+            size += len(HANDSHAKE_BUCKETS) + 3
+            continue
+        for values in itertools.product(*family.values):
+            index[(family.name,) + values] = size
+            size += 1
+    return index, size
+
+
+METRIC_INDEX, METRIC_SERIES = _metric_layout(METRIC_FAMILIES)
+# Counters a process keeps itself and publishes (its slot's value when it
+# took the slot, plus its own count), so that they stay monotonic.
+PUBLISHED_COUNTERS = (("torsocksd_bytes_total", "up"),
+                      ("torsocksd_bytes_total", "down"),
+                      ("torsocksd_errors_total", "internal"))
+METRICS_PUBLISH_INTERVAL = 1.0      # seconds, with --workers
+NOT_AVAILABLE = float("nan")        # a number this platform cannot tell
+
+
+class MetricsTable:
+    """The numbers of the metrics page, slots of METRIC_SERIES doubles.
+
+    MetricsTable() is one process's; MetricsTable(slots) with slots > 1
+    lives in an anonymous shared mmap, to be made before fork(): each
+    process then take_slot()s its own row, and combined() adds all rows.
+    """
+
+    def __init__(self, slots: int = 1):
+        size = 8 * METRIC_SERIES * slots
+        self.buffer = mmap.mmap(-1, size) if slots > 1 else bytearray(size)
+        self.values = memoryview(self.buffer).cast("d")
+        self.slots = slots
+        self.take_slot(0)
+
+    def take_slot(self, slot: int):
+        """Write to row slot from now on; its gauges start from 0."""
+        self.slot = slot
+        self.mine = self.values[slot * METRIC_SERIES:
+                                (slot + 1) * METRIC_SERIES]
+        for family in METRIC_FAMILIES:
+            if family.kind == "gauge":
+                for values in itertools.product(*family.values):
+                    self.mine[METRIC_INDEX[(family.name,) + values]] = 0.0
+
+    def add(self, key, amount: float = 1.0):
+        self.mine[METRIC_INDEX[key]] += amount
+
+    def set(self, key, value: float):
+        self.mine[METRIC_INDEX[key]] = value
+
+    def get(self, key) -> float:
+        return self.mine[METRIC_INDEX[key]]
+
+    def observe(self, name: str, value: float):
+        """One observation of the histogram name."""
+        first = METRIC_INDEX[name]
+        bucket = len(HANDSHAKE_BUCKETS)         # +Inf
+        for number, bound in enumerate(HANDSHAKE_BUCKETS):
+            if value <= bound:
+                bucket = number
+                break
+        mine = self.mine
+        mine[first + bucket] += 1
+        mine[first + len(HANDSHAKE_BUCKETS) + 1] += value
+        mine[first + len(HANDSHAKE_BUCKETS) + 2] += 1
+
+    def combined(self, index: int, combine: str = "sum") -> float:
+        """Series index over every slot."""
+        values = self.values[index::METRIC_SERIES]
+        if combine == "sum":
+            return sum(values)
+        present = [value for value in values if value]
+        if not present:
+            return 0.0
+        return max(present) if combine == "max" else min(present)
+
+
+def _metric_number(value: float) -> str:
+    if value == int(value) and abs(value) < 1e15:
+        return "%d" % value
+    return repr(value)
+
+
+def _metric_labels(names, values) -> str:
+    if not names:
+        return ""
+    return "{%s}" % ",".join('%s="%s"' % (name, value.replace(
+        "\\", "\\\\").replace('"', '\\"').replace("\n", "\\n"))
+        for name, value in zip(names, values))
+
+
+def render_metrics(table: MetricsTable) -> bytes:
+    """The Prometheus text exposition format 0.0.4 of every slot added up
+    (a number this platform cannot tell is left out)."""
+    lines = []
+    for family in METRIC_FAMILIES:
+        name = family.name
+        lines.append("# HELP %s %s" % (name, family.help))
+        lines.append("# TYPE %s %s" % (name, family.kind))
+        if family.kind == "histogram":
+            first, total = METRIC_INDEX[name], 0.0
+            for number, bound in enumerate(HANDSHAKE_BUCKETS
+                                           + (float("inf"),)):
+                total += table.combined(first + number)
+                lines.append('%s_bucket{le="%s"} %s' % (
+                    name, "+Inf" if bound == float("inf") else repr(bound),
+                    _metric_number(total)))
+            done = first + len(HANDSHAKE_BUCKETS) + 1
+            lines.append("%s_sum %s" % (name, repr(table.combined(done))))
+            lines.append("%s_count %s" % (name, _metric_number(
+                table.combined(done + 1))))
+            continue
+        for values in itertools.product(*family.values):
+            value = table.combined(METRIC_INDEX[(name,) + values],
+                                   family.combine)
+            if value != value or (not value and not family.show_zero):
+                continue    # NaN: not available here
+            lines.append("%s%s %s" % (name, _metric_labels(family.labels,
+                                                           values),
+                                      _metric_number(value)))
+    return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+def process_numbers() -> dict:
+    """This process's process_* numbers, as Prometheus's client libraries
+    define them (from /proc on Linux; elsewhere NOT_AVAILABLE)."""
+    times = os.times()
+    numbers = {"process_cpu_seconds_total": times.user + times.system,
+               "process_resident_memory_bytes": NOT_AVAILABLE,
+               "process_virtual_memory_bytes": NOT_AVAILABLE,
+               "process_open_fds": NOT_AVAILABLE,
+               "process_max_fds": NOT_AVAILABLE,
+               "process_start_time_seconds": NOT_AVAILABLE}
+    try:
+        import resource
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY:
+            numbers["process_max_fds"] = float(soft)
+    except (ImportError, OSError, ValueError):
+        pass
+    try:
+        page = os.sysconf("SC_PAGE_SIZE")
+        with open("/proc/self/statm") as statm:
+            size, resident = statm.read().split()[:2]
+        numbers["process_virtual_memory_bytes"] = float(int(size) * page)
+        numbers["process_resident_memory_bytes"] = float(int(resident) * page)
+        numbers["process_open_fds"] = float(len(os.listdir("/proc/self/fd")))
+        with open("/proc/self/stat") as stat:
+            # Field 22, counted after the command name in parentheses.
+            started = int(stat.read().rpartition(")")[2].split()[19])
+        with open("/proc/stat") as boot:
+            booted = next(int(line.split()[1]) for line in boot
+                          if line.startswith("btime "))
+        numbers["process_start_time_seconds"] = \
+            booted + started / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        pass
+    return numbers
+
+
+def connection_labels(connection) -> tuple:
+    """(version, command, outcome) of a connection that ended."""
+    handshake = connection.handshake
+    if handshake.version is not None:
+        version = handshake.version.name.lower()
+    elif handshake.protocol is Protocol.HTTP:
+        version = "http"
+    else:
+        version = "none"
+    command = handshake.command.name.lower() \
+        if handshake.command is not None else "none"
+    outcome = connection.outcome
+    if outcome.startswith(("relayed", "answered", "associated")):
+        result = "success"
+    elif outcome.startswith("refused"):
+        result = "refused"
+    else:
+        result = "failed"
+    return version, command, result
+
+
+def connection_errors(outcome: str):
+    """The errors_total kinds a connection's outcome shows."""
+    if "socket error" in outcome:
+        yield "socket"
+    if "timed out" in outcome or "idle timeout" in outcome:
+        yield "timeout"
+
+
+# -- the scrape: a small HTTP responder on the same loop --------------------------
+
+METRICS_PATH = "/metrics"
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4"
+MAX_METRICS_REQUEST = 8192          # bytes of request head read at most
+METRICS_EXCHANGE_TIMEOUT = 10.0     # seconds from accept to the last byte
+MAX_METRICS_EXCHANGES = 16          # scrapes at once; more are closed
+
+HTTP_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found",
+                405: "Method Not Allowed",
+                431: "Request Header Fields Too Large"}
+
+
+def metrics_http_reply(status: int, body: bytes = b"",
+                       content_type: str = "text/plain; charset=utf-8",
+                       head_only: bool = False) -> bytes:
+    """An HTTP/1.1 response that closes the connection (one request per
+    connection)."""
+    head = ("HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
+            "%sConnection: close\r\n\r\n"
+            % (status, HTTP_REASONS[status], content_type, len(body),
+               "Allow: GET, HEAD\r\n" if status == 405 else ""))
+    return head.encode("ascii") + (b"" if head_only else body)
+
+
+def parse_metrics_request(data) -> ParseResult:
+    """An HTTP/1.x request head (RFC 9112 §2-3), ended by an empty line:
+    Parsed((method, path), used) for GET or HEAD, else Rejected with the
+    response (400, 405, or 431 past MAX_METRICS_REQUEST bytes)."""
+    data = bytes(data[:MAX_METRICS_REQUEST + 4])
+    end = data.find(b"\r\n\r\n")
+    used = end + 4
+    if end < 0:
+        end = data.find(b"\n\n")
+        used = end + 2
+    if end < 0 or end > MAX_METRICS_REQUEST:
+        if len(data) > MAX_METRICS_REQUEST:
+            return Rejected(metrics_http_reply(431, b"request too long\n"),
+                            "request head longer than %d bytes"
+                            % MAX_METRICS_REQUEST)
+        return NEED_MORE
+    request_line = data[:end].split(b"\n", 1)[0].rstrip(b"\r")
+    parts = request_line.split(b" ")
+    if len(parts) != 3 or not parts[2].startswith(b"HTTP/1.") \
+            or not parts[1].startswith(b"/"):
+        return Rejected(metrics_http_reply(400, b"bad request\n"),
+                        "not an HTTP/1 request line")
+    method, target = parts[0], parts[1]
+    if method not in (b"GET", b"HEAD"):
+        return Rejected(metrics_http_reply(405, b"GET or HEAD only\n"),
+                        "method %s" % clip_for_log(method))
+    path = target.split(b"?", 1)[0].decode("ascii", "replace")
+    return Parsed((method.decode("ascii"), path), used)
+
+
+class MetricsExchange:
+    """One scrape: a request head read within MAX_METRICS_REQUEST bytes and
+    METRICS_EXCHANGE_TIMEOUT seconds, one response, then the close (what
+    the client still sends is read and dropped, so that the close does not
+    reset the response away)."""
+
+    def __init__(self, server: "Server", sock: socket.socket, label: str):
+        self.server = server
+        self.loop = server._loop
+        self.sock = sock
+        self.label = label
+        self.received = bytearray()
+        self.outgoing = b""
+        self.answered = False
+        self.events = 0
+        self.deadline = self.loop.call_later(METRICS_EXCHANGE_TIMEOUT,
+                                             self.close, owner=self)
+        self._want(EVENT_READ)
+
+    def _want(self, events: int):
+        if events != self.events:
+            self.loop.watch(self.sock, self.events, events,
+                            (self._on_event, self))
+            self.events = events
+
+    def _on_event(self, mask: int):
+        try:
+            if mask & EVENT_READ:
+                self._readable()
+            if self.outgoing and self.deadline is not None:
+                self._send()
+        except OSError:
+            self.close()
+
+    def _readable(self):
+        data = self.sock.recv(MAX_METRICS_REQUEST)
+        if not data:
+            self.close()
+            return
+        if self.answered:
+            return      # dropped: one request per connection
+        self.received += data
+        result = parse_metrics_request(self.received)
+        if result is NEED_MORE:
+            return
+        self.answered = True
+        self.received = bytearray()
+        if isinstance(result, Rejected):
+            log.info("metrics request from %s refused: %s", self.label,
+                     result.reason)
+            self.outgoing = result.reply
+        else:
+            method, path = result.message
+            if path != METRICS_PATH:
+                self.outgoing = metrics_http_reply(404, b"not found\n")
+            else:
+                self.outgoing = metrics_http_reply(
+                    200, self.server.metrics_text(), METRICS_CONTENT_TYPE,
+                    head_only=method == "HEAD")
+        self._want(EVENT_READ | EVENT_WRITE)
+
+    def _send(self):
+        sent = self.sock.send(self.outgoing)
+        self.outgoing = self.outgoing[sent:]
+        if not self.outgoing:
+            self.sock.shutdown(socket.SHUT_WR)
+            self._want(EVENT_READ)      # until the client closes
+
+    def close_after_bug(self):
+        self.close()
+
+    def close(self):
+        if self.deadline is None:
+            return
+        self.deadline.cancel()
+        self.deadline = None
+        if self.events and not self.loop.closed:
+            self.loop.watch(self.sock, self.events, 0, None)
+        self.events = 0
+        self.sock.close()
+        self.server._metrics_exchanges.discard(self)
+
+
+# =============================================================================
 # Process integration: logging and signals
 # =============================================================================
 
@@ -7706,11 +8746,11 @@ SYSLOG_FORMAT = "torsocksd[%(process)d]: %(levelname)s %(message)s"
 
 def configure_logging(level: str, log_file: Optional[str] = None,
                       use_syslog: bool = False):
-    """Log to a file, to syslog, or to stderr.  Returns the handler so that
-    SIGHUP can reopen a file that logrotate moved away."""
-    for handler in list(log.handlers):
-        log.removeHandler(handler)
-        handler.close()
+    """Log to a file, to syslog, or to stderr, at level; called again on
+    SIGHUP (which reopens a file that logrotate moved away).  The new
+    handler is made before the old one goes: when it cannot be (OSError:
+    a file that cannot be opened, after --user perhaps), the old one stays
+    and the error is raised.  Returns the handler."""
     if log_file:
         handler = logging.FileHandler(log_file)
         handler.setFormatter(logging.Formatter(LOG_FORMAT))
@@ -7723,6 +8763,9 @@ def configure_logging(level: str, log_file: Optional[str] = None,
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    for old in list(log.handlers):
+        log.removeHandler(old)
+        old.close()
     log.addHandler(handler)
     log.setLevel(level.upper())
     log.propagate = False
@@ -7761,8 +8804,9 @@ def socket_activation():
 
 
 def sd_notify(message: str):
-    """Tell systemd (Type=notify) how we are: READY=1, STOPPING=1, STATUS=.
-    Advisory: without NOTIFY_SOCKET, or when sending fails, nothing happens."""
+    """Tell systemd (Type=notify) how we are: READY=1, RELOADING=1,
+    STOPPING=1, STATUS=.  Advisory: without NOTIFY_SOCKET, or when sending
+    fails, nothing happens."""
     address = os.environ.get("NOTIFY_SOCKET")
     if not address or not address.startswith(("/", "@")):
         return
@@ -7773,6 +8817,13 @@ def sd_notify(message: str):
             sock.sendto(message.encode(), address)
     except OSError as error:
         log.debug("sd_notify failed: %s", error)
+
+
+def sd_notify_reloading():
+    """RELOADING=1 with the time it began on CLOCK_MONOTONIC, which systemd
+    253 and newer want for Type=notify-reload (sd_notify(3))."""
+    now = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    sd_notify("RELOADING=1\nMONOTONIC_USEC=%d" % now)
 
 
 def raise_file_limit():
@@ -7828,25 +8879,48 @@ def install_signal_handlers(server: Server, on_reload):
 
 
 WORKER_RESTART_PAUSE = 1.0      # seconds between restarts of a crashing worker
+WORKER_RELOAD_WAIT = 10.0       # seconds workers get to confirm a reload
 PASSED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+MAX_PASSED_LISTENERS = 250      # sockets in one message (Linux: SCM_MAX_FD)
 
 
-def run_workers(server: Server, count: int, on_reload) -> int:
+class _Worker(NamedTuple):
+    slot: int                   # its row of the shared metrics
+    started: float
+    control: socket.socket      # the parent's end of its socketpair
+
+
+def run_workers(server: Server, count: int, reload_configuration,
+                log_target) -> int:
     """Serve with count worker processes that share server's listeners.
 
-    The parent binds, forks, passes TERM, INT, HUP and USR1 on to the
-    workers and restarts one that dies, until it is told to stop.
+    The parent binds, forks, passes TERM, INT and USR1 on to the workers and
+    restarts one that dies, until it is told to stop.  SIGHUP is the
+    parent's: reload_configuration() reads and checks the configuration
+    once (so each problem is logged once), opens new listeners and closes
+    removed ones here; then every worker gets the new settings and the
+    listeners' sockets over its socketpair, applies them, and confirms;
+    then READY=1.  log_target() gives configure_logging()'s arguments.
     """
     server.bind()
-    workers = {}            # pid -> when it started
-    stopping = False
+    server.share_metrics(count + 1)     # slot 0: this process
+    parent = os.getpid()
     # Only the parent holds the write end: the workers read EOF once it is
     # gone, however it ended.
     parent_alive, parent_alive_writer = os.pipe()
+    workers = {}            # pid -> _Worker
+    respawns = []           # (when, slot) of workers to start again
+    received = collections.deque()
+    wakeup_reader, wakeup_writer = socket.socketpair()
+    for sock in (wakeup_reader, wakeup_writer):
+        sock.setblocking(False)
+    watched = PASSED_SIGNALS + (signal.SIGCHLD,)
+    stopping = False
 
-    def spawn():
+    def spawn(slot: int):
+        control, child_end = control_socketpair()
         # Signals wait until the child has its own handlers in place.
-        signal.pthread_sigmask(signal.SIG_BLOCK, PASSED_SIGNALS)
+        signal.pthread_sigmask(signal.SIG_BLOCK, watched)
         # Everything loaded so far leaves the collector's generations, so
         # that a worker's collections do not write to (and so copy) the
         # pages it shares with the parent.
@@ -7855,10 +8929,19 @@ def run_workers(server: Server, count: int, on_reload) -> int:
         if pid == 0:
             status = 1
             try:
+                signal.set_wakeup_fd(-1)
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                 os.close(parent_alive_writer)
-                install_signal_handlers(server, on_reload)
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, PASSED_SIGNALS)
+                for sock in [wakeup_reader, wakeup_writer, control] + [
+                        worker.control for worker in workers.values()]:
+                    sock.close()
+                server.take_metrics_slot(slot)
+                install_signal_handlers(server, lambda: log.info(
+                    "SIGHUP to a worker: the main process, %d, reloads",
+                    parent))
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, watched)
                 watch_parent(server, parent_alive)
+                follow_parent(server, child_end)
                 server.serve_forever()
                 status = 0
             except BaseException:
@@ -7866,42 +8949,174 @@ def run_workers(server: Server, count: int, on_reload) -> int:
             finally:
                 logging.shutdown()
                 os._exit(status)
-        workers[pid] = time.monotonic()
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, PASSED_SIGNALS)
+        child_end.close()
+        control.settimeout(WORKER_RELOAD_WAIT)
+        workers[pid] = _Worker(slot, time.monotonic(), control)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, watched)
 
-    def pass_on(number, frame):
-        nonlocal stopping
-        if number in (signal.SIGTERM, signal.SIGINT):
-            stopping = True
-            sd_notify("STOPPING=1")
+    def reap():
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            worker = workers.pop(pid, None)
+            if worker is None:
+                continue
+            worker.control.close()
+            if stopping:
+                continue
+            log.warning("worker %d ended (wait status %d); starting another",
+                        pid, status)
+            now = time.monotonic()
+            quick = now - worker.started < WORKER_RESTART_PAUSE
+            respawns.append((now + WORKER_RESTART_PAUSE if quick else now,
+                             worker.slot))      # no fork storm
+
+    def pass_on(number: int):
         for pid in workers:
             try:
                 os.kill(pid, number)
             except ProcessLookupError:
                 pass
 
-    for number in PASSED_SIGNALS:
-        signal.signal(number, pass_on)
-    for _ in range(count):
-        spawn()
+    def reload():
+        sd_notify_reloading()
+        if reload_configuration():
+            send_configuration()
+        server._publish_metrics()
+        sd_notify("READY=1\nSTATUS=%d workers" % count)
+
+    def send_configuration():
+        listeners = [listener for listener in server._listeners
+                     if listener.spec is not None][:MAX_PASSED_LISTENERS]
+        message = pickle.dumps((server.settings, [
+            (listener.kind, listener.spec) for listener in listeners],
+            log_target()))
+        fds = array.array("i", [listener.sock.fileno()
+                                for listener in listeners])
+        waiting = {}
+        for pid, worker in workers.items():
+            try:
+                worker.control.sendmsg([message], [(
+                    socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)] if fds else [])
+                waiting[worker.control] = pid
+            except OSError as error:
+                log.error("worker %d cannot take the new configuration (%s):"
+                          " stopping it; another starts", pid, error)
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + WORKER_RELOAD_WAIT
+        while waiting and time.monotonic() < deadline:
+            ready, _, _ = select.select(list(waiting), [], [], max(
+                0.0, deadline - time.monotonic()))
+            for control in ready:
+                pid = waiting.pop(control)
+                try:
+                    control.recv(16)
+                except OSError:
+                    pass    # it ended: it is restarted with the new one
+        for pid in waiting.values():
+            log.warning("worker %d did not confirm the reload within %.0f s",
+                        pid, WORKER_RELOAD_WAIT)
+
+    def note(number, frame):
+        received.append(number)
+
+    signal.set_wakeup_fd(wakeup_writer.fileno())
+    for number in watched:
+        signal.signal(number, note)
+    for slot in range(1, count + 1):
+        spawn(slot)
     log.info("%d workers started", count)
+    server._publish_metrics()
     sd_notify("READY=1\nSTATUS=%d workers" % count)
-    while workers:
-        try:
-            pid, status = os.wait()
-        except ChildProcessError:
-            break
-        started = workers.pop(pid, None)
-        if started is None or stopping:
-            continue
-        log.warning("worker %d ended (wait status %d); starting another",
-                    pid, status)
-        if time.monotonic() - started < WORKER_RESTART_PAUSE:
-            time.sleep(WORKER_RESTART_PAUSE)    # no fork storm
-        if not stopping:
-            spawn()
+    try:
+        while workers or (respawns and not stopping):
+            reap()
+            while received:
+                number = received.popleft()
+                if number in (signal.SIGTERM, signal.SIGINT):
+                    if not stopping:
+                        stopping = True
+                        sd_notify("STOPPING=1")
+                    pass_on(number)     # a second one ends them at once
+                elif number == signal.SIGUSR1:
+                    pass_on(number)
+                elif number == signal.SIGHUP and not stopping:
+                    reload()
+            now = time.monotonic()
+            for when, slot in list(respawns):
+                if stopping:
+                    respawns.remove((when, slot))
+                elif when <= now:
+                    respawns.remove((when, slot))
+                    spawn(slot)
+            timeout = None
+            if respawns and not stopping:
+                timeout = max(0.0, min(when for when, _ in respawns) - now)
+            if workers or respawns:
+                select.select([wakeup_reader], [], [], timeout)
+            try:
+                while wakeup_reader.recv(4096):
+                    pass
+            except OSError:
+                pass
+    finally:
+        signal.set_wakeup_fd(-1)
+        wakeup_reader.close()
+        wakeup_writer.close()
     server.stop()
     return 0
+
+
+def control_socketpair():
+    """A socketpair that keeps messages whole and tells either end when the
+    other is gone (SOCK_SEQPACKET; SOCK_DGRAM where there is none)."""
+    try:
+        return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    except (AttributeError, OSError):
+        return socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+
+
+def follow_parent(server: Server, control: socket.socket):
+    """A worker: apply each configuration the parent sends over control
+    (settings, the listeners' specs with their sockets, the logging), and
+    confirm it."""
+    def on_message(mask):
+        try:
+            message, ancillary, _, _ = control.recvmsg(
+                1 << 20, socket.CMSG_LEN(MAX_PASSED_LISTENERS * 4))
+        except (BlockingIOError, InterruptedError):
+            return
+        fds = array.array("i")
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+        if not message:     # the parent is gone: watch_parent drains
+            server._loop.watch(control, EVENT_READ, 0, None)
+            control.close()
+            return
+        settings, specs, logging_target = pickle.loads(message)
+        received = {}
+        for (kind, spec), fd in zip(specs, fds):
+            unix_path = spec[len("unix:"):] if isinstance(spec, str) else None
+            received[(kind, spec)] = Listener(socket.socket(fileno=fd), kind,
+                                              spec, unix_path)
+        for fd in fds[len(specs):]:
+            os.close(fd)
+        try:
+            server._adopt(settings, received)
+        except ConfigError:
+            pass        # logged; this worker keeps what it had
+        reopen_log(*logging_target)
+        control.send(b"applied")
+
+    def start(_):
+        control.setblocking(False)
+        server._loop.watch(control, 0, EVENT_READ, (on_message, None))
+    server.call_soon_threadsafe(start, None)
 
 
 def watch_parent(server: Server, parent_alive: int):
@@ -8042,6 +9257,15 @@ def port_number(text: str) -> int:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def metrics_address(text: str):
+    """--metrics: "ADDR:PORT", "[IPv6]:PORT" or "PORT" (on 127.0.0.1)."""
+    spec = parse_listen(text)
+    if isinstance(spec, str):
+        raise argparse.ArgumentTypeError("%r: the metrics page is served "
+                                         "over TCP only" % text)
+    return spec
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -8059,11 +9283,23 @@ def positive_seconds(text: str) -> float:
     return value
 
 
+class OptionParser(argparse.ArgumentParser):
+    """argparse, but a problem in a config file's line is raised as
+    ConfigError (while errors_raise is set) instead of ending the process."""
+    errors_raise = False
+
+    def error(self, message):
+        if self.errors_raise:
+            raise ConfigError([message])
+        super().error(message)
+
+
 def build_argument_parser() -> argparse.ArgumentParser:
     """The command line.  Every option that is a Server setting has the
     setting's name as its destination (see SETTING_DEFAULTS); the others
-    (where to listen, how the process runs, logging) are main()'s own."""
-    parser = argparse.ArgumentParser(
+    (how the process runs, logging) are main()'s own.  A config file's
+    lines go through this same parser (read_config_file)."""
+    parser = OptionParser(
         prog="torsocksd",
         description="A SOCKS4/4A/5 server that speaks Tor's SOCKS dialect "
                     "(RESOLVE, RESOLVE_PTR, CONNECT_DIR), and with "
@@ -8071,6 +9307,22 @@ def build_argument_parser() -> argparse.ArgumentParser:
                     "HTTPTunnelPort; it resolves every name itself.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     default = SETTING_DEFAULTS.get
+
+    config = parser.add_argument_group("configuration")
+    config.add_argument("--config", metavar="FILE",
+                        help="read options from FILE: one per line, the long "
+                             "option's name without dashes, then its value "
+                             "(listen 127.0.0.1:9050, policy accept *:443, "
+                             "a flag alone); whole-line # comments; read "
+                             "again on SIGHUP.  The command line comes on "
+                             "top: its options override the file's, except "
+                             "repeatable ones (--listen, --allow, --policy, "
+                             "...), which add to it")
+    config.add_argument("--check-config", action="store_true",
+                        help="check the options, the --config file, the "
+                             "credentials file and that the listeners can "
+                             "be opened, then exit: 0 when all is well, "
+                             "else 64 after one line per problem")
 
     listen = parser.add_argument_group("where to listen")
     listen.add_argument("--port", type=port_number, default=DEFAULT_PORT,
@@ -8088,6 +9340,11 @@ def build_argument_parser() -> argparse.ArgumentParser:
                         help="also answer HTTP CONNECT there, as Tor's "
                              "HTTPTunnelPort (for https_proxy=http://ADDR:PORT"
                              "); repeatable, the same forms as --listen")
+    listen.add_argument("--metrics", metavar="ADDR:PORT", action="append",
+                        type=metrics_address, default=[],
+                        help="serve Prometheus metrics (GET /metrics) "
+                             "there; PORT alone is on 127.0.0.1; another "
+                             "host's scraper needs --allow; repeatable")
     listen.add_argument("--unix-mode", type=lambda text: int(text, 8),
                         default=default("unix_mode"), metavar="MODE",
                         help="permissions of unix: listeners (default 600)")
@@ -8273,15 +9530,209 @@ def build_argument_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# =============================================================================
+# Configuration: the config file, the command line on top, its checks
+# =============================================================================
+# A config file is the command line written one option a line: "listen
+# 127.0.0.1:9050" is read as --listen=127.0.0.1:9050 by the same parser, so
+# every option means and checks the same in both places, and a problem is
+# reported with its file and line.  The command line is parsed on top of
+# the file's options: a scalar given there overrides the file's, a
+# repeatable option (append actions, --allow/--deny) adds to the file's.
+
+# Options that say how to run this one command, not how to serve.
+COMMAND_LINE_ONLY = frozenset(("help", "version", "config", "check_config"))
+# Options a running process cannot change: a reload that changes them says
+# that they wait for a restart.
+RESTART_ONLY = ("workers", "user", "inetd", "inetd_wait", "idle_exit")
+
+
+def config_file_options(parser: argparse.ArgumentParser) -> dict:
+    """The names a config file may use (long options without dashes), each
+    with its argparse action."""
+    return {text[2:]: action
+            for text, action in parser._option_string_actions.items()
+            if text.startswith("--") and action.dest not in COMMAND_LINE_ONLY}
+
+
+def read_config_file(parser: OptionParser, path: str,
+                     namespace: argparse.Namespace) -> list:
+    """Parse the config file at path into namespace, line by line through
+    the command line's parser; every problem as "path:line: what"."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            lines = file.read().splitlines()
+    except (OSError, UnicodeError) as error:
+        return ["cannot read the config file: %s" % error]
+    known = config_file_options(parser)
+    problems = []
+    for number, line in enumerate(lines, 1):
+        words = line.split(None, 1)
+        if not words or words[0].startswith("#"):
+            continue
+        name, value = words[0], words[1].strip() if len(words) > 1 else None
+        if name not in known:
+            problems.append("%s:%d: unknown option %r" % (path, number,
+                                                          clip_for_log(name)))
+            continue
+        token = "--" + name if value is None else "--%s=%s" % (name, value)
+        parser.errors_raise = True
+        try:
+            parser.parse_args([token], namespace)
+        except ConfigError as error:
+            problems.append("%s:%d: %s" % (path, number, error))
+        finally:
+            parser.errors_raise = False
+    return problems
+
+
+def load_options(parser: OptionParser, argv):
+    """The options argv asks for: its --config file's, then argv's own on
+    top.  (options, problems); argv itself was checked already."""
+    command_line = parser.parse_args(argv)
+    if not command_line.config:
+        return command_line, []
+    options = argparse.Namespace()
+    problems = read_config_file(parser, command_line.config, options)
+    return parser.parse_args(argv, options), problems
+
+
+def combination_problems(options, handed_in: bool) -> list:
+    """Options that exclude each other (the file's lines are parsed one by
+    one, so argparse cannot tell), or that do not fit handed-in sockets."""
+    problems = []
+    if handed_in and (options.listen or options.inetd or options.inetd_wait):
+        problems.append("sockets came from systemd (LISTEN_FDS); --listen, "
+                        "--inetd and --inetd-wait cannot be added to them")
+    if options.inetd and options.inetd_wait:
+        problems.append("--inetd and --inetd-wait exclude each other")
+    if (options.inetd or options.inetd_wait) and options.http_tunnel:
+        problems.append("--http-tunnel needs listeners of its own; under "
+                        "inetd, give the HTTP port its own inetd line instead")
+    if options.preferred_ip_version is not None and not options.ipv6:
+        problems.append("--prefer-ipv%d and --no-ipv6 exclude each other"
+                        % options.preferred_ip_version)
+    if options.splice and not HAVE_SPLICE:
+        problems.append("--splice needs Linux and Python 3.10 or newer")
+    return problems
+
+
+def settings_from_options(options, handed_in: bool = False) -> dict:
+    """The Server options that the parsed options give; the credentials
+    file is read (ConfigError when it cannot be)."""
+    settings = {name: value for name, value in vars(options).items()
+                if name in SETTING_DEFAULTS}
+    settings["listen"] = () if handed_in else (
+        options.listen or [(options.address, options.port)])
+    if options.inetd_wait:
+        settings["exit_when_idle"] = options.idle_exit
+    if options.credentials_file:
+        try:
+            settings["credentials"] = Credentials.from_file(
+                options.credentials_file)
+        except (OSError, ValueError) as error:
+            raise ConfigError(["cannot read credentials: %s" % error])
+    return settings
+
+
+def probe_listener(spec):
+    """Whether spec could be listened on, found without keeping anything
+    open: (problem or None, note or None, (family, address) or None).  A
+    port in use is a note: the running torsocksd may hold it."""
+    if isinstance(spec, str):
+        path = spec[len("unix:"):]
+        folder = os.path.dirname(path) or "."
+        if not os.path.isdir(folder):
+            return "%s: no such directory" % spec, None, None
+        if not os.access(folder, os.W_OK | os.X_OK):
+            return "%s: cannot make a socket in %s" % (spec, folder), None, \
+                None
+        if os.path.lexists(path) and not stat_is_socket(path):
+            return "%s: exists and is not a socket" % spec, None, None
+        return None, None, (socket.AF_UNIX, path)
+    where = format_address(spec)
+    try:
+        infos = socket.getaddrinfo(spec[0], spec[1], socket.AF_UNSPEC,
+                                   socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+    except (OSError, UnicodeError) as error:
+        return "%s: %s" % (where, error), None, None
+    family, kind, protocol, _, sockaddr = infos[0]
+    with socket.socket(family, kind, protocol) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            probe.bind(sockaddr)
+        except OSError as error:
+            if error.errno != errno.EADDRINUSE:
+                return "%s: %s" % (where, error.strerror), None, None
+            return None, "%s is in use now (by this torsocksd, when it " \
+                "runs)" % where, (family, sockaddr)
+    return None, None, (family, sockaddr)
+
+
+def check_configuration(options, problems) -> int:
+    """--check-config: every problem on stderr, one a line; the status."""
+    problems = list(problems)
+    problems += combination_problems(options, handed_in=False)
+    notes, settings = [], None
+    try:
+        settings = Settings(**settings_from_options(options))
+    except ConfigError as error:
+        problems += error.problems
+    except (OSError, ValueError, TypeError) as error:
+        problems.append(str(error))
+    if settings is not None:
+        listeners = []
+        for kind, spec in wanted_listeners(settings):
+            problem, note, bound = probe_listener(spec)
+            problems += [problem] if problem else []
+            notes += [note] if note else []
+            if bound is not None:
+                listeners.append((kind,) + bound)
+        problems += exposure_problems(settings, listeners)
+    if options.user:
+        import pwd
+        try:
+            pwd.getpwnam(options.user)
+        except KeyError:
+            problems.append("--user %s: no such user" % options.user)
+    if options.log_file:
+        target = options.log_file if os.path.exists(options.log_file) \
+            else os.path.dirname(os.path.abspath(options.log_file))
+        if not os.access(target, os.W_OK):
+            problems.append("--log-file %s: cannot write there"
+                            % options.log_file)
+    for line in notes:
+        print("torsocksd: note: %s" % line, file=sys.stderr)
+    for problem in problems:
+        print("torsocksd: %s" % problem, file=sys.stderr)
+    if problems:
+        return EX_USAGE
+    print("torsocksd: the configuration is valid", file=sys.stderr)
+    return 0
+
+
 def main(argv=None) -> int:
     """Run torsocksd with the command line argv (default sys.argv[1:]);
     return the exit status."""
     parser = build_argument_parser()
-    options = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser.parse_args(argv)     # a bad command line ends here, status 2
+    options, problems = load_options(parser, argv)
+    if options.check_config:
+        return check_configuration(options, problems)
     inetd = options.inetd or options.inetd_wait
     # Under inetd, stdout and stderr may be the client's socket.
-    configure_logging(options.log_level, options.log_file,
-                      options.syslog or (inetd and not options.log_file))
+    try:
+        configure_logging(*logging_target(options, inetd))
+    except OSError as error:
+        print("torsocksd: cannot log there: %s" % error, file=sys.stderr)
+        return EX_UNAVAILABLE
+    if problems:
+        for problem in problems:
+            log.error("%s", problem)
+        return EX_USAGE
     raise_file_limit()
     try:
         listeners, connections = socket_activation()
@@ -8289,21 +9740,13 @@ def main(argv=None) -> int:
         log.error("socket activation: %s", error)
         return EX_USAGE
     passed = listeners + connections
-    if passed and (options.listen or inetd):
-        parser.error("sockets came from systemd (LISTEN_FDS); --listen, "
-                     "--inetd and --inetd-wait cannot be added to them")
-    if options.splice and not HAVE_SPLICE:
-        parser.error("--splice needs Linux and Python 3.10 or newer")
-    if options.inetd and options.inetd_wait:
-        parser.error("--inetd and --inetd-wait exclude each other")
-    if inetd and options.http_tunnel:
-        parser.error("--http-tunnel needs listeners of its own; under inetd, "
-                     "give the HTTP port its own inetd line instead")
+    problems = combination_problems(options, handed_in=bool(passed))
+    if problems:
+        parser.error(problems[0])
     if options.inetd:
         passed = [socket.socket(fileno=0)]
     elif options.inetd_wait:
         passed = [socket.socket(fileno=0)]
-        options.exit_when_idle = options.idle_exit
     if inetd:
         # stdout and stderr may be the client's socket: nothing may reach
         # it, not even logging's own complaint about an absent syslog.
@@ -8311,22 +9754,53 @@ def main(argv=None) -> int:
         with open(os.devnull, "wb") as null:
             os.dup2(null.fileno(), 1)
             os.dup2(null.fileno(), 2)
-    settings = {name: value for name, value in vars(options).items()
-                if name in SETTING_DEFAULTS}
-    if options.credentials_file:
+    handed_in = bool(passed)
+    try:
+        settings = settings_from_options(options, handed_in)
+    except ConfigError as error:
+        log.error("%s", error)
+        return EX_USAGE
+    current = [options]     # the options in force (logging is main's)
+    read = []               # the options a reload read, once it applies
+
+    def read_again() -> dict:
+        """What a reload applies: the config file and argv, read again."""
+        new, problems = load_options(parser, argv)
+        problems += combination_problems(new, handed_in)
+        if problems:
+            raise ConfigError(problems)
+        for name in RESTART_ONLY:
+            if getattr(new, name) != getattr(current[0], name):
+                log.warning("reload: --%s changes only at a restart",
+                            name.replace("_", "-"))
+        settings = settings_from_options(new, handed_in)
+        read[:] = [new]
+        return settings
+
+    server = Server(sockets=passed, config_source=read_again, **settings)
+
+    def log_target():
+        return logging_target(current[0], inetd)
+
+    def reload_configuration() -> bool:
+        """SIGHUP's work: the configuration read again and applied (True),
+        or not at all; the log reopened either way (after logrotate)."""
+        del read[:]
         try:
-            settings["credentials"] = Credentials.from_file(
-                options.credentials_file)
-        except (OSError, ValueError) as error:
-            log.error("cannot read credentials: %s", error)
-            return EX_USAGE
-    server = Server(options.listen or [(options.address, options.port)],
-                    sockets=passed, **settings)
+            server.reload()
+        except ConfigError:
+            applied = False     # each problem is logged; the old one stays
+        else:
+            current[:] = read
+            applied = True
+        reopen_log(*log_target())
+        return applied
 
     def reload():
-        if options.log_file:
-            configure_logging(options.log_level, options.log_file)
-        server.reload()
+        sd_notify_reloading()
+        reload_configuration()
+        sd_notify("READY=1\nSTATUS=accepting on %s"
+                  % ", ".join(server.stats()["listeners"]))
 
     workers = options.workers > 1 and not connections and not options.inetd
     if not workers:
@@ -8343,13 +9817,31 @@ def main(argv=None) -> int:
         log.error("cannot start: %s", error)
         return EX_UNAVAILABLE
     if workers:
-        return run_workers(server, options.workers, reload)
+        return run_workers(server, options.workers, reload_configuration,
+                           log_target)
     if not connections and not options.inetd:
         sd_notify("READY=1\nSTATUS=accepting on %s"
                   % ", ".join(server.stats()["listeners"]))
     server.serve_forever()
     log.info("stopped")
     return 0
+
+
+def logging_target(options, inetd: bool) -> tuple:
+    """configure_logging()'s arguments for options.  Under inetd, stdout
+    and stderr may be the client's socket: syslog unless --log-file."""
+    return (options.log_level, options.log_file,
+            options.syslog or (inetd and not options.log_file))
+
+
+def reopen_log(level: str, log_file: Optional[str], use_syslog: bool):
+    """Logging as asked, the file reopened (after logrotate); when the new
+    handler cannot be made, the old one stays, and says why."""
+    try:
+        configure_logging(level, log_file, use_syslog)
+    except OSError as error:
+        log.error("reload: cannot reopen the log (%s); logging goes on as "
+                  "before", error)
 
 
 def _main_after_exec(compiled: bool) -> int:

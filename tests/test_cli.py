@@ -195,8 +195,9 @@ def children_of(pid):
 
 def test_workers_share_the_listener_and_a_dead_worker_is_replaced(
         echo_server):
+    # The main process's line and both workers': then both are forked.
     daemon = Daemon("--port", str(free_port()), "--workers", "2",
-                    listeners=2)
+                    listeners=3)
     host, port = daemon.listening[0].rsplit(":", 1)
     workers = children_of(daemon.process.pid)
     assert len(workers) == 2

@@ -13,6 +13,7 @@ signals wait for: it is what systemd waits for.  Nothing sleeps; every wait
 has a deadline.
 """
 
+import argparse
 import fcntl
 import os
 import pwd
@@ -42,6 +43,7 @@ MAN_PAGE = os.path.join(ROOT, "man", "torsocksd.8")
 README = os.path.join(ROOT, "README.md")
 CONTRIB = os.path.join(ROOT, "contrib")
 INSTALLED_SCRIPT = "/usr/local/lib/torsocksd/torsocksd.py"
+INSTALLED_CONFIG = "/etc/torsocksd/torsocksd.conf"
 INSTALLED_PYTHON = "/usr/bin/python3"
 PAYLOAD = b"through the proxy"
 
@@ -78,11 +80,12 @@ def unit_value(path, section, key):
 
 
 def local_command(argv):
-    """A contrib command line made to run from this checkout."""
+    """A contrib command line made to run from this checkout (with
+    contrib/torsocksd.conf where the config file is installed)."""
     assert INSTALLED_SCRIPT in argv, argv
-    return [sys.executable if word == INSTALLED_PYTHON
-            else SCRIPT if word == INSTALLED_SCRIPT else word
-            for word in argv]
+    local = {INSTALLED_PYTHON: sys.executable, INSTALLED_SCRIPT: SCRIPT,
+             INSTALLED_CONFIG: contrib("torsocksd.conf")}
+    return [local.get(word, word) for word in argv]
 
 
 def exec_start(unit):
@@ -551,7 +554,8 @@ def test_systemd_units_say_what_they_must():
     drain = torsocksd.build_argument_parser().get_default("drain_timeout")
     for unit in ("torsocksd.service", "torsocksd@.service"):
         path = contrib(unit)
-        assert exec_start(unit) == [INSTALLED_PYTHON, INSTALLED_SCRIPT]
+        assert exec_start(unit) == [INSTALLED_PYTHON, INSTALLED_SCRIPT,
+                                    "--config", INSTALLED_CONFIG]
         for key, value in (("DynamicUser", "yes"), ("NoNewPrivileges", "yes"),
                            ("ProtectSystem", "strict"), ("ProtectHome", "yes"),
                            ("PrivateTmp", "yes"), ("PrivateDevices", "yes"),
@@ -567,6 +571,8 @@ def test_systemd_units_say_what_they_must():
             > drain + 5
     service = contrib("torsocksd.service")
     assert unit_value(service, "Service", "Type") == "notify"
+    assert unit_value(service, "Service", "ExecReload") \
+        == "/bin/kill -HUP $MAINPID"
     assert unit_value(service, "Service", "KillMode") == "mixed"
     assert unit_value(service, "Unit", "Requires") == "torsocksd.socket"
     # One connection per instance: torsocksd sends no READY=1 then, so the
@@ -583,8 +589,11 @@ def test_openrc_script_is_valid_shell_with_a_long_enough_stop_retry():
     subprocess.run(["sh", "-n", script], check=True, timeout=TIMEOUT)
     command, args, user, retry = openrc_settings("")
     assert command == INSTALLED_PYTHON
-    assert shlex.split(args) == [INSTALLED_SCRIPT, "--syslog", "--listen",
-                                 "127.0.0.1:9050"]
+    assert shlex.split(args) == [INSTALLED_SCRIPT, "--syslog", "--config",
+                                 INSTALLED_CONFIG]
+    _, args, _, _ = openrc_settings("--listen [::1]:9050")
+    assert shlex.split(args) == [INSTALLED_SCRIPT, "--syslog", "--config",
+                                 INSTALLED_CONFIG, "--listen", "[::1]:9050"]
     assert user.split(":")[0] == "nobody"
     drain = torsocksd.build_argument_parser().get_default("drain_timeout")
     assert int(re.match(r"TERM/(\d+)/", retry).group(1)) > drain + 5
@@ -1050,7 +1059,7 @@ def test_sighup_rereads_credentials_and_keeps_open_connections(
 
         users.write_text("alice:new password\n")
         daemon.process.send_signal(signal.SIGHUP)
-        daemon.wait_for("reload: credentials re-read")
+        daemon.wait_for("reload: applied")
 
         with client_for(address) as refused:
             assert authenticate(refused, b"alice", b"old password") \
@@ -1077,7 +1086,7 @@ def test_sighup_with_a_bad_credentials_file_keeps_the_old_ones(
     daemon, address = daemon_with_credentials(users, notify)
     users.write_text("no colon on this line\n")
     daemon.process.send_signal(signal.SIGHUP)
-    daemon.wait_for("keeping the old credentials")
+    daemon.wait_for("reload: nothing changed; the old configuration stays")
     with client_for(address) as client:
         assert authenticate(client, b"alice", b"secret") == b"\x01\x00"
     daemon.process.send_signal(signal.SIGTERM)
@@ -1116,7 +1125,7 @@ def test_sighup_with_no_user_left_keeps_the_old_credentials(
         client.sendall(PAYLOAD)
         assert recv_exactly(client, len(PAYLOAD)) == PAYLOAD
     assert len(echo_server.accepted) == 1
-    assert "keeping the old credentials: %s: no user:password line" \
+    assert "reload: cannot read credentials: %s: no user:password line" \
         % users in reloaded
     assert " ERROR reload: " in reloaded
     daemon.process.send_signal(signal.SIGTERM)
@@ -1311,3 +1320,90 @@ def test_readme_deploying_section_matches_contrib_and_man_page():
                        for line in file.read().splitlines()
                        if line.strip().startswith("server_args")][0]
     assert "server_args = %s" % server_args in section
+
+
+# =============================================================================
+# Operating: the config file, reload and metrics, as README, man page and
+# contrib/ describe them
+# =============================================================================
+
+def readme_section(title):
+    with open(README) as readme:
+        return readme.read().split("## %s\n" % title, 1)[1].split(
+            "\n## ", 1)[0]
+
+
+def indented_block(text, first_line):
+    """The indented lines of the block that starts with first_line."""
+    lines = text.split("\n    " + first_line + "\n", 1)[1].split("\n")
+    block = [first_line]
+    for line in lines:
+        if not line.startswith("    "):
+            break
+        block.append(line[4:])
+    return block
+
+
+def test_example_config_file_is_valid_and_so_is_each_example_in_it(
+        tmp_path):
+    """contrib/torsocksd.conf passes --check-config as it is, and each
+    option it shows commented out parses once uncommented."""
+    path = contrib("torsocksd.conf")
+    result = subprocess.run([sys.executable, SCRIPT, "--config", path,
+                             "--check-config"], stderr=subprocess.PIPE,
+                            universal_newlines=True, timeout=TIMEOUT,
+                            env=base_env())
+    assert result.returncode == 0, result.stderr
+    parser = torsocksd.build_argument_parser()
+    known = torsocksd.config_file_options(parser)
+    with open(path) as file:
+        text = file.read()
+    assert INSTALLED_CONFIG in text
+    examples = [line[1:] for line in text.splitlines()
+                if line.startswith("#") and line[1:].split(" ", 1)[0] in known]
+    assert len(examples) >= 15, examples
+    for line in examples:
+        single = tmp_path / "one.conf"
+        single.write_text(line + "\n")
+        problems = torsocksd.read_config_file(
+            parser, str(single), argparse.Namespace())
+        assert problems == [], line
+
+
+def test_readme_and_man_page_cover_operating(tmp_path):
+    section = readme_section("Operating")
+    source = man_source()
+    for needed in ("--config", "--check-config", "--metrics", "SIGHUP",
+                   "RELOADING=1", "READY=1", "Server.reload()", "ConfigError",
+                   "contrib/torsocksd.conf", "--workers"):
+        assert needed in section, needed
+    for needed in ("Fl -config", "Fl -check-config", "Fl -metrics",
+                   "RELOADING=1", "MONOTONIC_USEC=", "Ss Reloading",
+                   "Ss Metrics", "Ss Configuration file",
+                   "Pa /etc/torsocksd/torsocksd.conf",
+                   "Pa contrib/torsocksd.conf"):
+        assert needed in source, needed
+    # Every metric is described in both, and no other.
+    names = {family.name for family in torsocksd.METRIC_FAMILIES}
+    assert set(re.findall(r"\b((?:torsocksd|process)_[a-z_]+[a-z])",
+                          section)) == names
+    assert set(re.findall(r"\b((?:torsocksd|process)_[a-z_]+[a-z])",
+                          source)) == names
+    # The README's example file is the man page's, and it parses.
+    example = indented_block(section, "listen 127.0.0.1:9050")
+    man_example = source.split("\n.Ss Configuration file\n", 1)[1].split(
+        ".Bd -literal -offset indent\n", 1)[1].split("\n.Ed\n", 1)[0]
+    assert man_example.replace("\\-", "-").splitlines() == example
+    config = tmp_path / "example.conf"
+    config.write_text("\n".join(example) + "\n")
+    assert torsocksd.read_config_file(torsocksd.build_argument_parser(),
+                                      str(config), argparse.Namespace()) == []
+    # So is the command that checks a file, and the Prometheus job's target
+    # is the metrics address the example gives.
+    examples = man_source().split(".Sh EXAMPLES", 1)[1].split(".Sh ", 1)[0]
+    check = [line[6:] for line in section.splitlines()
+             if line.startswith("    $ ")]
+    assert check and all(command in examples.replace("\\-", "-")
+                         for command in check)
+    assert "targets: ['127.0.0.1:9051']" in section
+    assert "metrics 127.0.0.1:9051" in example

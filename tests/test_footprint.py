@@ -293,7 +293,7 @@ def test_idle_workers_sleep(scripts, copy_dir):
     """Nothing pending, nothing to wake up for: over two and a half seconds
     at rest the workers (which watched their parent every second) do not
     run at all."""
-    daemon = scripts(copy_dir, "--workers", "2", listeners=2)
+    daemon = scripts(copy_dir, "--workers", "2", listeners=3)
     workers = children_of(daemon.process.pid)
     assert len(workers) == 2
     time.sleep(0.5)         # both are in their loops by now
@@ -305,7 +305,7 @@ def test_idle_workers_sleep(scripts, copy_dir):
 
 def test_workers_drain_and_exit_when_the_parent_is_killed(scripts,
                                                           copy_dir):
-    daemon = scripts(copy_dir, "--workers", "2", listeners=2)
+    daemon = scripts(copy_dir, "--workers", "2", listeners=3)
     workers = children_of(daemon.process.pid)
     assert len(workers) == 2
     daemon.process.kill()

@@ -311,9 +311,12 @@ def test_reload_that_would_leave_an_open_proxy_keeps_the_old_credentials(
     try:
         monkeypatch.setattr(torsocksd.Credentials, "from_file",
                             classmethod(lambda cls, path: cls([])))
-        with caplog.at_level(logging.ERROR, logger="torsocksd"):
+        with caplog.at_level(logging.ERROR, logger="torsocksd"), \
+                pytest.raises(torsocksd.ConfigError) as refused:
             server.reload()
         assert server.settings.credentials is old
-        assert "keeping the old credentials" in caplog.text
+        assert refused.value.problems == ["credentials that name no user"]
+        assert "reload: credentials that name no user" in caplog.text
+        assert "nothing changed; the old configuration stays" in caplog.text
     finally:
         server.stop()
