@@ -1203,6 +1203,7 @@ OPTIONAL_COMMANDS = {Command.BIND: "--enable-bind",
                      Command.UDP_ASSOCIATE: "--enable-udp"}
 
 
+@functools.lru_cache(maxsize=None)     # four sets at most, shared by all
 def served_commands(enable_bind: bool = False,
                     enable_udp: bool = False) -> frozenset:
     """The commands a server answers: SERVED_COMMANDS and those enabled."""
@@ -1222,15 +1223,9 @@ def unsupported_reason(command: Command) -> str:
     return "unsupported command %s" % command.name
 
 
-class SocksHandshake:
-    """One client's SOCKS handshake, from its first byte to its request.
-
-    receive(data) takes bytes from the client and returns the replies to send
-    now, in order.  Once state is DONE, request holds the accepted Request,
-    or refusal says why the client was turned away (its reply, if it gets
-    one, was among the bytes returned).  The bytes the client sent after its
-    request are early_data.  success_reply(), failure_reply() and the answer
-    builders give the replies that end the conversation.
+class ClientHandshake:
+    """What a client's handshake holds, whatever it speaks: the server's
+    rules for it, what its request asked for, and how it ended.
 
     credentials_required  only RFC 1929 will do, and SOCKS4 is refused
     authenticate          authenticate(username, password) -> bool, asked
@@ -1244,10 +1239,11 @@ class SocksHandshake:
     """
     __slots__ = ("credentials_required", "authenticate", "safe_socks",
                  "client_family", "local_address", "served_commands",
-                 "state", "version",
-                 "protocol", "method", "command", "host", "port", "unsafe",
-                 "buffered", "received", "request", "refusal", "userid",
-                 "early_data")
+                 "state", "version", "protocol", "method", "command", "host",
+                 "port", "unsafe", "buffered", "received", "request",
+                 "refusal", "userid", "early_data")
+    FIRST_STATE = HandshakeState.GREETING
+    PROTOCOL = None             # known before the first byte, or not
 
     def __init__(self, credentials_required: bool = False, authenticate=None,
                  safe_socks: bool = False,
@@ -1259,10 +1255,10 @@ class SocksHandshake:
         self.client_family = client_family
         self.local_address = local_address
         self.served_commands = served_commands
-        self.state = HandshakeState.GREETING
-        self.protocol = None        # what the first byte said
+        self.state = self.FIRST_STATE
+        self.protocol = self.PROTOCOL   # what the first byte said
+        self.version = self.PROTOCOL    # known from the first message on
         self.method = None          # the SOCKS5 method chosen
-        self.version = None         # known from the first message on
         self.command = None         # known once a request is parsed,
         self.host = ""              # with its destination
         self.port = 0
@@ -1273,6 +1269,25 @@ class SocksHandshake:
         self.refusal = ""           # why the client was refused
         self.userid = None
         self.early_data = b""
+
+    def _refused(self, reply: bytes, reason: str) -> bytes:
+        self.state = HandshakeState.DONE
+        self.refusal = reason
+        return reply
+
+
+class SocksHandshake(ClientHandshake):
+    """One client's SOCKS handshake, from its first byte to its request.
+
+    receive(data) takes bytes from the client and returns the replies to send
+    now, in order.  Once state is DONE, request holds the accepted Request,
+    or refusal says why the client was turned away (its reply, if it gets
+    one, was among the bytes returned).  The bytes the client sent after its
+    request are early_data.  success_reply(), failure_reply() and the answer
+    builders give the replies that end the conversation.  Its arguments
+    are ClientHandshake's.
+    """
+    __slots__ = ()
 
     def room(self) -> int:
         """How many more bytes the handshake may take (MAX_HANDSHAKE_BYTES
@@ -1416,7 +1431,7 @@ class SocksHandshake:
         command, address type, hostname, then what is allowed."""
         # Bytes after the request are the client's early data (the README's
         # "several messages in one segment" row).
-        self.early_data, self.buffered = bytes(self.buffered), bytearray()
+        self.early_data, self.buffered = bytes(self.buffered), b""
         self.command = command = message.command
         self.host, self.port = message.host, message.port
         if isinstance(message, Socks4Request):
@@ -1464,11 +1479,6 @@ class SocksHandshake:
                                self.unsafe)
         self.state = HandshakeState.DONE
         return b""
-
-    def _refused(self, reply: bytes, reason: str) -> bytes:
-        self.state = HandshakeState.DONE
-        self.refusal = reason
-        return reply
 
 
 # =============================================================================
@@ -1717,7 +1727,7 @@ def is_localhost_field(value: Optional[bytes]) -> bool:
     return name.lower() == b"localhost" and (not port or port.isdigit())
 
 
-class HttpTunnelHandshake:
+class HttpTunnelHandshake(ClientHandshake):
     """One client's HTTP CONNECT request, from its first byte to its
     request: SocksHandshake's interface (receive, state, request, refusal,
     early_data, room(), refuse(), success_reply(), failure_reply()).
@@ -1727,35 +1737,12 @@ class HttpTunnelHandshake:
     every check becomes the request, served as a SOCKS CONNECT is.  The
     checks come in Tor's order (bad port 400, long host 414, Tor-RPC-Target
     501, then the destination: 502), with credentials checked first.  The
-    constructor takes SocksHandshake's arguments.
+    constructor takes ClientHandshake's arguments (served_commands is
+    SOCKS's: HTTP has only CONNECT).
     """
-    __slots__ = ("credentials_required", "authenticate", "safe_socks",
-                 "client_family", "local_address", "state", "version",
-                 "protocol", "command", "host", "port", "unsafe", "buffered",
-                 "received", "request", "refusal", "userid", "early_data")
-
-    def __init__(self, credentials_required: bool = False, authenticate=None,
-                 safe_socks: bool = False,
-                 client_family: int = socket.AF_INET, local_address=None,
-                 served_commands: frozenset = SERVED_COMMANDS):
-        # served_commands is SocksHandshake's: HTTP has only CONNECT.
-        self.credentials_required = credentials_required
-        self.authenticate = authenticate
-        self.safe_socks = safe_socks
-        self.client_family = client_family
-        self.local_address = local_address
-        self.state = HandshakeState.REQUESTING
-        self.protocol = self.version = Protocol.HTTP_CONNECT
-        self.command = None         # CONNECT, once its target is read
-        self.host = ""
-        self.port = 0
-        self.unsafe = None
-        self.buffered = bytearray()
-        self.received = 0
-        self.request = None
-        self.refusal = ""
-        self.userid = None
-        self.early_data = b""
+    __slots__ = ()
+    FIRST_STATE = HandshakeState.REQUESTING
+    PROTOCOL = Protocol.HTTP_CONNECT
 
     def room(self) -> int:
         """How many more bytes the request head may take."""
@@ -1777,7 +1764,7 @@ class HttpTunnelHandshake:
         # Bytes after the head are the tunnel's first bytes (RFC 9110
         # §9.3.6: a CONNECT has no content).
         self.early_data = bytes(self.buffered[result.used:])
-        self.buffered = bytearray()
+        self.buffered = b""
         head = result.message
         if head.method.upper() != b"CONNECT":
             return self._on_other_method(head)
@@ -1881,11 +1868,6 @@ class HttpTunnelHandshake:
         if authorization is None and isolation is None:
             return None
         return (authorization or b"") + b"\0" + (isolation or b"")
-
-    def _refused(self, reply: bytes, reason: str) -> bytes:
-        self.state = HandshakeState.DONE
-        self.refusal = reason
-        return reply
 
 
 # =============================================================================
@@ -5145,11 +5127,11 @@ class Connection:
         self.balancer = balancer
         self.balancer_peer = None   # the balancer's end, once it named one
         self.balancers_own = False  # its header named no client
-        self.proxy_buffer = bytearray()
+        self.proxy_buffer = None if balancer is None else bytearray()
         self.state = HANDSHAKE if balancer is None else PROXY_HEADER
         self.handshake = self._new_handshake(family)
         self.request = None
-        self.candidates = []
+        self.candidates = ()        # addresses still to try, in order
         self.attempts = ()          # sockets connecting at once
         self.dir_stream = None          # the BEGIN_DIR stream of a CONNECT_DIR
         self.bind_listener = None   # BIND: where the peer is to connect
@@ -5165,7 +5147,7 @@ class Connection:
         self.downstream = _Flow(None, client)   # target -> client
         self.client_events = 0
         self.target_events = 0
-        self.client_handler = (self.on_client_event, self)
+        self.client_handler = (self, self)     # self(mask): __call__
         self.target_handler = (self.on_target_event, self)
         self.paused_check = None    # the timer of a look at an unwatched socket
         self.outcome = "closed during handshake" if balancer is None \
@@ -5206,6 +5188,11 @@ class Connection:
         for the deadline (so a state change costs no work in the heap)."""
         if seconds is None:
             self.deadline_at = None
+            if self.deadline is not None:
+                # Let go of the armed timer's call: an idle tunnel then
+                # holds no more than the heap's slot, until it comes due.
+                self.deadline.cancel()
+                self.deadline = None
             return
         self.deadline_at = when = time.monotonic() + seconds
         timer = self.deadline
@@ -5294,6 +5281,9 @@ class Connection:
             self._fail(error)
         self._update_interest()
 
+    # The loop calls the connection itself for its client socket: a bound
+    # method kept per connection would cost 64 bytes more each.
+    __call__ = on_client_event
     def on_target_event(self, mask: int):
         if mask == EVENT_READ and self.state is RELAYING \
                 and not self.settings.splice and self.downstream.reading:
@@ -5439,7 +5429,8 @@ class Connection:
         if replies:
             self._send_to_client(replies)
         self.request = request
-        if request.command in RELAYED_COMMANDS:
+        handshake.local_address = None      # (the page's; kept per tunnel)
+        if request.command in RELAYED_COMMANDS and handshake.early_data:
             self.upstream.pending = bytearray(handshake.early_data)
         self._start_request(request)
 
@@ -5644,6 +5635,7 @@ class Connection:
         reading, as it was for writing while connecting), the others go."""
         self.attempts.remove(target)
         self._abandon_attempts()
+        self.candidates = ()
         self.target = target
         self.loop.watch(target, events, EVENT_READ, self.target_handler)
         self.target_events = EVENT_READ
@@ -6055,7 +6047,7 @@ class Connection:
     def _end_with(self, reply: bytes, reason: str):
         """Give up on the request: send reply (if any), then close."""
         self.outcome = "refused: " + reason
-        self.candidates = []
+        self.candidates = ()
         if self.lookup is not None:
             self.lookup.cancel()
             self.lookup = None
