@@ -20,28 +20,16 @@ import os
 import resource
 import signal
 import socket
-import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir))
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir,
-                                os.pardir))
-import torsocksd  # noqa: E402
-from conftest import (EchoServer, recv_exactly, socks5_request)  # noqa: E402
+# common first: it puts torsocksd and conftest on sys.path.
+from common import TIMEOUT, add_test_hosts, check, finish, ip
+import torsocksd
+from conftest import EchoServer, recv_exactly, socks5_request
 
-TIMEOUT = 10.0
 HOLES = ["192.0.2.%d" % n for n in range(100, 116)]
 REQUESTS = 250
-FAILURES = []
-
-
-def check(label, condition, detail=""):
-    print("%s: %s%s" % ("ok" if condition else "FAILED", label,
-                        (" (%s)" % detail) if detail else ""))
-    if not condition:
-        FAILURES.append(label)
-
 
 class Resolver:
     def lookup(self, hostname, callback):
@@ -81,12 +69,8 @@ def serve(port_writer, log_path):
 
 
 def main():
-    if os.geteuid() != 0:
-        print("needs root (unshare -n as root)")
-        return 2
-    for command in (["ip", "link", "set", "lo", "up"],
-                    ["ip", "route", "add", "192.0.2.0/24", "dev", "lo"]):
-        subprocess.run(command, check=True)
+    add_test_hosts()
+    ip("route", "add", "192.0.2.0/24", "dev", "lo")
     resource.setrlimit(resource.RLIMIT_NOFILE, (4096, 4096))
     log_path = "/tmp/fd_budget.%d.log" % os.getpid()
     reader, writer = os.pipe()
@@ -135,11 +119,7 @@ def main():
     check("no accept failed for want of descriptors",
           "accept failed" not in text and "cannot open" not in text,
           [line for line in text.splitlines() if "fail" in line][:3])
-    if FAILURES:
-        print("%d check(s) failed" % len(FAILURES))
-        return 1
-    print("all checks passed")
-    return 0
+    return finish()
 
 
 if __name__ == "__main__":

@@ -35,25 +35,13 @@ import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.join(HERE, os.pardir, os.pardir)
-sys.path.insert(0, os.path.join(HERE, os.pardir))
-from conftest import EchoServer, recv_up_to  # noqa: E402
+# common first: it puts conftest on sys.path.
+from common import ROOT, SCRIPT, TIMEOUT, add_test_hosts, check, finish
+from conftest import EchoServer, recv_up_to
 
-SCRIPT = os.path.join(ROOT, "torsocksd.py")
 CONFIG = os.path.join(ROOT, "contrib", "haproxy.cfg")
 FRONTEND, CLIENT, STRANGER, TARGET = ("192.0.2.1", "192.0.2.40",
                                       "192.0.2.41", "192.0.2.50")
-TIMEOUT = 10.0
-FAILURES = []
-
-
-def check(label, condition, detail=""):
-    print("%s: %s%s" % ("ok" if condition else "FAILED", label,
-                        (" (%s)" % detail) if detail else ""), flush=True)
-    if not condition:
-        FAILURES.append(label)
-
 
 def free_port(address="127.0.0.1"):
     with socket.socket() as probe:
@@ -311,13 +299,7 @@ def version_1(directory, echo_port, backends_v2):
 
 
 def main():
-    if os.geteuid() != 0:
-        print("needs root (unshare -n as root)")
-        return 2
-    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-    for address in (FRONTEND, CLIENT, STRANGER, TARGET):
-        subprocess.run(["ip", "addr", "add", address + "/32", "dev", "lo"],
-                       check=True)
+    add_test_hosts(FRONTEND, CLIENT, STRANGER, TARGET)
     echo = EchoServer(host=TARGET)
     try:
         with tempfile.TemporaryDirectory(prefix="haproxy-") as directory:
@@ -325,11 +307,7 @@ def main():
             version_1(directory, echo.port, backends)
     finally:
         echo.close()
-    if FAILURES:
-        print("%d check(s) failed" % len(FAILURES))
-        return 1
-    print("all checks passed")
-    return 0
+    return finish()
 
 
 if __name__ == "__main__":

@@ -39,10 +39,9 @@ import tempfile
 import threading
 import zipfile
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, os.pardir))
-sys.path.insert(0, os.path.join(HERE, os.pardir, os.pardir))
-import torsocksd  # noqa: E402
+# common first: it puts torsocksd on sys.path.
+from common import add_test_hosts, check, finish
+import torsocksd
 
 HOST4 = "192.0.2.30"
 HOST6 = "2001:db8::30"
@@ -50,15 +49,7 @@ CLIENT = "192.0.2.31"           # a client on another host, allowed in
 STRANGER = "192.0.2.32"         # one that is not
 NAMES = ("www.test", "git.test", "pypi.test")
 BLOB = os.urandom(200_000)
-TIMEOUT = 60
-FAILURES = []
-
-
-def check(label, condition, detail=""):
-    print("%s: %s%s" % ("ok" if condition else "FAILED", label,
-                        (" (%s)" % detail) if detail else ""), flush=True)
-    if not condition:
-        FAILURES.append(label)
+TIMEOUT = 60            # seconds a client program may take
 
 
 class Resolver:
@@ -346,15 +337,7 @@ def main():
     parser.add_argument("--skip", default="",
                         help="comma-separated: requests, pip")
     skip = set(filter(None, parser.parse_args().skip.split(",")))
-    if os.geteuid() != 0:
-        print("needs root (unshare -n as root)")
-        return 2
-    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-    for address in (HOST4, CLIENT, STRANGER):
-        subprocess.run(["ip", "addr", "add", address + "/32", "dev", "lo"],
-                       check=True)
-    subprocess.run(["ip", "addr", "add", HOST6 + "/128", "dev", "lo",
-                    "nodad"], check=True)
+    add_test_hosts(HOST4, HOST6, CLIENT, STRANGER)
     log_lines = LogLines()
     logging.getLogger("torsocksd").addHandler(log_lines)
     logging.getLogger("torsocksd").setLevel(logging.INFO)
@@ -393,11 +376,7 @@ def main():
             server.shutdown()
             server.server_close()
         shutil.rmtree(directory, ignore_errors=True)
-    if FAILURES:
-        print("%d check(s) failed" % len(FAILURES))
-        return 1
-    print("all checks passed")
-    return 0
+    return finish()
 
 
 if __name__ == "__main__":

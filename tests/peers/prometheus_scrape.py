@@ -31,24 +31,12 @@ import time
 import urllib.parse
 import urllib.request
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir))
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir,
-                                os.pardir))
-from conftest import (EchoServer, free_port, open_socks5_tunnel,  # noqa: E402
+# common first: it puts conftest on sys.path.
+from common import SCRIPT, TIMEOUT, add_test_hosts, check, finish
+from conftest import (EchoServer, free_port, open_socks5_tunnel,
                       recv_exactly, recv_until_eof, socks5_request)
 
-SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir,
-                      "torsocksd.py")
 HOST = "192.0.2.1"
-TIMEOUT = 10.0
-FAILURES = []
-
-
-def check(label, condition, detail=""):
-    print("%s: %s%s" % ("ok" if condition else "FAILED", label,
-                        (" (%s)" % detail) if detail else ""))
-    if not condition:
-        FAILURES.append(label)
 
 
 class NameServer:
@@ -126,9 +114,7 @@ def wait_for_value(port, expression, expected, seconds=30.0):
 
 
 def main():
-    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-    subprocess.run(["ip", "addr", "add", HOST + "/32", "dev", "lo"],
-                   check=True)
+    add_test_hosts(HOST)
     socks_port, metrics_port = free_port(), free_port()
     names = NameServer()
     command = [sys.executable, SCRIPT, "--listen", "127.0.0.1:%d" % socks_port,
@@ -218,11 +204,8 @@ def main():
         daemon.wait(TIMEOUT)
         daemon.stderr.close()
         shutil.rmtree(folder)
-    if FAILURES:
-        print("%d check(s) failed" % len(FAILURES))
-        sys.exit(1)
-    print("all checks passed")
+    return finish()
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -23,29 +23,17 @@ Prints one line per check and exits non-zero if any fails.
 """
 
 import ipaddress
-import os
 import socket
-import subprocess
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir))
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir,
-                                os.pardir))
-import torsocksd  # noqa: E402
-from conftest import (EchoServer, recv_up_to, socks4_request,  # noqa: E402
+# common first: it puts torsocksd and conftest on sys.path.
+from common import TIMEOUT, add_test_hosts, check, finish
+import torsocksd
+from conftest import (EchoServer, recv_up_to, socks4_request,
                       socks4a_request, socks5_target)
 
 HOST = "192.0.2.1"
 OTHER_HOST = "192.0.2.2"     # a second remote client
-TIMEOUT = 10.0
-FAILURES = []
-
-
-def check(label, condition, detail=""):
-    print("%s: %s%s" % ("ok" if condition else "FAILED", label,
-                        (" (%s)" % detail) if detail else ""))
-    if not condition:
-        FAILURES.append(label)
 
 
 class Resolver:
@@ -200,13 +188,7 @@ def run_checks(label, server, loop_echo, host_echo):
 
 
 def main():
-    if os.geteuid() != 0:
-        print("needs root (unshare -n as root)")
-        return 2
-    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-    for address in (HOST, OTHER_HOST):
-        subprocess.run(["ip", "addr", "add", address + "/32", "dev", "lo"],
-                       check=True)
+    add_test_hosts(HOST, OTHER_HOST)
     loop_echo = EchoServer(host="127.0.0.1")
     host_echo = EchoServer(host=HOST)
 
@@ -253,11 +235,7 @@ def main():
     run_handed_in_checks(host_echo)
     run_ipv6_prefix_checks()
 
-    if FAILURES:
-        print("%d check(s) failed" % len(FAILURES))
-        return 1
-    print("all checks passed")
-    return 0
+    return finish()
 
 
 REMOTE_CLIENTS = torsocksd.ClientPolicy([(True, "192.0.2.0/24"),
@@ -440,9 +418,7 @@ def run_ipv6_prefix_checks():
     it, so two addresses of one /64 are one client."""
     first, second, elsewhere = "2001:db8:0:1::1", "2001:db8:0:1::2", \
         "2001:db8:0:2::1"
-    for address in (first, second, elsewhere):
-        subprocess.run(["ip", "addr", "add", address + "/128", "dev", "lo",
-                        "nodad"], check=True)
+    add_test_hosts(first, second, elsewhere)
     policy = torsocksd.ClientPolicy([(True, "2001:db8::/32")])
     with torsocksd.Server([("2001:db8:0:1::1", 0)], resolver=Resolver(),
                           client_policy=policy, max_per_client=1) as server:

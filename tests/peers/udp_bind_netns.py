@@ -46,22 +46,17 @@ import sys
 import threading
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, os.pardir))
-sys.path.insert(0, os.path.join(HERE, os.pardir, os.pardir))
-import torsocksd  # noqa: E402
-from torpeer import find_program  # noqa: E402
-from conftest import (recv_exactly, recv_socks5_reply,  # noqa: E402
-                      reply_address, socks5_greeting, socks5_request,
-                      socks5_target)
+# common first: it puts torsocksd, torpeer and conftest on sys.path.
+from common import SCRIPT, TIMEOUT, check, finish
+import torsocksd
+from torpeer import find_program
+from conftest import (recv_exactly, recv_socks5_reply, reply_address,
+                      socks5_greeting, socks5_request, socks5_target)
 
-SCRIPT = os.path.join(HERE, os.pardir, os.pardir, "torsocksd.py")
 NEAR4, NEAR4_OUTBOUND, NEAR6 = "192.0.2.1", "192.0.2.2", "2001:db8::1"
 FAR4, FAR6 = "192.0.2.53", "2001:db8::53"
 FAR_ECHO_PORT = 7007
 DAEMON = ("127.0.0.1", 1080)
-TIMEOUT = 10.0
-FAILURES = []
 
 # The far host's UDP service: each datagram is answered with "host port" of
 # where it came from; it also takes one TCP connection to host:port given on
@@ -80,14 +75,6 @@ else:
         s.shutdown(socket.SHUT_WR)
         print(s.recv(100).decode())
 """
-
-
-def check(label, condition, detail=""):
-    print("%s: %s%s" % ("ok" if condition else "FAILED", label,
-                        (" (%s)" % detail) if detail else ""))
-    sys.stdout.flush()
-    if not condition:
-        FAILURES.append(label)
 
 
 def program(name):
@@ -427,10 +414,7 @@ def main():
         remote_client_guard()
     finally:
         far.close()
-    if FAILURES:
-        print("%d check(s) failed" % len(FAILURES))
-        return 1
-    return 0
+    return finish()
 
 
 if __name__ == "__main__":
