@@ -9,14 +9,20 @@ Checks: check() prints "ok: LABEL" or "FAILED: LABEL (detail)" and
 remembers the failures; finish() prints the tally, its last line "all
 checks passed" when none failed, and returns the exit status.
 
+torsocksd as a process of its own: Daemon(*arguments) returns once its
+log says it listens, and collects the log lines from then on.
+
 The network: add_test_hosts() brings lo up and gives it addresses of
 other hosts (192.0.2.0/24, 2001:db8::/32), each alone, so that a socket
 bound to one is, as far as torsocksd can tell, a client on another host.
 """
 
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TESTS = os.path.dirname(HERE)
@@ -86,3 +92,75 @@ def add_test_hosts(*addresses):
             ip("-6", "addr", "add", address + "/128", "dev", "lo", "nodad")
         else:
             ip("addr", "add", address + "/32", "dev", "lo")
+
+
+# -- waiting ------------------------------------------------------------------
+
+def wait_until(condition, timeout=TIMEOUT, step=0.02):
+    """Ask condition() every step seconds until it is true (True) or
+    timeout seconds have passed (False)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(step)
+    return True
+
+
+# -- torsocksd as a process ---------------------------------------------------
+
+class Daemon:
+    """torsocksd.py with arguments as a process of its own, logging to
+    stderr, which a thread reads into `lines`.  The constructor returns once
+    a line has `ready` in it, and ends the script if none comes."""
+
+    def __init__(self, *arguments, ready=" listening on ", timeout=TIMEOUT):
+        self.process = subprocess.Popen(
+            [sys.executable, SCRIPT, *arguments], stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            universal_newlines=True)
+        self.lines = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        # The reader ends at the end of stderr: torsocksd exited.
+        wait_until(lambda: self.said(ready) or not self._reader.is_alive(),
+                   timeout)
+        if not self.said(ready):
+            self.stop()
+            raise SystemExit("torsocksd %s never said %r:\n%s"
+                             % (" ".join(arguments), ready, self.text()))
+
+    def _read(self):
+        for line in self.process.stderr:
+            self.lines.append(line.rstrip("\n"))
+
+    def text(self):
+        """The log so far."""
+        return "\n".join(self.lines)
+
+    def said(self, text):
+        """Whether a log line so far has text in it."""
+        return any(text in line for line in self.lines)
+
+    def wait_for_log(self, text, timeout=TIMEOUT):
+        """Until a log line has text in it; whether one came."""
+        return wait_until(lambda: self.said(text), timeout)
+
+    def stop(self, sig=signal.SIGTERM):
+        """Send sig (if it still runs) and wait for the end of the process
+        and of its log; safe to call again."""
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(TIMEOUT)
+        self._reader.join(TIMEOUT)
+        self.process.stderr.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.stop()

@@ -44,24 +44,19 @@ harness itself broke; the calling test makes the assertions.
 import errno
 import json
 import logging
-import os
 import select
-import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, os.pardir))
-sys.path.insert(0, os.path.join(HERE, os.pardir, os.pardir))
-import torsocksd  # noqa: E402
-from torpeer import find_program  # noqa: E402
-from conftest import (EchoServer, FakeResolver, recv_exactly,  # noqa: E402
+# common first: it puts torsocksd, torpeer and conftest on sys.path.
+from common import Daemon, add_test_hosts, ip
+import torsocksd
+from torpeer import find_program
+from conftest import (EchoServer, FakeResolver, recv_exactly,
                       socks5_greeting, socks5_request)
 
-SCRIPT = os.path.join(HERE, os.pardir, os.pardir, "torsocksd.py")
 HOSTS4 = ["192.0.2.5", "192.0.2.10", "192.0.2.11"]
 HOSTS6 = ["2001:db8::5", "2001:db8::10", "2001:db8::11"]
 DEAD4, DEAD6 = "192.0.2.99", "2001:db8::99"
@@ -70,18 +65,8 @@ TIMEOUT = 15.0
 COMMANDS = {"connect": 1, "resolve": 0xF0}
 
 
-def ip(*args, check=True):
-    return subprocess.run(["ip", *args], check=check,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          universal_newlines=True)
-
-
 def set_up_network():
-    ip("link", "set", "lo", "up")
-    for host in HOSTS4:
-        ip("addr", "add", host + "/32", "dev", "lo")
-    for host in HOSTS6:
-        ip("-6", "addr", "add", host + "/128", "dev", "lo", "nodad")
+    add_test_hosts(*HOSTS4, *HOSTS6)
     # Somewhere packets vanish: a dummy interface if the kernel has the
     # driver, else an ifb one (both NOARP, always "up", and they drop what
     # is sent to them).  A blackhole route would fail at once instead.
@@ -176,40 +161,15 @@ def run_server(run, targets, records):
 
 
 def run_daemon(run, targets, records, dns):
-    args = [a.replace("{dns}", dns or "") for a in run["daemon"]]
-    process = subprocess.Popen([sys.executable, SCRIPT, *args],
-                               stderr=subprocess.PIPE,
-                               universal_newlines=True)
-    lines = []
-    reader = None
+    daemon = Daemon(*[a.replace("{dns}", dns or "") for a in run["daemon"]])
     try:
-        while True:
-            line = process.stderr.readline()
-            if not line:
-                raise SystemExit("daemon exited: %r" % lines)
-            lines.append(line.rstrip("\n"))
-            if " listening on " in line:
-                break
-        reader = threading.Thread(
-            target=lambda: lines.extend(l.rstrip("\n")
-                                        for l in process.stderr),
-            daemon=True)
-        reader.start()
         results = [one_request(DAEMON_ADDRESS, request, targets)
                    for request in run["requests"]]
-        results.append({"daemon_alive": process.poll() is None})
+        results.append({"daemon_alive": daemon.process.poll() is None})
         return results
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        if reader is not None:
-            reader.join(TIMEOUT)
-        process.stderr.close()
-        records.extend("daemon: " + line for line in lines)
+        daemon.stop()
+        records.extend("daemon: " + line for line in daemon.lines)
 
 
 def start_dnsmasq(extra):

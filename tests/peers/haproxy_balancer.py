@@ -33,64 +33,32 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 
 # common first: it puts conftest on sys.path.
-from common import ROOT, SCRIPT, TIMEOUT, add_test_hosts, check, finish
-from conftest import EchoServer, recv_up_to
+from common import (ROOT, TIMEOUT, Daemon, add_test_hosts, check, finish,
+                    wait_until)
+from conftest import EchoServer, free_port, recv_up_to
 
 CONFIG = os.path.join(ROOT, "contrib", "haproxy.cfg")
 FRONTEND, CLIENT, STRANGER, TARGET = ("192.0.2.1", "192.0.2.40",
                                       "192.0.2.41", "192.0.2.50")
 
-def free_port(address="127.0.0.1"):
-    with socket.socket() as probe:
-        probe.bind((address, 0))
-        return probe.getsockname()[1]
+class Backend(Daemon):
+    """torsocksd on 127.0.0.1 behind the balancer: PROXY headers from
+    127.0.0.1, clients from CLIENT only (and as extra arguments say)."""
 
-
-def wait_until(condition, timeout=TIMEOUT, step=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(step)
-    return condition()
-
-
-class Backend:
-    """torsocksd on 127.0.0.1, logging to a file."""
-
-    def __init__(self, directory, name, *extra):
+    def __init__(self, *extra):
         self.port = free_port()
-        self.log = os.path.join(directory, name + ".log")
-        self.process = subprocess.Popen(
-            [sys.executable, SCRIPT, "--listen", "127.0.0.1:%d" % self.port,
-             "--proxy-protocol-from", "127.0.0.1", "--allow", CLIENT,
-             "--log-file", self.log, *extra],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL)
-        if not wait_until(lambda: "listening on" in self.text()):
-            raise RuntimeError("%s did not start: %s" % (name, self.text()))
-
-    def text(self):
-        try:
-            with open(self.log) as file:
-                return file.read()
-        except FileNotFoundError:
-            return ""
-
-    def stop(self, sig=signal.SIGTERM):
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            self.process.wait(TIMEOUT)
+        super().__init__("--listen", "127.0.0.1:%d" % self.port,
+                         "--proxy-protocol-from", "127.0.0.1",
+                         "--allow", CLIENT, *extra)
 
 
 class Balancer:
     """HAProxy with contrib/haproxy.cfg, addresses and ports filled in."""
 
     def __init__(self, directory, backends, version=2):
-        self.port = free_port(FRONTEND)
+        self.port = free_port()     # free on FRONTEND too: nothing is there
         self.stats = os.path.join(directory, "haproxy-%d.sock" % version)
         config = open(CONFIG).read()
         config = config.replace("bind :9050", "bind %s:%d"
@@ -191,14 +159,14 @@ def relays(source, address, echo_port):
 
 
 def log_problems(backends):
-    return [line for backend in backends for line in backend.text()
-            .splitlines() if " WARNING " in line or " ERROR " in line
+    return [line for backend in backends for line in backend.lines
+            if " WARNING " in line or " ERROR " in line
             or "Traceback" in line]
 
 
 def version_2(directory, echo_port):
-    backends = [Backend(directory, "v2-one", "--log-level", "debug"),
-                Backend(directory, "v2-two", "--log-level", "debug")]
+    backends = [Backend("--log-level", "debug"),
+                Backend("--log-level", "debug")]
     balancer = Balancer(directory, backends)
     try:
         front = (FRONTEND, balancer.port)
@@ -210,18 +178,19 @@ def version_2(directory, echo_port):
               all(results), results)
         check("a client outside --allow is refused",
               socks_echo(STRANGER, front, echo_port, b"x") == b"")
-        named = [line for backend in backends
-                 for line in backend.text().splitlines()
-                 if " from %s:" % CLIENT in line and " via 127.0.0.1:" in line
-                 and ": relayed" in line]
-        check("the logs name the client, via the balancer", len(named) == 6
-              and all(backend.text().count(" from %s:" % CLIENT)
-                      for backend in backends), "%d lines" % len(named))
+        def named():
+            return [line for backend in backends for line in backend.lines
+                    if " from %s:" % CLIENT in line
+                    and " via 127.0.0.1:" in line and ": relayed" in line]
+        check("the logs name the client, via the balancer",
+              wait_until(lambda: len(named()) == 6)
+              and all(backend.said(" from %s:" % CLIENT)
+                      for backend in backends), "%d lines" % len(named()))
         check("the refusal names the client", wait_until(lambda: any(
             " from %s:" % STRANGER in line and " via 127.0.0.1:" in line
             and "refused: not allowed by --allow/--deny" in line
             for backend in backends
-            for line in backend.text().splitlines())))
+            for line in backend.lines)))
         direct = ("127.0.0.1", backends[1].port)
         with connect_from("127.0.0.1", direct) as sock:
             sock.sendall(b"\x05\x01\x00")
@@ -246,7 +215,7 @@ def version_2(directory, echo_port):
                   backend.text())) >= 3 for backend in backends)) and not any(
                   " INFO " in line and "(the balancer's own)" in line
                   for backend in backends
-                  for line in backend.text().splitlines()))
+                  for line in backend.lines))
         check("no warning or error from the health checks",
               not log_problems(backends), log_problems(backends)[:3])
         failed = balancer.states("chkfail")
@@ -269,7 +238,7 @@ def version_2(directory, echo_port):
 def version_1(directory, echo_port, backends_v2):
     # The v2 backends are gone; the same arguments, without the balancer's
     # address allowed: v1 health checks name the balancer, and fail.
-    unallowed = [Backend(directory, "v1-unallowed")]
+    unallowed = [Backend()]
     balancer = Balancer(directory, unallowed + unallowed, version=1)
     try:
         check("send-proxy: without --allow for the balancer the checks fail",
@@ -277,8 +246,8 @@ def version_1(directory, echo_port, backends_v2):
     finally:
         balancer.stop()
         unallowed[0].stop()
-    backends = [Backend(directory, "v1-one", "--allow", "127.0.0.1"),
-                Backend(directory, "v1-two", "--allow", "127.0.0.1")]
+    backends = [Backend("--allow", "127.0.0.1"),
+                Backend("--allow", "127.0.0.1")]
     balancer = Balancer(directory, backends, version=1)
     try:
         front = (FRONTEND, balancer.port)

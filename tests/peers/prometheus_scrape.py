@@ -32,7 +32,8 @@ import urllib.parse
 import urllib.request
 
 # common first: it puts conftest on sys.path.
-from common import SCRIPT, TIMEOUT, add_test_hosts, check, finish
+from common import (SCRIPT, TIMEOUT, Daemon, add_test_hosts, check,
+                    finish)
 from conftest import (EchoServer, free_port, open_socks5_tunnel,
                       recv_exactly, recv_until_eof, socks5_request)
 
@@ -77,18 +78,6 @@ class NameServer:
         self.sock.close()
 
 
-def wait_for_line(process, text, deadline):
-    lines = []
-    while time.monotonic() < deadline:
-        line = process.stderr.readline()
-        if not line:
-            break
-        lines.append(line)
-        if text in line:
-            return line
-    raise SystemExit("torsocksd never said %r: %r" % (text, lines))
-
-
 def query(port, expression):
     """The value of expression now, from Prometheus's HTTP API (None while
     it has no sample)."""
@@ -117,25 +106,22 @@ def main():
     add_test_hosts(HOST)
     socks_port, metrics_port = free_port(), free_port()
     names = NameServer()
-    command = [sys.executable, SCRIPT, "--listen", "127.0.0.1:%d" % socks_port,
-               "--metrics", "%s:%d" % (HOST, metrics_port),
-               "--nameserver", "127.0.0.1:%d" % names.address[1]]
-    refused = subprocess.run(command, stderr=subprocess.PIPE,
+    arguments = ["--listen", "127.0.0.1:%d" % socks_port,
+                 "--metrics", "%s:%d" % (HOST, metrics_port),
+                 "--nameserver", "127.0.0.1:%d" % names.address[1]]
+    refused = subprocess.run([sys.executable, SCRIPT, *arguments],
+                             stderr=subprocess.PIPE,
                              universal_newlines=True, timeout=TIMEOUT)
     check("a metrics page other hosts can reach needs --allow",
           refused.returncode == 64
           and "refusing to serve metrics on %s:%d without --allow"
           % (HOST, metrics_port) in refused.stderr, refused.stderr)
-    daemon = subprocess.Popen(command + ["--allow", HOST, "--allow",
-                                         "127.0.0.1"],
-                              stderr=subprocess.PIPE,
-                              universal_newlines=True)
+    daemon = Daemon(*arguments, "--allow", HOST, "--allow", "127.0.0.1",
+                    ready="listening for metrics on")
     folder = tempfile.mkdtemp(prefix="torsocksd-prometheus-")
     prometheus = None
     echo = EchoServer()
     try:
-        deadline = time.monotonic() + TIMEOUT
-        wait_for_line(daemon, "listening for metrics on", deadline)
         api_port = free_port()
         config = os.path.join(folder, "prometheus.yml")
         with open(config, "w") as file:
@@ -200,9 +186,7 @@ def main():
         if prometheus is not None:
             prometheus.terminate()
             prometheus.wait(TIMEOUT)
-        daemon.terminate()
-        daemon.wait(TIMEOUT)
-        daemon.stderr.close()
+        daemon.stop()
         shutil.rmtree(folder)
     return finish()
 

@@ -43,11 +43,10 @@ import re
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 # common first: it puts torsocksd, torpeer and conftest on sys.path.
-from common import SCRIPT, TIMEOUT, check, finish
+from common import TIMEOUT, Daemon, check, finish
 import torsocksd
 from torpeer import find_program
 from conftest import (recv_exactly, recv_socks5_reply, reply_address,
@@ -182,42 +181,10 @@ class FarHost:
             process.stderr.close()
 
 
-class Daemon:
+def socks_daemon(*arguments):
     """torsocksd.py as a daemon on 127.0.0.1:1080, its log collected."""
-
-    def __init__(self, *args):
-        self.process = subprocess.Popen(
-            [sys.executable, SCRIPT, "--listen", "%s:%d" % DAEMON,
-             "--log-destinations", *args],
-            stderr=subprocess.PIPE, universal_newlines=True)
-        self.lines = []
-        while True:
-            line = self.process.stderr.readline()
-            if not line:
-                raise SystemExit("the daemon exited: %r" % self.lines)
-            self.lines.append(line.rstrip("\n"))
-            if " listening on " in line:
-                break
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self):
-        for line in self.process.stderr:
-            self.lines.append(line.rstrip("\n"))
-
-    def wait_for_log(self, text):
-        deadline = time.monotonic() + TIMEOUT
-        while time.monotonic() < deadline:
-            if any(text in line for line in self.lines):
-                return True
-            time.sleep(0.02)
-        return False
-
-    def close(self):
-        self.process.terminate()
-        self.process.wait(TIMEOUT)
-        self.reader.join(TIMEOUT)
-        self.process.stderr.close()
+    return Daemon("--listen", "%s:%d" % DAEMON, "--log-destinations",
+                  *arguments)
 
 
 # -- a SOCKS5 client at the wire ----------------------------------------------
@@ -261,7 +228,7 @@ def socksify_dig(tmp):
         file.write("route {\n  from: 0.0.0.0/0 to: 0.0.0.0/0 via: %s "
                    "port = %d\n  protocol: udp tcp\n  proxyprotocol: "
                    "socks_v5\n  method: none\n}\n" % DAEMON)
-    daemon = Daemon("--enable-udp")
+    daemon = socks_daemon("--enable-udp")
     try:
         result = run("socksify", program("drill"), "@" + FAR4, "v4.test", "A",
                      check=False, env=dict(os.environ, SOCKS_CONF=conf))
@@ -274,13 +241,13 @@ def socksify_dig(tmp):
         check("the daemon logs each association's end", ended,
               "\n".join(daemon.lines[-6:]))
     finally:
-        daemon.close()
+        daemon.stop()
     print("\n".join("  log: " + line for line in daemon.lines))
 
 
 def outbound_address_and_far_bind(far):
-    daemon = Daemon("--enable-udp", "--enable-bind", "--outbound-address",
-                    NEAR4_OUTBOUND)
+    daemon = socks_daemon("--enable-udp", "--enable-bind",
+                          "--outbound-address", NEAR4_OUTBOUND)
     try:
         control, reply = request(DAEMON, 3, "0.0.0.0", 0)
         with control:
@@ -314,7 +281,7 @@ def outbound_address_and_far_bind(far):
                   data == b"hello from the far host"
                   and out.strip() == "hello back", out + err)
     finally:
-        daemon.close()
+        daemon.stop()
 
 
 class LoopbackService:
