@@ -12,6 +12,9 @@ checks passed" when none failed, and returns the exit status.
 torsocksd as a process of its own: Daemon(*arguments) returns once its
 log says it listens, and collects the log lines from then on.
 
+Sockets: connect_from() opens a TCP connection from a given address, and
+read_to_end() reads until the peer closes it (and says how it ended).
+
 The network: add_test_hosts() brings lo up and gives it addresses of
 other hosts (192.0.2.0/24, 2001:db8::/32), each alone, so that a socket
 bound to one is, as far as torsocksd can tell, a client on another host.
@@ -19,6 +22,7 @@ bound to one is, as far as torsocksd can tell, a client on another host.
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -46,7 +50,7 @@ def check(label, condition, detail=""):
     """Print one line for a check (detail in brackets after it); remember a
     failed one for finish()."""
     print("%s: %s%s" % ("ok" if condition else "FAILED", label,
-                        (" (%s)" % detail) if detail else ""), flush=True)
+                        (" (%s)" % (detail,)) if detail else ""), flush=True)
     if not condition:
         FAILURES.append(label)
 
@@ -92,6 +96,37 @@ def add_test_hosts(*addresses):
             ip("-6", "addr", "add", address + "/128", "dev", "lo", "nodad")
         else:
             ip("addr", "add", address + "/32", "dev", "lo")
+
+
+# -- sockets ------------------------------------------------------------------
+
+def connect_from(source, address, timeout=TIMEOUT):
+    """A TCP connection to address from the address source (of this
+    namespace); timeout on every operation."""
+    return socket.create_connection(address, timeout, (source, 0))
+
+
+CLOSED = ("eof", "reset")      # what read_to_end() says when the peer closed
+
+
+def read_to_end(sock, limit=1 << 24):
+    """What the peer sends until it closes: (data, how it ended), "eof",
+    "reset", or "no end" when sock's timeout or the limit of bytes passed
+    first."""
+    data = bytearray()
+    end = "no end"
+    try:
+        while len(data) <= limit:
+            chunk = sock.recv(65536)
+            if not chunk:
+                end = "eof"
+                break
+            data += chunk
+    except ConnectionResetError:
+        end = "reset"
+    except socket.timeout:
+        pass
+    return bytes(data), end
 
 
 # -- waiting ------------------------------------------------------------------

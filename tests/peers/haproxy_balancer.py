@@ -24,6 +24,7 @@ the servers go DOWN, and with it they come UP and relay as before.
 Prints one line per check and, when all passed, "all checks passed".
 """
 
+import contextlib
 import csv
 import io
 import os
@@ -35,13 +36,15 @@ import sys
 import tempfile
 
 # common first: it puts conftest on sys.path.
-from common import (ROOT, TIMEOUT, Daemon, add_test_hosts, check, finish,
-                    wait_until)
+from common import (CLOSED, ROOT, TIMEOUT, Daemon, add_test_hosts, check,
+                    connect_from, finish, read_to_end, wait_until)
 from conftest import EchoServer, free_port, recv_up_to
 
 CONFIG = os.path.join(ROOT, "contrib", "haproxy.cfg")
 FRONTEND, CLIENT, STRANGER, TARGET = ("192.0.2.1", "192.0.2.40",
                                       "192.0.2.41", "192.0.2.50")
+SUCCEEDED = b"\x05\x00\x05\x00\x00\x01" + bytes(6)  # method, CONNECT reply
+
 
 class Backend(Daemon):
     """torsocksd on 127.0.0.1 behind the balancer: PROXY headers from
@@ -116,46 +119,52 @@ class Balancer:
         self.log.close()
 
 
-def connect_from(source, address):
-    sock = socket.socket()
-    sock.settimeout(TIMEOUT)
-    sock.bind((source, 0))
-    sock.connect(address)
-    return sock
-
-
-def rest(sock):
-    data = b""
+@contextlib.contextmanager
+def balancing(directory, backends, version=2):
+    """HAProxy in front of backends; stops them all on the way out."""
+    balancer = Balancer(directory, backends, version)
     try:
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                return data
-            data += chunk
-    except ConnectionResetError:
-        return data
+        yield balancer
+    finally:
+        balancer.stop()
+        for backend in backends:
+            backend.stop()
+
+
+def answer(source, address, data):
+    """What a client at source gets for data sent to address, until the
+    server closes: (bytes, how it ended)."""
+    with connect_from(source, address) as sock:
+        sock.sendall(data)
+        return read_to_end(sock)
 
 
 def socks_echo(source, address, echo_port, payload):
     """A SOCKS5 CONNECT to the echo host from source through address:
-    what came back (the two replies, then the echo)."""
+    (what came back: the two replies, then the echo; how it ended)."""
     request = (b"\x05\x01\x00\x05\x01\x00\x01" + socket.inet_aton(TARGET)
                + echo_port.to_bytes(2, "big"))
     with connect_from(source, address) as sock:
         sock.sendall(request)
         head = recv_up_to(sock, 12)
-        if head != b"\x05\x00\x05\x00\x00\x01" + bytes(6):
-            return head + rest(sock)
-        sock.sendall(payload)
-        echoed = recv_up_to(sock, len(payload))
-        sock.shutdown(socket.SHUT_WR)
-        return head + echoed + rest(sock)
+        if head == SUCCEEDED:
+            sock.sendall(payload)
+            head += recv_up_to(sock, len(payload))
+            sock.shutdown(socket.SHUT_WR)
+        rest, end = read_to_end(sock)
+        return head + rest, end
 
 
 def relays(source, address, echo_port):
     payload = os.urandom(65536)
-    reply = socks_echo(source, address, echo_port, payload)
-    return reply == b"\x05\x00\x05\x00\x00\x01" + bytes(6) + payload
+    reply, end = socks_echo(source, address, echo_port, payload)
+    return reply == SUCCEEDED + payload and end in CLOSED
+
+
+def refused(source, address, echo_port):
+    """Whether a client at source is closed without a byte."""
+    reply, end = socks_echo(source, address, echo_port, b"x")
+    return reply == b"" and end in CLOSED
 
 
 def log_problems(backends):
@@ -164,20 +173,26 @@ def log_problems(backends):
             or "Traceback" in line]
 
 
+def check_balancing(label, balancer, echo_port, clients):
+    """Both servers pass the health check, `clients` clients inside --allow
+    are relayed byte for byte, and one outside it is refused."""
+    front = (FRONTEND, balancer.port)
+    check("%s: both servers pass the SOCKS5 health check" % label,
+          balancer.wait_for({"torsocksd1": "UP", "torsocksd2": "UP"}),
+          balancer.states())
+    results = [relays(CLIENT, front, echo_port) for _ in range(clients)]
+    check("%s: a client inside --allow is relayed byte for byte" % label,
+          all(results), results)
+    check("%s: a client outside --allow is refused" % label,
+          refused(STRANGER, front, echo_port))
+
+
 def version_2(directory, echo_port):
     backends = [Backend("--log-level", "debug"),
                 Backend("--log-level", "debug")]
-    balancer = Balancer(directory, backends)
-    try:
-        front = (FRONTEND, balancer.port)
-        check("send-proxy-v2: both servers pass the SOCKS5 health check",
-              balancer.wait_for({"torsocksd1": "UP", "torsocksd2": "UP"}),
-              balancer.states())
-        results = [relays(CLIENT, front, echo_port) for _ in range(6)]
-        check("a client inside --allow is relayed byte for byte",
-              all(results), results)
-        check("a client outside --allow is refused",
-              socks_echo(STRANGER, front, echo_port, b"x") == b"")
+    with balancing(directory, backends) as balancer:
+        check_balancing("send-proxy-v2", balancer, echo_port, 6)
+
         def named():
             return [line for backend in backends for line in backend.lines
                     if " from %s:" % CLIENT in line
@@ -192,23 +207,19 @@ def version_2(directory, echo_port):
             for backend in backends
             for line in backend.lines)))
         direct = ("127.0.0.1", backends[1].port)
-        with connect_from("127.0.0.1", direct) as sock:
-            sock.sendall(b"\x05\x01\x00")
-            check("a trusted source without a header is closed",
-                  rest(sock) == b"")
+        reply, end = answer("127.0.0.1", direct, b"\x05\x01\x00")
+        check("a trusted source without a header is closed",
+              reply == b"" and end in CLOSED, (reply[:60], end))
         check("... with one log line", wait_until(
             lambda: backends[1].text().count("no PROXY protocol header") == 1))
-        lie = b"PROXY TCP4 %s 127.0.0.1 1 2\r\n\x05\x01\x00" % CLIENT.encode()
-        with connect_from(STRANGER, direct) as sock:
-            sock.sendall(lie)
-            check("an untrusted source's header is not honoured (refused at "
-                  "accept)", rest(sock) == b"")
-        lie = b"PROXY TCP4 %s 127.0.0.1 1 2\r\n\x05\x01\x00" \
-            % STRANGER.encode()
-        with connect_from(CLIENT, direct) as sock:
-            sock.sendall(lie)
-            check("... nor read as one: it is HTTP to a SOCKS port",
-                  rest(sock).startswith(b"HTTP/1.0 501 "))
+        lie = b"PROXY TCP4 %s 127.0.0.1 1 2\r\n\x05\x01\x00"
+        reply, end = answer(STRANGER, direct, lie % CLIENT.encode())
+        check("an untrusted source's header is not honoured (refused at "
+              "accept)", reply == b"" and end in CLOSED, (reply[:60], end))
+        reply, end = answer(CLIENT, direct, lie % STRANGER.encode())
+        check("... nor read as one: it is HTTP to a SOCKS port",
+              reply.startswith(b"HTTP/1.0 501 ") and end in CLOSED,
+              (reply[:60], end))
         check("the health checks reach torsocksd, logged at debug level",
               wait_until(lambda: all(len(re.findall(
                   r"DEBUG conn .*\(the balancer's own\): SOCKS5: ",
@@ -225,46 +236,25 @@ def version_2(directory, echo_port):
         check("a killed backend is marked DOWN",
               balancer.wait_for({"torsocksd1": "DOWN", "torsocksd2": "UP"}),
               balancer.states())
-        results = [relays(CLIENT, front, echo_port) for _ in range(20)]
+        results = [relays(CLIENT, (FRONTEND, balancer.port), echo_port)
+                   for _ in range(20)]
         check("then every new connection succeeds on the other",
               all(results), results.count(False))
-    finally:
-        balancer.stop()
-        for backend in backends:
-            backend.stop()
-    return backends
 
 
-def version_1(directory, echo_port, backends_v2):
+def version_1(directory, echo_port):
     # The v2 backends are gone; the same arguments, without the balancer's
     # address allowed: v1 health checks name the balancer, and fail.
-    unallowed = [Backend()]
-    balancer = Balancer(directory, unallowed + unallowed, version=1)
-    try:
+    unallowed = Backend()
+    with balancing(directory, [unallowed, unallowed], 1) as balancer:
         check("send-proxy: without --allow for the balancer the checks fail",
               balancer.wait_for({"torsocksd1": "DOWN"}), balancer.states())
-    finally:
-        balancer.stop()
-        unallowed[0].stop()
     backends = [Backend("--allow", "127.0.0.1"),
                 Backend("--allow", "127.0.0.1")]
-    balancer = Balancer(directory, backends, version=1)
-    try:
-        front = (FRONTEND, balancer.port)
-        check("send-proxy: with it both servers come UP",
-              balancer.wait_for({"torsocksd1": "UP", "torsocksd2": "UP"}),
-              balancer.states())
-        results = [relays(CLIENT, front, echo_port) for _ in range(4)]
-        check("send-proxy: a client inside --allow is relayed", all(results),
-              results)
-        check("send-proxy: a client outside --allow is refused",
-              socks_echo(STRANGER, front, echo_port, b"x") == b"")
+    with balancing(directory, backends, 1) as balancer:
+        check_balancing("send-proxy", balancer, echo_port, 4)
         check("send-proxy: no warning or error", not log_problems(backends),
               log_problems(backends)[:3])
-    finally:
-        balancer.stop()
-        for backend in backends:
-            backend.stop()
 
 
 def main():
@@ -272,8 +262,8 @@ def main():
     echo = EchoServer(host=TARGET)
     try:
         with tempfile.TemporaryDirectory(prefix="haproxy-") as directory:
-            backends = version_2(directory, echo.port)
-            version_1(directory, echo.port, backends)
+            version_2(directory, echo.port)
+            version_1(directory, echo.port)
     finally:
         echo.close()
     return finish()

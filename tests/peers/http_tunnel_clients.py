@@ -31,7 +31,6 @@ import ipaddress
 import logging
 import os
 import shutil
-import socket
 import ssl
 import subprocess
 import sys
@@ -40,7 +39,8 @@ import threading
 import zipfile
 
 # common first: it puts torsocksd on sys.path.
-from common import add_test_hosts, check, finish
+from common import (CLOSED, add_test_hosts, check, connect_from, finish,
+                    read_to_end)
 import torsocksd
 
 HOST4 = "192.0.2.30"
@@ -277,22 +277,12 @@ def git_checks(proxy, login_proxy, directory):
 
 def tunnel_request(port, source, target):
     """What a client at source gets for CONNECT target (and a GET of /blob
-    through the tunnel when it opens), until the server closes."""
-    with socket.socket() as sock:
-        sock.settimeout(20)
-        sock.bind((source, 0))
-        sock.connect((HOST4, port))
+    through the tunnel when it opens), until the server closes: (bytes,
+    how it ended)."""
+    with connect_from(source, (HOST4, port), timeout=20) as sock:
         sock.sendall(b"CONNECT %s HTTP/1.1\r\n\r\n"
                      b"GET /blob HTTP/1.0\r\n\r\n" % target)
-        data = b""
-        try:
-            while True:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    return data
-                data += chunk
-        except ConnectionResetError:
-            return data
+        return read_to_end(sock)
 
 
 def remote_client_checks(loop_port):
@@ -302,18 +292,18 @@ def remote_client_checks(loop_port):
     with torsocksd.Server(listen=[], http_tunnel=[("0.0.0.0", 0)],
                           resolver=Resolver(), client_policy=policy) as server:
         port = server.address[1]
-        reply = tunnel_request(port, CLIENT, b"www.test:80")
+        reply, end = tunnel_request(port, CLIENT, b"www.test:80")
         check("a remote client is relayed", reply.startswith(
             b"HTTP/1.0 200 OK\r\nTor-Capabilities: \r\n\r\nHTTP/1.0 200 ")
-            and reply.endswith(BLOB), reply[:60])
-        reply = tunnel_request(port, CLIENT, b"127.0.0.1:%d" % loop_port)
+            and reply.endswith(BLOB) and end in CLOSED, (reply[:60], end))
+        reply, end = tunnel_request(port, CLIENT, b"127.0.0.1:%d" % loop_port)
         check("a remote client may not reach loopback: 403 (exit policy)",
               reply == b"HTTP/1.0 403 Forbidden (exit policy)\r\n"
               b"Tor-Capabilities: \r\nTor-Request-Failed: end/EXITPOLICY"
-              b"\r\n\r\n", reply[:80])
-        reply = tunnel_request(port, STRANGER, b"www.test:80")
-        check("a client outside --allow is closed at accept", reply == b"",
-              reply[:60])
+              b"\r\n\r\n" and end in CLOSED, (reply[:80], end))
+        reply, end = tunnel_request(port, STRANGER, b"www.test:80")
+        check("a client outside --allow is closed at accept",
+              reply == b"" and end in CLOSED, (reply[:60], end))
 
 
 def pip_checks(proxy, directory, wheel):

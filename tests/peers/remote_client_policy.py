@@ -27,7 +27,8 @@ import socket
 import sys
 
 # common first: it puts torsocksd and conftest on sys.path.
-from common import TIMEOUT, add_test_hosts, check, finish
+from common import (CLOSED, add_test_hosts, check, connect_from, finish,
+                    read_to_end, wait_until)
 import torsocksd
 from conftest import (EchoServer, recv_up_to, socks4_request,
                       socks4a_request, socks5_target)
@@ -56,27 +57,11 @@ class Resolver:
             (), torsocksd.Reply.HOST_UNREACHABLE, "unknown"))
 
 
-def rest_until_eof(sock):
-    data = b""
-    try:
-        while True:
-            chunk = sock.recv(4096)
-            if not chunk:
-                return data, "eof"
-            data += chunk
-    except ConnectionResetError:
-        return data, "reset"
-    except socket.timeout:
-        return data, "no end"
-
-
 def client(server_port, source):
-    sock = socket.socket()
-    sock.settimeout(TIMEOUT)
-    sock.bind((source, 0))
-    sock.connect((HOST if source != "127.0.0.1" else "127.0.0.1",
-                  server_port))
-    return sock
+    """A connection from source to the server's port on HOST (on 127.0.0.1
+    from 127.0.0.1)."""
+    return connect_from(source, (HOST if source != "127.0.0.1"
+                                 else "127.0.0.1", server_port))
 
 
 def ping_through(sock, reply):
@@ -84,7 +69,7 @@ def ping_through(sock, reply):
     sock.sendall(b"ping")
     echoed = recv_up_to(sock, 4)
     sock.shutdown(socket.SHUT_WR)
-    data, end = rest_until_eof(sock)
+    data, end = read_to_end(sock)
     return reply, (echoed + data, end)
 
 
@@ -94,12 +79,12 @@ def socks5_connect(server_port, source, target):
         sock.sendall(b"\x05\x01\x00")
         method = recv_up_to(sock, 2)
         if method != b"\x05\x00":
-            return method, rest_until_eof(sock)
+            return method, read_to_end(sock)
         sock.sendall(b"\x05\x01\x00" + target)
         reply = recv_up_to(sock, 10)
         if reply[:2] == b"\x05\x00":
             return ping_through(sock, reply)
-        return reply, rest_until_eof(sock)
+        return reply, read_to_end(sock)
 
 
 def socks4_connect(server_port, source, address, port, name=None):
@@ -111,7 +96,7 @@ def socks4_connect(server_port, source, address, port, name=None):
         reply = recv_up_to(sock, 8)
         if reply[:2] == b"\x00\x5a":
             return ping_through(sock, reply)
-        return reply, rest_until_eof(sock)
+        return reply, read_to_end(sock)
 
 
 NOT_ALLOWED = b"\x05\x02\x00\x01" + bytes(6)
@@ -221,10 +206,9 @@ def main():
                           client_policy=policy) as server:
         with client(server.address[1], HOST) as sock:
             sock.sendall(b"\x05\x01\x00")
-            data, end = rest_until_eof(sock)
+            data, end = read_to_end(sock)
         check("client policy 127.0.0.0/8 only: a remote client gets no "
-              "byte and a closed socket", data == b"" and end in ("eof",
-                                                                  "reset"),
+              "byte and a closed socket", data == b"" and end in CLOSED,
               "got %r, %s" % (data, end))
         check("client policy 127.0.0.0/8 only: counted as refused at accept",
               server.stats()["refused_at_accept"] == 1,
@@ -343,9 +327,9 @@ def run_mapped_rule_checks(loop_echo, host_echo):
         port = server.address[1]
         with client(port, OTHER_HOST) as sock:
             sock.sendall(b"\x05\x01\x00")
-            data, end = rest_until_eof(sock)
+            data, end = read_to_end(sock)
         check("%s: client 192.0.2.2 gets no byte and a closed socket"
-              % label, data == b"" and end in ("eof", "reset"),
+              % label, data == b"" and end in CLOSED,
               "got %r, %s" % (data, end))
         check("%s: counted as refused at accept" % label,
               server.stats()["refused_at_accept"] == 1,
@@ -375,10 +359,7 @@ def handed_in_pair(source):
     with socket.socket() as listener:
         listener.bind((HOST, 0))
         listener.listen(1)
-        client_end = socket.socket()
-        client_end.settimeout(TIMEOUT)
-        client_end.bind((source, 0))
-        client_end.connect(listener.getsockname())
+        client_end = connect_from(source, listener.getsockname())
         server_end, _ = listener.accept()
     return server_end, client_end
 
@@ -391,10 +372,10 @@ def run_handed_in_checks(host_echo):
     server.start()
     with client_end:
         client_end.sendall(b"\x05\x01\x00")
-        data, end = rest_until_eof(client_end)
+        data, end = read_to_end(client_end)
     server.stop()
     check("handed-in client from another host, no policy: no byte, closed",
-          data == b"" and end in ("eof", "reset"), "got %r, %s" % (data, end))
+          data == b"" and end in CLOSED, "got %r, %s" % (data, end))
     check("handed-in client from another host, no policy: refused at accept",
           server.stats()["refused_at_accept"] == 1, repr(server.stats()))
 
@@ -425,11 +406,7 @@ def run_ipv6_prefix_checks():
         port = server.address[1]
 
         def from_(source):
-            sock = socket.socket(socket.AF_INET6)
-            sock.settimeout(TIMEOUT)
-            sock.bind((source, 0))
-            sock.connect((first, port))
-            return sock
+            return connect_from(source, (first, port))
 
         with from_(first) as held:
             held.sendall(b"\x05\x01\x00")
@@ -437,9 +414,9 @@ def run_ipv6_prefix_checks():
                   recv_up_to(held, 2) == b"\x05\x00")
             with from_(second) as same_prefix:
                 same_prefix.sendall(b"\x05\x01\x00")
-                data, end = rest_until_eof(same_prefix)
+                data, end = read_to_end(same_prefix)
             check("IPv6 /64: a second address of the same /64 is over the "
-                  "cap", data == b"" and end in ("eof", "reset"),
+                  "cap", data == b"" and end in CLOSED,
                   "got %r, %s" % (data, end))
             with from_(elsewhere) as other_prefix:
                 other_prefix.sendall(b"\x05\x01\x00")
@@ -448,13 +425,7 @@ def run_ipv6_prefix_checks():
 
 
 def wait_idle(server, seconds=5.0):
-    import time
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if server.stats()["active"] == 0:
-            return True
-        time.sleep(0.02)
-    return False
+    return wait_until(lambda: server.stats()["active"] == 0, seconds)
 
 
 if __name__ == "__main__":
