@@ -15,7 +15,6 @@ CONNECT to an echo server on 127.0.0.1 is relayed.
 Prints one line per check and exits non-zero if any fails.
 """
 
-import ipaddress
 import os
 import resource
 import signal
@@ -26,24 +25,11 @@ import time
 # common first: it puts torsocksd and conftest on sys.path.
 from common import TIMEOUT, add_test_hosts, check, finish, ip
 import torsocksd
-from conftest import EchoServer, recv_exactly, socks5_request
+from conftest import (EchoServer, FakeResolver, recv_exactly,
+                      socks5_request)
 
 HOLES = ["192.0.2.%d" % n for n in range(100, 116)]
 REQUESTS = 250
-
-class Resolver:
-    def lookup(self, hostname, callback):
-        answers = HOLES if hostname == "hole.test" else []
-        if answers:
-            callback(torsocksd.ResolverResult(
-                tuple(ipaddress.ip_address(a) for a in answers)))
-        else:
-            callback(torsocksd.ResolverResult(
-                (), torsocksd.Reply.HOST_UNREACHABLE, "unknown"))
-
-    def reverse(self, address, callback):
-        callback(torsocksd.ResolverResult(
-            (), torsocksd.Reply.HOST_UNREACHABLE, "unknown"))
 
 
 def syn_sent() -> int:
@@ -59,7 +45,8 @@ def syn_sent() -> int:
 def serve(port_writer, log_path):
     resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))
     torsocksd.configure_logging("info", log_path)
-    server = torsocksd.Server([("127.0.0.1", 0)], resolver=Resolver(),
+    server = torsocksd.Server([("127.0.0.1", 0)],
+                              resolver=FakeResolver({"hole.test": HOLES}),
                               happy_eyeballs_delay=0.01, connect_timeout=30)
     server.bind()
     os.write(port_writer, b"%d\n" % server.address[1])

@@ -27,7 +27,6 @@ import argparse
 import hashlib
 import http.server
 import io
-import ipaddress
 import logging
 import os
 import shutil
@@ -42,30 +41,20 @@ import zipfile
 from common import (CLOSED, add_test_hosts, check, connect_from, finish,
                     read_to_end)
 import torsocksd
+from conftest import FakeResolver
 
 HOST4 = "192.0.2.30"
 HOST6 = "2001:db8::30"
 CLIENT = "192.0.2.31"           # a client on another host, allowed in
 STRANGER = "192.0.2.32"         # one that is not
-NAMES = ("www.test", "git.test", "pypi.test")
+NAMES = ("www.test", "git.test", "pypi.test")   # only torsocksd knows them
 BLOB = os.urandom(200_000)
 TIMEOUT = 60            # seconds a client program may take
 
 
-class Resolver:
+def resolver():
     """The test names and nothing else; never DNS."""
-
-    def lookup(self, hostname, callback):
-        if hostname.rstrip(".").lower() in NAMES:
-            callback(torsocksd.ResolverResult(
-                (ipaddress.ip_address(HOST4),)))
-        else:
-            callback(torsocksd.ResolverResult(
-                (), torsocksd.Reply.HOST_UNREACHABLE, "not a test name"))
-
-    def reverse(self, address, callback):
-        callback(torsocksd.ResolverResult(
-            (), torsocksd.Reply.HOST_UNREACHABLE, "no reverse names"))
+    return FakeResolver({name: [HOST4] for name in NAMES})
 
 
 class LogLines(logging.Handler):
@@ -290,7 +279,7 @@ def remote_client_checks(loop_port):
     guard keeps this host's loopback from it."""
     policy = [(True, CLIENT + "/32")]
     with torsocksd.Server(listen=[], http_tunnel=[("0.0.0.0", 0)],
-                          resolver=Resolver(), client_policy=policy) as server:
+                          resolver=resolver(), client_policy=policy) as server:
         port = server.address[1]
         reply, end = tunnel_request(port, CLIENT, b"www.test:80")
         check("a remote client is relayed", reply.startswith(
@@ -342,9 +331,9 @@ def main():
                    serve(root, HOST4, 80), serve(root, "127.0.0.1", 0)]
         credentials = torsocksd.Credentials([(b"alice", b"s3cret")])
         with torsocksd.Server(listen=[], http_tunnel=[("127.0.0.1", 0)],
-                              resolver=Resolver()) as open_server, \
+                              resolver=resolver()) as open_server, \
                 torsocksd.Server(listen=[], http_tunnel=[("127.0.0.1", 0)],
-                                 resolver=Resolver(),
+                                 resolver=resolver(),
                                  credentials=credentials) as login_server:
             proxy = "http://127.0.0.1:%d" % open_server.address[1]
             login_proxy = "http://alice:s3cret@127.0.0.1:%d" \

@@ -22,7 +22,6 @@ the IPv4 client 192.0.2.2, and a destination rule written that way refuses
 Prints one line per check and exits non-zero if any fails.
 """
 
-import ipaddress
 import socket
 import sys
 
@@ -30,31 +29,15 @@ import sys
 from common import (CLOSED, add_test_hosts, check, connect_from, finish,
                     read_to_end, wait_until)
 import torsocksd
-from conftest import (EchoServer, recv_up_to, socks4_request,
-                      socks4a_request, socks5_target)
+from conftest import (EchoServer, FakeResolver, recv_up_to,
+                      socks4_request, socks4a_request, socks5_target)
 
 HOST = "192.0.2.1"
 OTHER_HOST = "192.0.2.2"     # a second remote client
-
-
-class Resolver:
-    """Answers at once from a table; never DNS."""
-    NAMES = {"loop.test": "127.0.0.1", "localhost": "127.0.0.1",
-             "loop6.test": "::1", "host.test": HOST,
-             "meta.test": "169.254.169.254"}
-
-    def lookup(self, hostname, callback):
-        address = self.NAMES.get(hostname)
-        if address is None:
-            callback(torsocksd.ResolverResult(
-                (), torsocksd.Reply.HOST_UNREACHABLE, "unknown"))
-        else:
-            callback(torsocksd.ResolverResult(
-                (ipaddress.ip_address(address),)))
-
-    def reverse(self, address, callback):
-        callback(torsocksd.ResolverResult(
-            (), torsocksd.Reply.HOST_UNREACHABLE, "unknown"))
+# What the servers' resolver knows (FakeResolver: never DNS).
+NAMES = {"loop.test": ["127.0.0.1"], "localhost": ["127.0.0.1"],
+         "loop6.test": ["::1"], "host.test": [HOST],
+         "meta.test": ["169.254.169.254"]}
 
 
 def client(server_port, source):
@@ -178,7 +161,7 @@ def main():
     host_echo = EchoServer(host=HOST)
 
     try:
-        torsocksd.Server([("0.0.0.0", 0)], resolver=Resolver()).bind()
+        torsocksd.Server([("0.0.0.0", 0)], resolver=FakeResolver(NAMES)).bind()
     except ValueError as error:
         check("0.0.0.0 without open_proxy, policy or credentials is refused",
               True, str(error)[:60])
@@ -186,7 +169,7 @@ def main():
         check("0.0.0.0 without open_proxy, policy or credentials is refused",
               False, "it started")
 
-    with torsocksd.Server([("0.0.0.0", 0)], resolver=Resolver(),
+    with torsocksd.Server([("0.0.0.0", 0)], resolver=FakeResolver(NAMES),
                           open_proxy=True) as server:
         run_checks("open_proxy", server, loop_echo, host_echo)
         check("open_proxy: no connection left open",
@@ -194,7 +177,7 @@ def main():
 
     policy = torsocksd.ClientPolicy([(True, "192.0.2.0/24"),
                                      (True, "127.0.0.0/8")])
-    with torsocksd.Server([("0.0.0.0", 0)], resolver=Resolver(),
+    with torsocksd.Server([("0.0.0.0", 0)], resolver=FakeResolver(NAMES),
                           client_policy=policy) as server:
         run_checks("client policy 192.0.2.0/24", server, loop_echo,
                    host_echo)
@@ -202,7 +185,7 @@ def main():
               "active %d" % server.stats()["active"])
 
     policy = torsocksd.ClientPolicy([(True, "127.0.0.0/8")])
-    with torsocksd.Server([("0.0.0.0", 0)], resolver=Resolver(),
+    with torsocksd.Server([("0.0.0.0", 0)], resolver=FakeResolver(NAMES),
                           client_policy=policy) as server:
         with client(server.address[1], HOST) as sock:
             sock.sendall(b"\x05\x01\x00")
@@ -230,7 +213,7 @@ def server_for_remote_clients(destination_rules, clients=REMOTE_CLIENTS):
     """A server on every interface for these clients (by default
     192.0.2.0/24 and loopback) with these destination rules."""
     return torsocksd.Server(
-        [("0.0.0.0", 0)], resolver=Resolver(), client_policy=clients,
+        [("0.0.0.0", 0)], resolver=FakeResolver(NAMES), client_policy=clients,
         destination_policy=torsocksd.DestinationPolicy(destination_rules))
 
 
@@ -368,7 +351,8 @@ def run_handed_in_checks(host_echo):
     """inetd and Accept=yes hand in a connected socket: a client from
     another host needs a client policy or credentials there too."""
     server_end, client_end = handed_in_pair(OTHER_HOST)
-    server = torsocksd.Server(sockets=[server_end], resolver=Resolver())
+    server = torsocksd.Server(sockets=[server_end],
+                              resolver=FakeResolver(NAMES))
     server.start()
     with client_end:
         client_end.sendall(b"\x05\x01\x00")
@@ -380,7 +364,8 @@ def run_handed_in_checks(host_echo):
           server.stats()["refused_at_accept"] == 1, repr(server.stats()))
 
     server_end, client_end = handed_in_pair(OTHER_HOST)
-    server = torsocksd.Server(sockets=[server_end], resolver=Resolver(),
+    server = torsocksd.Server(sockets=[server_end],
+                              resolver=FakeResolver(NAMES),
                               client_policy=REMOTE_CLIENTS)
     server.start()
     with client_end:
@@ -401,7 +386,8 @@ def run_ipv6_prefix_checks():
         "2001:db8:0:2::1"
     add_test_hosts(first, second, elsewhere)
     policy = torsocksd.ClientPolicy([(True, "2001:db8::/32")])
-    with torsocksd.Server([("2001:db8:0:1::1", 0)], resolver=Resolver(),
+    with torsocksd.Server([("2001:db8:0:1::1", 0)],
+                          resolver=FakeResolver(NAMES),
                           client_policy=policy, max_per_client=1) as server:
         port = server.address[1]
 

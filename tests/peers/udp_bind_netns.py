@@ -49,8 +49,9 @@ import time
 from common import TIMEOUT, Daemon, check, finish
 import torsocksd
 from torpeer import find_program
-from conftest import (recv_exactly, recv_socks5_reply, reply_address,
-                      socks5_greeting, socks5_request, socks5_target)
+from conftest import (FakeResolver, recv_exactly, recv_socks5_reply,
+                      reply_address, socks5_greeting, socks5_request,
+                      socks5_target)
 
 NEAR4, NEAR4_OUTBOUND, NEAR6 = "192.0.2.1", "192.0.2.2", "2001:db8::1"
 FAR4, FAR6 = "192.0.2.53", "2001:db8::53"
@@ -302,28 +303,17 @@ class LoopbackService:
                 return got
 
 
-class Resolver:
-    NAMES = {"loop.test": "127.0.0.1", "loop6.test": "::1", "far.test": FAR4,
-             "localhost": "127.0.0.1"}
-
-    def lookup(self, hostname, callback):
-        address = self.NAMES.get(hostname)
-        if address is None:
-            callback(torsocksd.ResolverResult(
-                (), torsocksd.Reply.HOST_UNREACHABLE, "no such test name"))
-        else:
-            callback(torsocksd.ResolverResult(
-                (torsocksd.ipaddress.ip_address(address),)))
-
-    def reverse(self, address, callback):
-        callback(torsocksd.ResolverResult((), torsocksd.Reply.HOST_UNREACHABLE))
+# What the servers' resolver knows (FakeResolver: never DNS).
+NAMES = {"loop.test": ["127.0.0.1"], "loop6.test": ["::1"],
+         "far.test": [FAR4], "localhost": ["127.0.0.1"]}
 
 
 def remote_client_guard():
     loopback = LoopbackService()
     server = torsocksd.Server(listen=[("0.0.0.0", 0)], open_proxy=True,
                               enable_udp=True, enable_bind=True,
-                              resolver=Resolver(), log_destinations=True)
+                              resolver=FakeResolver(NAMES),
+                              log_destinations=True)
     server.start()
     try:
         proxy = (NEAR4, server.address[1])
