@@ -51,7 +51,7 @@ import torsocksd
 from torpeer import find_program
 from conftest import (FakeResolver, recv_exactly, recv_socks5_reply,
                       reply_address, socks5_greeting, socks5_request,
-                      socks5_target)
+                      socks5_target, wait_for_dns)
 
 NEAR4, NEAR4_OUTBOUND, NEAR6 = "192.0.2.1", "192.0.2.2", "2001:db8::1"
 FAR4, FAR6 = "192.0.2.53", "2001:db8::53"
@@ -128,11 +128,12 @@ class FarHost:
             "--bind-interfaces", "--port=53", "--log-queries",
             "--address=/v4.test/192.0.2.10",
             "--address=/v6.test/2001:db8::42"))
-        self._spawn(self.inside(sys.executable, "-c", FAR_SERVICE, "udp",
-                                FAR4, str(FAR_ECHO_PORT)))
-        self._wait_for_answer((FAR4, FAR_ECHO_PORT), b"?")
-        self._wait_for_answer((FAR4, 53), torsocksd.encode_dns_query(
-            1, "v4.test", torsocksd.DnsType.A))
+        service = self._spawn(self.inside(
+            sys.executable, "-c", FAR_SERVICE, "udp", FAR4,
+            str(FAR_ECHO_PORT)))
+        # Both bind late.  The service answers any datagram, a DNS query too.
+        wait_for_dns((FAR4, 53), self.dnsmasq)
+        wait_for_dns((FAR4, FAR_ECHO_PORT), service)
 
     def inside(self, name, *args):
         return [program("nsenter"), "-t", str(self.holder.pid), "-n",
@@ -152,24 +153,9 @@ class FarHost:
 
     def _spawn(self, command):
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.PIPE,
-                                   universal_newlines=True)
+                                   stderr=subprocess.PIPE)
         self.processes.append(process)
         return process
-
-    @staticmethod
-    def _wait_for_answer(address, query):
-        """Until a UDP service of the far host answers (they bind late)."""
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-            probe.settimeout(0.1)
-            for _ in range(100):
-                probe.sendto(query, address)
-                try:
-                    probe.recv(512)
-                    return
-                except OSError:
-                    continue
-        raise SystemExit("the far host does not answer on %s:%d" % address)
 
     def close(self):
         for process in reversed(self.processes):
