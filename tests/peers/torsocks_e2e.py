@@ -16,11 +16,10 @@ import sys
 import tempfile
 import threading
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir,
-                                os.pardir))
-import torsocksd  # noqa: E402
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir))
-from torpeer import find_program  # noqa: E402
+# common first: it puts torsocksd and torpeer on sys.path.
+from common import add_test_hosts
+import torsocksd
+from torpeer import find_program
 
 TEST_HOST = "192.0.2.10"
 
@@ -44,9 +43,7 @@ def free_udp_port():
 
 
 def main():
-    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-    subprocess.run(["ip", "addr", "add", TEST_HOST + "/32", "dev", "lo"],
-                   check=True)
+    add_test_hosts(TEST_HOST)
 
     web = http.server.ThreadingHTTPServer((TEST_HOST, 8000), WebHandler)
     threading.Thread(target=web.serve_forever, daemon=True).start()
