@@ -9,15 +9,16 @@ Checks: check() prints "ok: LABEL" or "FAILED: LABEL (detail)" and
 remembers the failures; finish() prints the tally, its last line "all
 checks passed" when none failed, and returns the exit status.
 
-torsocksd as a process of its own: Daemon(*arguments) returns once its
-log says it listens, and collects the log lines from then on.
-
-Sockets: connect_from() opens a TCP connection from a given address, and
-read_to_end() reads until the peer closes it (and says how it ended).
-
 The network: add_test_hosts() brings lo up and gives it addresses of
 other hosts (192.0.2.0/24, 2001:db8::/32), each alone, so that a socket
 bound to one is, as far as torsocksd can tell, a client on another host.
+
+Sockets: connect_from() opens a TCP connection from a given address, and
+read_to_end() reads until the peer closes it (and says how it ended).
+wait_until() polls a condition, within a bounded time.
+
+torsocksd as a process of its own: Daemon(*arguments) returns once its
+log says it listens, and collects the log lines from then on.
 """
 
 import os
@@ -193,9 +194,3 @@ class Daemon:
                 self.process.wait(TIMEOUT)
         self._reader.join(TIMEOUT)
         self.process.stderr.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        self.stop()
