@@ -116,23 +116,33 @@ each_relay_mode = pytest.mark.parametrize("relay_mode", RELAY_MODES,
                                           indirect=True)
 
 
+def closing_factory(make, close=lambda thing: thing.close()):
+    """The body of a factory fixture (`yield from closing_factory(...)`):
+    yields a function that calls make(*args, **kwargs) and remembers what
+    it made, then closes each thing made, in order, at teardown."""
+    made = []
+
+    def make_and_remember(*args, **kwargs):
+        thing = make(*args, **kwargs)
+        made.append(thing)
+        return thing
+
+    yield make_and_remember
+    for thing in made:
+        close(thing)
+
+
 @pytest.fixture
 def make_server(relay_mode):
     """make_server(**options) -> a started torsocksd.Server on 127.0.0.1:0
     (or options["listen"]); stopped at teardown."""
-    servers = []
-
-    def make(**options):
+    def start(**options):
         options.setdefault("listen", [("127.0.0.1", 0)])
         options.setdefault("splice", relay_mode == "splice")
         options.setdefault("drain_timeout", 0.0)    # stop() at teardown
-        server = torsocksd.Server(**options).start()
-        servers.append(server)
-        return server
+        return torsocksd.Server(**options).start()
 
-    yield make
-    for server in servers:
-        server.stop()
+    yield from closing_factory(start, torsocksd.Server.stop)
 
 
 @pytest.fixture
@@ -215,16 +225,7 @@ def echo_server():
 @pytest.fixture
 def make_peer():
     """make_peer(handler, family=..., host=...) -> an EchoServer with handler."""
-    peers = []
-
-    def make(handler=None, **kwargs):
-        peer = EchoServer(handler, **kwargs)
-        peers.append(peer)
-        return peer
-
-    yield make
-    for peer in peers:
-        peer.close()
+    yield from closing_factory(EchoServer)
 
 
 def ipv6_loopback():

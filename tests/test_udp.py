@@ -22,11 +22,11 @@ import pytest
 import torsocksd
 from torsocksd import (NEED_MORE, AddressType, Parsed, Rejected,
                        parse_udp_datagram, udp_datagram_header)
-from conftest import (TIMEOUT, FakeResolver, ipv6_loopback, recv_exactly,
-                      recv_socks5_reply, reply_address, require_module,
-                      require_network_namespace, require_program,
-                      socks5_greeting, socks5_reply, socks5_request,
-                      socks5_target)
+from conftest import (TIMEOUT, FakeResolver, closing_factory, ipv6_loopback,
+                      recv_exactly, recv_socks5_reply, reply_address,
+                      require_module, require_network_namespace,
+                      require_program, socks5_greeting, socks5_reply,
+                      socks5_request, socks5_target)
 
 h = bytes.fromhex
 UDP_ASSOCIATE = 3
@@ -182,16 +182,8 @@ class UdpEcho:
 
 @pytest.fixture
 def udp_peers():
-    peers = []
-
-    def make(host="127.0.0.1", reply=None):
-        peer = UdpEcho(host, reply)
-        peers.append(peer)
-        return peer
-
-    yield make
-    for peer in peers:
-        peer.close()
+    """udp_peers(host="127.0.0.1", reply=None) -> a UdpEcho."""
+    yield from closing_factory(UdpEcho)
 
 
 @pytest.fixture
