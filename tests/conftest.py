@@ -63,6 +63,34 @@ def require_network_namespace():
         pytest.skip(message)
 
 
+PEERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers")
+
+
+def run_in_namespace(script, *args, timeout=120):
+    """Run peers/<script> with args under `unshare -n` (a loopback-only
+    network namespace of its own; skipped as require_network_namespace()
+    says), print what it wrote, check that it exited 0; its stdout."""
+    require_network_namespace()
+    result = subprocess.run(
+        ["unshare", "-n", sys.executable, os.path.join(PEERS, script)]
+        + list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        timeout=timeout, universal_newlines=True)
+    print(result.stdout)
+    print(result.stderr)
+    assert result.returncode == 0
+    return result.stdout
+
+
+def run_peer_checks(script, *args, timeout=120):
+    """run_in_namespace() for a peer script that prints a line per check
+    ("ok: ..." or "FAILED: ...") and "all checks passed" last: no check
+    failed.  Its stdout."""
+    output = run_in_namespace(script, *args, timeout=timeout)
+    assert output.splitlines()[-1] == "all checks passed"
+    assert "FAILED" not in output
+    return output
+
+
 class FakeResolver:
     """A resolver answering from a dict, for tests: name -> list of address
     strings (or a torsocksd.Reply to fail with); address -> name for reverse.

@@ -38,7 +38,7 @@ import fuzz_campaign
 import torsocksd
 from conftest import (TIMEOUT, FakeResolver, connect, each_relay_mode,
                       free_port, open_socks5_tunnel, recv_exactly,
-                      recv_until_eof, require_network_namespace)
+                      recv_until_eof, run_peer_checks)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, os.pardir, "torsocksd.py")
@@ -998,14 +998,5 @@ def test_remote_client_cannot_reach_loopback_in_a_network_namespace():
     192.0.2.1: a client bound to 192.0.2.1 gets 02 for every loopback (and
     unspecified, link-local, multicast) destination, and reaches 192.0.2.1
     itself (tests/peers/remote_client_policy.py)."""
-    require_network_namespace()
-    script = os.path.join(HERE, "peers", "remote_client_policy.py")
-    result = subprocess.run(
-        ["unshare", "-n", sys.executable, script], stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, timeout=120, universal_newlines=True)
-    print(result.stdout)
-    print(result.stderr)
-    assert result.returncode == 0
-    assert result.stdout.splitlines()[-1] == "all checks passed"
-    assert "FAILED" not in result.stdout
+    run_peer_checks("remote_client_policy.py")
 

@@ -11,10 +11,7 @@ loopback range gives the tests several clients (127.0.0.1, 127.0.0.2, ...).
 import collections
 import ipaddress
 import logging
-import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -22,9 +19,8 @@ import pytest
 
 import torsocksd
 from conftest import (TIMEOUT, closing_factory, recv_exactly, recv_until_eof,
-                      require_network_namespace, socks5_request, userpass)
+                      run_peer_checks, socks5_request, userpass)
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 RESOLVE = 0xF0
 NO_AUTH = b"\x05\x01\x00"
 
@@ -324,12 +320,4 @@ def test_black_hole_connects_leave_room_for_a_fresh_client():
     """In a namespace, 16 addresses that swallow SYNs (a dummy interface):
     each CONNECT holds at most 3 sockets, and a fresh client is served
     (tests/peers/fd_budget.py)."""
-    require_network_namespace()
-    script = os.path.join(HERE, "peers", "fd_budget.py")
-    result = subprocess.run(
-        ["unshare", "-n", sys.executable, script], stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, timeout=120, universal_newlines=True)
-    print(result.stdout)
-    print(result.stderr)
-    assert result.returncode == 0
-    assert result.stdout.splitlines()[-1] == "all checks passed"
+    run_peer_checks("fd_budget.py")

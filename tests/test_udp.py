@@ -9,11 +9,8 @@ Only loopback addresses; names go through FakeResolver.
 
 import ipaddress
 import logging
-import os
 import random
 import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -25,13 +22,11 @@ from torsocksd import (NEED_MORE, AddressType, Parsed, Rejected,
 from conftest import (TIMEOUT, FakeResolver, closing_factory, ipv6_loopback,
                       recv_exactly, recv_socks5_reply, reply_address,
                       require_module, require_network_namespace,
-                      require_program, socks5_greeting, socks5_reply,
-                      socks5_request, socks5_target)
+                      require_program, run_in_namespace, socks5_greeting,
+                      socks5_reply, socks5_request, socks5_target)
 
 h = bytes.fromhex
 UDP_ASSOCIATE = 3
-HERE = os.path.dirname(os.path.abspath(__file__))
-NETNS_SCRIPT = os.path.join(HERE, "peers", "udp_bind_netns.py")
 
 needs_ipv6 = pytest.mark.skipif(not ipv6_loopback(),
                                 reason="no IPv6 loopback (::1) here")
@@ -643,11 +638,6 @@ def test_socksify_and_a_remote_client_in_a_network_namespace():
     require_network_namespace()
     for program in ("socksify", "drill", "dnsmasq", "nsenter"):
         require_program(program)
-    result = subprocess.run(["unshare", "-n", sys.executable, NETNS_SCRIPT],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            universal_newlines=True, timeout=120)
-    print(result.stdout)
-    print(result.stderr)
-    assert result.returncode == 0
-    assert "FAILED" not in result.stdout
-    assert result.stdout.count("ok: ") == 15
+    output = run_in_namespace("udp_bind_netns.py")
+    assert "FAILED" not in output
+    assert output.count("ok: ") == 15
