@@ -23,9 +23,11 @@ from conftest import (TIMEOUT, FakeResolver, closing_factory, ipv6_loopback,
                       recv_exactly, recv_socks5_reply, reply_address,
                       require_module, require_network_namespace,
                       require_program, run_in_namespace, socks5_greeting,
-                      socks5_reply, socks5_request, socks5_target)
+                      socks4_request, socks5_reply, socks5_request,
+                      socks5_target)
 
 h = bytes.fromhex
+BIND = 2
 UDP_ASSOCIATE = 3
 
 needs_ipv6 = pytest.mark.skipif(not ipv6_loopback(),
@@ -253,18 +255,31 @@ def udp_server(make_server):
 
 # -- both flags off, and only one on ----------------------------------------------
 
-@pytest.mark.parametrize("options", [{}, {"enable_bind": True}],
-                         ids=["default", "bind-only"])
-def test_udp_associate_disabled_keeps_todays_bytes(make_server, options):
+@pytest.mark.parametrize("command, target, options", [
+    (BIND, ("127.0.0.1", 80), {}),
+    (BIND, ("127.0.0.1", 80), {"enable_udp": True}),
+    (UDP_ASSOCIATE, ("0.0.0.0", 0), {}),
+    (UDP_ASSOCIATE, ("0.0.0.0", 0), {"enable_bind": True}),
+], ids=["bind-default", "bind-udp-only", "udp-default", "udp-bind-only"])
+def test_a_disabled_command_keeps_todays_bytes(make_server, command, target,
+                                               options):
+    """BIND and UDP ASSOCIATE are each refused (07; SOCKS4: 5b) until their
+    own flag turns them on."""
     server = make_server(**options)
     with socket.create_connection(server.address, timeout=TIMEOUT) as client:
-        client.sendall(socks5_greeting(0)
-                       + socks5_request(UDP_ASSOCIATE, "0.0.0.0", 0))
+        client.sendall(socks5_greeting(0) + socks5_request(command, *target))
         assert recv_exactly(client, 12) == h("0500") + socks5_reply(7)
         assert client.recv(1) == b""
+    if command == BIND:         # SOCKS4 has no UDP
+        with socket.create_connection(server.address,
+                                      timeout=TIMEOUT) as client:
+            client.sendall(socks4_request(BIND, *target))
+            assert recv_exactly(client, 8) == h("005b 0000 00000000")
+            assert client.recv(1) == b""
     with socket.create_connection(server.address, timeout=TIMEOUT) as client:
-        # The command comes before the address type, whatever is enabled.
-        client.sendall(h("050100 05030009"))
+        # The command comes before the address type (09: none), whatever is
+        # enabled.
+        client.sendall(socks5_greeting(0) + bytes((5, command, 0, 9)))
         assert recv_exactly(client, 12) == h("0500") + socks5_reply(7)
     assert server.stats()["udp_associations"] == 0
 
