@@ -316,6 +316,25 @@ def recv_until_eof(sock, limit=1 << 20):
     raise AssertionError("more than %d bytes before EOF" % limit)
 
 
+def hash_until_eof(sock, digest, counts, key):
+    """Everything until the peer's EOF into digest (a hashlib object),
+    each piece's length added to counts[key] as it comes (for a thread that
+    watches the progress)."""
+    while True:
+        data = sock.recv(1 << 20)
+        if not data:
+            return
+        digest.update(data)
+        counts[key] += len(data)
+
+
+def assert_echoes(sock, data):
+    """Send data: the same bytes come back (through a tunnel to an echo
+    peer)."""
+    sock.sendall(data)
+    assert recv_exactly(sock, len(data)) == data
+
+
 # -- SOCKS messages, byte for byte --------------------------------------------
 # What a client sends (RFC 1928, RFC 1929, SOCKS4 and 4A) and the SOCKS5
 # reply without an address.  Fields go in as given, so a test can build an

@@ -37,8 +37,8 @@ import pytest
 import fuzz_campaign
 import torsocksd
 from conftest import (TIMEOUT, FakeResolver, connect, each_relay_mode,
-                      free_port, open_socks5_tunnel, recv_exactly,
-                      recv_until_eof, run_peer_checks)
+                      free_port, hash_until_eof, open_socks5_tunnel,
+                      recv_exactly, recv_until_eof, run_peer_checks)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, os.pardir, "torsocksd.py")
@@ -591,12 +591,7 @@ def test_backpressure_bounds_buffers_then_delivers_everything(make_peer,
         progress["read_when_slow_ended"] = progress["read"]
         progress["sent_when_slow_ended"] = progress["sent"]
         slow_until.append(time.monotonic())
-        while True:
-            data = sock.recv(1 << 20)
-            if not data:
-                break
-            digest.update(data)
-            progress["read"] += len(data)
+        hash_until_eof(sock, digest, progress, "read")
         result["digest"] = digest.hexdigest()
         result["bytes"] = progress["read"]
 
