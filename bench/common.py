@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TORSOCKSD = os.path.normpath(os.path.join(HERE, os.pardir, "torsocksd.py"))
@@ -29,6 +30,21 @@ def free_port():
     with socket.socket() as probe:
         probe.bind((LOCALHOST, 0))
         return probe.getsockname()[1]
+
+
+def wait_for_port(port, timeout=10.0, source=None):
+    """Until something accepts connections on 127.0.0.1:port (from source,
+    an address of this host, when given); RuntimeError after timeout
+    seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as probe:
+            if source:
+                probe.bind((source, 0))
+            if probe.connect_ex((LOCALHOST, port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError("nothing listens on port %d" % port)
 
 
 def receive_exactly(sock, size):
