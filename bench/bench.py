@@ -40,7 +40,6 @@ could not be started; 130 on Ctrl-C.  Every child process is killed at the
 end.  Standard library only; Linux; loopback only; not collected by pytest.
 """
 
-import argparse
 import collections
 import ctypes
 import datetime
@@ -61,8 +60,10 @@ import tempfile
 import time
 import zlib
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-TORSOCKSD = os.path.normpath(os.path.join(HERE, os.pardir, "torsocksd.py"))
+from common import (LOCALHOST, TICKS, TORSOCKSD, argument_parser,
+                    closing_lines, connect_request, cpu_model, cpu_seconds,
+                    free_port, log_tail, proc_kib, process_tree,
+                    receive_exactly, run_main, stop_process_group)
 
 # -- the byte stream ----------------------------------------------------------
 # A pseudo-random block of an odd size, repeated: a chunk that is lost,
@@ -83,7 +84,6 @@ HEADER_SIZE = 9                         # mode byte + 8-byte size
 TRAILER_SIZE = 12                       # 8-byte count + 4-byte CRC
 READS_PER_EVENT = 8
 
-LOCALHOST = "127.0.0.1"
 CLIENT_ADDRESS = "127.0.0.2"            # where handshake clients come from
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 BULK_TIMEOUT = 120.0                    # seconds for one bulk transfer
@@ -390,21 +390,6 @@ def target_main(listeners, control, cpus, parent):
 
 # -- the load generator -------------------------------------------------------
 
-def socks_request(port):
-    return b"\x05\x01\x00\x01\x7f\x00\x00\x01" + port.to_bytes(2, "big")
-
-
-def receive_exactly(sock, size):
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            raise ConnectionError("closed after %d of %d bytes" % (len(data),
-                                                                   size))
-        data += chunk
-    return data
-
-
 class WrongAnswer(Exception):
     """The proxy answered with bytes it should not have sent."""
 
@@ -432,7 +417,7 @@ def open_tunnel(proxy_port, target_port, timeout=STEP_TIMEOUT):
             greeting = receive_exactly(sock, 2)
             if greeting != b"\x05\x00":
                 raise WrongAnswer("SOCKS greeting reply %s" % greeting.hex())
-            sock.sendall(socks_request(target_port))
+            sock.sendall(connect_request(target_port))
             check_socks_reply(receive_exactly(sock, 10))
         except BaseException:
             sock.close()
@@ -645,7 +630,7 @@ class Handshakes:
                  keep):
         self.address = (LOCALHOST, proxy_port or echo_port)
         self.socks = proxy_port is not None
-        self.request = socks_request(echo_port)
+        self.request = connect_request(echo_port)
         self.concurrency = concurrency
         self.seconds = seconds
         self.limit = limit
@@ -813,52 +798,17 @@ def load_main(control, ports, cpus, parent):
 
 # -- processes seen from /proc ------------------------------------------------
 
-def process_tree(root):
-    """root and all its descendants (by walking /proc: this kernel may not
-    have /proc/PID/task/*/children)."""
-    children = collections.defaultdict(list)
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open("/proc/%s/stat" % name) as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children[int(fields[1])].append(int(name))
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo.extend(children.get(pid, ()))
-    return tree
-
-
 def memory_kib(pids):
     """(sum of VmRSS, sum of Pss, number of processes) in KiB."""
     rss = pss = count = 0
     for pid in pids:
-        try:
-            with open("/proc/%d/status" % pid) as status:
-                for line in status:
-                    if line.startswith("VmRSS:"):
-                        rss += int(line.split()[1])
-                        count += 1
-                        break
-        except OSError:
+        resident = proc_kib(pid, "status", "VmRSS")
+        if resident is None:
             continue
-        try:
-            with open("/proc/%d/smaps_rollup" % pid) as rollup:
-                for line in rollup:
-                    if line.startswith("Pss:"):
-                        pss += int(line.split()[1])
-                        break
-        except OSError:
-            pass
+        rss += resident
+        count += 1
+        pss += proc_kib(pid, "smaps_rollup", "Pss") or 0
     return rss, pss, count
-
-
-TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 def machine_cpu():
@@ -870,22 +820,6 @@ def machine_cpu():
         return 0.0, 0.0
     steal = fields[7] if len(fields) > 7 else 0
     return (fields[0] + fields[1] + fields[2]) / TICKS, steal / TICKS
-
-
-def cpu_seconds(pids, reaped=False):
-    """CPU time of pids; reaped: with that of their children that have
-    exited and been waited for (danted's come and go)."""
-    total = 0
-    for pid in pids:
-        try:
-            with open("/proc/%d/stat" % pid) as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])      # utime, stime
-        if reaped:
-            total += int(fields[13]) + int(fields[14])  # cutime, cstime
-    return total / TICKS
 
 
 def machine_busy(seconds):
@@ -907,12 +841,6 @@ def machine_busy(seconds):
 
 class StartError(Exception):
     pass
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind((LOCALHOST, 0))
-        return probe.getsockname()[1]
 
 
 class Proxy:
@@ -1008,11 +936,7 @@ class Proxy:
             time.sleep(0.05)
 
     def log_tail(self):
-        try:
-            with open(self.log_path, "rb") as log:
-                return log.read()[-600:].decode(errors="replace").strip()
-        except (OSError, TypeError):
-            return ""
+        return log_tail(self.log_path)
 
     def pids(self):
         return process_tree(self.process.pid) if self.process else []
@@ -1021,22 +945,7 @@ class Proxy:
         process, self.process = self.process, None
         if process is None or process.poll() is not None:
             return
-        for number, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 5.0)):
-            try:
-                os.killpg(process.pid, number)
-            except (ProcessLookupError, PermissionError):
-                pass
-            try:
-                process.wait(wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        # The leader is gone; end what is left of its group (danted's
-        # children, torsocksd's workers).
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        stop_process_group(process, term_wait=3.0)
 
 
 DANTED_CONFIG = """\
@@ -1641,15 +1550,7 @@ def describe_machine(bench):
     lines.append("torsocksd benchmark, %s%s" % (
         now.strftime("%Y-%m-%d %H:%M %Z"), " (--quick)" if bench.quick
         else ""))
-    model = ""
-    try:
-        with open("/proc/cpuinfo") as info:
-            for text in info:
-                if text.startswith("model name"):
-                    model = text.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    model = cpu_model()
     lines.append("machine: %d cores (nproc) %s, Python %s, %s %s" % (
         os.cpu_count() or 0, ("(%s)" % model) if model else "",
         platform.python_version(), platform.system(), platform.release()))
@@ -1688,9 +1589,7 @@ def describe_machine(bench):
 
 def main():
     global HAS_WORKERS, HAS_SPLICE
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser(__doc__)
     parser.add_argument("--quick", action="store_true",
                         help="under a minute: small sizes, one run each, "
                         "memory at 1,000 connections only")
@@ -1735,19 +1634,9 @@ def main():
     HAS_WORKERS = "--workers" in help_text
     HAS_SPLICE = "--splice" in help_text
     raise_file_limit()
-
-    def on_signal(number, frame):
-        raise KeyboardInterrupt
-
-    def on_alarm(number, frame):
-        raise TimeoutError("time limit reached")
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)     # even when started with it off
-    signal.signal(signal.SIGALRM, on_alarm)
     bench = Bench(options)
-    status = 0
-    try:
+
+    def run():
         if options.wait_quiet:
             deadline = time.monotonic() + options.wait_quiet
             while True:
@@ -1776,15 +1665,8 @@ def main():
                     "" if others / wall < 0.1 else
                     ": the figures are disturbed, run again on a quiet "
                     "machine"))
-        if bench.notes:
-            lines.append("")
-            lines.extend("note: %s" % note for note in bench.notes)
-        if bench.failed:
-            lines.append("")
-            lines.extend("FAILED: %s" % why for why in bench.failed)
-            status = 1
-        lines.append("")
-        lines.append("took %.0f s" % (time.monotonic() - bench.begin))
+        lines.extend(closing_lines(bench.notes, bench.failed,
+                                   time.monotonic() - bench.begin))
         print("\n".join(lines))
         if options.json:
             with open(options.json, "w") as out:
@@ -1793,16 +1675,9 @@ def main():
                            "failed": bench.failed,
                            "header": describe_machine(bench)}, out,
                           indent=1, sort_keys=True)
-    except KeyboardInterrupt:
-        print("bench: interrupted", file=sys.stderr)
-        status = 130
-    except TimeoutError as error:
-        print("bench: %s" % error, file=sys.stderr)
-        status = 1
-    finally:
-        signal.alarm(0)
-        bench.stop_all()
-    return status
+        return 1 if bench.failed else 0
+
+    return run_main("bench", run, bench.stop_all)
 
 
 if __name__ == "__main__":

@@ -56,7 +56,6 @@ CPU 0 (when there are two or more).  Figures only, no pass/fail: exit status
 library only; Linux; loopback only; not collected by pytest.
 """
 
-import argparse
 import ast
 import json
 import os
@@ -72,9 +71,11 @@ import tempfile
 import threading
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-TORSOCKSD = os.path.normpath(os.path.join(HERE, os.pardir, "torsocksd.py"))
-LOCALHOST = "127.0.0.1"
+from common import (LOCALHOST, TORSOCKSD, EchoTarget, argument_parser,
+                    closing_lines, connect_request, cpu_model, free_port,
+                    log_tail, proc_kib, process_tree, receive_exactly,
+                    run_main, stop_process, stop_process_group)
+
 CLEAN_ENV = {"PATH": "/usr/bin:/bin"}
 READY_TIMEOUT = 20.0        # seconds for a daemon to answer its first client
 STEP_TIMEOUT = 10.0         # seconds for one exchange with a daemon
@@ -98,44 +99,6 @@ while True:
     client.recv(3)
     client.send(b"\x05\x00")
     client.close()
-'''
-
-# The target of every CONNECT: echoes until EOF.  Prints its port.
-ECHO_SERVER = r'''
-import os, selectors, socket, sys
-listener = socket.socket()
-listener.bind(("127.0.0.1", 0))
-listener.listen(1024)
-listener.setblocking(False)
-selector = selectors.DefaultSelector()
-selector.register(listener, selectors.EVENT_READ)
-sys.stdout.write("%d\n" % listener.getsockname()[1])
-sys.stdout.flush()
-parent = os.getppid()
-while os.getppid() == parent:
-    for key, mask in selector.select(1.0):
-        if key.fileobj is listener:
-            try:
-                client, _ = listener.accept()
-            except OSError:
-                continue
-            client.setblocking(False)
-            selector.register(client, selectors.EVENT_READ)
-            continue
-        try:
-            data = key.fileobj.recv(65536)
-        except (BlockingIOError, InterruptedError):
-            continue
-        except OSError:
-            data = b""
-        if data:
-            try:
-                key.fileobj.send(data)
-                continue
-            except OSError:
-                pass
-        selector.unregister(key.fileobj)
-        key.fileobj.close()
 '''
 
 # Forks and execs one daemon per client (inetd "nowait" or systemd
@@ -226,46 +189,12 @@ class Failure(Exception):
 
 # -- /proc --------------------------------------------------------------------
 
-def process_tree(root):
-    """root and all its descendants."""
-    children = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open("/proc/%s/stat" % name) as stat:
-                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(parent, []).append(int(name))
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo.extend(children.get(pid, ()))
-    return tree
-
-
 def status_kib(pid, field):
-    try:
-        with open("/proc/%d/status" % pid) as lines:
-            for line in lines:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
+    return proc_kib(pid, "status", field)
 
 
 def pss_kib(pid):
-    try:
-        with open("/proc/%d/smaps_rollup" % pid) as lines:
-            for line in lines:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
+    return proc_kib(pid, "smaps_rollup", "Pss")
 
 
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -297,23 +226,6 @@ def activity(pids):
 
 # -- talking SOCKS ---------------------------------------------------------------
 
-def free_port():
-    with socket.socket() as probe:
-        probe.bind((LOCALHOST, 0))
-        return probe.getsockname()[1]
-
-
-def receive_exactly(sock, size):
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            raise ConnectionError("closed after %d of %d bytes"
-                                  % (len(data), size))
-        data += chunk
-    return data
-
-
 def greet(port):
     """Connect and have the SOCKS5 greeting answered; False when nothing
     listens yet."""
@@ -336,8 +248,7 @@ def socks_echo(port, echo_port):
         sock.sendall(GREETING)
         if receive_exactly(sock, 2) != b"\x05\x00":
             raise Failure("greeting refused")
-        sock.sendall(b"\x05\x01\x00\x01\x7f\x00\x00\x01"
-                     + echo_port.to_bytes(2, "big"))
+        sock.sendall(connect_request(echo_port))
         reply = receive_exactly(sock, 10)
         if reply[:2] != b"\x05\x00":
             raise Failure("CONNECT answered with %s" % reply.hex())
@@ -396,28 +307,10 @@ class Daemon:
         return process_tree(self.pid)
 
     def log_tail(self):
-        try:
-            with open(self.log_path, "rb") as log:
-                return log.read()[-600:].decode(errors="replace").strip()
-        except OSError:
-            return ""
+        return log_tail(self.log_path)
 
     def stop(self):
-        if self.process.poll() is None:
-            for number, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-                try:
-                    os.killpg(self.pid, number)
-                except (ProcessLookupError, PermissionError):
-                    pass
-                try:
-                    self.process.wait(wait)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
-        try:
-            os.killpg(self.pid, signal.SIGKILL)     # workers left behind
-        except (ProcessLookupError, PermissionError):
-            pass
+        stop_process_group(self.process, term_wait=5.0)
 
 
 def nobody():
@@ -429,18 +322,29 @@ def nobody():
 
 # -- the run ---------------------------------------------------------------------
 
+# How much of each thing a run does: (option, type, metavar, what it sets,
+# default, default with --quick), in the order Bench takes them.
+SIZES = [
+    ("--reps", int, None, "starts timed per column", 15, 5),
+    ("--rss-reps", int, None, "first/later start pairs per column", 3, 1),
+    ("--idle", float, "S", "seconds of rest over which wake-ups are counted",
+     10.0, 2.0),
+    ("--spawns", int, None, "daemons per inetd mode", 40, 8),
+    ("--load", int, None, "connections spread over the workers", 1000, 200),
+    ("--syscalls", int, "N", "connections counted under strace", 800, 200),
+]
+
+
 class Bench:
     def __init__(self, options):
         self.options = options
         self.quick = options.quick
         self.python = options.python
-        self.reps = options.reps or (5 if self.quick else 15)
-        self.rss_reps = options.rss_reps or (1 if self.quick else 3)
-        self.idle_seconds = options.idle or (2.0 if self.quick else 10.0)
-        self.spawns = options.spawns or (8 if self.quick else 40)
-        self.load = options.load or (200 if self.quick else 1000)
-        self.syscall_connections = options.syscalls or (
-            200 if self.quick else 800)
+        (self.reps, self.rss_reps, self.idle_seconds, self.spawns, self.load,
+         self.syscall_connections) = (
+            getattr(options, flag[2:].replace("-", "_"))
+            or (quick if self.quick else default)
+            for flag, _, _, _, default, quick in SIZES)
         self.running = []           # daemons, ended after each test
         self.helpers = []           # the echo target, ended at the end
         self.results = {}           # column -> row -> value
@@ -551,13 +455,12 @@ class Bench:
                     1000 * (after[1] - before[1]) / minutes)
 
     def echo_port(self):
-        if getattr(self, "_echo_port", None) is None:
-            self._echo = subprocess.Popen(
-                [self.python, "-S", "-c", ECHO_SERVER], env=CLEAN_ENV,
-                stdout=subprocess.PIPE, start_new_session=True)
-            self.helpers.append(_Helper(self._echo))
-            self._echo_port = int(self._echo.stdout.readline())
-        return self._echo_port
+        """The port of the target of every CONNECT (started at the first
+        call, on this script's CPU)."""
+        if getattr(self, "_echo", None) is None:
+            self._echo = EchoTarget()
+            self.helpers.append(self._echo)
+        return self._echo.port
 
     # the tests -------------------------------------------------------------------
 
@@ -916,15 +819,7 @@ class Bench:
         lines = ["torsocksd footprint, %s%s" % (
             time.strftime("%Y-%m-%d %H:%M %Z"),
             " (--quick)" if self.quick else "")]
-        model = ""
-        try:
-            with open("/proc/cpuinfo") as info:
-                for text in info:
-                    if text.startswith("model name"):
-                        model = text.split(":", 1)[1].strip()
-                        break
-        except OSError:
-            pass
+        model = cpu_model()
         version = subprocess.run([self.python, "-c",
                                   "import platform; print(platform."
                                   "python_version())"], env=CLEAN_ENV,
@@ -963,19 +858,11 @@ class _Helper:
         self.number = number
 
     def stop(self):
-        if self.process.poll() is None:
-            self.process.send_signal(self.number)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, self.number)
 
 
 def main():
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser(__doc__)
     parser.add_argument("--quick", action="store_true",
                         help="under a minute for one --tsd: fewer "
                         "repetitions and shorter intervals")
@@ -992,20 +879,10 @@ def main():
     parser.add_argument("--tests", default="rss,startup,readonly,inetd,"
                         "workers,syscalls",
                         help="comma-separated subset of %(default)s")
-    parser.add_argument("--reps", type=int, help="starts timed per column "
-                        "(default 15, --quick 5)")
-    parser.add_argument("--rss-reps", type=int, help="first/later start "
-                        "pairs per column (default 3, --quick 1)")
-    parser.add_argument("--idle", type=float, metavar="S",
-                        help="seconds of rest over which wake-ups are "
-                        "counted (default 10, --quick 2)")
-    parser.add_argument("--spawns", type=int, help="daemons per inetd mode "
-                        "(default 40, --quick 8)")
-    parser.add_argument("--load", type=int, help="connections spread over "
-                        "the workers (default 1000, --quick 200)")
-    parser.add_argument("--syscalls", type=int, metavar="N",
-                        help="connections counted under strace (default "
-                        "800, --quick 200)")
+    for flag, kind, metavar, what, default, quick in SIZES:
+        parser.add_argument(flag, type=kind, metavar=metavar,
+                            help="%s (default %g, --quick %g)"
+                            % (what, default, quick))
     parser.add_argument("--json", metavar="FILE",
                         help="also write the figures to FILE")
     parser.add_argument("--time-limit", type=float, default=1800,
@@ -1014,33 +891,16 @@ def main():
     options = parser.parse_args()
     if not sys.platform.startswith("linux"):
         parser.error("Linux only (reads /proc)")
-
-    def on_signal(number, frame):
-        raise KeyboardInterrupt
-
-    def on_alarm(number, frame):
-        raise TimeoutError("time limit reached")
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGALRM, on_alarm)
     bench = Bench(options)
     begin = time.monotonic()
-    status = 0
-    try:
+
+    def run():
         signal.alarm(int(options.time_limit))
         bench.run()
         signal.alarm(0)
         lines = bench.describe() + [""] + bench.report()
-        if bench.notes:
-            lines.append("")
-            lines.extend("note: %s" % note for note in bench.notes)
-        if bench.failed:
-            lines.append("")
-            lines.extend("FAILED: %s" % why for why in bench.failed)
-            status = 1
-        lines.append("")
-        lines.append("took %.0f s" % (time.monotonic() - begin))
+        lines.extend(closing_lines(bench.notes, bench.failed,
+                                   time.monotonic() - begin))
         print("\n".join(lines))
         if options.json:
             with open(options.json, "w") as out:
@@ -1049,17 +909,13 @@ def main():
                            "syscalls": bench.syscalls,
                            "failed": bench.failed}, out, indent=1,
                           sort_keys=True)
-    except KeyboardInterrupt:
-        print("footprint: interrupted", file=sys.stderr)
-        status = 130
-    except TimeoutError as error:
-        print("footprint: %s" % error, file=sys.stderr)
-        status = 1
-    finally:
-        signal.alarm(0)
+        return 1 if bench.failed else 0
+
+    def clean_up():
         bench.stop_all(helpers=True)
         shutil.rmtree(bench.workdir, ignore_errors=True)
-    return status
+
+    return run_main("footprint", run, clean_up)
 
 
 if __name__ == "__main__":

@@ -31,66 +31,21 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
-SCRIPT = os.path.join(ROOT, "torsocksd.py")
-CONFIG = os.path.join(ROOT, "contrib", "haproxy.cfg")
+from common import (TORSOCKSD, EchoTarget, connect_request, free_port,
+                    wait_for_port)
+
+CONFIG = os.path.join(os.path.dirname(TORSOCKSD), "contrib", "haproxy.cfg")
+# Where "direct" clients come from: not 127.0.0.1, whose connections the
+# backends take to be HAProxy's (with a PROXY header).
 DIRECT_SOURCE = "127.0.0.2"
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
-START_TIMEOUT = 10.0
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_for_port(port, timeout=START_TIMEOUT):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as probe:
-            probe.bind((DIRECT_SOURCE, 0))
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError("nothing listens on port %d" % port)
-
-
-# -- the echo target ----------------------------------------------------------
-
-def echo_main(listener):
-    """Echo every connection until its end, in one selectors loop."""
-    selector = selectors.DefaultSelector()
-    listener.setblocking(False)
-    selector.register(listener, selectors.EVENT_READ)
-    while True:
-        for key, _ in selector.select():
-            if key.fileobj is listener:
-                try:
-                    sock, _ = listener.accept()
-                except BlockingIOError:
-                    continue
-                sock.setblocking(False)
-                selector.register(sock, selectors.EVENT_READ)
-                continue
-            sock = key.fileobj
-            try:
-                data = sock.recv(4096)
-                if data:
-                    sock.send(data)
-                    continue
-            except OSError:
-                pass
-            selector.unregister(sock)
-            sock.close()
 
 
 # -- the load -----------------------------------------------------------------
 
 def load_main(address, source, echo_port, concurrency, seconds, results):
     """C clients in turn for `seconds`; puts (handshakes, failures)."""
-    request = (b"\x05\x01\x00\x05\x01\x00\x01\x7f\x00\x00\x01"
-               + echo_port.to_bytes(2, "big") + b"x")
+    request = b"\x05\x01\x00" + connect_request(echo_port) + b"x"
     expected = b"\x05\x00\x05\x00\x00\x01" + bytes(6) + b"x"
     selector = selectors.DefaultSelector()
     done = failed = 0
@@ -152,7 +107,7 @@ def measure(address, source, echo_port, concurrency, seconds):
 
 def start_backend(port, directory, name):
     return subprocess.Popen(
-        [sys.executable, SCRIPT, "--listen", "127.0.0.1:%d" % port,
+        [sys.executable, TORSOCKSD, "--listen", "127.0.0.1:%d" % port,
          "--proxy-protocol-from", "127.0.0.1", "--log-level", "warning",
          "--log-file", os.path.join(directory, name + ".log")],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -200,13 +155,9 @@ def main():
 
     children = []
     with tempfile.TemporaryDirectory(prefix="bench-haproxy-") as directory:
+        echo = EchoTarget()
+        echo_port = echo.port
         try:
-            listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
-            echo = multiprocessing.Process(target=echo_main, args=(listener,),
-                                           daemon=True)
-            echo.start()
-            echo_port = listener.getsockname()[1]
-            listener.close()
             backend_ports = [free_port(), free_port()]
             for number, port in enumerate(backend_ports, 1):
                 children.append(start_backend(port, directory,
@@ -214,7 +165,7 @@ def main():
             front = free_port()
             children.append(start_haproxy(front, backend_ports, directory))
             for port in backend_ports + [front]:
-                wait_for_port(port)
+                wait_for_port(port, source=DIRECT_SOURCE)
             time.sleep(1.0)     # HAProxy's first health checks mark them UP
             print("handshakes/s (median of %d runs of %.0f s); %s; %s"
                   % (options.reps, options.seconds, subprocess.run(
@@ -244,8 +195,7 @@ def main():
             for child in children:
                 child.terminate()
                 child.wait(10)
-            if "echo" in locals():
-                echo.terminate()
+            echo.stop()
     return 0
 
 

@@ -21,8 +21,8 @@ import sys
 import threading
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-TORSOCKSD = os.path.join(HERE, os.pardir, "torsocksd.py")
+from common import (TORSOCKSD, connect_request, free_port, receive_exactly,
+                    wait_for_port)
 
 # An odd-sized block, so a chunk that is lost, doubled or moved changes the
 # hash even though the pattern repeats.
@@ -88,14 +88,8 @@ def target_main(listener, reports):
 
 def socks5_connect(proxy_port, target_port):
     sock = socket.create_connection(("127.0.0.1", proxy_port))
-    sock.sendall(b"\x05\x01\x00\x05\x01\x00\x01\x7f\x00\x00\x01"
-                 + target_port.to_bytes(2, "big"))
-    reply = b""
-    while len(reply) < 12:
-        chunk = sock.recv(12 - len(reply))
-        if not chunk:
-            raise RuntimeError("proxy closed the connection: %r" % reply)
-        reply += chunk
+    sock.sendall(b"\x05\x01\x00" + connect_request(target_port))
+    reply = receive_exactly(sock, 12)
     if reply != b"\x05\x00" + b"\x05\x00\x00\x01" + bytes(6):
         raise RuntimeError("unexpected SOCKS reply %r" % reply)
     return sock
@@ -125,12 +119,6 @@ def run(mode, size, connect, reports):
     return moved / elapsed / 1e6, ok
 
 
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mib", type=int, default=256)
@@ -152,15 +140,7 @@ def main():
                               str(proxy_port), "--log-level", "warning",
                               *options.proxy_args.split()])
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", proxy_port)).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        wait_for_port(proxy_port)
         paths = {
             "direct": lambda: socket.create_connection(("127.0.0.1",
                                                         target_port)),

@@ -31,8 +31,8 @@ import sys
 import time
 import multiprocessing
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-TORSOCKSD = os.path.normpath(os.path.join(HERE, os.pardir, "torsocksd.py"))
+from common import TORSOCKSD, cpu_seconds, receive_exactly, stop_process
+
 WINDOW = 64             # datagrams in flight
 LOSS_WAIT = 0.2         # seconds without an echo: the window counts as lost
 BUFFER = 4 * 1024 * 1024
@@ -80,18 +80,10 @@ class Torsocksd:
 
     def cpu_seconds(self):
         """User and system CPU time the process has used."""
-        with open("/proc/%d/stat" % self.process.pid) as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) \
-            / os.sysconf("SC_CLK_TCK")
+        return cpu_seconds([self.process.pid])
 
     def close(self):
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process)
         self.process.stderr.close()
 
 
@@ -99,12 +91,10 @@ def associate(proxy_port):
     """A UDP ASSOCIATE for 0.0.0.0:0: (control socket, relay address)."""
     control = socket.create_connection(("127.0.0.1", proxy_port), timeout=10)
     control.sendall(b"\x05\x01\x00" + b"\x05\x03\x00\x01" + bytes(6))
-    reply = b""
-    while len(reply) < 12:
-        chunk = control.recv(12 - len(reply))
-        if not chunk:
-            raise SystemExit("torsocksd closed the association: %r" % reply)
-        reply += chunk
+    try:
+        reply = receive_exactly(control, 12)
+    except ConnectionError as error:
+        raise SystemExit("torsocksd ended the association: %s" % error)
     if reply[:4] != b"\x05\x00\x05\x00" or reply[5] != 1:
         raise SystemExit("unexpected reply %s" % reply.hex())
     return control, (socket.inet_ntoa(reply[6:10]),

@@ -63,6 +63,34 @@ def require_network_namespace():
         pytest.skip(message)
 
 
+PEERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers")
+
+
+def run_in_namespace(script, *args, timeout=120):
+    """Run peers/<script> with args under `unshare -n` (a loopback-only
+    network namespace of its own; skipped as require_network_namespace()
+    says), print what it wrote, check that it exited 0; its stdout."""
+    require_network_namespace()
+    result = subprocess.run(
+        ["unshare", "-n", sys.executable, os.path.join(PEERS, script)]
+        + list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        timeout=timeout, universal_newlines=True)
+    print(result.stdout)
+    print(result.stderr)
+    assert result.returncode == 0
+    return result.stdout
+
+
+def run_peer_checks(script, *args, timeout=120):
+    """run_in_namespace() for a peer script that prints a line per check
+    ("ok: ..." or "FAILED: ...") and "all checks passed" last: no check
+    failed.  Its stdout."""
+    output = run_in_namespace(script, *args, timeout=timeout)
+    assert output.splitlines()[-1] == "all checks passed"
+    assert "FAILED" not in output
+    return output
+
+
 class FakeResolver:
     """A resolver answering from a dict, for tests: name -> list of address
     strings (or a torsocksd.Reply to fail with); address -> name for reverse.
@@ -116,23 +144,33 @@ each_relay_mode = pytest.mark.parametrize("relay_mode", RELAY_MODES,
                                           indirect=True)
 
 
+def closing_factory(make, close=lambda thing: thing.close()):
+    """The body of a factory fixture (`yield from closing_factory(...)`):
+    yields a function that calls make(*args, **kwargs) and remembers what
+    it made, then closes each thing made, in order, at teardown."""
+    made = []
+
+    def make_and_remember(*args, **kwargs):
+        thing = make(*args, **kwargs)
+        made.append(thing)
+        return thing
+
+    yield make_and_remember
+    for thing in made:
+        close(thing)
+
+
 @pytest.fixture
 def make_server(relay_mode):
     """make_server(**options) -> a started torsocksd.Server on 127.0.0.1:0
     (or options["listen"]); stopped at teardown."""
-    servers = []
-
-    def make(**options):
+    def start(**options):
         options.setdefault("listen", [("127.0.0.1", 0)])
         options.setdefault("splice", relay_mode == "splice")
         options.setdefault("drain_timeout", 0.0)    # stop() at teardown
-        server = torsocksd.Server(**options).start()
-        servers.append(server)
-        return server
+        return torsocksd.Server(**options).start()
 
-    yield make
-    for server in servers:
-        server.stop()
+    yield from closing_factory(start, torsocksd.Server.stop)
 
 
 @pytest.fixture
@@ -215,16 +253,7 @@ def echo_server():
 @pytest.fixture
 def make_peer():
     """make_peer(handler, family=..., host=...) -> an EchoServer with handler."""
-    peers = []
-
-    def make(handler=None, **kwargs):
-        peer = EchoServer(handler, **kwargs)
-        peers.append(peer)
-        return peer
-
-    yield make
-    for peer in peers:
-        peer.close()
+    yield from closing_factory(EchoServer)
 
 
 def ipv6_loopback():
@@ -285,6 +314,25 @@ def recv_until_eof(sock, limit=1 << 20):
             return data
         data += chunk
     raise AssertionError("more than %d bytes before EOF" % limit)
+
+
+def hash_until_eof(sock, digest, counts, key):
+    """Everything until the peer's EOF into digest (a hashlib object),
+    each piece's length added to counts[key] as it comes (for a thread that
+    watches the progress)."""
+    while True:
+        data = sock.recv(1 << 20)
+        if not data:
+            return
+        digest.update(data)
+        counts[key] += len(data)
+
+
+def assert_echoes(sock, data):
+    """Send data: the same bytes come back (through a tunnel to an echo
+    peer)."""
+    sock.sendall(data)
+    assert recv_exactly(sock, len(data)) == data
 
 
 # -- SOCKS messages, byte for byte --------------------------------------------

@@ -65,31 +65,22 @@ def turned_away(source, address):
         return True
 
 
+def second_reply_names_the_peer(control, source, listening):
+    """A peer connects from source to the BIND's listener: the second
+    reply names that peer."""
+    with peer_from(source, listening) as peer:
+        assert recv_socks5_reply(control) \
+            == reply5(source, peer.getsockname()[1])
+
+
 @pytest.fixture
 def bind_server(make_server):
     return make_server(enable_bind=True)
 
 
-# -- off by default, and only its own flag turns it on ---------------------------
-
-@pytest.mark.parametrize("options", [{}, {"enable_udp": True}],
-                         ids=["default", "udp-only"])
-def test_bind_disabled_keeps_todays_bytes(make_server, options):
-    server = make_server(**options)
-    with socket.create_connection(server.address, timeout=TIMEOUT) as client:
-        client.sendall(socks5_greeting(0)
-                       + socks5_request(BIND, "127.0.0.1", 80))
-        assert recv_exactly(client, 12) == h("0500") + socks5_reply(7)
-        assert client.recv(1) == b""
-    with socket.create_connection(server.address, timeout=TIMEOUT) as client:
-        client.sendall(socks4_request(BIND, "127.0.0.1", 80))
-        assert recv_exactly(client, 8) == h("005b 0000 00000000")
-        assert client.recv(1) == b""
-    with socket.create_connection(server.address, timeout=TIMEOUT) as client:
-        # The command is judged before the address type.
-        client.sendall(h("050100 05020009"))
-        assert recv_exactly(client, 12) == h("0500") + socks5_reply(7)
-
+# -- only its own flag turns it on ---------------------------------------------------
+# (Off by default and with enable_udp alone: test_udp.py's
+# test_a_disabled_command_keeps_todays_bytes.)
 
 def test_an_enabled_bind_with_a_bad_address_type_is_08(bind_server):
     with socket.create_connection(bind_server.address, TIMEOUT) as client:
@@ -151,9 +142,7 @@ def test_bind_to_a_name(make_server):
     control, first = bind5(server, "peer.test", 21)
     with control:
         assert turned_away("127.0.0.2", reply_address(first))
-        with peer_from("127.0.0.3", reply_address(first)) as peer:
-            assert recv_socks5_reply(control) \
-                == reply5("127.0.0.3", peer.getsockname()[1])
+        second_reply_names_the_peer(control, "127.0.0.3", reply_address(first))
     with socket.create_connection(server.address, TIMEOUT) as control:
         control.sendall(socks4a_request(BIND, "peer.test", 21))
         listening = reply_address(recv_exactly(control, 8))
@@ -174,9 +163,7 @@ def test_an_unspecified_dst_addr_takes_any_allowed_peer(bind_server):
     control, first = bind5(bind_server, "0.0.0.0", 0)
     with control:
         assert reply_address(first)[0] == "127.0.0.1"
-        with peer_from("127.0.0.5", reply_address(first)) as peer:
-            assert recv_socks5_reply(control) \
-                == reply5("127.0.0.5", peer.getsockname()[1])
+        second_reply_names_the_peer(control, "127.0.0.5", reply_address(first))
 
 
 def test_an_unspecified_dst_addr_names_the_port_wanted(bind_server):
@@ -210,8 +197,7 @@ def test_bind_over_ipv6(bind_server):
     with control:
         listening = reply_address(first)
         assert first == reply5("::1", listening[1])
-        with socket.create_connection(listening, TIMEOUT) as peer:
-            assert recv_socks5_reply(control) == reply5("::1", peer.getsockname()[1])
+        second_reply_names_the_peer(control, "::1", listening)
 
 
 # -- what ends a BIND ----------------------------------------------------------------
@@ -242,9 +228,7 @@ def test_the_policy_judges_dst_addr(make_server):
     control, first = bind5(server, "0.0.0.0", 0)
     with control:
         assert turned_away("127.0.0.4", reply_address(first))
-        with peer_from("127.0.0.5", reply_address(first)) as peer:
-            assert recv_socks5_reply(control) \
-                == reply5("127.0.0.5", peer.getsockname()[1])
+        second_reply_names_the_peer(control, "127.0.0.5", reply_address(first))
 
 
 def test_the_client_leaving_closes_the_listener(make_server):

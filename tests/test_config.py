@@ -24,8 +24,9 @@ import time
 import pytest
 
 import torsocksd
-from conftest import (TIMEOUT, free_port, open_socks5_tunnel, recv_exactly,
-                      recv_until_eof, socks5_request)
+from conftest import (TIMEOUT, assert_echoes, free_port, hash_until_eof,
+                      open_socks5_tunnel, recv_exactly, recv_until_eof,
+                      socks5_request)
 from test_deploy import (SCRIPT, Child, activated, base_env,  # noqa: F401
                          client_for, notify, reap_children, wait_for_file)
 
@@ -320,8 +321,7 @@ def test_sighup_applies_the_changed_file_whole(tmp_path, notify,
         daemon.daemon.wait_for("reload: applied; listeners: 1 kept, "
                                "1 opened, 0 closed")
         # The old tunnel relays on; new requests meet the new policy.
-        tunnel.sendall(b"old rules")
-        assert recv_exactly(tunnel, 9) == b"old rules"
+        assert_echoes(tunnel, b"old rules")
         for port in (first, second):
             with client_for("127.0.0.1:%d" % port) as client:
                 client.sendall(b"\x05\x01\x00" + socks5_request(
@@ -336,10 +336,8 @@ def test_sighup_applies_the_changed_file_whole(tmp_path, notify,
             socket.create_connection(("127.0.0.1", first), timeout=TIMEOUT)
         with open_socks5_tunnel(("127.0.0.1", second), "127.0.0.1",
                                 echo_server.port) as fresh:
-            fresh.sendall(b"new")
-            assert recv_exactly(fresh, 3) == b"new"
-        tunnel.sendall(b"still")
-        assert recv_exactly(tunnel, 5) == b"still"
+            assert_echoes(fresh, b"new")
+        assert_echoes(tunnel, b"still")
     daemon.stop()
 
 
@@ -359,8 +357,7 @@ def test_sighup_with_any_problem_changes_nothing(tmp_path, notify,
         socket.create_connection(("127.0.0.1", second), timeout=TIMEOUT)
     with open_socks5_tunnel(("127.0.0.1", first), "127.0.0.1",
                             echo_server.port) as tunnel:  # no reject *:*
-        tunnel.sendall(b"x")
-        assert recv_exactly(tunnel, 1) == b"x"
+        assert_echoes(tunnel, b"x")
     # The exposure check refuses a listener other hosts could reach, and
     # the log level that came with it is not applied either.
     daemon.reload(good + "listen 0.0.0.0:%d\nlog-level debug\n" % second)
@@ -453,8 +450,7 @@ def test_sighup_with_socket_activation_keeps_the_passed_listeners(
         daemon.wait_for("reload: applied")
         with open_socks5_tunnel(passed.getsockname(), "127.0.0.1",
                                 echo_server.port) as tunnel:
-            tunnel.sendall(b"x")
-            assert recv_exactly(tunnel, 1) == b"x"
+            assert_echoes(tunnel, b"x")
         daemon.process.send_signal(signal.SIGTERM)
         assert daemon.finish() == 0
 
@@ -491,15 +487,8 @@ def test_reload_under_load_loses_no_byte(tmp_path, notify, echo_server):
         sender = threading.Thread(target=send)
         sender.start()
         in_flight = []
-
-        def receive():
-            while True:
-                data = tunnel.recv(1 << 20)
-                if not data:
-                    return
-                received_digest.update(data)
-                progress["received"] += len(data)
-        receiver = threading.Thread(target=receive)
+        receiver = threading.Thread(target=hash_until_eof, args=(
+            tunnel, received_digest, progress, "received"))
         receiver.start()
         configs = [base + "listen 127.0.0.1:%d\n" % extra,
                    base + "policy reject 192.0.2.0/24\nlog-level debug\n",
@@ -550,15 +539,12 @@ def test_workers_reload_once_and_every_worker_applies(tmp_path, notify,
         for _ in range(6):
             with open_socks5_tunnel(("127.0.0.1", second), "127.0.0.1",
                                     echo_server.port) as fresh:
-                fresh.sendall(b"new")
-                assert recv_exactly(fresh, 3) == b"new"
-        tunnel.sendall(b"kept")
-        assert recv_exactly(tunnel, 4) == b"kept"
+                assert_echoes(fresh, b"new")
+        assert_echoes(tunnel, b"kept")
         # A bad file: said once, by the parent, and nothing changes.
         daemon.reload(base + "bogus\n")
         daemon.reload(base + "listen 127.0.0.1:%d\n" % second)
-        tunnel.sendall(b"still")
-        assert recv_exactly(tunnel, 5) == b"still"
+        assert_echoes(tunnel, b"still")
     daemon.stop()
     text = daemon.daemon.text()
     assert text.count("unknown option 'bogus'") == 1, text

@@ -5,12 +5,10 @@ and contrib/haproxy.cfg checked by haproxy -c."""
 
 import os
 import subprocess
-import sys
 
-from conftest import TIMEOUT, require_network_namespace, require_program
+from conftest import TIMEOUT, require_program, run_peer_checks
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PEER_SCRIPT = os.path.join(HERE, "peers", "haproxy_balancer.py")
 CONFIG = os.path.join(HERE, os.pardir, "contrib", "haproxy.cfg")
 
 
@@ -43,15 +41,7 @@ def test_contrib_config_says_what_the_readme_says():
 
 def test_haproxy_in_front_of_two_torsocksd():
     require_program("haproxy")
-    require_network_namespace()
-    result = subprocess.run(
-        ["unshare", "-n", sys.executable, PEER_SCRIPT], stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, timeout=240, universal_newlines=True)
-    print(result.stdout)
-    print(result.stderr)
-    assert result.returncode == 0
-    assert result.stdout.splitlines()[-1] == "all checks passed"
-    assert "FAILED" not in result.stdout
+    run_peer_checks("haproxy_balancer.py", timeout=240)
 
 
 def test_readme_scaling_out_matches_contrib_and_man_page():

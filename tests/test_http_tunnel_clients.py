@@ -4,16 +4,11 @@ addresses whose names only torsocksd's resolver knows
 (tests/peers/http_tunnel_clients.py, in a loopback-only namespace)."""
 
 import importlib.util
-import os
-import subprocess
-import sys
 
 import pytest
 
-from conftest import REQUIRE_PEERS, require_network_namespace, require_program
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-PEER_SCRIPT = os.path.join(HERE, "peers", "http_tunnel_clients.py")
+from conftest import (REQUIRE_PEERS, require_network_namespace,
+                      require_program, run_peer_checks)
 
 
 def missing_modules():
@@ -34,14 +29,7 @@ def test_real_clients_through_the_http_tunnel():
         require_program(program)
     require_network_namespace()
     skip = missing_modules()
-    result = subprocess.run(
-        ["unshare", "-n", sys.executable, PEER_SCRIPT, "--skip",
-         ",".join(skip)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        timeout=240, universal_newlines=True)
-    print(result.stdout)
-    print(result.stderr)
-    assert result.returncode == 0
-    assert result.stdout.splitlines()[-1] == "all checks passed"
-    assert "FAILED" not in result.stdout
+    run_peer_checks("http_tunnel_clients.py", "--skip", ",".join(skip),
+                    timeout=240)
     if skip:
         pytest.skip("checked without %s (not installed)" % ", ".join(skip))

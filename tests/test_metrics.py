@@ -19,10 +19,10 @@ import pytest
 import torsocksd
 from conftest import (TIMEOUT, FakeResolver, free_port, open_socks5_tunnel,
                       recv_exactly, recv_until_eof, require_network_namespace,
-                      require_program, socks4_request, socks5_request)
+                      require_program, run_peer_checks, socks4_request,
+                      socks5_request)
 from test_deploy import SCRIPT, Child, notify  # noqa: F401
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 SECRET = "secret-destination.test"     # must never reach the page
 
 
@@ -341,15 +341,7 @@ def test_a_real_prometheus_scrapes_it_in_a_network_namespace():
     lookups made (tests/peers/prometheus_scrape.py)."""
     require_network_namespace()
     require_program("prometheus")
-    script = os.path.join(HERE, "peers", "prometheus_scrape.py")
-    result = subprocess.run(
-        ["unshare", "-n", sys.executable, script], stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, timeout=180, universal_newlines=True)
-    print(result.stdout)
-    print(result.stderr)
-    assert result.returncode == 0
-    assert result.stdout.splitlines()[-1] == "all checks passed"
-    assert "FAILED" not in result.stdout
+    run_peer_checks("prometheus_scrape.py", timeout=180)
 
 
 # -- with --workers: one page for all of them --------------------------------------

@@ -11,20 +11,16 @@ loopback range gives the tests several clients (127.0.0.1, 127.0.0.2, ...).
 import collections
 import ipaddress
 import logging
-import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
 
 import torsocksd
-from conftest import (TIMEOUT, recv_exactly, recv_until_eof,
-                      require_network_namespace, socks5_request, userpass)
+from conftest import (TIMEOUT, closing_factory, recv_exactly, recv_until_eof,
+                      run_peer_checks, socks5_request, userpass)
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 RESOLVE = 0xF0
 NO_AUTH = b"\x05\x01\x00"
 
@@ -106,61 +102,64 @@ def wait_for(condition, seconds=TIMEOUT):
 ANSWER = b"\x05\x00" + b"\x05\x00\x00\x01" + bytes((192, 0, 2, 1)) + b"\0\0"
 
 
+@pytest.fixture
+def pool_server(make_server):
+    """(server, resolver): a server whose resolver is a PoolResolver of 4
+    workers, with time enough to wait for lookups that never end."""
+    resolver = PoolResolver(capacity=4)
+    return make_server(resolver=resolver, connect_timeout=30), resolver
+
+
+def ask_silent_name(server):
+    """A client from 127.0.0.1 that asked to RESOLVE silent.test."""
+    sock = client_from(server, "127.0.0.1")
+    sock.sendall(resolve_request("silent.test"))
+    return sock
+
+
+@pytest.fixture
+def silent_askers():
+    """silent_askers(server) -> ask_silent_name(server); closed at
+    teardown."""
+    yield from closing_factory(ask_silent_name)
+
+
 # -- lookups ---------------------------------------------------------------------
 
 def test_a_flood_of_silent_names_does_not_hold_another_clients_lookup(
-        make_server):
+        pool_server, silent_askers):
     """127.0.0.1 asks 40 names that never answer; 127.0.0.2's lookup still
     gets a worker (a first-come pool of 4 would have made it wait for good)."""
-    resolver = PoolResolver(capacity=4)
-    server = make_server(resolver=resolver, connect_timeout=30)
-    flood = []
-    try:
-        for _ in range(40):
-            sock = client_from(server, "127.0.0.1")
-            sock.sendall(resolve_request("silent.test"))
-            flood.append(sock)
-        assert wait_for(lambda: server._lookups is not None
-                        and server._lookups.pending() == 40)
-        with client_from(server, "127.0.0.2") as other:
-            other.sendall(resolve_request("fast.test"))
-            assert recv_until_eof(other) == ANSWER
-        # The flood got at most its share of the resolver.
-        assert resolver.asked.count("silent.test") == 2
-    finally:
-        for sock in flood:
-            sock.close()
+    server, resolver = pool_server
+    for _ in range(40):
+        silent_askers(server)
+    assert wait_for(lambda: server._lookups is not None
+                    and server._lookups.pending() == 40)
+    with client_from(server, "127.0.0.2") as other:
+        other.sendall(resolve_request("fast.test"))
+        assert recv_until_eof(other) == ANSWER
+    # The flood got at most its share of the resolver.
+    assert resolver.asked.count("silent.test") == 2
 
 
-def test_a_client_past_its_waiting_share_is_refused_alone(make_server):
-    resolver = PoolResolver(capacity=4)
-    server = make_server(resolver=resolver, connect_timeout=30)
-    flood, replies = [], []
+def test_a_client_past_its_waiting_share_is_refused_alone(pool_server,
+                                                          silent_askers):
+    server, _ = pool_server
     share = torsocksd.MAX_WAITING_LOOKUPS_PER_CLIENT + 2   # asking + waiting
-    try:
-        for _ in range(share + 5):
-            sock = client_from(server, "127.0.0.1")
-            sock.sendall(resolve_request("silent.test"))
-            flood.append(sock)
-        assert wait_for(lambda: server.stats()["active"] == share)
-        for sock in flood[share:]:
-            replies.append(recv_until_eof(sock))
-        # RESOLVE's failure reply, at once, for the lookups past the share.
-        assert replies == [b"\x05\x00\x05\x04\x00\x01" + bytes(6)] * 5
-        with client_from(server, "127.0.0.3") as other:
-            other.sendall(resolve_request("fast.test"))
-            assert recv_until_eof(other) == ANSWER
-    finally:
-        for sock in flood:
-            sock.close()
+    flood = [silent_askers(server) for _ in range(share + 5)]
+    assert wait_for(lambda: server.stats()["active"] == share)
+    replies = [recv_until_eof(sock) for sock in flood[share:]]
+    # RESOLVE's failure reply, at once, for the lookups past the share.
+    assert replies == [b"\x05\x00\x05\x04\x00\x01" + bytes(6)] * 5
+    with client_from(server, "127.0.0.3") as other:
+        other.sendall(resolve_request("fast.test"))
+        assert recv_until_eof(other) == ANSWER
 
 
-def test_a_client_that_hangs_up_gives_its_lookup_back(make_server):
-    resolver = PoolResolver(capacity=4)
-    server = make_server(resolver=resolver, connect_timeout=30)
-    socks = [client_from(server, "127.0.0.1") for _ in range(10)]
-    for sock in socks:
-        sock.sendall(resolve_request("silent.test"))
+def test_a_client_that_hangs_up_gives_its_lookup_back(pool_server,
+                                                      silent_askers):
+    server, resolver = pool_server
+    socks = [silent_askers(server) for _ in range(10)]
     assert wait_for(lambda: server._lookups.pending() == 10)
     for sock in socks:
         sock.shutdown(socket.SHUT_WR)       # EOF before the answer
@@ -321,12 +320,4 @@ def test_black_hole_connects_leave_room_for_a_fresh_client():
     """In a namespace, 16 addresses that swallow SYNs (a dummy interface):
     each CONNECT holds at most 3 sockets, and a fresh client is served
     (tests/peers/fd_budget.py)."""
-    require_network_namespace()
-    script = os.path.join(HERE, "peers", "fd_budget.py")
-    result = subprocess.run(
-        ["unshare", "-n", sys.executable, script], stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, timeout=120, universal_newlines=True)
-    print(result.stdout)
-    print(result.stderr)
-    assert result.returncode == 0
-    assert result.stdout.splitlines()[-1] == "all checks passed"
+    run_peer_checks("fd_budget.py")

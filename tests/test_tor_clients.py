@@ -5,16 +5,11 @@ machine's DNS.  torsocks runs inside a loopback-only network namespace with a
 test host address (192.0.2.10, TEST-NET-1) on its loopback interface.
 """
 
-import os
 import subprocess
-import sys
 
 import pytest
 
-from conftest import (FakeResolver, require_network_namespace,
-                      require_program)
-
-HERE = os.path.dirname(os.path.abspath(__file__))
+from conftest import FakeResolver, require_program, run_in_namespace
 
 NAMES = {"v4.test": ["192.0.2.10"],
          "v6.test": ["2001:db8::42"],
@@ -83,16 +78,7 @@ def test_torsocks_end_to_end_in_a_network_namespace():
     CONNECT it relayed."""
     require_program("torsocks")
     require_program("dnsmasq")      # the peer script starts it
-    require_network_namespace()
-    script = os.path.join(HERE, "peers", "torsocks_e2e.py")
-    result = subprocess.run(
-        ["unshare", "-n", sys.executable, script],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60,
-        universal_newlines=True)
-    print(result.stdout)
-    print(result.stderr)
-    assert result.returncode == 0
-    lines = result.stdout.splitlines()
+    lines = run_in_namespace("torsocks_e2e.py", timeout=60).splitlines()
     assert "fetched: hello from 192.0.2.10" in lines
     assert any("RESOLVE web.test" in line and "answered RESOLVE" in line
                for line in lines)

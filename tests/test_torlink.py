@@ -26,8 +26,8 @@ import time
 import pytest
 
 import torsocksd
-from conftest import (REQUIRE_PEERS, connect, recv_exactly, recv_until_eof,
-                      require_program)
+from conftest import (REQUIRE_PEERS, closing_factory, connect, recv_exactly,
+                      recv_until_eof, require_program)
 
 
 TIMEOUT = 30.0
@@ -1400,15 +1400,9 @@ class TlsRelay:
 
 @pytest.fixture
 def make_relay(relay_keys):
-    relays = []
-
-    def make(**options):
-        relay = TlsRelay(relay_keys, **options)
-        relays.append(relay)
-        return relay
-    yield make
-    for relay in relays:
-        relay.close()
+    """make_relay(**options) -> a TlsRelay with the test keys."""
+    yield from closing_factory(
+        lambda **options: TlsRelay(relay_keys, **options))
 
 
 def connect_dir(server, port):

@@ -9,11 +9,8 @@ Only loopback addresses; names go through FakeResolver.
 
 import ipaddress
 import logging
-import os
 import random
 import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -22,16 +19,16 @@ import pytest
 import torsocksd
 from torsocksd import (NEED_MORE, AddressType, Parsed, Rejected,
                        parse_udp_datagram, udp_datagram_header)
-from conftest import (TIMEOUT, FakeResolver, ipv6_loopback, recv_exactly,
-                      recv_socks5_reply, reply_address, require_module,
-                      require_network_namespace, require_program,
-                      socks5_greeting, socks5_reply, socks5_request,
+from conftest import (TIMEOUT, FakeResolver, closing_factory, ipv6_loopback,
+                      recv_exactly, recv_socks5_reply, reply_address,
+                      require_module, require_network_namespace,
+                      require_program, run_in_namespace, socks5_greeting,
+                      socks4_request, socks5_reply, socks5_request,
                       socks5_target)
 
 h = bytes.fromhex
+BIND = 2
 UDP_ASSOCIATE = 3
-HERE = os.path.dirname(os.path.abspath(__file__))
-NETNS_SCRIPT = os.path.join(HERE, "peers", "udp_bind_netns.py")
 
 needs_ipv6 = pytest.mark.skipif(not ipv6_loopback(),
                                 reason="no IPv6 loopback (::1) here")
@@ -182,16 +179,8 @@ class UdpEcho:
 
 @pytest.fixture
 def udp_peers():
-    peers = []
-
-    def make(host="127.0.0.1", reply=None):
-        peer = UdpEcho(host, reply)
-        peers.append(peer)
-        return peer
-
-    yield make
-    for peer in peers:
-        peer.close()
+    """udp_peers(host="127.0.0.1", reply=None) -> a UdpEcho."""
+    yield from closing_factory(UdpEcho)
 
 
 @pytest.fixture
@@ -266,18 +255,31 @@ def udp_server(make_server):
 
 # -- both flags off, and only one on ----------------------------------------------
 
-@pytest.mark.parametrize("options", [{}, {"enable_bind": True}],
-                         ids=["default", "bind-only"])
-def test_udp_associate_disabled_keeps_todays_bytes(make_server, options):
+@pytest.mark.parametrize("command, target, options", [
+    (BIND, ("127.0.0.1", 80), {}),
+    (BIND, ("127.0.0.1", 80), {"enable_udp": True}),
+    (UDP_ASSOCIATE, ("0.0.0.0", 0), {}),
+    (UDP_ASSOCIATE, ("0.0.0.0", 0), {"enable_bind": True}),
+], ids=["bind-default", "bind-udp-only", "udp-default", "udp-bind-only"])
+def test_a_disabled_command_keeps_todays_bytes(make_server, command, target,
+                                               options):
+    """BIND and UDP ASSOCIATE are each refused (07; SOCKS4: 5b) until their
+    own flag turns them on."""
     server = make_server(**options)
     with socket.create_connection(server.address, timeout=TIMEOUT) as client:
-        client.sendall(socks5_greeting(0)
-                       + socks5_request(UDP_ASSOCIATE, "0.0.0.0", 0))
+        client.sendall(socks5_greeting(0) + socks5_request(command, *target))
         assert recv_exactly(client, 12) == h("0500") + socks5_reply(7)
         assert client.recv(1) == b""
+    if command == BIND:         # SOCKS4 has no UDP
+        with socket.create_connection(server.address,
+                                      timeout=TIMEOUT) as client:
+            client.sendall(socks4_request(BIND, *target))
+            assert recv_exactly(client, 8) == h("005b 0000 00000000")
+            assert client.recv(1) == b""
     with socket.create_connection(server.address, timeout=TIMEOUT) as client:
-        # The command comes before the address type, whatever is enabled.
-        client.sendall(h("050100 05030009"))
+        # The command comes before the address type (09: none), whatever is
+        # enabled.
+        client.sendall(socks5_greeting(0) + bytes((5, command, 0, 9)))
         assert recv_exactly(client, 12) == h("0500") + socks5_reply(7)
     assert server.stats()["udp_associations"] == 0
 
@@ -651,11 +653,6 @@ def test_socksify_and_a_remote_client_in_a_network_namespace():
     require_network_namespace()
     for program in ("socksify", "drill", "dnsmasq", "nsenter"):
         require_program(program)
-    result = subprocess.run(["unshare", "-n", sys.executable, NETNS_SCRIPT],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            universal_newlines=True, timeout=120)
-    print(result.stdout)
-    print(result.stderr)
-    assert result.returncode == 0
-    assert "FAILED" not in result.stdout
-    assert result.stdout.count("ok: ") == 15
+    output = run_in_namespace("udp_bind_netns.py")
+    assert "FAILED" not in output
+    assert output.count("ok: ") == 15
