@@ -17,7 +17,6 @@ that of what was sent, then the page's reload, byte and connection
 counters.  Standard library only; loopback only; not collected by pytest.
 """
 
-import argparse
 import hashlib
 import os
 import signal
@@ -29,17 +28,12 @@ import threading
 import time
 import urllib.request
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
-SCRIPT = os.path.join(ROOT, "torsocksd.py")
+from common import (TORSOCKSD, argument_parser, connect_request, free_port,
+                    receive_exactly, stop_process)
+
 CHUNK = 64 * 1024
 START_TIMEOUT = 10.0
 INVALID_EVERY = 5       # every fifth file is invalid: it must change nothing
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def echo_target():
@@ -62,22 +56,11 @@ def echo_target():
     return listener.getsockname()[1]
 
 
-def recv_exactly(sock, size):
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            raise EOFError("closed after %d of %d bytes" % (len(data), size))
-        data += chunk
-    return data
-
-
 def open_tunnel(socks_port, target_port):
     sock = socket.create_connection(("127.0.0.1", socks_port),
                                     timeout=START_TIMEOUT)
-    sock.sendall(b"\x05\x01\x00\x05\x01\x00\x01\x7f\x00\x00\x01"
-                 + target_port.to_bytes(2, "big"))
-    reply = recv_exactly(sock, 12)
+    sock.sendall(b"\x05\x01\x00" + connect_request(target_port))
+    reply = receive_exactly(sock, 12)
     if reply[:4] != b"\x05\x00\x05\x00":
         raise RuntimeError("tunnel refused: %s" % reply.hex())
     return sock
@@ -101,7 +84,7 @@ def configuration(step, socks_port, spare_port, metrics_port):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--interval", type=float, default=0.25)
     options = parser.parse_args()
@@ -115,14 +98,13 @@ def main():
     with open(config, "w") as file:
         file.write(configuration(0, socks_port, spare_port, metrics_port))
     log = open(log_path, "wb")
-    daemon = subprocess.Popen([sys.executable, SCRIPT, "--config", config],
+    daemon = subprocess.Popen([sys.executable, TORSOCKSD, "--config", config],
                               stderr=log, stdin=subprocess.DEVNULL)
     try:
         return measure(options, daemon, config, log_path, socks_port,
                        spare_port, metrics_port, target_port)
     finally:
-        daemon.send_signal(signal.SIGTERM)
-        daemon.wait(START_TIMEOUT)
+        stop_process(daemon)
         log.close()
 
 
