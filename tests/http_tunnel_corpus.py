@@ -1,12 +1,11 @@
 """A fixed corpus of HTTP CONNECT corner cases for the differential test
 against a real Tor's HTTPTunnelPort.
 
-tests/peers/http_tunnel_differential.py replays every Case against Tor 0.4.9
+tests/peers/tor_differential.py replays every Case against Tor 0.4.9
 (HTTPTunnelPort) and against torsocksd (--http-tunnel) in one loopback-only
 network namespace; tests/test_http_tunnel_differential.py compares the two.
-This module is data only.  The shapes (Case, Rule) are those of
-tests/tor_corpus.py; Expect here says what torsocksd sends instead of Tor in
-a documented difference.
+This module is data only; its shapes (Case, Expect, Rule, Corpus) are those
+of tests/differential.py.
 
 Tor names itself in two headers, "Via: tor/1.0 tor-network (tor VERSION)" on
 answers to CONNECT and "Server: tor/1.0 (tor VERSION)" on the others;
@@ -30,21 +29,9 @@ end reason)"), and src/core/or/reasons.c
 end_reason_to_http_connect_response_line (L461).
 """
 
-from typing import NamedTuple, Optional
-
-from tor_corpus import Case, Rule
+from differential import ECHO_PORT, Corpus, Expect, Rule
 
 IDENTITY_FIELDS = (b"Via:", b"Server:")
-
-
-class Expect(NamedTuple):
-    """torsocksd's outcome in a documented difference: exactly `received`
-    (identity fields taken out) and closed or not; with page ("GET" or
-    "HEAD"), torsocksd's 405 page (HEAD: its headers only), checked by its
-    shape."""
-    received: bytes = b""
-    closed: bool = True
-    page: Optional[str] = None
 
 
 def without_identity(data: bytes) -> bytes:
@@ -116,7 +103,6 @@ RULES = {rule.name: rule for rule in (
 # Names and addresses
 # =============================================================================
 
-ECHO_PORT = 7           # an echo server listens here on 127.0.0.1 and ::1
 CLOSED_PORT = 1         # nothing listens here
 ECHO_NAME = "echo.test"
 # Names torsocksd's test resolver answers; everything else is "not found".
@@ -146,15 +132,8 @@ def request(method: bytes, target: bytes = b"/", host: bytes = None,
 # The corpus
 # =============================================================================
 
-CASES = []
-
-
-def case(name, *chunks, pauses=(), complete=False, rules=(), expect=None):
-    assert all(isinstance(chunk, bytes) and chunk for chunk in chunks), name
-    assert all(rule in RULES for rule in rules), name
-    assert bool(rules) == (expect is not None), name
-    CASES.append(Case(name, tuple(chunks), tuple(pauses), complete,
-                      tuple(rules), expect))
+CORPUS = Corpus(__name__, "http_tunnel", RULES.values(), RESOLVER_NAMES)
+case = CORPUS.add
 
 
 # --- Other methods: only with Host: localhost is there an answer -------------
@@ -319,7 +298,3 @@ case("connect-loopback-echo",
 case("connect-private-10", connect(b"10.0.0.1:80", b"HTTP/1.0"),
      rules=("local-destinations",), expect=Expect(answer(
          b"503 Service Unavailable (no route)", b"end/NOROUTE")))
-
-CASE_NAMES = [case.name for case in CASES]
-BY_NAME = {case.name: case for case in CASES}
-assert len(BY_NAME) == len(CASES), "case names must be unique"

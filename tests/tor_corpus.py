@@ -4,7 +4,8 @@ tests/peers/tor_differential.py replays every Case against a real Tor 0.4.9
 SocksPort and against torsocksd, in one loopback-only network namespace;
 tests/test_tor_differential.py compares the two outcomes.  This module is
 data only: the cases, and the documented differences (Rule) with the bytes
-torsocksd must send instead of Tor's.
+torsocksd must send instead of Tor's; its shapes (Case, Expect, Rule,
+Corpus) are those of tests/differential.py.
 
 A Case is a list of byte chunks sent in turn (0.1 s apart unless pauses say
 otherwise).  An outcome is what the server sent back and whether it closed.
@@ -46,43 +47,11 @@ torsocksd differs from Tor" by their "case" text (Rule.readme).
 """
 
 import ipaddress
-from typing import NamedTuple, Optional, Tuple
+from typing import Optional
 
-# =============================================================================
-# Shapes
-# =============================================================================
+from differential import ECHO_PORT, Corpus, Expect, Rule
 
-DEFAULT_PAUSE = 0.1      # seconds between chunks: the server reads them apart
-BYTEWISE_PAUSE = 0.02
-
-
-class Expect(NamedTuple):
-    """torsocksd's outcome in a documented difference.
-
-    received    the bytes torsocksd must send (with http_page: only what
-                comes before its page)
-    closed      whether torsocksd has closed the connection after them
-    http_page   "GET" or "HEAD": after `received`, torsocksd's own HTTP
-                page (for HEAD its headers only), checked by its shape
-    """
-    received: bytes
-    closed: bool = True
-    http_page: Optional[str] = None
-
-
-class Case(NamedTuple):
-    name: str
-    chunks: Tuple[bytes, ...]
-    pauses: Tuple[float, ...] = ()  # before chunk 2, 3, ...; DEFAULT_PAUSE
-    complete: bool = False          # ends in a request Tor may hold
-    rules: Tuple[str, ...] = ()     # documented differences (RULES keys)
-    expect: Optional[Expect] = None  # torsocksd's outcome when rules is set
-
-
-class Rule(NamedTuple):
-    name: str
-    readme: Tuple[str, ...]   # "case" cells of the README's table
-    says: str                 # what torsocksd does instead of Tor
+BYTEWISE_PAUSE = 0.02   # seconds between the bytes of a message sent bytewise
 
 
 # =============================================================================
@@ -250,15 +219,9 @@ def _test_name(name: bytes):
 # The corpus
 # =============================================================================
 
-CASES = []
-
-
-def case(name, *chunks, pauses=(), complete=False, rules=(), expect=None):
-    assert all(isinstance(chunk, bytes) and chunk for chunk in chunks), name
-    assert all(rule in RULES for rule in rules), name
-    assert bool(rules) == (expect is not None), name
-    CASES.append(Case(name, tuple(chunks), tuple(pauses), complete,
-                      tuple(rules), expect))
+CORPUS = Corpus(__name__, "socks", RULES.values(), RESOLVER_NAMES,
+                RESOLVER_REVERSE)
+case = CORPUS.add
 
 
 def bytewise(name, message, rules=(), expect=None, complete=False):
@@ -288,9 +251,9 @@ for first in (0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x0A, 0x0D, 0x16,
         else:
             case("first-byte-%s-alone" % label, lone,
                  rules=("fail-fast", "http-page"), expect=Expect(
-                     b"", http_page="GET"))
+                     b"", page="GET"))
         case("first-byte-%s-then-7" % label, lone + TAIL,
-             rules=("http-page",), expect=Expect(b"", http_page="GET"))
+             rules=("http-page",), expect=Expect(b"", page="GET"))
     elif first in (0x04, 0x05):
         case("first-byte-%s-alone" % label, lone)     # both wait
         case("first-byte-%s-then-7" % label, lone + TAIL)
@@ -325,18 +288,18 @@ HTTP_REQUESTS = {
 for label, request in HTTP_REQUESTS.items():
     method = "HEAD" if label == "head" else "GET"
     case("http-" + label, request, rules=("http-page",),
-         expect=Expect(b"", http_page=method))
+         expect=Expect(b"", page=method))
 case("http-lowercase-get", b"get / HTTP/1.0\r\n\r\n")     # both: close
 case("http-GX", b"GX", rules=("http-page",),
-     expect=Expect(b"", http_page="GET"))
+     expect=Expect(b"", page="GET"))
 # Two bytes of HEAD: Tor sends its page; torsocksd waits to see "HEAD ".
 case("http-HE", b"HE", rules=("http-page",), expect=Expect(b"", False))
 case("http-HEAD-space", b"HEAD ", rules=("http-page",),
-     expect=Expect(b"", http_page="HEAD"))
+     expect=Expect(b"", page="HEAD"))
 case("http-HEADX", b"HEADX", rules=("http-page",),
-     expect=Expect(b"", http_page="GET"))
+     expect=Expect(b"", page="GET"))
 bytewise("http-get-bytewise", b"GET / HTTP/1.0\r\n\r\n", rules=("http-page",),
-         expect=Expect(b"", http_page="GET"))
+         expect=Expect(b"", page="GET"))
 
 # --- TLS ---------------------------------------------------------------------
 
@@ -586,7 +549,6 @@ case("s5-connect-dir-local-loopback", NOAUTH,
      rules=("connect-dir",), expect=_after_greeting(r5(5)))
 # CONNECTs that succeed: an echo server listens on ECHO_PORT of 127.0.0.1
 # and ::1 in the namespace (tests/peers/tor_differential.py starts it).
-ECHO_PORT = 7
 for label, request in (
         ("ipv4", s5(CONNECT, 1, ipv4("127.0.0.1"), ECHO_PORT)),
         ("ipv6", s5(CONNECT, 4, ipv6("::1"), ECHO_PORT)),
@@ -927,7 +889,3 @@ for length in (8, 9, 10, 11, 15, len(SOCKS4A_REQUEST) - 1):
     case("truncated-socks4a-%d" % length, SOCKS4A_REQUEST[:length])
 for length in range(1, len(AUTH)):
     case("truncated-auth-%d" % length, USERPASS, AUTH[:length])
-
-CASE_NAMES = [c.name for c in CASES]
-assert len(set(CASE_NAMES)) == len(CASE_NAMES), "case names must be unique"
-BY_NAME = {c.name: c for c in CASES}
