@@ -112,11 +112,12 @@ class Corpus:
         self.cases = []
         self.by_name = {}
 
-    def add(self, name, *chunks, pauses=(), complete=False, rules=(),
-            expect=None):
-        """A case sending chunks in turn.  rules (a name, or a tuple of
-        them) and expect go together: expect is an Expect, or just the bytes
-        torsocksd sends before it closes."""
+    def add(self, name, *chunks, pauses=(), complete=False, differs=None):
+        """A case sending chunks in turn.  differs, for a documented
+        difference, is (rules, expect): the names of the rules (or just
+        one), and torsocksd's outcome, an Expect or just the bytes it sends
+        before it closes."""
+        rules, expect = differs or ((), None)
         if isinstance(rules, str):
             rules = (rules,)
         if isinstance(expect, bytes):
@@ -131,20 +132,25 @@ class Corpus:
         self.cases.append(case)
         self.by_name[name] = case
 
-    def add_table(self, rows, prefix="", rules=(), **options):
-        """A case for each row (label, chunks) or (label, chunks, expect),
-        named prefix + label; chunks is one chunk or a tuple of them.  A row
-        with an expected outcome is a documented difference under `rules`;
-        a row without one is compared with Tor as it is.  The options
-        (complete, pauses) hold for every row."""
-        for label, chunks, *expect in rows:
+    def add_table(self, rows, prefix="", rules=(), expect=None, **options):
+        """A case for each row, named prefix + label:
+
+            (label, chunks)                 compared with Tor as it is, or
+                                            if the table has an expect, a
+                                            documented difference: rules
+            (label, chunks, expect)         a documented difference: rules
+            (label, chunks, rules, expect)  one under its own rules
+
+        chunks is one chunk or a tuple of them; the options (complete,
+        pauses) hold for every row."""
+        for label, chunks, *differs in rows:
             if isinstance(chunks, bytes):
                 chunks = (chunks,)
-            if expect:
-                self.add(prefix + label, *chunks, rules=rules,
-                         expect=expect[0], **options)
-            else:
-                self.add(prefix + label, *chunks, **options)
+            if len(differs) < 2:
+                differs = (rules, differs[0] if differs else expect)
+            if differs[1] is None:
+                differs = None
+            self.add(prefix + label, *chunks, differs=differs, **options)
 
 
 # =============================================================================
