@@ -264,15 +264,15 @@ class Outcome(NamedTuple):
 
 
 class Comparison(NamedTuple):
-    """One differential test: its corpus and peer script, and what is
-    particular to its protocol."""
+    """One differential test: its corpus, and what is particular to its
+    protocol."""
     corpus: Corpus
     # torsocksd's page (Expect.page): a pattern its status line matches and
     # the header fields it has, {lower-case name: value}
     page_status: bytes
     page_fields: Dict[bytes, bytes]
-    # Whether Tor, still open with tor_outcome after a complete request,
-    # waits where torsocksd's answer (ours) went on.
+    # (tor, ours) -> whether Tor, still open after a complete request, is
+    # waiting for a circuit where torsocksd went on to answer.
     tor_waits: Callable[[Outcome, Outcome], bool]
     # The part of what a server sent that is compared (default: all).
     compared: Callable[[bytes], bytes] = bytes
