@@ -1,12 +1,11 @@
 """A fixed corpus of HTTP CONNECT corner cases for the differential test
 against a real Tor's HTTPTunnelPort.
 
-tests/peers/http_tunnel_differential.py replays every Case against Tor 0.4.9
+tests/peers/tor_differential.py replays every Case against Tor 0.4.9
 (HTTPTunnelPort) and against torsocksd (--http-tunnel) in one loopback-only
 network namespace; tests/test_http_tunnel_differential.py compares the two.
-This module is data only.  The shapes (Case, Rule) are those of
-tests/tor_corpus.py; Expect here says what torsocksd sends instead of Tor in
-a documented difference.
+This module is data only; its shapes (Case, Expect, Rule, Corpus) are those
+of tests/differential.py.
 
 Tor names itself in two headers, "Via: tor/1.0 tor-network (tor VERSION)" on
 answers to CONNECT and "Server: tor/1.0 (tor VERSION)" on the others;
@@ -30,21 +29,9 @@ end reason)"), and src/core/or/reasons.c
 end_reason_to_http_connect_response_line (L461).
 """
 
-from typing import NamedTuple, Optional
-
-from tor_corpus import Case, Rule
+from differential import ECHO_PORT, Corpus, Expect, Rule
 
 IDENTITY_FIELDS = (b"Via:", b"Server:")
-
-
-class Expect(NamedTuple):
-    """torsocksd's outcome in a documented difference: exactly `received`
-    (identity fields taken out) and closed or not; with page ("GET" or
-    "HEAD"), torsocksd's 405 page (HEAD: its headers only), checked by its
-    shape."""
-    received: bytes = b""
-    closed: bool = True
-    page: Optional[str] = None
 
 
 def without_identity(data: bytes) -> bytes:
@@ -76,7 +63,7 @@ OK = answer(b"200 OK")
 # Documented differences
 # =============================================================================
 
-RULES = {rule.name: rule for rule in (
+RULES = (
     Rule("tunnel-page", ("HTTP CONNECT answers",),
          "another method with Host: localhost gets torsocksd's 405 page "
          "(Allow, Content-Length, Connection: close; HEAD: headers only); "
@@ -109,14 +96,13 @@ RULES = {rule.name: rule for rule in (
          "answer comes back (403 connection refused, or 200 and the "
          "tunnel); Tor refuses them with 500 (weird end reason) and "
          "c-tor/PRIVATE_ADDR"),
-)}
+)
 
 
 # =============================================================================
 # Names and addresses
 # =============================================================================
 
-ECHO_PORT = 7           # an echo server listens here on 127.0.0.1 and ::1
 CLOSED_PORT = 1         # nothing listens here
 ECHO_NAME = "echo.test"
 # Names torsocksd's test resolver answers; everything else is "not found".
@@ -146,78 +132,67 @@ def request(method: bytes, target: bytes = b"/", host: bytes = None,
 # The corpus
 # =============================================================================
 
-CASES = []
-
-
-def case(name, *chunks, pauses=(), complete=False, rules=(), expect=None):
-    assert all(isinstance(chunk, bytes) and chunk for chunk in chunks), name
-    assert all(rule in RULES for rule in rules), name
-    assert bool(rules) == (expect is not None), name
-    CASES.append(Case(name, tuple(chunks), tuple(pauses), complete,
-                      tuple(rules), expect))
-
+CORPUS = Corpus(__name__, "http_tunnel", RULES, RESOLVER_NAMES)
+table = CORPUS.add_table
 
 # --- Other methods: only with Host: localhost is there an answer -------------
 
-for label, data in (
-        ("get-foreign-host", request(b"GET", host=b"example.com")),
-        ("get-absolute-foreign-host",
-         request(b"GET", b"http://example.com/", b"example.com")),
-        ("get-no-host", b"GET / HTTP/1.0\r\n\r\n"),
-        ("get-host-127", request(b"GET", host=b"127.0.0.1")),
-        ("get-host-ipv6", request(b"GET", host=b"[::1]")),
-        ("get-foreign-then-localhost", request(
-            b"GET", host=b"example.com", fields=b"Host: localhost\r\n")),
-        ("options-foreign-host", request(b"OPTIONS", b"*", b"example.com")),
-        ("post-foreign-host", request(b"POST", host=b"example.com",
-                                      fields=b"Content-Length: 0\r\n"))):
-    case(label, data)
-
-for label, method, target in (("get", b"GET", b"/"),
-                              ("get-absolute", b"GET", b"http://example.com/"),
-                              ("post", b"POST", b"/"),
-                              ("lowercase-get", b"get", b"/")):
-    case(label + "-localhost",
-         request(method, target, b"localhost", b"Content-Length: 0\r\n"),
-         rules=("tunnel-page",), expect=Expect(page="GET"))
-case("get-localhost-port", request(b"GET", host=b"LOCALHOST:9080"),
-     rules=("tunnel-page",), expect=Expect(page="GET"))
-case("get-localhost-then-foreign", request(
-    b"GET", host=b"localhost", fields=b"Host: example.com\r\n"),
-     rules=("tunnel-page",), expect=Expect(page="GET"))
-case("head-localhost", request(b"HEAD", host=b"localhost"),
-     rules=("tunnel-page",), expect=Expect(page="HEAD"))
+PAGE = Expect(page="GET")       # torsocksd's 405 page
+LENGTH_0 = b"Content-Length: 0\r\n"
 OPTIONS_ANSWER = (b"HTTP/1.0 200 OK\r\nAllow: OPTIONS, CONNECT\r\n"
                   b"Content-Length: 0\r\nTor-Capabilities: \r\n\r\n")
-for label, target in (("star", b"*"), ("slash", b"/")):
-    case("options-%s-localhost" % label,
-         request(b"OPTIONS", target, b"localhost"),
-         rules=("options-length",), expect=Expect(OPTIONS_ANSWER))
+table(rules="tunnel-page", rows=(
+    ("get-foreign-host", request(b"GET", host=b"example.com")),
+    ("get-absolute-foreign-host",
+     request(b"GET", b"http://example.com/", b"example.com")),
+    ("get-no-host", b"GET / HTTP/1.0\r\n\r\n"),
+    ("get-host-127", request(b"GET", host=b"127.0.0.1")),
+    ("get-host-ipv6", request(b"GET", host=b"[::1]")),
+    ("get-foreign-then-localhost",
+     request(b"GET", host=b"example.com", fields=b"Host: localhost\r\n")),
+    ("options-foreign-host", request(b"OPTIONS", b"*", b"example.com")),
+    ("post-foreign-host",
+     request(b"POST", host=b"example.com", fields=LENGTH_0)),
+    ("get-localhost", request(b"GET", b"/", b"localhost", LENGTH_0), PAGE),
+    ("get-absolute-localhost",
+     request(b"GET", b"http://example.com/", b"localhost", LENGTH_0), PAGE),
+    ("post-localhost", request(b"POST", b"/", b"localhost", LENGTH_0), PAGE),
+    ("lowercase-get-localhost",
+     request(b"get", b"/", b"localhost", LENGTH_0), PAGE),
+    ("get-localhost-port", request(b"GET", host=b"LOCALHOST:9080"), PAGE),
+    ("get-localhost-then-foreign",
+     request(b"GET", host=b"localhost", fields=b"Host: example.com\r\n"),
+     PAGE),
+    ("head-localhost", request(b"HEAD", host=b"localhost"),
+     Expect(page="HEAD")),
+    ("options-star-localhost", request(b"OPTIONS", b"*", b"localhost"),
+     "options-length", OPTIONS_ANSWER),
+    ("options-slash-localhost", request(b"OPTIONS", b"/", b"localhost"),
+     "options-length", OPTIONS_ANSWER)))
 
 # --- Request lines that are not HTTP/1.x -------------------------------------
 
-for label, data in (("garbage", b"garbage\r\n\r\n"),
-                    ("connect-alone", b"CONNECT\r\n\r\n"),
-                    ("no-version", b"CONNECT example.com:80\r\n\r\n"),
-                    ("http-2", connect(b"example.com:80", b"HTTP/2.0")),
-                    ("http-lowercase", connect(b"example.com:80",
-                                               b"http/1.0")),
-                    ("empty-line-first", b"\r\n" + connect(b"example.com:80")),
-                    ("four-words", b"CONNECT a b HTTP/1.1\r\n\r\n")):
-    case(label, data, rules=("malformed-request",),
-         expect=Expect(BAD_REQUEST))
-for label, data in (("socks5-greeting", b"\x05\x01\x00"),
-                    ("socks4-header", b"\x04\x01\x00\x50\x01\x02\x03\x04"),
-                    ("tls-hello", bytes.fromhex("16030100c8010000c40303"))):
-    case(label, data, rules=("fail-fast",), expect=Expect(BAD_REQUEST))
-for label, field in (("no-colon", b"bad header line\r\n"),
-                     ("space-before-colon", b"Host : x\r\n"),
-                     ("folded", b"X-A: 1\r\n folded\r\n")):
-    case("field-" + label, connect(b"example.com:80", fields=field),
-         rules=("malformed-request",), expect=Expect(BAD_REQUEST))
+table(rules="malformed-request", expect=BAD_REQUEST, rows=(
+    ("garbage", b"garbage\r\n\r\n"),
+    ("connect-alone", b"CONNECT\r\n\r\n"),
+    ("no-version", b"CONNECT example.com:80\r\n\r\n"),
+    ("http-2", connect(b"example.com:80", b"HTTP/2.0")),
+    ("http-lowercase", connect(b"example.com:80", b"http/1.0")),
+    ("empty-line-first", b"\r\n" + connect(b"example.com:80")),
+    ("four-words", b"CONNECT a b HTTP/1.1\r\n\r\n"),
+    ("socks5-greeting", b"\x05\x01\x00", "fail-fast", BAD_REQUEST),
+    ("socks4-header", b"\x04\x01\x00\x50\x01\x02\x03\x04", "fail-fast",
+     BAD_REQUEST),
+    ("tls-hello", bytes.fromhex("16030100c8010000c40303"), "fail-fast",
+     BAD_REQUEST),
+    ("field-no-colon", connect(b"example.com:80",
+                               fields=b"bad header line\r\n")),
+    ("field-space-before-colon", connect(b"example.com:80",
+                                         fields=b"Host : x\r\n")),
+    ("field-folded", connect(b"example.com:80",
+                             fields=b"X-A: 1\r\n folded\r\n"))))
 
 # --- Accepted heads: Tor waits for a circuit ---------------------------------
-
 
 
 def padded_head(size: int) -> bytes:
@@ -229,97 +204,82 @@ def padded_head(size: int) -> bytes:
 
 HEAD_8191 = padded_head(8191)       # the most Tor takes, and torsocksd
 assert len(HEAD_8191) == 8191
+HEAD_8193 = padded_head(8193)
 
-for label, data in (
-        ("http-1.0", connect(b"example.com:443", b"HTTP/1.0")),
-        ("http-1.1", connect(b"example.com:443")),
-        ("http-1.9", connect(b"example.com:443", b"HTTP/1.9")),
-        ("lowercase-connect", b"connect example.com:443 HTTP/1.1\r\n\r\n"),
-        ("double-spaces", b"CONNECT  example.com:443  HTTP/1.1\r\n\r\n"),
-        ("port-leading-zero", connect(b"example.com:0443")),
-        ("trailing-dot", connect(b"example.com.:443")),
-        ("100-fields", connect(b"example.com:443", fields=b"".join(
-            b"X-F%d: v\r\n" % i for i in range(100)))),
-        ("head-8191", HEAD_8191),
-        ("content-length-0", connect(b"example.com:443",
-                                     fields=b"Content-Length: 0\r\n")),
-        ("proxy-authorization", connect(
-            b"example.com:443",
-            fields=b"Proxy-Authorization: Basic eDp5\r\n")),
-        ("stream-isolation", connect(
-            b"example.com:443", fields=b"X-Tor-Stream-Isolation: a\r\n")),
-        ("host-field", connect(b"example.com:443",
-                               fields=b"Host: example.com:443\r\n")),
-        ("public-ipv4", connect(b"1.2.3.4:443")),
-        ("public-ipv6", connect(b"[2001:db8::1]:443")),
-        ("host-255", connect(HOST_255 + b":443"))):
-    case("connect-" + label, data, complete=True)
-case("head-8192", padded_head(8192), rules=("malformed-request",),
-     expect=Expect(BAD_REQUEST))
-case("head-8193-in-two", padded_head(8193)[:8000],
-     padded_head(8193)[8000:], rules=("malformed-request",),
-     expect=Expect(BAD_REQUEST))
-case("connect-split", b"CONN", b"ECT example.com", b":443 HTTP/1.1\r\n",
-     b"\r\n", complete=True)
-case("connect-early-data", connect(b"%s:%d" % (ECHO_NAME.encode(), ECHO_PORT))
-     + b"ping", complete=True)
+table(prefix="connect-", complete=True, rows=(
+    ("http-1.0", connect(b"example.com:443", b"HTTP/1.0")),
+    ("http-1.1", connect(b"example.com:443")),
+    ("http-1.9", connect(b"example.com:443", b"HTTP/1.9")),
+    ("lowercase-connect", b"connect example.com:443 HTTP/1.1\r\n\r\n"),
+    ("double-spaces", b"CONNECT  example.com:443  HTTP/1.1\r\n\r\n"),
+    ("port-leading-zero", connect(b"example.com:0443")),
+    ("trailing-dot", connect(b"example.com.:443")),
+    ("100-fields", connect(b"example.com:443", fields=b"".join(
+        b"X-F%d: v\r\n" % i for i in range(100)))),
+    ("head-8191", HEAD_8191),
+    ("content-length-0", connect(b"example.com:443", fields=LENGTH_0)),
+    ("proxy-authorization", connect(
+        b"example.com:443", fields=b"Proxy-Authorization: Basic eDp5\r\n")),
+    ("stream-isolation", connect(
+        b"example.com:443", fields=b"X-Tor-Stream-Isolation: a\r\n")),
+    ("host-field", connect(b"example.com:443",
+                           fields=b"Host: example.com:443\r\n")),
+    ("public-ipv4", connect(b"1.2.3.4:443")),
+    ("public-ipv6", connect(b"[2001:db8::1]:443")),
+    ("host-255", connect(HOST_255 + b":443")),
+    ("split", (b"CONN", b"ECT example.com", b":443 HTTP/1.1\r\n", b"\r\n")),
+    ("early-data",
+     connect(b"%s:%d" % (ECHO_NAME.encode(), ECHO_PORT)) + b"ping")))
+table(rules="malformed-request", expect=BAD_REQUEST, rows=(
+    ("head-8192", padded_head(8192)),
+    ("head-8193-in-two", (HEAD_8193[:8000], HEAD_8193[8000:]))))
 
 # --- CONNECT targets Tor refuses ---------------------------------------------
 
-for label, target in (("no-port", b"example.com"),
-                      ("ipv6-bare", b"::1"),
-                      ("ipv6-bare-with-port", b"2001:db8::1:80"),
-                      ("ipv6-brackets-no-port", b"[2001:db8::1]"),
-                      ("onion-bad", b"x.onion:80"),
-                      ("exit", b"example.com.exit:80"),
-                      ("userinfo", b"user@example.com:80"),
-                      ("percent", b"a%20b:80"),
-                      ("brackets-name", b"[example.com]:80"),
-                      ("brackets-ipv4", b"[1.2.3.4]:80")):
-    case("connect-" + label, connect(target))
-for label, target in (("port-0", b"example.com:0"),
-                      ("port-65536", b"example.com:65536"),
-                      ("port-abc", b"example.com:abc"),
-                      ("port-empty", b"example.com:"),
-                      ("ipv4-port-0", b"1.2.3.4:0"),
-                      ("host-256-port-0", HOST_256 + b":0")):
-    case("connect-" + label, connect(target))
-case("connect-port-plus", connect(b"example.com:+80"),
-     rules=("port-digits",), expect=Expect(BAD_REQUEST))
-case("connect-host-256", connect(HOST_256 + b":80"))
-case("connect-host-256-no-port", connect(HOST_256))
-case("connect-rpc-target",
-     connect(b"example.com:80", fields=b"Tor-RPC-Target: x\r\n"))
-case("connect-rpc-target-no-port",
-     connect(b"example.com", fields=b"Tor-RPC-Target: x\r\n"))
-case("connect-rpc-target-port-0",
-     connect(b"example.com:0", fields=b"Tor-RPC-Target: x\r\n"))
-for label, target in (("empty-host", b":80"), ("empty-label", b"a..b:80")):
-    case("connect-" + label, connect(target), rules=("hostname-rule",),
-         expect=Expect(TOR_PROTOCOL))
-case("connect-onion-v3", connect(ONION + b":80"), rules=("special-names",),
-     expect=Expect(TOR_PROTOCOL))
-case("connect-content-length", connect(
-    b"example.com:443", fields=b"Content-Length: 5\r\n") + b"hello",
-     rules=("connect-content",), expect=Expect(BAD_REQUEST))
-case("connect-chunked", connect(
-    b"example.com:443", fields=b"Transfer-Encoding: chunked\r\n"),
-     rules=("connect-content",), expect=Expect(BAD_REQUEST))
+RPC_TARGET = b"Tor-RPC-Target: x\r\n"
+table(prefix="connect-", rows=(
+    ("no-port", connect(b"example.com")),
+    ("ipv6-bare", connect(b"::1")),
+    ("ipv6-bare-with-port", connect(b"2001:db8::1:80")),
+    ("ipv6-brackets-no-port", connect(b"[2001:db8::1]")),
+    ("onion-bad", connect(b"x.onion:80")),
+    ("exit", connect(b"example.com.exit:80")),
+    ("userinfo", connect(b"user@example.com:80")),
+    ("percent", connect(b"a%20b:80")),
+    ("brackets-name", connect(b"[example.com]:80")),
+    ("brackets-ipv4", connect(b"[1.2.3.4]:80")),
+    ("port-0", connect(b"example.com:0")),
+    ("port-65536", connect(b"example.com:65536")),
+    ("port-abc", connect(b"example.com:abc")),
+    ("port-empty", connect(b"example.com:")),
+    ("ipv4-port-0", connect(b"1.2.3.4:0")),
+    ("host-256-port-0", connect(HOST_256 + b":0")),
+    ("port-plus", connect(b"example.com:+80"), "port-digits", BAD_REQUEST),
+    ("host-256", connect(HOST_256 + b":80")),
+    ("host-256-no-port", connect(HOST_256)),
+    ("rpc-target", connect(b"example.com:80", fields=RPC_TARGET)),
+    ("rpc-target-no-port", connect(b"example.com", fields=RPC_TARGET)),
+    ("rpc-target-port-0", connect(b"example.com:0", fields=RPC_TARGET)),
+    ("empty-host", connect(b":80"), "hostname-rule", TOR_PROTOCOL),
+    ("empty-label", connect(b"a..b:80"), "hostname-rule", TOR_PROTOCOL),
+    ("onion-v3", connect(ONION + b":80"), "special-names", TOR_PROTOCOL),
+    ("content-length", connect(b"example.com:443",
+                               fields=b"Content-Length: 5\r\n") + b"hello",
+     "connect-content", BAD_REQUEST),
+    ("chunked", connect(b"example.com:443",
+                        fields=b"Transfer-Encoding: chunked\r\n"),
+     "connect-content", BAD_REQUEST)))
 
 # --- Local destinations: Tor refuses them, torsocksd's loopback client may ---
 
-for label, target in (("loopback-closed", b"127.0.0.1:%d" % CLOSED_PORT),
-                      ("ipv6-loopback-closed", b"[::1]:%d" % CLOSED_PORT),
-                      ("localhost-closed", b"localhost:%d" % CLOSED_PORT)):
-    case("connect-" + label, connect(target, b"HTTP/1.0"),
-         rules=("local-destinations",), expect=Expect(REFUSED))
-case("connect-loopback-echo",
-     connect(b"127.0.0.1:%d" % ECHO_PORT) + b"ping",
-     rules=("local-destinations",), expect=Expect(OK + b"ping", False))
-case("connect-private-10", connect(b"10.0.0.1:80", b"HTTP/1.0"),
-     rules=("local-destinations",), expect=Expect(answer(
-         b"503 Service Unavailable (no route)", b"end/NOROUTE")))
-
-CASE_NAMES = [case.name for case in CASES]
-BY_NAME = {case.name: case for case in CASES}
-assert len(BY_NAME) == len(CASES), "case names must be unique"
+table(prefix="connect-", rules="local-destinations", rows=(
+    ("loopback-closed", connect(b"127.0.0.1:%d" % CLOSED_PORT, b"HTTP/1.0"),
+     REFUSED),
+    ("ipv6-loopback-closed", connect(b"[::1]:%d" % CLOSED_PORT, b"HTTP/1.0"),
+     REFUSED),
+    ("localhost-closed", connect(b"localhost:%d" % CLOSED_PORT, b"HTTP/1.0"),
+     REFUSED),
+    ("loopback-echo", connect(b"127.0.0.1:%d" % ECHO_PORT) + b"ping",
+     Expect(OK + b"ping", False)),
+    ("private-10", connect(b"10.0.0.1:80", b"HTTP/1.0"),
+     answer(b"503 Service Unavailable (no route)", b"end/NOROUTE"))))

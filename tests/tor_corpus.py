@@ -4,7 +4,8 @@ tests/peers/tor_differential.py replays every Case against a real Tor 0.4.9
 SocksPort and against torsocksd, in one loopback-only network namespace;
 tests/test_tor_differential.py compares the two outcomes.  This module is
 data only: the cases, and the documented differences (Rule) with the bytes
-torsocksd must send instead of Tor's.
+torsocksd must send instead of Tor's; its shapes (Case, Expect, Rule,
+Corpus) are those of tests/differential.py.
 
 A Case is a list of byte chunks sent in turn (0.1 s apart unless pauses say
 otherwise).  An outcome is what the server sent back and whether it closed.
@@ -46,50 +47,18 @@ torsocksd differs from Tor" by their "case" text (Rule.readme).
 """
 
 import ipaddress
-from typing import NamedTuple, Optional, Tuple
+from typing import Optional
 
-# =============================================================================
-# Shapes
-# =============================================================================
+from differential import ECHO_PORT, Corpus, Expect, Rule
 
-DEFAULT_PAUSE = 0.1      # seconds between chunks: the server reads them apart
-BYTEWISE_PAUSE = 0.02
-
-
-class Expect(NamedTuple):
-    """torsocksd's outcome in a documented difference.
-
-    received    the bytes torsocksd must send (with http_page: only what
-                comes before its page)
-    closed      whether torsocksd has closed the connection after them
-    http_page   "GET" or "HEAD": after `received`, torsocksd's own HTTP
-                page (for HEAD its headers only), checked by its shape
-    """
-    received: bytes
-    closed: bool = True
-    http_page: Optional[str] = None
-
-
-class Case(NamedTuple):
-    name: str
-    chunks: Tuple[bytes, ...]
-    pauses: Tuple[float, ...] = ()  # before chunk 2, 3, ...; DEFAULT_PAUSE
-    complete: bool = False          # ends in a request Tor may hold
-    rules: Tuple[str, ...] = ()     # documented differences (RULES keys)
-    expect: Optional[Expect] = None  # torsocksd's outcome when rules is set
-
-
-class Rule(NamedTuple):
-    name: str
-    readme: Tuple[str, ...]   # "case" cells of the README's table
-    says: str                 # what torsocksd does instead of Tor
+BYTEWISE_PAUSE = 0.02   # seconds between the bytes of a message sent bytewise
 
 
 # =============================================================================
 # Documented differences
 # =============================================================================
 
-RULES = {rule.name: rule for rule in (
+RULES = (
     Rule("method-choice", ("SOCKS5 method choice without credentials",),
          "offered 00 and 02 without configured credentials, torsocksd picks "
          "00 (Tor 02); an RFC 1929 message after 00 still gets 01 00"),
@@ -148,7 +117,7 @@ RULES = {rule.name: rule for rule in (
     Rule("socks4a-ip-literal", ("SOCKS4A with an IP literal as the name",),
          "a SOCKS4A name that is an IP literal, IPv6 included, is used as "
          "the address (Tor refuses IPv6 there)"),
-)}
+)
 
 
 # =============================================================================
@@ -220,6 +189,21 @@ PROBE = s5(RESOLVE, 1, ipv4("1.2.3.4"), 0)
 PROBE_ANSWER = resolved4("1.2.3.4")
 PROBE4 = s4(RESOLVE, 0, ipv4("1.2.3.4"))
 
+PUBLIC4 = ipv4("1.2.3.4")
+LOOPBACK4 = ipv4("127.0.0.1")
+CLIENT_HELLO_START = bytes.fromhex("16030100c8010000c40303") + bytes(range(32))
+
+# Parts of torsocksd's outcomes in documented differences.
+S4_GRANTED = b"\x00\x5a" + bytes(6)
+NOAUTH_THEN_AUTH = b"\x05\x00\x01\x00"     # 00 chosen, RFC 1929 accepted
+PAGE = Expect(page="GET")       # its HTTP page, where Tor sends its own
+
+
+def after_greeting(received: bytes, closed: bool = True) -> Expect:
+    """torsocksd's outcome: 00 chosen for a greeting, then received."""
+    return Expect(b"\x05\x00" + received, closed)
+
+
 # A valid v3 onion address (the Tor Project's; it is never reached here) and
 # the same with one character changed, so its checksum fails.
 ONION = b"2gzyxa5ihm7nsggfxnu52rck2vv4rvmdlkiu3zzui5du4xyclen53wid.onion"
@@ -249,23 +233,21 @@ def _test_name(name: bytes):
 # =============================================================================
 # The corpus
 # =============================================================================
+# Where a section lists cases one by one it is a table (Corpus.add_table): a
+# row (label, chunks) is compared with Tor as it is; (label, chunks, expect)
+# is a documented difference under the table's rules, and (label, chunks,
+# rules, expect) one under its own.
 
-CASES = []
-
-
-def case(name, *chunks, pauses=(), complete=False, rules=(), expect=None):
-    assert all(isinstance(chunk, bytes) and chunk for chunk in chunks), name
-    assert all(rule in RULES for rule in rules), name
-    assert bool(rules) == (expect is not None), name
-    CASES.append(Case(name, tuple(chunks), tuple(pauses), complete,
-                      tuple(rules), expect))
+CORPUS = Corpus(__name__, "socks", RULES, RESOLVER_NAMES,
+                RESOLVER_REVERSE)
+case, table = CORPUS.add, CORPUS.add_table
 
 
-def bytewise(name, message, rules=(), expect=None, complete=False):
-    """message sent one byte at a time."""
+def bytewise(name, message, **options):
+    """A case sending message one byte at a time."""
     chunks = [message[i:i + 1] for i in range(len(message))]
     case(name, *chunks, pauses=[BYTEWISE_PAUSE] * (len(chunks) - 1),
-         rules=rules, expect=expect, complete=complete)
+         **options)
 
 
 # --- First byte: version detection -------------------------------------------
@@ -274,134 +256,120 @@ def bytewise(name, message, rules=(), expect=None, complete=False):
 HTTP_LETTERS = b"GHPC"          # Tor's
 MORE_HTTP_LETTERS = b"ODT"      # torsocksd's too
 TAIL = b" / HTTP/1.0\r\n\r\n"[:7]
+FAIL_FAST = ("fail-fast", b"")   # refused at once: closed without a word
+
+
+def first_byte_differences(first: int):
+    """Where torsocksd differs from Tor on purpose for the byte alone, and
+    for it followed by seven more: (rules, expect) each, or None."""
+    if first == ord("H"):
+        # "H" may start HEAD: both wait for more.
+        return None, ("http-page", PAGE)
+    if first in HTTP_LETTERS + MORE_HTTP_LETTERS:
+        return (("fail-fast", "http-page"), PAGE), ("http-page", PAGE)
+    if first in (0x04, 0x05):
+        return None, None                       # both wait
+    if first == 0x01:
+        # An RFC 1929 message before any greeting: Tor waits for all of it
+        # before refusing it silently.
+        return FAIL_FAST, FAIL_FAST
+    return FAIL_FAST, None
+
 
 for first in (0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x0A, 0x0D, 0x16,
               0x20, 0x41, 0x43, 0x44, 0x47, 0x48, 0x4F, 0x50, 0x54, 0x5A,
               0x63, 0x67, 0x68, 0x6F, 0x70, 0x7F, 0x80, 0xC0, 0xFE, 0xFF):
-    lone = bytes((first,))
     label = "%02x" % first
     if first in HTTP_LETTERS + MORE_HTTP_LETTERS:
         label = chr(first)
-        if first == ord("H"):
-            # "H" may start HEAD: both wait for more.
-            case("first-byte-H-alone", lone)
-        else:
-            case("first-byte-%s-alone" % label, lone,
-                 rules=("fail-fast", "http-page"), expect=Expect(
-                     b"", http_page="GET"))
-        case("first-byte-%s-then-7" % label, lone + TAIL,
-             rules=("http-page",), expect=Expect(b"", http_page="GET"))
-    elif first in (0x04, 0x05):
-        case("first-byte-%s-alone" % label, lone)     # both wait
-        case("first-byte-%s-then-7" % label, lone + TAIL)
-    elif first == 0x01:
-        # An RFC 1929 message before any greeting: Tor waits for all of it
-        # before refusing it silently.
-        case("first-byte-01-alone", lone, rules=("fail-fast",),
-             expect=Expect(b""))
-        case("first-byte-01-then-7", lone + TAIL, rules=("fail-fast",),
-             expect=Expect(b""))
-    else:
-        case("first-byte-%s-alone" % label, lone, rules=("fail-fast",),
-             expect=Expect(b""))
-        case("first-byte-%s-then-7" % label, lone + TAIL)
+    alone, followed = first_byte_differences(first)
+    case("first-byte-%s-alone" % label, bytes((first,)), differs=alone)
+    case("first-byte-%s-then-7" % label, bytes((first,)) + TAIL,
+         differs=followed)
 
-# --- HTTP requests -----------------------------------------------------------
+# --- HTTP requests: torsocksd's page where Tor sends its own -----------------
 
-HTTP_REQUESTS = {
-    "get": b"GET / HTTP/1.1\r\nHost: example.test\r\n\r\n",
-    "get-absolute": b"GET http://example.test/ HTTP/1.1\r\n"
-                    b"Host: example.test\r\n\r\n",
-    "head": b"HEAD / HTTP/1.0\r\n\r\n",
-    "post": b"POST / HTTP/1.0\r\nContent-Length: 0\r\n\r\n",
-    "put": b"PUT /x HTTP/1.0\r\nContent-Length: 0\r\n\r\n",
-    "patch": b"PATCH /x HTTP/1.0\r\n\r\n",
-    "connect": b"CONNECT example.test:443 HTTP/1.1\r\n"
-               b"Host: example.test:443\r\n\r\n",
-    "options": b"OPTIONS * HTTP/1.1\r\nHost: example.test\r\n\r\n",
-    "delete": b"DELETE / HTTP/1.1\r\nHost: example.test\r\n\r\n",
-    "trace": b"TRACE / HTTP/1.1\r\nHost: example.test\r\n\r\n",
-}
-for label, request in HTTP_REQUESTS.items():
-    method = "HEAD" if label == "head" else "GET"
-    case("http-" + label, request, rules=("http-page",),
-         expect=Expect(b"", http_page=method))
-case("http-lowercase-get", b"get / HTTP/1.0\r\n\r\n")     # both: close
-case("http-GX", b"GX", rules=("http-page",),
-     expect=Expect(b"", http_page="GET"))
-# Two bytes of HEAD: Tor sends its page; torsocksd waits to see "HEAD ".
-case("http-HE", b"HE", rules=("http-page",), expect=Expect(b"", False))
-case("http-HEAD-space", b"HEAD ", rules=("http-page",),
-     expect=Expect(b"", http_page="HEAD"))
-case("http-HEADX", b"HEADX", rules=("http-page",),
-     expect=Expect(b"", http_page="GET"))
-bytewise("http-get-bytewise", b"GET / HTTP/1.0\r\n\r\n", rules=("http-page",),
-         expect=Expect(b"", http_page="GET"))
+table(prefix="http-", rules="http-page", rows=(
+    ("get", b"GET / HTTP/1.1\r\nHost: example.test\r\n\r\n", PAGE),
+    ("get-absolute", b"GET http://example.test/ HTTP/1.1\r\n"
+                     b"Host: example.test\r\n\r\n", PAGE),
+    ("head", b"HEAD / HTTP/1.0\r\n\r\n", Expect(page="HEAD")),
+    ("post", b"POST / HTTP/1.0\r\nContent-Length: 0\r\n\r\n", PAGE),
+    ("put", b"PUT /x HTTP/1.0\r\nContent-Length: 0\r\n\r\n", PAGE),
+    ("patch", b"PATCH /x HTTP/1.0\r\n\r\n", PAGE),
+    ("connect", b"CONNECT example.test:443 HTTP/1.1\r\n"
+                b"Host: example.test:443\r\n\r\n", PAGE),
+    ("options", b"OPTIONS * HTTP/1.1\r\nHost: example.test\r\n\r\n", PAGE),
+    ("delete", b"DELETE / HTTP/1.1\r\nHost: example.test\r\n\r\n", PAGE),
+    ("trace", b"TRACE / HTTP/1.1\r\nHost: example.test\r\n\r\n", PAGE),
+    ("lowercase-get", b"get / HTTP/1.0\r\n\r\n"),      # both: close
+    ("GX", b"GX", PAGE),
+    # Two bytes of HEAD: Tor sends its page; torsocksd waits to see "HEAD ".
+    ("HE", b"HE", Expect(closed=False)),
+    ("HEAD-space", b"HEAD ", Expect(page="HEAD")),
+    ("HEADX", b"HEADX", PAGE)))
+bytewise("http-get-bytewise", b"GET / HTTP/1.0\r\n\r\n",
+         differs=("http-page", PAGE))
 
 # --- TLS ---------------------------------------------------------------------
 
-CLIENT_HELLO_START = bytes.fromhex("16030100c8010000c40303") + bytes(range(32))
 case("tls-client-hello", CLIENT_HELLO_START)
 case("tls-two-bytes", b"\x16\x03")
 
 # --- SOCKS4 and SOCKS4A ------------------------------------------------------
 
-PUBLIC4 = ipv4("1.2.3.4")
 SOCKS4_COMMANDS = {"connect": CONNECT, "bind": BIND, "udp": UDP,
                    "resolve": RESOLVE, "resolve-ptr": RESOLVE_PTR,
                    "connect-dir": CONNECT_DIR, "cmd00": 0x00, "cmd04": 0x04,
                    "cmd05": 0x05, "cmd7f": 0x7F, "cmdff": 0xFF}
 
 for label, command in SOCKS4_COMMANDS.items():
-    kwargs = {}
-    if command == CONNECT:
-        kwargs["complete"] = True       # Tor wants a circuit
-    case("s4-%s-ipv4" % label, s4(command, 80, PUBLIC4), **kwargs)
+    case("s4-%s-ipv4" % label, s4(command, 80, PUBLIC4),
+         complete=command == CONNECT)           # Tor wants a circuit
     case("s4-%s-port0" % label, s4(command, 0, PUBLIC4))
     case("s4-%s-dstip0" % label, s4(command, 80, bytes(4)))
-    case("s4a-%s-name" % label,
-         s4a(command, b"www.example.test"), complete=command in (
-             CONNECT, RESOLVE))
-    # The 8-byte header only: Tor waits for all eight before it looks.
-    if command == CONNECT_DIR:
-        # Tor refuses F2; for torsocksd the userid may still come.
-        case("s4-connect-dir-header-only", s4(command, 80, PUBLIC4)[:8],
-             rules=("connect-dir",), expect=Expect(b"", False))
-    else:
-        case("s4-%s-header-only" % label, s4(command, 80, PUBLIC4)[:8])
+    case("s4a-%s-name" % label, s4a(command, b"www.example.test"),
+         complete=command in (CONNECT, RESOLVE))
+    # The 8-byte header only: Tor waits for all eight before it looks.  It
+    # refuses F2 then, where for torsocksd the userid may still come.
+    case("s4-%s-header-only" % label, s4(command, 80, PUBLIC4)[:8],
+         differs=("connect-dir", Expect(closed=False))
+         if command == CONNECT_DIR else None)
 _test_name(b"www.example.test")
 
 # A SOCKS4 command byte that can never be valid, alone with its version
 # byte: Tor waits for the whole header, torsocksd refuses at once.
-for label, command in (("udp", UDP), ("cmd00", 0x00), ("cmd7f", 0x7F)):
-    case("s4-%s-two-bytes" % label, bytes((4, command)),
-         rules=("fail-fast",), expect=Expect(S4_REJECTED))
-case("s4-connect-two-bytes", b"\x04\x01")             # both wait
+table(prefix="s4-", rules="fail-fast", rows=(
+    ("udp-two-bytes", bytes((4, UDP)), S4_REJECTED),
+    ("cmd00-two-bytes", bytes((4, 0x00)), S4_REJECTED),
+    ("cmd7f-two-bytes", bytes((4, 0x7F)), S4_REJECTED),
+    ("connect-two-bytes", bytes((4, CONNECT)))))        # both wait
 
 # userid lengths (RESOLVE of an IP literal: Tor answers without a circuit)
-for length in (0, 1, 255, 511, 512):
+for length in (0, 1, 255, 511, 512, 513):
     case("s4-userid-%d" % length, s4(RESOLVE, 0, PUBLIC4, b"u" * length))
-case("s4-userid-513", s4(RESOLVE, 0, PUBLIC4, b"u" * 513))
-case("s4-userid-513-connect", s4(CONNECT, 80, PUBLIC4, b"u" * 513))
-case("s4-userid-binary", s4(RESOLVE, 0, PUBLIC4, bytes(range(1, 256))))
-# Unterminated userids: 503 bytes of it wait; at 504 (512 bytes in all) Tor
-# gives up on the message (MAX_SOCKS_MESSAGE_LEN in proto_socks.c).
-case("s4-userid-unterminated-503", s4(RESOLVE, 0, PUBLIC4)[:8] + b"u" * 503)
-case("s4-userid-unterminated-504", s4(RESOLVE, 0, PUBLIC4)[:8] + b"u" * 504,
-     rules=("incomplete-at-512",), expect=Expect(b"", closed=False))
-case("s4-userid-split-512",
-     s4(RESOLVE, 0, PUBLIC4)[:8] + b"u" * 300, b"u" * 212 + b"\0")
+S4_HEADER = s4(RESOLVE, 0, PUBLIC4)[:8]
+table(prefix="s4-userid-", rules="incomplete-at-512", rows=(
+    ("513-connect", s4(CONNECT, 80, PUBLIC4, b"u" * 513)),
+    ("binary", s4(RESOLVE, 0, PUBLIC4, bytes(range(1, 256)))),
+    # Unterminated userids: 503 bytes of it wait; at 504 (512 bytes in all)
+    # Tor gives up on the message (MAX_SOCKS_MESSAGE_LEN in proto_socks.c).
+    ("unterminated-503", S4_HEADER + b"u" * 503),
+    ("unterminated-504", S4_HEADER + b"u" * 504, Expect(closed=False)),
+    ("split-512", (S4_HEADER + b"u" * 300, b"u" * 212 + b"\0"))))
 
 # SOCKS4A markers: 0.0.0.1 and 0.0.0.255 are 4A; 0.0.1.0 is a plain address.
-case("s4a-marker-1", s4(RESOLVE, 0, b"\0\0\0\x01", b"", b"1.2.3.4"))
-case("s4a-marker-255", s4(RESOLVE, 0, b"\0\0\0\xff", b"", b"1.2.3.4"))
-case("s4-address-0.0.1.0", s4(RESOLVE, 0, b"\0\0\x01\0", b"", b"1.2.3.4"))
-case("s4a-userid-and-name", s4a(RESOLVE, b"1.2.3.4", 0, b"someone"))
+table(rows=(
+    ("s4a-marker-1", s4(RESOLVE, 0, b"\0\0\0\x01", b"", b"1.2.3.4")),
+    ("s4a-marker-255", s4(RESOLVE, 0, b"\0\0\0\xff", b"", b"1.2.3.4")),
+    ("s4-address-0.0.1.0", s4(RESOLVE, 0, b"\0\0\x01\0", b"", b"1.2.3.4")),
+    ("s4a-userid-and-name", s4a(RESOLVE, b"1.2.3.4", 0, b"someone"))))
 case("s4a-name-255", s4a(RESOLVE, LONG_NAME), complete=True)
-case("s4a-name-256", s4a(RESOLVE, TOO_LONG_NAME))
-case("s4a-connect-name-256", s4a(CONNECT, TOO_LONG_NAME))
-case("s4a-name-unterminated", s4a(RESOLVE, b"www.example.test")[:-1])
-case("s4a-name-empty-unterminated", s4(RESOLVE, 80, b"\0\0\0\x01"))
+table(prefix="s4a-", rows=(
+    ("name-256", s4a(RESOLVE, TOO_LONG_NAME)),
+    ("connect-name-256", s4a(CONNECT, TOO_LONG_NAME)),
+    ("name-unterminated", s4a(RESOLVE, b"www.example.test")[:-1]),
+    ("name-empty-unterminated", s4(RESOLVE, 80, b"\0\0\0\x01"))))
 _test_name(LONG_NAME)
 
 # Early data after a complete request.
@@ -421,62 +389,57 @@ for label, address in (("loopback", "127.0.0.1"), ("any", "0.0.0.0"),
 case("s4a-connect-localhost", s4a(CONNECT, b"localhost", CLOSED_PORT))
 
 # --- SOCKS5 greetings --------------------------------------------------------
+# Offered 00 and 02, torsocksd picks 00 (method-choice).
 
-case("s5-greeting-zero-methods", b"\x05\x00")
-case("s5-greeting-noauth", NOAUTH, PROBE)
-case("s5-greeting-userpass", USERPASS, AUTH, PROBE)
-case("s5-greeting-both", BOTH, AUTH, PROBE, rules=("method-choice",),
-     expect=Expect(b"\x05\x00\x01\x00" + PROBE_ANSWER))
-case("s5-greeting-both-reversed", b"\x05\x02\x02\x00", AUTH, PROBE,
-     rules=("method-choice",),
-     expect=Expect(b"\x05\x00\x01\x00" + PROBE_ANSWER))
-# Offered both, then no RFC 1929 message: Tor, having chosen 02, reads the
-# request as one and fails it.
-case("s5-greeting-both-no-auth", BOTH, PROBE, rules=("method-choice",),
-     expect=Expect(b"\x05\x00" + PROBE_ANSWER))
-case("s5-greeting-gssapi-only", b"\x05\x01\x01")
-case("s5-greeting-ff-only", b"\x05\x01\xff")
-case("s5-greeting-unknown-methods", b"\x05\x03\x03\x80\xfe")
-case("s5-greeting-duplicate-00", b"\x05\x03\x00\x00\x00", PROBE)
-case("s5-greeting-255-methods", b"\x05\xff" + bytes(range(255)), AUTH, PROBE,
-     rules=("method-choice",),
-     expect=Expect(b"\x05\x00\x01\x00" + PROBE_ANSWER))
-case("s5-greeting-255-methods-without-00", b"\x05\xff" + bytes(range(1, 256)),
-     AUTH, PROBE)
-case("s5-greeting-255-unknown-methods", b"\x05\xff" + b"\x80" * 255)
-case("s5-greeting-truncated", b"\x05\x03\x00\x02")
-case("s5-greeting-then-greeting", NOAUTH, NOAUTH)          # both wait
+table(prefix="s5-greeting-", rules="method-choice", rows=(
+    ("zero-methods", b"\x05\x00"),
+    ("noauth", (NOAUTH, PROBE)),
+    ("userpass", (USERPASS, AUTH, PROBE)),
+    ("both", (BOTH, AUTH, PROBE), NOAUTH_THEN_AUTH + PROBE_ANSWER),
+    ("both-reversed", (b"\x05\x02\x02\x00", AUTH, PROBE),
+     NOAUTH_THEN_AUTH + PROBE_ANSWER),
+    # Offered both, then no RFC 1929 message: Tor, having chosen 02, reads
+    # the request as one and fails it.
+    ("both-no-auth", (BOTH, PROBE), b"\x05\x00" + PROBE_ANSWER),
+    ("gssapi-only", b"\x05\x01\x01"),
+    ("ff-only", b"\x05\x01\xff"),
+    ("unknown-methods", b"\x05\x03\x03\x80\xfe"),
+    ("duplicate-00", (b"\x05\x03\x00\x00\x00", PROBE)),
+    ("255-methods", (b"\x05\xff" + bytes(range(255)), AUTH, PROBE),
+     NOAUTH_THEN_AUTH + PROBE_ANSWER),
+    ("255-methods-without-00",
+     (b"\x05\xff" + bytes(range(1, 256)), AUTH, PROBE)),
+    ("255-unknown-methods", b"\x05\xff" + b"\x80" * 255),
+    ("truncated", b"\x05\x03\x00\x02"),
+    ("then-greeting", (NOAUTH, NOAUTH))))               # both wait
 
 # --- RFC 1929 ----------------------------------------------------------------
 
-case("auth-after-02", USERPASS, AUTH, PROBE)
-case("auth-empty-fields", USERPASS, b"\x01\x00\x00", PROBE)
-case("auth-empty-username", USERPASS, b"\x01\x00\x04pass", PROBE)
-case("auth-255-255", USERPASS,
-     b"\x01\xff" + b"u" * 255 + b"\xff" + b"p" * 255, PROBE)
-case("auth-binary-fields", USERPASS,
-     b"\x01\x03\x00\xff\x80\x02\xc3\xa9", PROBE)
-case("auth-after-00", NOAUTH, AUTH, PROBE)     # Tor: 01 00 and goes on
-case("auth-before-greeting", AUTH)
-case("auth-before-greeting-truncated", b"\x01\x04us",
-     rules=("fail-fast",), expect=Expect(b""))
-case("auth-twice", USERPASS, AUTH, AUTH)
-case("auth-truncated", USERPASS, b"\x01\x04us")
-case("auth-password-truncated", USERPASS, b"\x01\x04user\x04pa")
-# Wrong versions where the RFC 1929 message belongs.
-case("auth-version-00", USERPASS, b"\x00\x04user\x04pass")
-case("auth-version-02", USERPASS, b"\x02\x04user\x04pass")
-case("auth-version-05", USERPASS, b"\x05\x04user\x04pass")
-case("auth-version-05-request", USERPASS, PROBE)
-case("auth-version-ff", USERPASS, b"\xff\x04user\x04pass")
-case("auth-socks4-instead", USERPASS, PROBE4,
-     rules=("socks4-after-greeting",), expect=Expect(b"\x05\x02" + r5(1)))
-case("auth-http-instead", USERPASS, b"GET / HTTP/1.0\r\n\r\n",
-     rules=("not-socks5-after-greeting",),
-     expect=Expect(b"\x05\x02" + r5(1)))
-case("auth-then-socks4", USERPASS, AUTH, PROBE4,
-     rules=("socks4-after-greeting",),
-     expect=Expect(b"\x05\x02\x01\x00" + r5(1)))
+table(prefix="auth-", rows=(
+    ("after-02", (USERPASS, AUTH, PROBE)),
+    ("empty-fields", (USERPASS, b"\x01\x00\x00", PROBE)),
+    ("empty-username", (USERPASS, b"\x01\x00\x04pass", PROBE)),
+    ("255-255",
+     (USERPASS, b"\x01\xff" + b"u" * 255 + b"\xff" + b"p" * 255, PROBE)),
+    ("binary-fields", (USERPASS, b"\x01\x03\x00\xff\x80\x02\xc3\xa9", PROBE)),
+    ("after-00", (NOAUTH, AUTH, PROBE)),        # Tor: 01 00 and goes on
+    ("before-greeting", AUTH),
+    ("before-greeting-truncated", b"\x01\x04us") + FAIL_FAST,
+    ("twice", (USERPASS, AUTH, AUTH)),
+    ("truncated", (USERPASS, b"\x01\x04us")),
+    ("password-truncated", (USERPASS, b"\x01\x04user\x04pa")),
+    # Wrong versions where the RFC 1929 message belongs.
+    ("version-00", (USERPASS, b"\x00\x04user\x04pass")),
+    ("version-02", (USERPASS, b"\x02\x04user\x04pass")),
+    ("version-05", (USERPASS, b"\x05\x04user\x04pass")),
+    ("version-05-request", (USERPASS, PROBE)),
+    ("version-ff", (USERPASS, b"\xff\x04user\x04pass")),
+    ("socks4-instead", (USERPASS, PROBE4), "socks4-after-greeting",
+     b"\x05\x02" + r5(1)),
+    ("http-instead", (USERPASS, b"GET / HTTP/1.0\r\n\r\n"),
+     "not-socks5-after-greeting", b"\x05\x02" + r5(1)),
+    ("then-socks4", (USERPASS, AUTH, PROBE4), "socks4-after-greeting",
+     b"\x05\x02\x01\x00" + r5(1))))
 
 # --- SOCKS5 requests: every command x address type ---------------------------
 
@@ -490,77 +453,77 @@ TARGETS = {"atyp1": (1, PUBLIC4), "atyp3": (3, b"www.example.test"),
 UNKNOWN_ATYPS = (0x00, 0x02, 0x05, 0xFF)
 
 
-def _after_greeting(received, closed=True):
-    return Expect(b"\x05\x00" + received, closed)
+def request_difference(command: int):
+    """(rules, expect) where torsocksd differs from Tor on purpose for a
+    SOCKS5 request with a known address type, else None."""
+    if command in UNKNOWN_COMMANDS:
+        return "rfc1928-codes", after_greeting(r5(7))
+    if command == CONNECT_DIR:
+        # The relay's address is unreachable in the namespace.
+        return "connect-dir", after_greeting(r5(3))
+    return None
 
 
 for command_label, command in SOCKS5_COMMANDS.items():
     for target_label, (atyp, address) in TARGETS.items():
-        name = "s5-%s-%s" % (command_label, target_label)
-        request = s5(command, atyp, address)
-        if command in UNKNOWN_COMMANDS:
-            case(name, NOAUTH, request, rules=("rfc1928-codes",),
-                 expect=_after_greeting(r5(7)))
-        elif command == CONNECT_DIR:
-            # The relay's address is unreachable in the namespace.
-            case(name, NOAUTH, request, rules=("connect-dir",),
-                 expect=_after_greeting(r5(3)))
-        else:
-            case(name, NOAUTH, request,
-                 complete=command in (CONNECT, RESOLVE, RESOLVE_PTR))
+        case("s5-%s-%s" % (command_label, target_label),
+             NOAUTH, s5(command, atyp, address),
+             complete=command in (CONNECT, RESOLVE, RESOLVE_PTR),
+             differs=request_difference(command))
+    known = command in (CONNECT, RESOLVE, RESOLVE_PTR, CONNECT_DIR)
     for atyp in UNKNOWN_ATYPS:
-        name = "s5-%s-atyp%02x" % (command_label, atyp)
-        request = bytes((5, command, 0, atyp)) + PUBLIC4 + port(80)
-        known = command in (CONNECT, RESOLVE, RESOLVE_PTR, CONNECT_DIR)
-        case(name, NOAUTH, request, rules=("rfc1928-codes",),
-             expect=_after_greeting(r5(8 if known else 7)))
+        case("s5-%s-atyp%02x" % (command_label, atyp),
+             NOAUTH, bytes((5, command, 0, atyp)) + PUBLIC4 + port(80),
+             differs=("rfc1928-codes", after_greeting(r5(8 if known else 7))))
 
 # A bad byte is refused as soon as it arrives (Tor: by its grammar).
-case("s5-cmd04-two-bytes", NOAUTH, b"\x05\x04", rules=("rfc1928-codes",),
-     expect=_after_greeting(r5(7)))
-case("s5-connect-atyp05-four-bytes", NOAUTH, b"\x05\x01\x00\x05",
-     rules=("rfc1928-codes",), expect=_after_greeting(r5(8)))
-case("s5-connect-rsv-three-bytes", NOAUTH, b"\x05\x01\x01")
+table(prefix="s5-", rules="rfc1928-codes", rows=(
+    ("cmd04-two-bytes", (NOAUTH, b"\x05\x04"), after_greeting(r5(7))),
+    ("connect-atyp05-four-bytes", (NOAUTH, b"\x05\x01\x00\x05"),
+     after_greeting(r5(8))),
+    ("connect-rsv-three-bytes", (NOAUTH, b"\x05\x01\x01"))))
 # Reserved byte not zero.
 for reserved in (0x01, 0x80, 0xFF):
     case("s5-connect-rsv%02x" % reserved, NOAUTH,
          s5(CONNECT, 1, PUBLIC4, reserved=reserved))
-case("s5-resolve-rsv01", NOAUTH, s5(RESOLVE, 1, PUBLIC4, 0, reserved=1))
-case("s5-bind-rsv01", NOAUTH, s5(BIND, 1, PUBLIC4, reserved=1))
-case("s5-cmd04-rsv01", NOAUTH, s5(0x04, 1, PUBLIC4, reserved=1),
-     rules=("rfc1928-codes",), expect=_after_greeting(r5(7)))
-# Wrong version in the request.
-# A SOCKS4 request (Tor answers it as one, and waits for a circuit).
-case("s5-request-version-04", NOAUTH, b"\x04" + s5(CONNECT, 1, PUBLIC4)[1:],
-     rules=("socks4-after-greeting",), expect=_after_greeting(r5(1)))
-case("s5-request-version-00", NOAUTH, b"\x00" + s5(CONNECT, 1, PUBLIC4)[1:])
+table(prefix="s5-", rows=(
+    ("resolve-rsv01", (NOAUTH, s5(RESOLVE, 1, PUBLIC4, 0, reserved=1))),
+    ("bind-rsv01", (NOAUTH, s5(BIND, 1, PUBLIC4, reserved=1))),
+    ("cmd04-rsv01", (NOAUTH, s5(0x04, 1, PUBLIC4, reserved=1)),
+     "rfc1928-codes", after_greeting(r5(7))),
+    # Wrong version in the request.  A SOCKS4 request (Tor answers it as
+    # one, and waits for a circuit).
+    ("request-version-04", (NOAUTH, b"\x04" + s5(CONNECT, 1, PUBLIC4)[1:]),
+     "socks4-after-greeting", after_greeting(r5(1))),
+    ("request-version-00",
+     (NOAUTH, b"\x00" + s5(CONNECT, 1, PUBLIC4)[1:]))))
 
 # --- Port 0 ------------------------------------------------------------------
 
 for target_label, (atyp, address) in TARGETS.items():
-    case("s5-connect-%s-port0" % target_label, NOAUTH,
-         s5(CONNECT, atyp, address, 0))
-    case("s5-connect-dir-%s-port0" % target_label, NOAUTH,
-         s5(CONNECT_DIR, atyp, address, 0))
-    case("s5-bind-%s-port0" % target_label, NOAUTH, s5(BIND, atyp, address, 0))
-    case("s5-udp-%s-port0" % target_label, NOAUTH, s5(UDP, atyp, address, 0))
+    for command_label, command in (("connect", CONNECT),
+                                   ("connect-dir", CONNECT_DIR),
+                                   ("bind", BIND), ("udp", UDP)):
+        case("s5-%s-%s-port0" % (command_label, target_label),
+             NOAUTH, s5(command, atyp, address, 0))
 case("s5-resolve-atyp3-port0", NOAUTH,
      s5_name(RESOLVE, b"www.example.test", 0), complete=True)
 case("s5-resolve-ptr-atyp1-port0", NOAUTH, s5(RESOLVE_PTR, 1, PUBLIC4, 0),
      complete=True)
-case("s5-connect-private-port0", NOAUTH, s5(CONNECT, 1, ipv4("127.0.0.1"), 0))
-case("s5-connect-bad-name-port0", NOAUTH, s5_name(CONNECT, b"a..b", 0))
-case("s5-connect-onion-port0", NOAUTH, s5_name(CONNECT, ONION, 0),
-     rules=("special-names",), expect=_after_greeting(r5(4)))
-case("s4a-connect-port0", s4a(CONNECT, b"www.example.test", 0))
-case("s4a-connect-dir-port0", s4a(CONNECT_DIR, b"www.example.test", 0))
+table(rows=(
+    ("s5-connect-private-port0", (NOAUTH, s5(CONNECT, 1, LOOPBACK4, 0))),
+    ("s5-connect-bad-name-port0", (NOAUTH, s5_name(CONNECT, b"a..b", 0))),
+    ("s5-connect-onion-port0", (NOAUTH, s5_name(CONNECT, ONION, 0)),
+     "special-names", after_greeting(r5(4))),
+    ("s4a-connect-port0", s4a(CONNECT, b"www.example.test", 0)),
+    ("s4a-connect-dir-port0", s4a(CONNECT_DIR, b"www.example.test", 0))))
 
 # --- Private and local destinations ------------------------------------------
 # Tor refuses them (ClientRejectInternalAddresses); torsocksd lets a client on
 # loopback reach them, so its answer is the connect's own error.
 
 LOCAL_CONNECTS = (
-    ("loopback", 1, ipv4("127.0.0.1"), 5),
+    ("loopback", 1, LOOPBACK4, 5),
     ("loopback-other", 1, ipv4("127.1.2.3"), 5),
     ("any", 1, ipv4("0.0.0.0"), 5),
     ("ten", 1, ipv4("10.0.0.1"), 3),
@@ -576,44 +539,40 @@ LOCAL_CONNECTS = (
 for label, atyp, address, errno_reply in LOCAL_CONNECTS:
     case("s5-connect-local-" + label, NOAUTH,
          s5(CONNECT, atyp, address, CLOSED_PORT),
-         rules=("local-destinations",),
-         expect=_after_greeting(r5(errno_reply)))
+         differs=("local-destinations", after_greeting(r5(errno_reply))))
 # fe80::1 without a scope: Tor refuses it (its virtual address range), the
 # kernel too (EINVAL, a general failure).
-case("s5-connect-ipv6-link-local", NOAUTH, s5(CONNECT, 4, ipv6("fe80::1"), 80))
+case("s5-connect-ipv6-link-local", NOAUTH, s5(CONNECT, 4, ipv6("fe80::1")))
 case("s5-connect-dir-local-loopback", NOAUTH,
-     s5(CONNECT_DIR, 1, ipv4("127.0.0.1"), CLOSED_PORT),
-     rules=("connect-dir",), expect=_after_greeting(r5(5)))
+     s5(CONNECT_DIR, 1, LOOPBACK4, CLOSED_PORT),
+     differs=("connect-dir", after_greeting(r5(5))))
+
 # CONNECTs that succeed: an echo server listens on ECHO_PORT of 127.0.0.1
-# and ::1 in the namespace (tests/peers/tor_differential.py starts it).
-ECHO_PORT = 7
+# and ::1 in the namespace (tests/differential.py starts it).
+ECHOED = after_greeting(r5(0) + b"ping", False)
 for label, request in (
-        ("ipv4", s5(CONNECT, 1, ipv4("127.0.0.1"), ECHO_PORT)),
+        ("ipv4", s5(CONNECT, 1, LOOPBACK4, ECHO_PORT)),
         ("ipv6", s5(CONNECT, 4, ipv6("::1"), ECHO_PORT)),
         ("localhost", s5_name(CONNECT, b"localhost", ECHO_PORT)),
         ("name-literal", s5_name(CONNECT, b"127.0.0.1", ECHO_PORT))):
     case("s5-connect-echo-" + label, NOAUTH, request, b"ping",
-         rules=("local-destinations",),
-         expect=_after_greeting(r5(0) + b"ping", False))
+         differs=("local-destinations", ECHOED))
 case("pipe-greeting-connect-echo",
-     NOAUTH + s5(CONNECT, 1, ipv4("127.0.0.1"), ECHO_PORT) + b"ping",
-     rules=("local-destinations",),
-     expect=_after_greeting(r5(0) + b"ping", False))
-S4_GRANTED = b"\x00\x5a" + bytes(6)
-case("s4-connect-echo", s4(CONNECT, ECHO_PORT, ipv4("127.0.0.1")), b"ping",
-     rules=("local-destinations",), expect=Expect(S4_GRANTED + b"ping", False))
-case("s4a-connect-echo-localhost", s4a(CONNECT, b"localhost", ECHO_PORT),
-     b"ping", rules=("local-destinations",),
-     expect=Expect(S4_GRANTED + b"ping", False))
-case("s4a-connect-echo-ipv4-literal", s4a(CONNECT, b"127.0.0.1", ECHO_PORT),
-     b"ping", rules=("local-destinations",),
-     expect=Expect(S4_GRANTED + b"ping", False))
-case("s4a-connect-echo-ipv6-literal", s4a(CONNECT, b"::1", ECHO_PORT),
-     b"ping", rules=("socks4a-ip-literal", "local-destinations"),
-     expect=Expect(S4_GRANTED + b"ping", False))
-case("s4a-connect-echo-ipv6-bracketed", s4a(CONNECT, b"[::1]", ECHO_PORT),
-     b"ping", rules=("socks4a-ip-literal", "local-destinations"),
-     expect=Expect(S4_GRANTED + b"ping", False))
+     NOAUTH + s5(CONNECT, 1, LOOPBACK4, ECHO_PORT) + b"ping",
+     differs=("local-destinations", ECHOED))
+for name, request, literal in (
+        ("s4-connect-echo", s4(CONNECT, ECHO_PORT, LOOPBACK4), ()),
+        ("s4a-connect-echo-localhost",
+         s4a(CONNECT, b"localhost", ECHO_PORT), ()),
+        ("s4a-connect-echo-ipv4-literal",
+         s4a(CONNECT, b"127.0.0.1", ECHO_PORT), ()),
+        ("s4a-connect-echo-ipv6-literal",
+         s4a(CONNECT, b"::1", ECHO_PORT), ("socks4a-ip-literal",)),
+        ("s4a-connect-echo-ipv6-bracketed",
+         s4a(CONNECT, b"[::1]", ECHO_PORT), ("socks4a-ip-literal",))):
+    case(name, request, b"ping", differs=(
+        literal + ("local-destinations",), Expect(S4_GRANTED + b"ping",
+                                                  False)))
 # Multicast is not "internal" to Tor: it waits for a circuit.
 case("s5-connect-multicast", NOAUTH, s5(CONNECT, 1, ipv4("224.0.0.1")),
      complete=True)
@@ -627,20 +586,19 @@ for address in ("2001:db8::1", "::1", "::", "::ffff:1.2.3.4"):
     case("s5-resolve-ipv6-" + address, NOAUTH, s5(RESOLVE, 4, ipv6(address)))
 # Tor keeps 127.192.0.0/10 and fe80::/10 for its automapped addresses and
 # refuses a RESOLVE of one it did not hand out (VirtualAddrNetworkIPv4/6).
-case("s5-resolve-ipv6-fe80::1", NOAUTH, s5(RESOLVE, 4, ipv6("fe80::1")),
-     rules=("resolve-ip-literal",), expect=_after_greeting(
-         b"\x05\x00\x00\x04" + ipv6("fe80::1") + b"\0\0"))
-case("s5-resolve-ipv4-127.192.0.1", NOAUTH,
-     s5(RESOLVE, 1, ipv4("127.192.0.1")), rules=("resolve-ip-literal",),
-     expect=_after_greeting(resolved4("127.192.0.1")))
-case("s5-resolve-name-127.192.0.1", NOAUTH,
-     s5_name(RESOLVE, b"127.192.0.1"), rules=("resolve-ip-literal",),
-     expect=_after_greeting(resolved4("127.192.0.1")))
-case("s4-resolve-127.192.0.1", s4(RESOLVE, 0, ipv4("127.192.0.1")),
-     rules=("resolve-ip-literal",),
-     expect=Expect(b"\x00\x5a\x00\x00" + ipv4("127.192.0.1")))
-case("s5-resolve-port-42", NOAUTH, s5(RESOLVE, 1, PUBLIC4, 42))
-case("s4-resolve-private", s4(RESOLVE, 0, ipv4("127.0.0.1")))
+TOR_VIRTUAL4 = ipv4("127.192.0.1")
+table(rules="resolve-ip-literal", rows=(
+    ("s5-resolve-ipv6-fe80::1", (NOAUTH, s5(RESOLVE, 4, ipv6("fe80::1"))),
+     after_greeting(b"\x05\x00\x00\x04" + ipv6("fe80::1") + b"\0\0")),
+    ("s5-resolve-ipv4-127.192.0.1", (NOAUTH, s5(RESOLVE, 1, TOR_VIRTUAL4)),
+     after_greeting(resolved4("127.192.0.1"))),
+    ("s5-resolve-name-127.192.0.1",
+     (NOAUTH, s5_name(RESOLVE, b"127.192.0.1")),
+     after_greeting(resolved4("127.192.0.1"))),
+    ("s4-resolve-127.192.0.1", s4(RESOLVE, 0, TOR_VIRTUAL4),
+     b"\x00\x5a\x00\x00" + TOR_VIRTUAL4),
+    ("s5-resolve-port-42", (NOAUTH, s5(RESOLVE, 1, PUBLIC4, 42))),
+    ("s4-resolve-private", s4(RESOLVE, 0, LOOPBACK4))))
 
 for address in ("1.2.3.4", TEST_ADDRESS):
     case("s5-resolve-ptr-ipv4-" + address, NOAUTH,
@@ -649,13 +607,13 @@ case("s5-resolve-ptr-ipv6-2001:db8::1", NOAUTH,
      s5(RESOLVE_PTR, 4, ipv6("2001:db8::1")), complete=True)
 # Private addresses: Tor fails them at once (ClientDNSRejectInternalAddresses)
 # with its ATYP 0 failure; the test resolver fails them too.
-for label, atyp, address in (("ipv4-127.0.0.1", 1, ipv4("127.0.0.1")),
+for label, atyp, address in (("ipv4-127.0.0.1", 1, LOOPBACK4),
                              ("ipv4-10.0.0.1", 1, ipv4("10.0.0.1")),
                              ("ipv4-192.168.0.1", 1, ipv4("192.168.0.1")),
                              ("ipv6-::1", 4, ipv6("::1")),
                              ("name-127.0.0.1", 3, b"127.0.0.1")):
     case("s5-resolve-ptr-" + label, NOAUTH, s5(RESOLVE_PTR, atyp, address),
-         rules=("resolve-failure",), expect=_after_greeting(RESOLVE_FAILED))
+         differs=("resolve-failure", after_greeting(RESOLVE_FAILED)))
 for label, name in (("name-1.2.3.4", b"1.2.3.4"),
                     ("name-bracketed-ipv6", b"[2001:db8::1]"),
                     ("name-ipv6", b"2001:db8::1")):
@@ -665,23 +623,22 @@ for label, name in (("name-1.2.3.4", b"1.2.3.4"),
 for label, name in (("name", b"www.example.test"),
                     ("arpa", b"4.3.2.1.in-addr.arpa"),
                     ("empty", b""), ("space", b"a b"), ("double-dot", b"a..b"),
-                    ("onion", ONION), ("utf8", "é".encode())):
+                    ("onion", ONION), ("utf8", "é".encode()),
+                    ("nul", b"a\0b")):
     case("s5-resolve-ptr-" + label, NOAUTH, s5_name(RESOLVE_PTR, name))
-case("s5-resolve-ptr-nul", NOAUTH, s5_name(RESOLVE_PTR, b"a\0b"))
 # Tor cuts at the NUL and sees an IP; torsocksd sees a name that is no IP.
 case("s5-resolve-ptr-nul-after-ip", NOAUTH,
-     s5_name(RESOLVE_PTR, b"1.2.3.4\0xyz"), rules=("nul-in-name",),
-     expect=_after_greeting(r5(8)))
+     s5_name(RESOLVE_PTR, b"1.2.3.4\0xyz"),
+     differs=("nul-in-name", after_greeting(r5(8))))
 # Bad names with commands that fail earlier: the command decides.
 for command_label, command in (("bind", BIND), ("udp", UDP)):
     for label, name in (("space", b"a b"), ("empty", b""),
                         ("double-dot", b"a..b"), ("nul", b"a\0b")):
         case("s5-%s-name-%s" % (command_label, label), NOAUTH,
              s5_name(command, name))
-case("s5-resolve-ptr-malformed-in-one", b"\x05\x01\x00",
-     bytes.fromhex("05f10003036120620000"))
-bytewise("s5-resolve-ptr-malformed-bytewise",
-         bytes.fromhex("05f10003036120620000"))
+MALFORMED_PTR = bytes.fromhex("05f10003036120620000")
+case("s5-resolve-ptr-malformed-in-one", NOAUTH, MALFORMED_PTR)
+bytewise("s5-resolve-ptr-malformed-bytewise", MALFORMED_PTR)
 
 # --- Hostnames, probing each clause of Tor's rule ----------------------------
 # label -> (name bytes, rule torsocksd follows instead of Tor, or None).
@@ -784,30 +741,30 @@ LOOPBACK_NAMES = ("localhost", "ipv4-loopback", "ipv6-loopback",
 
 
 def hostname_difference(label, request):
-    """(rules, Expect) where torsocksd differs from Tor on purpose for a
+    """(rules, expect) where torsocksd differs from Tor on purpose for a
     hostname case, else None.  request: connect5, resolve5 (ATYP 3),
     connect4a, resolve4a."""
     if request == "connect5":
         if label in SPECIAL:
             # Tor: 01 for .exit and bad .onion names, a circuit for good ones.
-            return ("special-names",), _after_greeting(r5(4))
+            return "special-names", after_greeting(r5(4))
         if label in ("nul-inside", "nul-after-ip"):
-            return ("nul-in-name",), _after_greeting(r5(1))
+            return "nul-in-name", after_greeting(r5(1))
         if label in LOOPBACK_NAMES:
-            return ("local-destinations",), _after_greeting(r5(5))
+            return "local-destinations", after_greeting(r5(5))
         if label == "dot-local":
             # Tor refuses *.local; the test resolver does not know it.
-            return ("local-destinations",), _after_greeting(r5(4))
+            return "local-destinations", after_greeting(r5(4))
     if request == "resolve5":
         if label in PARSER_REFUSED:
-            return ("refused-name-resolve",), _after_greeting(RESOLVE_FAILED)
+            return "refused-name-resolve", after_greeting(RESOLVE_FAILED)
         if label in SPECIAL + BRACKETED_NON_IPV6:
             # Tor refuses these after its parser, with its ATYP 0 failure.
-            return ("resolve-failure",), _after_greeting(RESOLVE_FAILED)
+            return "resolve-failure", after_greeting(RESOLVE_FAILED)
         if label in ("nul-inside", "nul-after-ip"):
-            return ("nul-in-name",), _after_greeting(r5(1))
+            return "nul-in-name", after_greeting(r5(1))
     if request == "connect4a" and label in GOOD_ONIONS:
-        return ("special-names",), Expect(S4_REJECTED)
+        return "special-names", S4_REJECTED
     return None
 
 
@@ -816,118 +773,99 @@ def hostname_difference(label, request):
 # early data.
 for label, name in HOSTNAMES.items():
     dport = CLOSED_PORT if label in LOOPBACK_NAMES else 80
-    requests = {"connect4a": s4a(CONNECT, name, dport),
-                "resolve4a": s4a(RESOLVE, name)}
+    requests = {"connect4a": (s4a(CONNECT, name, dport),),
+                "resolve4a": (s4a(RESOLVE, name),)}
     if len(name) <= 255:
         requests["connect5"] = NOAUTH, s5_name(CONNECT, name, dport)
         requests["resolve5"] = NOAUTH, s5_name(RESOLVE, name)
     for request, chunks in sorted(requests.items()):
-        if isinstance(chunks, bytes):
-            chunks = (chunks,)
-        difference = hostname_difference(label, request)
-        rules, expect = difference or ((), None)
         case("name-%s-%s" % (request, label), *chunks, complete=True,
-             rules=rules, expect=expect)
+             differs=hostname_difference(label, request))
 
 # --- Pipelining: several messages in one chunk -------------------------------
+# torsocksd answers every one of them (every-reply).
 
-case("pipe-greeting-resolve", NOAUTH + PROBE)
-case("pipe-greeting-resolve-extra", NOAUTH + PROBE + b"extra bytes")
-case("pipe-greeting-connect-data",
-     NOAUTH + s5(CONNECT, 1, PUBLIC4) + b"GET / HTTP/1.0\r\n\r\n",
-     complete=True)
-case("pipe-greeting-connect-name-data",
-     NOAUTH + s5_name(CONNECT, b"www.example.test") + b"x" * 900,
-     complete=True)
-case("pipe-greeting-bind", NOAUTH + s5(BIND, 1, PUBLIC4),
-     rules=("every-reply",), expect=_after_greeting(r5(7)))
-case("pipe-greeting-udp", NOAUTH + s5(UDP, 1, PUBLIC4),
-     rules=("every-reply",), expect=_after_greeting(r5(7)))
-case("pipe-greeting-cmd04", NOAUTH + s5(0x04, 1, PUBLIC4),
-     rules=("every-reply", "rfc1928-codes"), expect=_after_greeting(r5(7)))
-case("pipe-greeting-bad-name", NOAUTH + s5_name(CONNECT, b"a..b"),
-     rules=("every-reply",), expect=_after_greeting(r5(1)))
-case("pipe-greeting-ptr-name", NOAUTH + s5_name(RESOLVE_PTR, b"a b"),
-     rules=("every-reply",), expect=_after_greeting(r5(8)))
-case("pipe-greeting-rsv01", NOAUTH + s5(CONNECT, 1, PUBLIC4, reserved=1),
-     rules=("every-reply",), expect=_after_greeting(r5(1)))
-case("pipe-greeting-port0", NOAUTH + s5(CONNECT, 1, PUBLIC4, 0))
-case("pipe-userpass-auth-resolve", USERPASS + AUTH + PROBE,
-     rules=("every-reply",),
-     expect=Expect(b"\x05\x02\x01\x00" + PROBE_ANSWER))
-case("pipe-both-auth-resolve", BOTH + AUTH + PROBE,
-     rules=("every-reply", "method-choice"),
-     expect=Expect(b"\x05\x00\x01\x00" + PROBE_ANSWER))
-case("pipe-noauth-auth-resolve", NOAUTH + AUTH + PROBE,
-     rules=("every-reply",),
-     expect=Expect(b"\x05\x00\x01\x00" + PROBE_ANSWER))
-case("pipe-auth-resolve-after-greeting", USERPASS, AUTH + PROBE)
-case("pipe-greeting-http", NOAUTH + b"GET / HTTP/1.0\r\n\r\n",
-     rules=("every-reply", "not-socks5-after-greeting"),
-     expect=_after_greeting(r5(1)))
-case("pipe-greeting-socks4", NOAUTH + PROBE4,
-     rules=("every-reply", "socks4-after-greeting"),
-     expect=_after_greeting(r5(1)))
-case("pipe-greeting-garbage", NOAUTH + b"\x06\x07\x08",
-     rules=("every-reply", "not-socks5-after-greeting"),
-     expect=_after_greeting(r5(1)))
-case("pipe-greeting-tls", NOAUTH + CLIENT_HELLO_START,
-     rules=("every-reply", "not-socks5-after-greeting"),
-     expect=_after_greeting(r5(1)))
-case("pipe-two-greetings", NOAUTH + NOAUTH)
-case("pipe-greeting-zero-methods-then-request", b"\x05\x00" + PROBE)
-case("pipe-s4-resolve-twice", PROBE4 + PROBE4)
-case("pipe-s4a-connect-greeting", s4a(CONNECT, b"www.example.test") + NOAUTH,
-     complete=True)
+table(prefix="pipe-", rules="every-reply", rows=(
+    ("greeting-resolve", NOAUTH + PROBE),
+    ("greeting-resolve-extra", NOAUTH + PROBE + b"extra bytes"),
+    ("greeting-bind", NOAUTH + s5(BIND, 1, PUBLIC4), after_greeting(r5(7))),
+    ("greeting-udp", NOAUTH + s5(UDP, 1, PUBLIC4), after_greeting(r5(7))),
+    ("greeting-cmd04", NOAUTH + s5(0x04, 1, PUBLIC4),
+     ("every-reply", "rfc1928-codes"), after_greeting(r5(7))),
+    ("greeting-bad-name", NOAUTH + s5_name(CONNECT, b"a..b"),
+     after_greeting(r5(1))),
+    ("greeting-ptr-name", NOAUTH + s5_name(RESOLVE_PTR, b"a b"),
+     after_greeting(r5(8))),
+    ("greeting-rsv01", NOAUTH + s5(CONNECT, 1, PUBLIC4, reserved=1),
+     after_greeting(r5(1))),
+    ("greeting-port0", NOAUTH + s5(CONNECT, 1, PUBLIC4, 0)),
+    ("userpass-auth-resolve", USERPASS + AUTH + PROBE,
+     b"\x05\x02\x01\x00" + PROBE_ANSWER),
+    ("both-auth-resolve", BOTH + AUTH + PROBE,
+     ("every-reply", "method-choice"), NOAUTH_THEN_AUTH + PROBE_ANSWER),
+    ("noauth-auth-resolve", NOAUTH + AUTH + PROBE,
+     NOAUTH_THEN_AUTH + PROBE_ANSWER),
+    ("auth-resolve-after-greeting", (USERPASS, AUTH + PROBE)),
+    ("greeting-http", NOAUTH + b"GET / HTTP/1.0\r\n\r\n",
+     ("every-reply", "not-socks5-after-greeting"), after_greeting(r5(1))),
+    ("greeting-socks4", NOAUTH + PROBE4,
+     ("every-reply", "socks4-after-greeting"), after_greeting(r5(1))),
+    ("greeting-garbage", NOAUTH + b"\x06\x07\x08",
+     ("every-reply", "not-socks5-after-greeting"), after_greeting(r5(1))),
+    ("greeting-tls", NOAUTH + CLIENT_HELLO_START,
+     ("every-reply", "not-socks5-after-greeting"), after_greeting(r5(1))),
+    ("two-greetings", NOAUTH + NOAUTH),
+    ("greeting-zero-methods-then-request", b"\x05\x00" + PROBE),
+    ("s4-resolve-twice", PROBE4 + PROBE4)))
+table(prefix="pipe-", complete=True, rows=(
+    ("greeting-connect-data",
+     NOAUTH + s5(CONNECT, 1, PUBLIC4) + b"GET / HTTP/1.0\r\n\r\n"),
+    ("greeting-connect-name-data",
+     NOAUTH + s5_name(CONNECT, b"www.example.test") + b"x" * 900),
+    ("s4a-connect-greeting", s4a(CONNECT, b"www.example.test") + NOAUTH)))
 
 # Separate chunks: a greeting, then a message of the wrong kind.
-case("after-greeting-http", NOAUTH, b"GET / HTTP/1.0\r\n\r\n",
-     rules=("not-socks5-after-greeting",), expect=_after_greeting(r5(1)))
-case("after-greeting-connect-method", NOAUTH, b"CONNECT x:1 HTTP/1.0\r\n\r\n",
-     rules=("not-socks5-after-greeting",), expect=_after_greeting(r5(1)))
-case("after-greeting-socks4", NOAUTH, PROBE4,
-     rules=("socks4-after-greeting",), expect=_after_greeting(r5(1)))
-case("after-greeting-garbage", NOAUTH, b"\x06\x07\x08")
-case("after-greeting-tls", NOAUTH, CLIENT_HELLO_START)
-case("after-greeting-auth-version-01-request", NOAUTH, b"\x01\x01\x00\x01")
+table(prefix="after-greeting-", rules="not-socks5-after-greeting", rows=(
+    ("http", (NOAUTH, b"GET / HTTP/1.0\r\n\r\n"), after_greeting(r5(1))),
+    ("connect-method", (NOAUTH, b"CONNECT x:1 HTTP/1.0\r\n\r\n"),
+     after_greeting(r5(1))),
+    ("socks4", (NOAUTH, PROBE4), "socks4-after-greeting",
+     after_greeting(r5(1))),
+    ("garbage", (NOAUTH, b"\x06\x07\x08")),
+    ("tls", (NOAUTH, CLIENT_HELLO_START)),
+    ("auth-version-01-request", (NOAUTH, b"\x01\x01\x00\x01"))))
 
 # --- Byte by byte ------------------------------------------------------------
 
-bytewise("bytewise-greeting-resolve", NOAUTH + PROBE)
-bytewise("bytewise-socks4-resolve", PROBE4)
-bytewise("bytewise-socks4a-resolve-literal",
-         s4a(RESOLVE, b"1.2.3.4", 0, b"id"))
-bytewise("bytewise-userpass-auth-resolve", USERPASS + AUTH + PROBE)
-bytewise("bytewise-resolve-name-literal",
-         NOAUTH + s5_name(RESOLVE, b"1.2.3.4", 0))
-bytewise("bytewise-resolve-ipv6",
-         NOAUTH + s5(RESOLVE, 4, ipv6("2001:db8::1"), 0))
-bytewise("bytewise-bind", NOAUTH + s5(BIND, 1, PUBLIC4))
+for label, message in (
+        ("greeting-resolve", NOAUTH + PROBE),
+        ("socks4-resolve", PROBE4),
+        ("socks4a-resolve-literal", s4a(RESOLVE, b"1.2.3.4", 0, b"id")),
+        ("userpass-auth-resolve", USERPASS + AUTH + PROBE),
+        ("resolve-name-literal", NOAUTH + s5_name(RESOLVE, b"1.2.3.4", 0)),
+        ("resolve-ipv6", NOAUTH + s5(RESOLVE, 4, ipv6("2001:db8::1"), 0)),
+        ("bind", NOAUTH + s5(BIND, 1, PUBLIC4)),
+        ("connect-port0", NOAUTH + s5(CONNECT, 1, PUBLIC4, 0))):
+    bytewise("bytewise-" + label, message)
 bytewise("bytewise-cmd04", NOAUTH + s5(0x04, 1, PUBLIC4),
-         rules=("rfc1928-codes",), expect=_after_greeting(r5(7)))
-bytewise("bytewise-connect-port0", NOAUTH + s5(CONNECT, 1, PUBLIC4, 0))
+         differs=("rfc1928-codes", after_greeting(r5(7))))
 bytewise("bytewise-connect", NOAUTH + s5(CONNECT, 1, PUBLIC4), complete=True)
 
 # --- Truncations: every strict prefix waits ----------------------------------
 
-for length in range(1, len(BOTH)):
-    case("truncated-greeting-%d" % length, BOTH[:length])
-for length in range(1, len(PROBE)):
-    case("truncated-resolve-ipv4-%d" % length, NOAUTH, PROBE[:length])
 NAME_REQUEST = s5_name(RESOLVE, b"www.example.test", 0)
-for length in (1, 4, 5, 6, 12, len(NAME_REQUEST) - 2, len(NAME_REQUEST) - 1):
-    case("truncated-resolve-name-%d" % length, NOAUTH, NAME_REQUEST[:length])
 IPV6_REQUEST = s5(RESOLVE, 4, ipv6("2001:db8::1"), 0)
-for length in (4, 5, 12, 20, 21):
-    case("truncated-resolve-ipv6-%d" % length, NOAUTH, IPV6_REQUEST[:length])
-for length in range(1, len(PROBE4)):
-    case("truncated-socks4-%d" % length, PROBE4[:length])
 SOCKS4A_REQUEST = s4a(RESOLVE, b"www.example.test", 0, b"id")
-for length in (8, 9, 10, 11, 15, len(SOCKS4A_REQUEST) - 1):
-    case("truncated-socks4a-%d" % length, SOCKS4A_REQUEST[:length])
-for length in range(1, len(AUTH)):
-    case("truncated-auth-%d" % length, USERPASS, AUTH[:length])
-
-CASE_NAMES = [c.name for c in CASES]
-assert len(set(CASE_NAMES)) == len(CASE_NAMES), "case names must be unique"
-BY_NAME = {c.name: c for c in CASES}
+# label, the chunks sent before the message, the message, its lengths
+for label, before, message, lengths in (
+        ("greeting", (), BOTH, range(1, len(BOTH))),
+        ("resolve-ipv4", (NOAUTH,), PROBE, range(1, len(PROBE))),
+        ("resolve-name", (NOAUTH,), NAME_REQUEST,
+         (1, 4, 5, 6, 12, len(NAME_REQUEST) - 2, len(NAME_REQUEST) - 1)),
+        ("resolve-ipv6", (NOAUTH,), IPV6_REQUEST, (4, 5, 12, 20, 21)),
+        ("socks4", (), PROBE4, range(1, len(PROBE4))),
+        ("socks4a", (), SOCKS4A_REQUEST,
+         (8, 9, 10, 11, 15, len(SOCKS4A_REQUEST) - 1)),
+        ("auth", (USERPASS,), AUTH, range(1, len(AUTH)))):
+    for length in lengths:
+        case("truncated-%s-%d" % (label, length), *before, message[:length])

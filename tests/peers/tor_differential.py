@@ -1,111 +1,22 @@
-"""Run inside a fresh network namespace (unshare -n): replay the corpus of
-tests/tor_corpus.py against a real tor SocksPort and against torsocksd.
+"""Run inside a fresh network namespace (unshare -n): replay a corpus of
+corner cases against a real tor and against torsocksd.
 
-    unshare -n python3 tor_differential.py [--only NAME[,NAME...]]
-                                           [--workers N]
+    unshare -n python3 tor_differential.py tor_corpus [--only NAME,...]
+    unshare -n python3 tor_differential.py http_tunnel_corpus
 
-Brings lo up, starts an echo server on port tor_corpus.ECHO_PORT of
-127.0.0.1 and ::1, a tor client (tests/torpeer.py: dummy directory
-authority, so it never builds a circuit) and a torsocksd Server in this
-process whose resolver answers only the corpus's test names (never the
-machine's DNS).  Every case is sent to both; cases run in parallel.
-
-Prints one line per case, in corpus order:
-
-    CASE {"case": NAME, "tor": OUTCOME, "torsocksd": OUTCOME}
-
-with OUTCOME {"received": HEX, "closed": BOOL, "reset": BOOL}, then one
-line "DONE {"cases": N, "seconds": S, "tor": VERSION}".  Exits 0 unless the
-harness itself broke; tests/test_tor_differential.py judges the outcomes.
+tor_corpus (SOCKS) goes to a tor SocksPort and a torsocksd SOCKS port,
+http_tunnel_corpus (HTTP CONNECT) to a tor HTTPTunnelPort and a torsocksd
+--http-tunnel port.  What it starts and what it prints:
+tests/differential.py, peer_main; tests/test_tor_differential.py and
+tests/test_http_tunnel_differential.py judge the outcomes.
 """
 
-import argparse
-import concurrent.futures
-import json
 import os
-import subprocess
 import sys
-import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, os.pardir))
-sys.path.insert(0, os.path.join(HERE, os.pardir, os.pardir))
-import torsocksd  # noqa: E402
-import tor_corpus  # noqa: E402
-import torpeer  # noqa: E402
-from conftest import EchoServer, FakeResolver  # noqa: E402
-
-WORKERS = 24
-
-
-def outcome_json(outcome):
-    return {"received": outcome.received.hex(), "closed": outcome.closed,
-            "reset": outcome.reset}
-
-
-def run_case(case, tor_address, torsocksd_address):
-    results = {"case": case.name}
-    for label, address in (("tor", tor_address),
-                           ("torsocksd", torsocksd_address)):
-        outcome = torpeer.replay(address, case.chunks, case.pauses,
-                                 pause=tor_corpus.DEFAULT_PAUSE)
-        results[label] = outcome_json(outcome)
-    return results
-
-
-def echo_servers():
-    servers = [EchoServer(host="127.0.0.1", port=tor_corpus.ECHO_PORT)]
-    try:
-        servers.append(EchoServer(host="::1", port=tor_corpus.ECHO_PORT))
-    except OSError as error:
-        print("no echo server on ::1: %s" % error, file=sys.stderr)
-    return servers
-
-
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--only", default="",
-                        help="comma-separated case names (default: all)")
-    parser.add_argument("--workers", type=int, default=WORKERS)
-    options = parser.parse_args()
-    cases = tor_corpus.CASES
-    if options.only:
-        wanted = options.only.split(",")
-        unknown = set(wanted) - set(tor_corpus.BY_NAME)
-        if unknown:
-            parser.error("no such case: %s" % ", ".join(sorted(unknown)))
-        cases = [tor_corpus.BY_NAME[name] for name in wanted]
-
-    subprocess.run([torpeer.find_program("ip"), "link", "set", "lo", "up"],
-                   check=True)
-    started = time.monotonic()
-    peers = echo_servers()
-    server = tor = None
-    try:
-        server = torsocksd.Server(
-            listen=[("127.0.0.1", 0)],
-            resolver=FakeResolver(tor_corpus.RESOLVER_NAMES,
-                                  tor_corpus.RESOLVER_REVERSE)).start()
-        tor = torpeer.TorClient(socks=True).start()
-        with concurrent.futures.ThreadPoolExecutor(options.workers) as pool:
-            results = list(pool.map(
-                lambda case: run_case(case, tor.socks_address,
-                                      server.address), cases))
-        version = tor.version()
-    finally:
-        if tor is not None:
-            tor.stop()
-        if server is not None:
-            server.stop()
-        for peer in peers:
-            peer.close()
-    for result in results:
-        print("CASE " + json.dumps(result))
-    print("DONE " + json.dumps({
-        "cases": len(results), "seconds": round(time.monotonic() - started, 1),
-        "tor": version}))
-    return 0
-
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                os.pardir))
+import differential  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(differential.peer_main())
