@@ -6277,6 +6277,19 @@ def bind_to_interface(sock: socket.socket, interface: Optional[str]):
     sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, interface.encode())
 
 
+def listening(sock: socket.socket, bind, backlog: int) -> socket.socket:
+    """sock, once bind(sock) has bound it, listening and non-blocking; a
+    step that fails closes it (and the error goes on)."""
+    try:
+        bind(sock)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def local_address_towards(address, interface: Optional[str] = None):
     """The source address (a sockaddr) this host would use to reach
     address: a UDP socket's connect() asks the routing table and sends
@@ -6298,8 +6311,8 @@ def open_bind_listener(towards, sources=None, interface: Optional[str] = None,
     local = (source, 0) if source is not None \
         else local_address_towards(towards, interface)
     family = socket.AF_INET if towards.version == 4 else socket.AF_INET6
-    listener = socket.socket(family, socket.SOCK_STREAM)
-    try:
+
+    def bind(listener):
         bind_to_interface(listener, interface)
         try:
             listener.bind((local[0], port) + tuple(local[2:]))
@@ -6307,12 +6320,8 @@ def open_bind_listener(towards, sources=None, interface: Optional[str] = None,
             if not port:
                 raise
             listener.bind((local[0], 0) + tuple(local[2:]))
-        listener.listen(BIND_BACKLOG)
-        listener.setblocking(False)
-    except OSError:
-        listener.close()
-        raise
-    return listener
+    return listening(socket.socket(family, socket.SOCK_STREAM), bind,
+                     BIND_BACKLOG)
 
 
 def scrubbed(destination: str) -> str:
@@ -7017,18 +7026,14 @@ def open_listener(host: str, port: int) -> socket.socket:
     infos = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM,
                                0, socket.AI_PASSIVE)
     family, kind, protocol, _, sockaddr = infos[0]
-    listener = socket.socket(family, kind, protocol)
-    try:
+
+    def bind(listener):
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
             listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         listener.bind(sockaddr)
-        listener.listen(LISTEN_BACKLOG)
-        listener.setblocking(False)
-    except OSError:
-        listener.close()
-        raise
-    return listener
+    return listening(socket.socket(family, kind, protocol), bind,
+                     LISTEN_BACKLOG)
 
 
 # The file descriptor budget.  A connection holds its client and up to
@@ -8281,8 +8286,8 @@ def open_unix_listener(path: str, mode: int) -> socket.socket:
             if probe.connect_ex(path) != errno.ECONNREFUSED:
                 raise OSError(errno.EADDRINUSE, "a server listens there", path)
         os.unlink(path)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
+
+    def bind(listener):
         # bind() makes the file with the umask's permissions, and clients
         # may connect before chmod(): make those no looser than mode.
         old_umask = os.umask(~mode & 0o777)
@@ -8291,12 +8296,8 @@ def open_unix_listener(path: str, mode: int) -> socket.socket:
         finally:
             os.umask(old_umask)
         os.chmod(path, mode)
-        listener.listen(LISTEN_BACKLOG)
-        listener.setblocking(False)
-    except OSError:
-        listener.close()
-        raise
-    return listener
+    return listening(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM), bind,
+                     LISTEN_BACKLOG)
 
 
 def stat_is_socket(path: str) -> bool:
