@@ -7832,14 +7832,14 @@ class Server:
         self._publish_metrics()
         return render_metrics(self._metrics)
 
-    def share_metrics(self, slots: int):
+    def _share_metrics(self, slots: int):
         """Keep the metrics in memory that processes forked from now on
-        share, one slot each (slot 0: this one); see take_metrics_slot."""
+        share, one slot each (slot 0: this one); see _take_metrics_slot."""
         table = MetricsTable(slots)
         table.mine[:] = self._metrics.mine
         self._metrics = table
 
-    def take_metrics_slot(self, slot: int):
+    def _take_metrics_slot(self, slot: int):
         """In a forked worker: count in slot from now on, carrying on from
         what a worker that had it before published."""
         table = self._metrics
@@ -8896,7 +8896,7 @@ def run_workers(server: Server, count: int, reload_configuration,
     then READY=1.  log_target() gives configure_logging()'s arguments.
     """
     server.bind()
-    server.share_metrics(count + 1)     # slot 0: this process
+    server._share_metrics(count + 1)     # slot 0: this process
     parent = os.getpid()
     # Only the parent holds the write end: the workers read EOF once it is
     # gone, however it ended.
@@ -8928,7 +8928,7 @@ def run_workers(server: Server, count: int, reload_configuration,
                 for sock in [wakeup_reader, wakeup_writer, control] + [
                         worker.control for worker in workers.values()]:
                     sock.close()
-                server.take_metrics_slot(slot)
+                server._take_metrics_slot(slot)
                 install_signal_handlers(server, lambda: log.info(
                     "SIGHUP to a worker: the main process, %d, reloads",
                     parent))

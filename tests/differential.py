@@ -419,13 +419,15 @@ class DifferentialTests:
     closed_unanswered: Outcome
 
     @pytest.fixture(scope="class")
-    def outcomes(self):
+    @classmethod
+    def outcomes(cls):
         """The peer script run once: {case name: (tor, torsocksd)} for every
-        case of the corpus."""
-        outcomes, summary = self.comparison.run_peer()
+        case of the corpus (a class method: pytest runs a class-scoped
+        fixture once, not once per test instance)."""
+        outcomes, summary = cls.comparison.run_peer()
         print("peer: %(cases)d cases against tor %(tor)s and torsocksd in "
               "%(seconds).1f s" % summary)
-        assert set(outcomes) == set(self.comparison.corpus.by_name)
+        assert set(outcomes) == set(cls.comparison.corpus.by_name)
         return outcomes
 
     def test_torsocksd_agrees_with_tor_or_differs_as_documented(
