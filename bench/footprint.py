@@ -610,12 +610,15 @@ class Bench:
         spawner = self.write("spawner.py", SPAWNER)
         for column, kind, path in self.columns(peers=False):
             directory = self.fresh_copy(path)
-            for mode, label, extra in (
-                    ("inetd", "--inetd", ["--inetd"]),
-                    ("accept", "Accept=yes", [])):
+            # contrib/torsocksd@.service starts "python3 -m torsocksd" in
+            # the file's directory: no script to compile at each start.
+            for key, mode, label, start in (
+                    ("inetd", "inetd", "--inetd", ["torsocksd.py", "--inetd"]),
+                    ("accept", "accept", "Accept=yes", ["torsocksd.py"]),
+                    ("accept -m", "accept", "Accept=yes, python3 -m",
+                     ["-m", "torsocksd"])):
                 self.progress("%s, %s" % (label, column))
-                argv = [self.python, "torsocksd.py", "--log-level",
-                        "warning"] + extra
+                argv = [self.python] + start + ["--log-level", "warning"]
                 job = {"argv": argv, "mode": mode, "cwd": directory,
                        "env": CLEAN_ENV, "echo_port": echo,
                        "count": self.spawns + 1,
@@ -641,11 +644,11 @@ class Bench:
                         column, label, len(errors), len(results), errors[0]))
                 for entry in results:
                     if entry["error"] is None:
-                        self.record(column, "%s wall" % mode,
+                        self.record(column, "%s wall" % key,
                                     entry["wall_ms"])
-                        self.record(column, "%s echo" % mode,
+                        self.record(column, "%s echo" % key,
                                     entry["echo_ms"])
-                        self.record(column, "%s peak" % mode,
+                        self.record(column, "%s peak" % key,
                                     entry["maxrss_kib"] / MIB)
                 self.spawner_floor = answer["floor_kib"] / MIB
 
@@ -779,6 +782,10 @@ class Bench:
         ("accept wall", "Accept=yes: ms per connection", "%.1f"),
         ("accept echo", "  ms to the echo", "%.1f"),
         ("accept peak", "  peak RSS MiB", "%.1f"),
+        ("accept -m wall", "Accept=yes as python3 -m: ms per connection",
+         "%.1f"),
+        ("accept -m echo", "  ms to the echo", "%.1f"),
+        ("accept -m peak", "  peak RSS MiB", "%.1f"),
     ]
 
     def report(self):

@@ -81,11 +81,21 @@ def unit_value(path, section, key):
 
 def local_command(argv):
     """A contrib command line made to run from this checkout (with
-    contrib/torsocksd.conf where the config file is installed)."""
-    assert INSTALLED_SCRIPT in argv, argv
+    contrib/torsocksd.conf where the config file is installed).  One that
+    reads "python3 -m torsocksd" runs in local_directory()."""
+    assert INSTALLED_SCRIPT in argv or argv[1:3] == ["-m", "torsocksd"], argv
     local = {INSTALLED_PYTHON: sys.executable, INSTALLED_SCRIPT: SCRIPT,
              INSTALLED_CONFIG: contrib("torsocksd.conf")}
     return [local.get(word, word) for word in argv]
+
+
+def local_directory(unit):
+    """Where a unit's command runs in this checkout: its WorkingDirectory=,
+    the installed file's directory, is this checkout's top."""
+    directories = unit_values(contrib(unit), "Service", "WorkingDirectory")
+    assert directories in ([], [os.path.dirname(INSTALLED_SCRIPT)]), \
+        directories
+    return ROOT if directories else None
 
 
 def exec_start(unit):
@@ -552,10 +562,18 @@ def test_systemd_units_say_what_they_must():
     assert unit_value(contrib("torsocksd.socket.d", "accept.conf"), "Socket",
                       "Accept") == "yes"
     drain = torsocksd.build_argument_parser().get_default("drain_timeout")
+    assert exec_start("torsocksd.service") == [
+        INSTALLED_PYTHON, INSTALLED_SCRIPT, "--config", INSTALLED_CONFIG]
+    # A process per connection imports the bytecode made at install time
+    # (README, "Footprint") instead of compiling the script each time.
+    assert exec_start("torsocksd@.service") == [
+        INSTALLED_PYTHON, "-m", "torsocksd", "--config", INSTALLED_CONFIG]
+    assert local_directory("torsocksd@.service") == ROOT
+    with open(contrib("torsocksd@.service")) as unit_text:
+        assert "python3 -m py_compile %s" % INSTALLED_SCRIPT \
+            in unit_text.read()
     for unit in ("torsocksd.service", "torsocksd@.service"):
         path = contrib(unit)
-        assert exec_start(unit) == [INSTALLED_PYTHON, INSTALLED_SCRIPT,
-                                    "--config", INSTALLED_CONFIG]
         for key, value in (("DynamicUser", "yes"), ("NoNewPrivileges", "yes"),
                            ("ProtectSystem", "strict"), ("ProtectHome", "yes"),
                            ("PrivateTmp", "yes"), ("PrivateDevices", "yes"),
@@ -818,7 +836,8 @@ def test_systemd_socket_activate_accept_yes(echo_server):
         probe.bind(("127.0.0.1", 0))
         address = "127.0.0.1:%d" % probe.getsockname()[1]
     manager = Child([activate, "-a", "-l", address]
-                    + local_command(exec_start("torsocksd@.service")))
+                    + local_command(exec_start("torsocksd@.service")),
+                    cwd=local_directory("torsocksd@.service"))
     manager.wait_for("Listening on %s as 3." % address)
     with client_for(address) as client:
         spawned = manager.wait_for("Spawned ")
@@ -839,7 +858,8 @@ def test_connected_socket_on_fd_3_is_one_client(sockets, echo_server):
     daemon = Child(activated(local_command(exec_start("torsocksd@.service")),
                              1),
                    socks=[served], env=dict(base_env(),
-                                            LISTEN_FDNAMES="connection"))
+                                            LISTEN_FDNAMES="connection"),
+                   cwd=local_directory("torsocksd@.service"))
     served.close()
     relay_round_trip(client, echo_server.port)
     assert daemon.finish() == 0
