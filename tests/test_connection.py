@@ -11,6 +11,7 @@ FakeResolver.
 """
 
 import ipaddress
+import logging
 import socket
 import threading
 import time
@@ -990,3 +991,40 @@ def test_stop_from_another_thread_than_serve_forever():
     thread.join(TIMEOUT)
     assert not thread.is_alive()
     server.stop()
+
+
+def test_address_and_url_of_each_listener_family(make_server, tmp_path):
+    """Server.address is where the first listener listens, and Server.url
+    the proxy URL a client takes: brackets around IPv6, curl's
+    socks5h://localhost/PATH for a Unix socket."""
+    server = make_server()
+    host, port = server.address
+    assert (host, server.url) == ("127.0.0.1",
+                                  "socks5h://127.0.0.1:%d" % port)
+    path = str(tmp_path / "s")
+    if len(path) < 100:
+        unix = make_server(listen=["unix:" + path])
+        assert (unix.address, unix.url) == (path, "socks5h://localhost" + path)
+    if ipv6_loopback():
+        ipv6 = make_server(listen=[("::1", 0)])
+        host, port = ipv6.address
+        assert (host, ipv6.url) == ("::1", "socks5h://[::1]:%d" % port)
+
+
+def test_a_command_without_a_handler_is_refused_never_connected(
+        make_server, echo_server, monkeypatch, caplog):
+    """The one dispatch from command to handler is closed: a command that
+    reaches it without a handler gets 07, however far it got."""
+    caplog.set_level(logging.INFO, logger="torsocksd")
+    monkeypatch.delitem(torsocksd.COMMAND_HANDLERS, torsocksd.Command.CONNECT)
+    server = make_server()
+    with connect(server) as client:
+        client.sendall(b"".join(socks5_connect_request(
+            "127.0.0.1", echo_server.port)))
+        assert recv_until_eof(client) == b"\x05\x00" + socks5_reply(7)
+    assert echo_server.accepted == []
+    # The connection's line is written once its sockets are closed.
+    deadline = time.monotonic() + TIMEOUT
+    while "has no handler" not in caplog.text and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert "refused: command CONNECT has no handler" in caplog.text
