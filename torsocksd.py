@@ -1758,7 +1758,12 @@ class HttpTunnelHandshake(ClientHandshake):
             return b""
         result = parse_http_request_head(self.buffered)
         if result is NEED_MORE:
-            return b""
+            if self.received < MAX_HTTP_HEAD_BYTES:
+                return b""
+            # A PROXY header in front counts toward the limit too, so the
+            # head itself may be shorter than the parser's own bound.
+            return self._refused(HTTP_BAD_REQUEST, "request head longer "
+                                 "than %d bytes" % MAX_HTTP_HEAD_BYTES)
         if isinstance(result, Rejected):
             return self._refused(result.reply, result.reason)
         # Bytes after the head are the tunnel's first bytes (RFC 9110

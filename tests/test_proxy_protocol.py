@@ -355,6 +355,23 @@ def test_the_header_counts_toward_the_handshake_byte_limit(balanced):
         assert recv_until_eof(sock) == b"\x05\x02\x01\x00" + socks5_reply(1)
 
 
+def test_the_header_counts_toward_the_http_head_limit(balanced, caplog):
+    """8191 bytes for the header and the HTTP head together: past them
+    the client gets 400, as without a header, never a silent close."""
+    caplog.set_level(logging.INFO, logger="torsocksd")
+    header = v1(ALLOWED)
+    server = balanced(listen=[], http_tunnel=[("127.0.0.1", 0)])
+    head = b"CONNECT echo.test:80 HTTP/1.1\r\nX: " + b"x" * (
+        8191 - len(header))
+    with through_balancer(server, header, head) as sock:
+        assert recv_until_eof(sock).startswith(
+            b"HTTP/1.0 400 Bad Request\r\n")
+    deadline = time.monotonic() + TIMEOUT
+    while "head longer" not in caplog.text and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert "request head longer than 8191 bytes" in caplog.text
+
+
 def test_a_header_from_an_untrusted_source_is_not_honoured(make_server):
     """From a source not in --proxy-protocol-from, "PROXY ..." is an HTTP
     request to the SOCKS port ("P"), and a v2 header bad bytes."""
