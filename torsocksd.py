@@ -1961,7 +1961,9 @@ def _parse_proxy_v1(data) -> ParseResult:
 
 def _v1_address(text: bytes, version: int):
     """An address as v1 writes it: a dotted quad without leading zeros, or
-    hexadecimal groups with at most one "::" (no dotted tail, no zone)."""
+    hexadecimal groups with at most one "::" (no zone); a dotted tail only
+    as ::ffff:a.b.c.d, which is how HAProxy (inet_ntop) writes an IPv4
+    client of a dual-stack frontend, and reads it back itself."""
     try:
         text = text.decode("ascii")
     except UnicodeDecodeError:
@@ -1974,6 +1976,10 @@ def _v1_address(text: bytes, version: int):
                 and int(part) <= 255 for part in parts):
             return None
         return ipaddress.IPv4Address(text)
+    prefix, _, quad = text.rpartition(":")
+    if "." in quad and prefix.lower() == "::ffff" \
+            and _v1_address(quad.encode("ascii"), 4) is not None:
+        return ipaddress.IPv6Address(text)
     if not text or text.strip("0123456789abcdefABCDEF:"):
         return None
     try:

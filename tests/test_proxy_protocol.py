@@ -73,6 +73,10 @@ VALID = [
      b"ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff 65535 65535\r\n",
      ProxyHeader(1, (ip("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"), 65535),
                  (ip("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"), 65535))),
+    # HAProxy's v1 for an IPv4 client of a dual-stack (::) frontend.
+    (b"PROXY TCP6 ::ffff:192.0.2.7 ::FFFF:127.0.0.1 40000 9050\r\n",
+     ProxyHeader(1, (ip("::ffff:192.0.2.7"), 40000),
+                 (ip("::ffff:127.0.0.1"), 9050))),
     (b"PROXY UNKNOWN\r\n", ProxyHeader(1, None, None)),
     (b"PROXY UNKNOWN ffff::1 x y z\r\n", ProxyHeader(1, None, None)),
     (v2("192.0.2.7"), ProxyHeader(2, (ip("192.0.2.7"), 40000),
@@ -141,7 +145,10 @@ def test_bad_headers_are_rejected_as_soon_as_they_show(data, reason):
     "PROXY TCP4 192.0.2 127.0.0.1 1 2",
     "PROXY TCP4 ::1 127.0.0.1 1 2",             # family mismatch
     "PROXY TCP6 192.0.2.7 ::1 1 2",
-    "PROXY TCP6 ::ffff:192.0.2.7 ::1 1 2",      # no dotted tail in v1
+    "PROXY TCP6 ::1:192.0.2.7 ::1 1 2",         # a dotted tail only as
+    "PROXY TCP6 ::ffff:192.0.2.07 ::1 1 2",     # ::ffff:a.b.c.d, HAProxy's
+    "PROXY TCP6 1::ffff:192.0.2.7 ::1 1 2",
+    "PROXY TCP6 ::ffff:192.0.2 ::1 1 2",
     "PROXY TCP6 fe80::1%lo ::1 1 2",
     "PROXY TCP6 1:2:3:4:5:6:7:8:9 ::1 1 2",
     "PROXY TCP4 192.0.2.7 127.0.0.1 01 2",      # leading zero
@@ -233,6 +240,23 @@ def test_the_header_names_the_client_for_allow(balanced, echo_server, header):
         assert socks5_tunnel_reply(sock) == (b"\x05\x00", socks5_reply(2))
     other = header.replace(ALLOWED.encode(), OTHER.encode()) \
         if header.startswith(b"PROXY") else v2(OTHER)
+    with through_balancer(server, other, socks5_greeting(0)) as sock:
+        assert recv_until_eof(sock) == b""
+    assert echo_server.accepted == []
+
+
+def test_a_mapped_v1_client_is_its_ipv4_address(balanced, echo_server):
+    """HAProxy on a dual-stack frontend names an IPv4 client ::ffff:a.b.c.d
+    in v1: --allow judges a.b.c.d (its replies are an IPv6 client's, as
+    for one that reaches a dual-stack listener directly)."""
+    server = balanced()
+    mapped = v1("::ffff:" + ALLOWED, "::ffff:127.0.0.1")
+    assert mapped.startswith(b"PROXY TCP6 ")
+    with through_balancer(server, mapped, *socks5_connect_request(
+            "echo.test", echo_server.port)) as sock:
+        assert recv_exactly(sock, 2) == b"\x05\x00"
+        assert recv_exactly(sock, 22) == socks5_reply(2, ipv6_client=True)
+    other = v1("::ffff:" + OTHER, "::ffff:127.0.0.1")
     with through_balancer(server, other, socks5_greeting(0)) as sock:
         assert recv_until_eof(sock) == b""
     assert echo_server.accepted == []
