@@ -200,6 +200,7 @@ import heapq
 import ipaddress
 import itertools
 import logging
+import math
 import queue
 import select
 import selectors
@@ -6970,6 +6971,7 @@ class Settings:
         return Settings(**options)
 
     def _normalise(self):
+        self._check_numbers()
         if self.credentials is None and self.credentials_file:
             self.credentials = Credentials.from_file(self.credentials_file)
         if self.credentials is not None and not self.credentials:
@@ -7001,6 +7003,29 @@ class Settings:
                                                            self.splice)
         if self.splice and not HAVE_SPLICE:
             raise ValueError("the splice relay needs Linux and Python 3.10+")
+
+    def _check_numbers(self):
+        """Numbers a deadline, a count or a file mode can take: an infinite
+        or NaN time would stop the loop's clock (inf overflows select(),
+        NaN makes it spin), and a mode outside 0-777 would open a Unix
+        socket to everyone (chmod(-1) sets every bit)."""
+        for name in ("handshake_timeout", "connect_timeout", "idle_timeout",
+                     "exit_when_idle"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError("%s must be a number of seconds above 0, "
+                                 "not %r" % (name, value))
+        for name in ("drain_timeout", "happy_eyeballs_delay"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError("%s must be a number of seconds, 0 or more,"
+                                 " not %r" % (name, value))
+        for name in ("max_login_failures",):
+            if getattr(self, name) < 0:
+                raise ValueError("%s must be 0 or more" % name)
+        if not 0 <= self.unix_mode <= 0o777:
+            raise ValueError("unix_mode must be a mode from 0 to 0777, not %o"
+                             % self.unix_mode)
 
     def new_resolver(self):
         """The resolver these settings ask for: the built-in DNS client with
@@ -9281,9 +9306,52 @@ def positive_int(text: str) -> int:
 
 
 def positive_seconds(text: str) -> float:
-    value = float(text)
+    value = finite_seconds(text)
     if not value > 0:
         raise argparse.ArgumentTypeError("must be more than 0 seconds")
+    return value
+
+
+def seconds(text: str) -> float:
+    """A number of seconds, 0 or more."""
+    value = finite_seconds(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 seconds or more")
+    return value
+
+
+def finite_seconds(text: str) -> float:
+    """inf and nan are not times: one would overflow the loop's select(),
+    the other make it spin."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a number" % text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError("must be a finite number of seconds")
+    return value
+
+
+def file_mode(text: str) -> int:
+    """An octal permission mode, 0 to 777."""
+    try:
+        value = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not an octal mode" % text)
+    if not 0 <= value <= 0o777:
+        raise argparse.ArgumentTypeError("must be an octal mode from 0 to "
+                                         "777")
+    return value
+
+
+def count(text: str) -> int:
+    """A whole number, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a whole number" % text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
     return value
 
 
@@ -9349,7 +9417,7 @@ def build_argument_parser() -> argparse.ArgumentParser:
                         help="serve Prometheus metrics (GET /metrics) "
                              "there; PORT alone is on 127.0.0.1; another "
                              "host's scraper needs --allow; repeatable")
-    listen.add_argument("--unix-mode", type=lambda text: int(text, 8),
+    listen.add_argument("--unix-mode", type=file_mode,
                         default=default("unix_mode"), metavar="MODE",
                         help="permissions of unix: listeners (default 600)")
 
@@ -9419,7 +9487,7 @@ def build_argument_parser() -> argparse.ArgumentParser:
                         help="close relayed connections idle at least this "
                              "long (checked every SECONDS, so within twice "
                              "that; default: never)")
-    limits.add_argument("--max-login-failures", type=int, metavar="N",
+    limits.add_argument("--max-login-failures", type=count, metavar="N",
                         default=default("max_login_failures"),
                         help="failed logins one client (address, or IPv6 "
                              "/64) may make in 30 s before its logins are "
@@ -9429,7 +9497,7 @@ def build_argument_parser() -> argparse.ArgumentParser:
                         help="connections from one remote client: an "
                              "address, or an IPv6 /64 (default: no cap; "
                              "loopback clients are never capped)")
-    limits.add_argument("--drain-timeout", type=float,
+    limits.add_argument("--drain-timeout", type=seconds,
                         default=default("drain_timeout"), metavar="SECONDS",
                         help="time open connections get at shutdown "
                              "(default %(default)s)")
@@ -9489,7 +9557,7 @@ def build_argument_parser() -> argparse.ArgumentParser:
                              "RESOLVE; connects follow the resolver's order)")
     family.add_argument("--no-ipv6", dest="ipv6", action="store_false",
                         help="never connect to or answer with IPv6")
-    outbound.add_argument("--happy-eyeballs-delay", type=float,
+    outbound.add_argument("--happy-eyeballs-delay", type=seconds,
                           default=default("happy_eyeballs_delay"),
                           metavar="SECONDS",
                           help="wait this long for an address before trying "

@@ -244,6 +244,36 @@ def test_ambiguous_or_out_of_range_addresses_are_usage_errors(arguments,
     assert "error:" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("arguments", [
+    ["--handshake-timeout", "inf"], ["--connect-timeout", "nan"],
+    ["--idle-timeout", "0"], ["--idle-exit", "inf"],
+    ["--drain-timeout", "nan"], ["--drain-timeout", "-1"],
+    ["--happy-eyeballs-delay", "inf"], ["--unix-mode", "-1"],
+    ["--unix-mode", "1000"], ["--unix-mode", "8"],
+    ["--max-login-failures", "-3"],
+])
+def test_times_modes_and_counts_out_of_range_are_usage_errors(arguments,
+                                                              capsys):
+    """inf would overflow the loop's select(), nan make it spin; chmod(-1)
+    would open a Unix socket to everyone."""
+    with pytest.raises(SystemExit) as exited:
+        torsocksd.build_argument_parser().parse_args(arguments)
+    assert exited.value.code == 2
+    assert "error: argument " + arguments[0] in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option, value", [
+    ("handshake_timeout", float("inf")), ("connect_timeout", float("nan")),
+    ("idle_timeout", 0.0), ("exit_when_idle", -1.0),
+    ("drain_timeout", float("nan")), ("happy_eyeballs_delay", float("inf")),
+    ("drain_timeout", -0.5), ("unix_mode", -1), ("unix_mode", 0o1000),
+    ("max_login_failures", -1),
+])
+def test_settings_refuse_what_the_command_line_refuses(option, value):
+    with pytest.raises(ValueError, match=option):
+        torsocksd.Settings(**{option: value})
+
+
 @pytest.mark.parametrize("rule, parsed", [
     ("accept [::1]:80", (True, "::1/128", 80, 80)),
     ("reject [::1]:25", (False, "::1/128", 25, 25)),

@@ -369,6 +369,18 @@ def test_sighup_with_any_problem_changes_nothing(tmp_path, notify,
     with open_socks5_tunnel(("127.0.0.1", first), "127.0.0.1",
                             echo_server.port):
         pass
+    # A value that would stop the loop or open the Unix socket to all.
+    for line, problem in (
+            ("handshake-timeout inf", "argument --handshake-timeout: must "
+             "be a finite number of seconds"),
+            ("unix-mode -1", "argument --unix-mode: must be an octal mode")):
+        daemon.reload(good + line + "\n")
+        failed = daemon.daemon.wait_for(" ERROR reload: ")
+        assert "torsocksd.conf:2: " + problem in failed
+        daemon.daemon.wait_for("nothing changed")
+    with open_socks5_tunnel(("127.0.0.1", first), "127.0.0.1",
+                            echo_server.port) as tunnel:
+        assert_echoes(tunnel, b"y")
     daemon.stop()
     assert " DEBUG " not in daemon.daemon.text()
 
