@@ -8076,7 +8076,8 @@ class Server:
                 try:
                     listener = open_listener_for(spec, kind,
                                                  settings.unix_mode)
-                except OSError as error:
+                except (OSError, UnicodeError) as error:
+                    # UnicodeError: a name that IDNA cannot encode.
                     problems.append("cannot listen on %s for %s: %s" % (
                         spec if isinstance(spec, str)
                         else format_address(spec), kind, error))

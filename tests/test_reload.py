@@ -134,6 +134,22 @@ def test_a_listener_that_cannot_open_changes_nothing(make_server, caplog):
     assert server.addresses == [("127.0.0.1", port)]
 
 
+def test_a_listener_name_idna_cannot_encode_changes_nothing(make_server):
+    """A 64-letter label fails IDNA encoding inside getaddrinfo (before any
+    lookup): a problem like any other, not an escaping UnicodeError."""
+    port = free_port()
+    server = make_server(listen=[("127.0.0.1", port)],
+                         resolver=FakeResolver())
+    settings = server.settings
+    with pytest.raises(torsocksd.ConfigError) as refused:
+        server.reload(listen=[("127.0.0.1", port), ("a" * 64 + ".invalid", 1)])
+    (problem,) = refused.value.problems
+    assert problem.startswith("cannot listen on %s.invalid:1 for socks: "
+                              % ("a" * 64))
+    assert server.settings is settings
+    assert server.addresses == [("127.0.0.1", port)]
+
+
 def test_every_problem_is_reported_at_once(make_server):
     port = free_port()
     server = make_server(listen=[("127.0.0.1", port)],
