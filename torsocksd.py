@@ -6517,6 +6517,8 @@ class UdpAssociation:
             self.events[sock] = events
 
     def _on_event(self, sock, mask: int):
+        if self.closed:
+            return      # closed earlier in this round of events
         if mask & EVENT_WRITE:
             self._flush(sock)
         if mask & EVENT_READ and not self.closed:
@@ -6834,7 +6836,9 @@ class UdpAssociation:
             {"datagrams_up": self.datagrams_up,
              "datagrams_down": self.datagrams_down,
              "bytes_up": self.bytes_up, "bytes_down": self.bytes_down})
-        for reason, count in self.dropped.items():
+        # Server.stats() may ask from another thread while the loop adds a
+        # reason: copy first (one step under the GIL), then read.
+        for reason, count in list(self.dropped.items()):
             counts["dropped: " + reason] += count
         return counts
 

@@ -7,6 +7,7 @@ namespace, Dante's socksify and a client from another host
 Only loopback addresses; names go through FakeResolver.
 """
 
+import collections
 import ipaddress
 import logging
 import random
@@ -574,6 +575,37 @@ def test_a_bug_in_an_association_ends_only_its_connection(udp_server,
         other.sendall(socks5_greeting(0)
                       + socks5_request(0xF0, "127.0.0.1", 0))
         assert recv_exactly(other, 12) == h("0500 05000001 7f000001 0000")
+
+
+def test_a_write_event_after_the_association_closed_does_nothing(
+        udp_server):
+    """One round of events can hold the control connection's end and then
+    a write event for the association's socket (its queue waited for room
+    after EAGAIN): by then the association is closed, and the event is
+    nothing to act on.  UDP sends on loopback never meet EAGAIN, so the
+    round is played in the loop as it would run it."""
+    outcome = []
+
+    def in_the_loop():
+        association = next(iter(udp_server._udp_associations))
+        sock = association.client_side
+        association.send_queues[sock] = collections.deque(
+            [(b"x", ("127.0.0.1", 9))])
+        association.queued += 1
+        association._watch(sock, torsocksd.EVENT_READ | torsocksd.EVENT_WRITE)
+        handler, _ = udp_server._loop.selector.get_key(sock).data
+        association.connection.close()
+        try:
+            handler(torsocksd.EVENT_WRITE)
+        except Exception as error:      # what the loop would count as a bug
+            outcome.append(error)
+        outcome.append("done")
+
+    with Association(udp_server.address) as client:
+        assert client.reply[:2] == h("0500")
+        udp_server.call_soon_threadsafe(in_the_loop)
+        wait_for(lambda: outcome, "the round of events")
+    assert outcome == ["done"]
 
 
 @pytest.mark.parametrize("options", [{"max_udp_per_client": 1},
