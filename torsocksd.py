@@ -1469,7 +1469,9 @@ class SocksHandshake(ClientHandshake):
         if self.unsafe and self.safe_socks:
             return self.refuse(Reply.NOT_ALLOWED, "client gave only an IP "
                                "address (--safe-socks)")
-        if address is None:
+        if address is None and command is not Command.UDP_ASSOCIATE:
+            # (UDP ASSOCIATE's name only stands for the client: the README's
+            # "UDP ASSOCIATE request" row.)
             refusal = special_name_refusal(message.host)
             if refusal:
                 return self.refuse(Reply.HOST_UNREACHABLE, refusal)

@@ -351,12 +351,14 @@ def test_names_that_fail_or_are_special_are_dropped(make_server, udp_echo):
     assert [data for data, _ in udp_echo.received] == [b"kept"]
 
 
+@pytest.mark.parametrize("name", ["0", "x.onion", "foo.exit"])
 def test_a_name_as_the_clients_address_is_not_looked_up(make_server,
-                                                        udp_echo):
-    """PySocks asks UDP ASSOCIATE for "0" (ATYP 3) and its own port."""
+                                                        udp_echo, name):
+    """PySocks asks UDP ASSOCIATE for "0" (ATYP 3) and its own port; any
+    name there, .onion and .exit too, only says "not known yet"."""
     resolver = FakeResolver()
     server = make_server(enable_udp=True, resolver=resolver)
-    with Association(server.address, host="0") as client:
+    with Association(server.address, host=name) as client:
         assert client.reply[:2] == h("0500")
         client.send("127.0.0.1", udp_echo.port, b"ok")
         assert client.receive().endswith(b"ok")
