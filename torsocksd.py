@@ -1811,6 +1811,9 @@ class HttpTunnelHandshake(ClientHandshake):
         if not is_localhost_field(field_value(head.fields, b"host")):
             return self._refused(b"", "HTTP %s whose Host is not localhost "
                                  "(closed unanswered)" % method)
+        if self.credentials_required and not self._authenticated(head.fields):
+            return self._refused(HTTP_PROXY_AUTHENTICATION,
+                                 "no or bad Proxy-Authorization")
         if head.method.upper() == b"OPTIONS":
             return self._refused(HTTP_OPTIONS_REPLY,
                                  "OPTIONS, answered with what is allowed")

@@ -398,6 +398,27 @@ def test_credentials_without_a_good_basic_login_get_407(fields):
     assert shake.refusal == "no or bad Proxy-Authorization"
 
 
+@pytest.mark.parametrize("method", [b"OPTIONS", b"GET", b"HEAD"])
+def test_credentials_come_before_answers_to_other_methods(method):
+    """A Host of localhost earns OPTIONS its answer and GET the page, but
+    with credentials only after a good login; another Host still gets
+    nothing at all."""
+    head = b"%s / HTTP/1.1\r\nHost: localhost\r\n" % method
+    shake = handshake(credentials_required=True,
+                      authenticate=Authenticator())
+    assert shake.receive(head + b"\r\n") == PROXY_AUTH
+    shake = handshake(credentials_required=True,
+                      authenticate=Authenticator())
+    answer = shake.receive(head + basic(b"alice", b"s3cret") + b"\r\n")
+    assert answer.startswith(b"HTTP/1.0 200 OK\r\n" if method == b"OPTIONS"
+                             else b"HTTP/1.0 405 Method Not Allowed\r\n")
+    shake = handshake(credentials_required=True,
+                      authenticate=Authenticator())
+    assert shake.receive(b"%s / HTTP/1.1\r\nHost: example.test\r\n\r\n"
+                         % method) == b""
+    assert shake.refusal.endswith("(closed unanswered)")
+
+
 def test_credentials_with_a_good_basic_login_pass_and_name_the_user():
     authenticate = Authenticator()
     shake = handshake(credentials_required=True, authenticate=authenticate)
