@@ -7697,7 +7697,9 @@ class Server:
         # balancer's host.
         local = address.is_loopback and balancer.is_loopback
         if header.source is not None:
-            refusal = self._client_refusal(address, key, local, False)
+            # A client the balancer hands us is another host's as one that
+            # inetd hands in: it needs a client policy or credentials.
+            refusal = self._client_refusal(address, key, local, True)
             if refusal:
                 self._refused_at_accept += 1
                 return refusal

@@ -245,6 +245,27 @@ def test_the_header_names_the_client_for_allow(balanced, echo_server, header):
     assert echo_server.accepted == []
 
 
+def test_a_named_remote_client_needs_access_control(balanced, echo_server,
+                                                   caplog):
+    """Without --allow/--deny or credentials, the clients a balancer names
+    from other hosts are refused, as inetd's are; its own connections and
+    clients on its host are still served."""
+    caplog.set_level(logging.INFO, logger="torsocksd")
+    server = balanced(client_policy=None)
+    with through_balancer(server, v2(ALLOWED), socks5_greeting(0)) as sock:
+        assert recv_until_eof(sock) == b""
+    with through_balancer(server, v1("127.0.0.1"), *socks5_connect_request(
+            "echo.test", echo_server.port)) as sock:
+        assert socks5_tunnel_reply(sock) == (b"\x05\x00", socks5_reply(0))
+    with through_balancer(server, LOCAL, socks5_greeting(0)) as sock:
+        assert recv_exactly(sock, 2) == b"\x05\x00"
+    deadline = time.monotonic() + TIMEOUT
+    while "needs --allow" not in caplog.text and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert "a client from another host needs --allow/--deny or " \
+        "--credentials (or --open-proxy)" in caplog.text
+
+
 def test_a_mapped_v1_client_is_its_ipv4_address(balanced, echo_server):
     """HAProxy on a dual-stack frontend names an IPv4 client ::ffff:a.b.c.d
     in v1: --allow judges a.b.c.d (its replies are an IPv6 client's, as
@@ -275,7 +296,8 @@ def test_a_client_on_the_balancers_host_is_local(balanced, echo_server):
 def test_a_remote_balancers_loopback_client_is_not_local():
     """Decisions only: a header naming 127.0.0.1 from a balancer on another
     host is that host's loopback, not ours."""
-    server = torsocksd.Server(listen=[], proxy_protocol_from=["192.0.2.0/24"])
+    server = torsocksd.Server(listen=[], proxy_protocol_from=["192.0.2.0/24"],
+                              client_policy=[(True, "127.0.0.0/8")])
 
     class Connection:
         balancer = ip("192.0.2.1")
