@@ -5796,7 +5796,9 @@ class Connection:
             self._refuse(Reply.COMMAND_NOT_SUPPORTED,
                          "UDP ASSOCIATE needs a TCP connection")
             return
-        client_host = ip_of(self.client.getpeername()[0])
+        # The peer: the client a PROXY header named, when one did (its
+        # datagrams come straight to us, not through the balancer).
+        client_host = ip_of(self.peer[0])
         named = ip_of(addresses[0]) if addresses else None
         if named is not None and not named.is_unspecified \
                 and named != client_host:

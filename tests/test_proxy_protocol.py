@@ -266,6 +266,35 @@ def test_a_named_remote_client_needs_access_control(balanced, echo_server,
         "--credentials (or --open-proxy)" in caplog.text
 
 
+def test_udp_associate_hears_the_client_the_header_names(balanced):
+    """The datagrams of a client behind a balancer come from the client
+    itself: the association takes them from the named host, not from the
+    balancer's."""
+    server = balanced(client_policy=[(True, "127.0.0.0/8")], enable_udp=True)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as destination, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as balancer:
+        destination.bind(("127.0.0.1", 0))
+        destination.settimeout(TIMEOUT)
+        client.bind(("127.0.0.5", 0))
+        balancer.bind(("127.0.0.1", 0))
+        datagram = b"\x00\x00\x00\x01\x7f\x00\x00\x01" + \
+            destination.getsockname()[1].to_bytes(2, "big")
+        with through_balancer(server, v1("127.0.0.5"), socks5_greeting(0),
+                              socks5_request(3, "0.0.0.0", 0)) as control:
+            assert recv_exactly(control, 2) == b"\x05\x00"
+            reply = recv_exactly(control, 10)
+            assert reply[:4] == b"\x05\x00\x00\x01"
+            relay = (socket.inet_ntoa(reply[4:8]),
+                     int.from_bytes(reply[8:10], "big"))
+            balancer.sendto(datagram + b"not the client", relay)
+            client.sendto(datagram + b"the client", relay)
+            assert destination.recvfrom(100)[0] == b"the client"
+            destination.settimeout(0.3)
+            with pytest.raises(socket.timeout):
+                destination.recvfrom(100)
+
+
 def test_a_mapped_v1_client_is_its_ipv4_address(balanced, echo_server):
     """HAProxy on a dual-stack frontend names an IPv4 client ::ffff:a.b.c.d
     in v1: --allow judges a.b.c.d (its replies are an IPv6 client's, as
