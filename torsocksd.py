@@ -8758,7 +8758,10 @@ class MetricsExchange:
         self._want(EVENT_READ | EVENT_WRITE)
 
     def _send(self):
-        sent = self.sock.send(self.outgoing)
+        try:
+            sent = self.sock.send(self.outgoing)
+        except (BlockingIOError, InterruptedError):
+            return      # a read event came first: the write event will do
         self.outgoing = self.outgoing[sent:]
         if not self.outgoing:
             self.sock.shutdown(socket.SHUT_WR)
