@@ -27,6 +27,7 @@ import torsocksd
 from conftest import (TIMEOUT, assert_echoes, free_port, hash_until_eof,
                       open_socks5_tunnel, recv_exactly, recv_until_eof,
                       socks5_request)
+from test_cli import children_of
 from test_deploy import (SCRIPT, Child, activated, base_env,  # noqa: F401
                          client_for, notify, reap_children, wait_for_file)
 
@@ -549,3 +550,47 @@ def test_workers_reload_once_and_every_worker_applies(tmp_path, notify,
     text = daemon.daemon.text()
     assert text.count("unknown option 'bogus'") == 1, text
     assert text.count("reload: applied") == 6, text     # parent + 2, twice
+
+
+def login(port, username, password):
+    """The RFC 1929 status reply (01 STATUS) to username:password at the
+    SOCKS5 listener on port."""
+    with socket.create_connection(("127.0.0.1", port),
+                                  timeout=TIMEOUT) as client:
+        client.sendall(b"\x05\x01\x02")
+        assert recv_exactly(client, 2) == b"\x05\x02"
+        client.sendall(bytes((1, len(username))) + username
+                       + bytes((len(password),)) + password)
+        return recv_exactly(client, 2)
+
+
+def test_workers_take_a_configuration_larger_than_a_datagram(tmp_path, notify,
+                                                             echo_server):
+    # 8000 users pickle to some 300 KB, more than one datagram on the
+    # workers' control socket holds: it reaches them all the same, and
+    # none is stopped (which would cut its connections).
+    users = tmp_path / "users"
+    others = "".join("user%05d:%032d\n" % (n, n) for n in range(8000))
+    users.write_text("alice:old\n" + others)
+    port = free_port()
+    daemon = Reloadable(tmp_path, notify, "listen 127.0.0.1:%d\ncredentials "
+                        "%s\n" % (port, users), "--workers", "2")
+    workers = children_of(daemon.daemon.pid)
+    assert len(workers) == 2
+    with socket.create_connection(("127.0.0.1", port),
+                                  timeout=TIMEOUT) as tunnel:
+        tunnel.sendall(b"\x05\x01\x02\x01\x05alice\x03old" + socks5_request(
+            1, "127.0.0.1", echo_server.port))
+        assert recv_exactly(tunnel, 14) == \
+            b"\x05\x02\x01\x00\x05\x00\x00\x01" + bytes(6)
+        users.write_text("bob:new\n" + others)
+        daemon.reload()
+        for _ in range(3):      # the parent's line and each worker's
+            daemon.daemon.wait_for("reload: applied")
+        assert children_of(daemon.daemon.pid) == workers
+        assert_echoes(tunnel, b"kept")
+        for _ in range(4):
+            assert login(port, b"bob", b"new") == b"\x01\x00"
+        assert login(port, b"alice", b"old") == b"\x01\x01"
+    daemon.stop()
+    assert "cannot take the new configuration" not in daemon.daemon.text()
