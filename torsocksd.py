@@ -8906,6 +8906,8 @@ def run_workers(server: Server, count: int, reload_configuration,
     removed ones here; then every worker gets the new settings and the
     listeners' sockets over its socketpair, applies them, and confirms;
     then READY=1.  log_target() gives configure_logging()'s arguments.
+    PASSED_SIGNALS that came while the caller had them blocked (from
+    before the first "listening" line) are handled once the workers run.
     """
     server.bind()
     server._share_metrics(count + 1)     # slot 0: this process
@@ -9040,6 +9042,9 @@ def run_workers(server: Server, count: int, reload_configuration,
     signal.set_wakeup_fd(wakeup_writer.fileno())
     for number in watched:
         signal.signal(number, note)
+    # main() blocked them before the first "listening" line: those that
+    # came since are noted now, and handled once the workers run.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, watched)
     for slot in range(1, count + 1):
         spawn(slot)
     log.info("%d workers started", count)
@@ -9890,8 +9895,12 @@ def main(argv=None) -> int:
                   % ", ".join(server.stats()["listeners"]))
 
     workers = options.workers > 1 and not connections and not options.inetd
-    if not workers:
-        # Before the first "listening" line: a signal from then on drains.
+    # Before the first "listening" line: a signal from then on drains (or
+    # reloads).  With workers the signals wait, blocked, until run_workers
+    # has its handlers.
+    if workers:
+        signal.pthread_sigmask(signal.SIG_BLOCK, PASSED_SIGNALS)
+    else:
         install_signal_handlers(server, reload)
     try:
         server.bind()
