@@ -8905,6 +8905,7 @@ def run_workers(server: Server, count: int, reload_configuration,
     once (so each problem is logged once), opens new listeners and closes
     removed ones here; then every worker gets the new settings and the
     listeners' sockets over its socketpair, applies them, and confirms;
+    when nothing applies, each is told to reopen its log (after logrotate);
     then READY=1.  log_target() gives configure_logging()'s arguments.
     PASSED_SIGNALS that came while the caller had them blocked (from
     before the first "listening" line) are handled once the workers run.
@@ -8993,6 +8994,8 @@ def run_workers(server: Server, count: int, reload_configuration,
         sd_notify_reloading()
         if reload_configuration():
             send_configuration()
+        else:   # the workers' logs are reopened all the same
+            tell_workers(REOPEN_LOG, log_target(), [])
         server._publish_metrics()
         sd_notify("READY=1\nSTATUS=%d workers" % count)
 
@@ -9104,6 +9107,7 @@ def control_socketpair():
 # or rules is far larger than one message the socket takes), then the
 # listeners' sockets.  The worker confirms with a short message.
 APPLY_CONFIGURATION = b"apply"  # (settings, [(kind, spec)], logging target)
+REOPEN_LOG = b"reopen-log"      # logging target (after a refused reload)
 MAX_PAYLOAD_BYTES = 256 << 20   # the most a worker reads of one payload
 
 
@@ -9158,7 +9162,7 @@ def drain_confirmations(control: socket.socket):
 def follow_parent(server: Server, control: socket.socket):
     """A worker: do what the parent sends over control (apply a
     configuration: settings, the listeners' specs with their sockets, the
-    logging), and confirm it."""
+    logging; or reopen the log), and confirm it."""
     def on_message(mask):
         try:
             message, ancillary, _, _ = control.recvmsg(
@@ -9177,7 +9181,8 @@ def follow_parent(server: Server, control: socket.socket):
             return
         payload_fd, fds = (fds[0], fds[1:]) if fds else (None, fds)
         try:
-            if message != APPLY_CONFIGURATION or payload_fd is None:
+            if message not in (APPLY_CONFIGURATION, REOPEN_LOG) \
+                    or payload_fd is None:
                 raise ValueError("an unknown message, %r" % message[:16])
             payload = read_payload(payload_fd)
         except Exception as error:      # pickle raises many kinds
@@ -9190,7 +9195,14 @@ def follow_parent(server: Server, control: socket.socket):
         finally:
             if payload_fd is not None:
                 os.close(payload_fd)
+        if message == REOPEN_LOG:
+            for fd in fds:
+                os.close(fd)
+            reopen_log(*payload)
+            control.send(b"reopened")
+            return
         settings, specs, logging_target = payload
+        reopen_log(*logging_target)     # first: the lines below go there
         received = {}
         for (kind, spec), fd in zip(specs, fds):
             unix_path = spec[len("unix:"):] if isinstance(spec, str) else None
@@ -9202,7 +9214,6 @@ def follow_parent(server: Server, control: socket.socket):
             server._adopt(settings, received)
         except ConfigError:
             pass        # logged; this worker keeps what it had
-        reopen_log(*logging_target)
         control.send(b"applied")
 
     def start(_):
@@ -9875,18 +9886,20 @@ def main(argv=None) -> int:
         return logging_target(current[0], inetd)
 
     def reload_configuration() -> bool:
-        """SIGHUP's work: the configuration read again and applied (True),
-        or not at all; the log reopened either way (after logrotate)."""
+        """SIGHUP's work: the log reopened first (logrotate may have moved
+        it: what the reload says goes to the new file), then the
+        configuration read again and applied (True), or not at all."""
+        before = log_target()
+        reopen_log(*before)
         del read[:]
         try:
             server.reload()
         except ConfigError:
-            applied = False     # each problem is logged; the old one stays
-        else:
-            current[:] = read
-            applied = True
-        reopen_log(*log_target())
-        return applied
+            return False        # each problem is logged; the old one stays
+        current[:] = read
+        if log_target() != before:
+            reopen_log(*log_target())
+        return True
 
     def reload():
         sd_notify_reloading()

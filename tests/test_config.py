@@ -594,3 +594,30 @@ def test_workers_take_a_configuration_larger_than_a_datagram(tmp_path, notify,
         assert login(port, b"alice", b"old") == b"\x01\x01"
     daemon.stop()
     assert "cannot take the new configuration" not in daemon.daemon.text()
+
+
+def test_sighup_reopens_every_log_even_when_the_new_file_is_refused(
+        tmp_path, notify):
+    log_file, rotated = tmp_path / "torsocksd.log", tmp_path / "old.log"
+    base = "listen 127.0.0.1:%d\nlog-file %s\n" % (free_port(), log_file)
+    daemon = Reloadable(tmp_path, notify, base, "--workers", "2")
+    workers = children_of(daemon.daemon.pid)
+    for pid in workers:
+        wait_for_file(log_file, "torsocksd[%d] INFO worker listening" % pid)
+    os.rename(log_file, rotated)        # what logrotate does
+    daemon.reload(base + "bogus\n")
+    # Every worker writes a line: SIGUSR1's statistics, passed on to them.
+    daemon.daemon.process.send_signal(signal.SIGUSR1)
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        new = log_file.read_text() if log_file.exists() else ""
+        old = rotated.read_text()
+        if (new + old).count(" INFO statistics: ") >= 2:
+            break
+        assert time.monotonic() < deadline, (new, old)
+        time.sleep(0.02)
+    for pid in workers:
+        assert "torsocksd[%d] INFO statistics: " % pid in new, new
+    assert "unknown option 'bogus'" in new, new
+    assert "statistics" not in old and "bogus" not in old, old
+    daemon.stop()
