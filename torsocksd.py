@@ -8992,10 +8992,24 @@ def run_workers(server: Server, count: int, reload_configuration,
 
     def reload():
         sd_notify_reloading()
-        if reload_configuration():
-            send_configuration()
-        else:   # the workers' logs are reopened all the same
-            tell_workers(REOPEN_LOG, log_target(), [])
+        # An error nobody foresaw fails this reload, not the parent (which
+        # would leave the workers unsupervised).
+        try:
+            applied = reload_configuration()
+        except Exception as error:
+            server._metrics.add(("torsocksd_reloads_total", "failure"))
+            log.error("reload: failed (%s: %s); the old configuration stays",
+                      type(error).__name__, error)
+            log.debug("reload: where it failed", exc_info=True)
+            applied = False
+        try:
+            if applied:
+                send_configuration()
+            else:   # the workers' logs are reopened all the same
+                tell_workers(REOPEN_LOG, log_target(), [])
+        except Exception as error:
+            log.error("reload: cannot tell the workers (%s: %s); they go on "
+                      "as they were", type(error).__name__, error)
         server._publish_metrics()
         sd_notify("READY=1\nSTATUS=%d workers" % count)
 

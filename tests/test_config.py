@@ -28,6 +28,7 @@ from conftest import (TIMEOUT, assert_echoes, free_port, hash_until_eof,
                       open_socks5_tunnel, recv_exactly, recv_until_eof,
                       socks5_request)
 from test_cli import children_of
+from test_metrics import scrape_daemon
 from test_deploy import (SCRIPT, Child, activated, base_env,  # noqa: F401
                          client_for, notify, reap_children, wait_for_file)
 
@@ -364,7 +365,7 @@ def test_sighup_with_any_problem_changes_nothing(tmp_path, notify,
     daemon.reload(good + "listen 0.0.0.0:%d\nlog-level debug\n" % second)
     daemon.daemon.wait_for("ERROR reload: refusing to listen on 0.0.0.0:%d"
                            % second)
-    daemon.daemon.wait_for("nothing changed")
+    daemon.daemon.wait_for("the old configuration stays")
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", second), timeout=TIMEOUT)
     with open_socks5_tunnel(("127.0.0.1", first), "127.0.0.1",
@@ -620,4 +621,24 @@ def test_sighup_reopens_every_log_even_when_the_new_file_is_refused(
         assert "torsocksd[%d] INFO statistics: " % pid in new, new
     assert "unknown option 'bogus'" in new, new
     assert "statistics" not in old and "bogus" not in old, old
+    daemon.stop()
+
+
+def test_workers_parent_outlives_an_unexpected_error_in_a_reload(
+        tmp_path, notify, echo_server):
+    first, second, metrics = free_port(), free_port(), free_port()
+    base = "listen 127.0.0.1:%d\nmetrics 127.0.0.1:%d\n" % (first, metrics)
+    daemon = Reloadable(tmp_path, notify, base, "--workers", "2")
+    # IDNA refuses a 64-letter label before any lookup is made.
+    daemon.reload(base + "listen %s.invalid:1\n" % ("a" * 64))
+    daemon.daemon.wait_for("the old configuration stays")
+    daemon.reload(base + "listen 127.0.0.1:%d\n" % second)
+    daemon.daemon.wait_for("reload: applied")
+    for port in (first, second):
+        with open_socks5_tunnel(("127.0.0.1", port), "127.0.0.1",
+                                echo_server.port) as tunnel:
+            assert_echoes(tunnel, b"served")
+    page = scrape_daemon(metrics)
+    assert page['torsocksd_reloads_total{result="failure"}'] == 1
+    assert page['torsocksd_reloads_total{result="success"}'] == 1
     daemon.stop()
