@@ -8927,7 +8927,8 @@ def install_signal_handlers(server: Server, on_reload):
 WORKER_RESTART_PAUSE = 1.0      # seconds between restarts of a crashing worker
 WORKER_RELOAD_WAIT = 10.0       # seconds workers get to confirm a reload
 PASSED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
-MAX_PASSED_LISTENERS = 250      # sockets in one message (Linux: SCM_MAX_FD)
+MAX_PASSED_LISTENERS = 250      # sockets in one message, with the payload's
+                                # file within Linux's SCM_MAX_FD (253)
 
 
 class _Worker(NamedTuple):
@@ -8946,7 +8947,10 @@ def run_workers(server: Server, count: int, reload_configuration,
     once (so each problem is logged once), opens new listeners and closes
     removed ones here; then every worker gets the new settings and the
     listeners' sockets over its socketpair, applies them, and confirms;
+    when nothing applies, each is told to reopen its log (after logrotate);
     then READY=1.  log_target() gives configure_logging()'s arguments.
+    PASSED_SIGNALS that came while the caller had them blocked (from
+    before the first "listening" line) are handled once the workers run.
     """
     server.bind()
     server._share_metrics(count + 1)     # slot 0: this process
@@ -9030,29 +9034,53 @@ def run_workers(server: Server, count: int, reload_configuration,
 
     def reload():
         sd_notify_reloading()
-        if reload_configuration():
-            send_configuration()
+        # An error nobody foresaw fails this reload, not the parent (which
+        # would leave the workers unsupervised).
+        try:
+            applied = reload_configuration()
+        except Exception as error:
+            server._metrics.add(("torsocksd_reloads_total", "failure"))
+            log.error("reload: failed (%s: %s); the old configuration stays",
+                      type(error).__name__, error)
+            log.debug("reload: where it failed", exc_info=True)
+            applied = False
+        try:
+            if applied:
+                send_configuration()
+            else:   # the workers' logs are reopened all the same
+                tell_workers(REOPEN_LOG, log_target(), [])
+        except Exception as error:
+            log.error("reload: cannot tell the workers (%s: %s); they go on "
+                      "as they were", type(error).__name__, error)
         server._publish_metrics()
         sd_notify("READY=1\nSTATUS=%d workers" % count)
 
     def send_configuration():
         listeners = [listener for listener in server._listeners
                      if listener.spec is not None][:MAX_PASSED_LISTENERS]
-        message = pickle.dumps((server.settings, [
+        tell_workers(APPLY_CONFIGURATION, (server.settings, [
             (listener.kind, listener.spec) for listener in listeners],
-            log_target()))
-        fds = array.array("i", [listener.sock.fileno()
-                                for listener in listeners])
+            log_target()), [listener.sock.fileno() for listener in listeners])
+
+    def tell_workers(what: bytes, payload, fds):
+        """Send every worker what, with payload and the sockets fds, and
+        wait (bounded) for each to confirm."""
+        payload_fd = payload_file(payload)
+        rights = array.array("i", [payload_fd] + fds)
         waiting = {}
-        for pid, worker in workers.items():
-            try:
-                worker.control.sendmsg([message], [(
-                    socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)] if fds else [])
-                waiting[worker.control] = pid
-            except OSError as error:
-                log.error("worker %d cannot take the new configuration (%s):"
-                          " stopping it; another starts", pid, error)
-                os.kill(pid, signal.SIGTERM)
+        try:
+            for pid, worker in workers.items():
+                drain_confirmations(worker.control)
+                try:
+                    worker.control.sendmsg([what], [(
+                        socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
+                    waiting[worker.control] = pid
+                except OSError as error:
+                    log.error("worker %d cannot take the new configuration "
+                              "(%s): stopping it; another starts", pid, error)
+                    os.kill(pid, signal.SIGTERM)
+        finally:
+            os.close(payload_fd)    # the workers have their own copies
         deadline = time.monotonic() + WORKER_RELOAD_WAIT
         while waiting and time.monotonic() < deadline:
             ready, _, _ = select.select(list(waiting), [], [], max(
@@ -9073,6 +9101,9 @@ def run_workers(server: Server, count: int, reload_configuration,
     signal.set_wakeup_fd(wakeup_writer.fileno())
     for number in watched:
         signal.signal(number, note)
+    # main() blocked them before the first "listening" line: those that
+    # came since are noted now, and handled once the workers run.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, watched)
     for slot in range(1, count + 1):
         spawn(slot)
     log.info("%d workers started", count)
@@ -9126,14 +9157,72 @@ def control_socketpair():
         return socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
 
 
+# What the parent tells a worker over its control socket: one short message
+# naming what to do, with descriptors (SCM_RIGHTS): first an unlinked file
+# that holds the pickled payload (a configuration with thousands of users
+# or rules is far larger than one message the socket takes), then the
+# listeners' sockets.  The worker confirms with a short message.
+APPLY_CONFIGURATION = b"apply"  # (settings, [(kind, spec)], logging target)
+REOPEN_LOG = b"reopen-log"      # logging target (after a refused reload)
+MAX_PAYLOAD_BYTES = 256 << 20   # the most a worker reads of one payload
+
+
+def payload_file(payload) -> int:
+    """A descriptor of an unlinked file that holds payload, pickled."""
+    data = pickle.dumps(payload, pickle.HIGHEST_PROTOCOL)
+    try:
+        fd = os.memfd_create("torsocksd-payload", os.MFD_CLOEXEC)
+    except (AttributeError, OSError):       # not Linux, or an old kernel
+        import tempfile
+        fd, path = tempfile.mkstemp(prefix="torsocksd-")
+        os.unlink(path)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_payload(fd: int):
+    """What payload_file() wrote to fd, at most MAX_PAYLOAD_BYTES of it.
+    The offset is shared with every process that has the file: pread."""
+    size = os.fstat(fd).st_size
+    if size > MAX_PAYLOAD_BYTES:
+        raise ValueError("%d bytes, more than the %d a worker takes"
+                         % (size, MAX_PAYLOAD_BYTES))
+    chunks, offset = [], 0
+    while offset < size:
+        chunk = os.pread(fd, min(size - offset, 1 << 20), offset)
+        if not chunk:
+            raise ValueError("the file ends at %d of %d bytes"
+                             % (offset, size))
+        chunks.append(chunk)
+        offset += len(chunk)
+    return pickle.loads(b"".join(chunks))
+
+
+def drain_confirmations(control: socket.socket):
+    """Drop confirmations that came too late to be waited for, so that
+    they are not taken for the next one's."""
+    try:
+        # select, not MSG_DONTWAIT: a socket with a timeout waits anyway.
+        while select.select([control], [], [], 0)[0] and control.recv(16):
+            pass
+    except OSError:     # the worker is gone
+        pass
+
+
 def follow_parent(server: Server, control: socket.socket):
-    """A worker: apply each configuration the parent sends over control
-    (settings, the listeners' specs with their sockets, the logging), and
-    confirm it."""
+    """A worker: do what the parent sends over control (apply a
+    configuration: settings, the listeners' specs with their sockets, the
+    logging; or reopen the log), and confirm it."""
     def on_message(mask):
         try:
             message, ancillary, _, _ = control.recvmsg(
-                1 << 20, socket.CMSG_LEN(MAX_PASSED_LISTENERS * 4))
+                64, socket.CMSG_LEN((MAX_PASSED_LISTENERS + 1) * 4))
         except (BlockingIOError, InterruptedError):
             return
         fds = array.array("i")
@@ -9141,10 +9230,35 @@ def follow_parent(server: Server, control: socket.socket):
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
         if not message:     # the parent is gone: watch_parent drains
+            for fd in fds:
+                os.close(fd)
             server._loop.watch(control, EVENT_READ, 0, None)
             control.close()
             return
-        settings, specs, logging_target = pickle.loads(message)
+        payload_fd, fds = (fds[0], fds[1:]) if fds else (None, fds)
+        try:
+            if message not in (APPLY_CONFIGURATION, REOPEN_LOG) \
+                    or payload_fd is None:
+                raise ValueError("an unknown message, %r" % message[:16])
+            payload = read_payload(payload_fd)
+        except Exception as error:      # pickle raises many kinds
+            log.error("worker: cannot read what the main process sent (%s);"
+                      " nothing changed", error)
+            for fd in fds:
+                os.close(fd)
+            control.send(b"failed")
+            return
+        finally:
+            if payload_fd is not None:
+                os.close(payload_fd)
+        if message == REOPEN_LOG:
+            for fd in fds:
+                os.close(fd)
+            reopen_log(*payload)
+            control.send(b"reopened")
+            return
+        settings, specs, logging_target = payload
+        reopen_log(*logging_target)     # first: the lines below go there
         received = {}
         for (kind, spec), fd in zip(specs, fds):
             unix_path = spec[len("unix:"):] if isinstance(spec, str) else None
@@ -9156,7 +9270,6 @@ def follow_parent(server: Server, control: socket.socket):
             server._adopt(settings, received)
         except ConfigError:
             pass        # logged; this worker keeps what it had
-        reopen_log(*logging_target)
         control.send(b"applied")
 
     def start(_):
@@ -9872,18 +9985,20 @@ def main(argv=None) -> int:
         return logging_target(current[0], inetd)
 
     def reload_configuration() -> bool:
-        """SIGHUP's work: the configuration read again and applied (True),
-        or not at all; the log reopened either way (after logrotate)."""
+        """SIGHUP's work: the log reopened first (logrotate may have moved
+        it: what the reload says goes to the new file), then the
+        configuration read again and applied (True), or not at all."""
+        before = log_target()
+        reopen_log(*before)
         del read[:]
         try:
             server.reload()
         except ConfigError:
-            applied = False     # each problem is logged; the old one stays
-        else:
-            current[:] = read
-            applied = True
-        reopen_log(*log_target())
-        return applied
+            return False        # each problem is logged; the old one stays
+        current[:] = read
+        if log_target() != before:
+            reopen_log(*log_target())
+        return True
 
     def reload():
         sd_notify_reloading()
@@ -9892,8 +10007,12 @@ def main(argv=None) -> int:
                   % ", ".join(server.stats()["listeners"]))
 
     workers = options.workers > 1 and not connections and not options.inetd
-    if not workers:
-        # Before the first "listening" line: a signal from then on drains.
+    # Before the first "listening" line: a signal from then on drains (or
+    # reloads).  With workers the signals wait, blocked, until run_workers
+    # has its handlers.
+    if workers:
+        signal.pthread_sigmask(signal.SIG_BLOCK, PASSED_SIGNALS)
+    else:
         install_signal_handlers(server, reload)
     try:
         server.bind()

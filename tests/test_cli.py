@@ -1,5 +1,6 @@
 """The command line: defaults, options, signals, exit statuses."""
 
+import fcntl
 import ipaddress
 import os
 import select
@@ -222,6 +223,74 @@ def test_workers_share_the_listener_and_a_dead_worker_is_replaced(
     daemon.process.send_signal(signal.SIGTERM)
     assert daemon.finish() == 0
     assert any("starting another" in line for line in daemon.lines)
+
+
+class StderrPipe:
+    """A child's stderr as a pipe that holds one page (4 KiB), read only
+    while a line is waited for: a child that logs more blocks, and so
+    stays where it is while nobody reads."""
+
+    def __init__(self):
+        self.reader, self.writer = os.pipe()
+        fcntl.fcntl(self.writer, getattr(fcntl, "F_SETPIPE_SZ", 1031), 4096)
+        self.text = ""
+
+    def wait_for(self, text, count=1):
+        """Read until text has come count times (None: until EOF)."""
+        deadline = time.monotonic() + TIMEOUT
+        while text is None or self.text.count(text) < count:
+            ready, _, _ = select.select([self.reader], [], [], max(
+                0.0, deadline - time.monotonic()))
+            if not ready:
+                raise AssertionError("no %r within %s s: %r"
+                                     % (text, TIMEOUT, self.text))
+            chunk = os.read(self.reader, 4096)
+            if not chunk and text is None:
+                return
+            if not chunk:
+                raise AssertionError("stderr closed before %r: %r"
+                                     % (text, self.text))
+            self.text += chunk.decode()
+
+    def close(self):
+        for fd in (self.reader, self.writer):
+            if fd is not None:
+                os.close(fd)
+        self.reader = self.writer = None
+
+
+@pytest.mark.parametrize("number", [signal.SIGHUP, signal.SIGTERM])
+def test_workers_handle_a_signal_sent_at_the_first_listening_line(
+        number, tmp_path):
+    # From the first "listening on" line on, as without --workers: SIGHUP
+    # reloads and SIGTERM drains, even before the workers are forked.  Its
+    # 150 listeners' lines do not fit in the pipe: the main process is still
+    # opening them (before it forks) when the signal comes.
+    listeners = []
+    for index in range(150):
+        listeners += ["--listen", "unix:%s" % (tmp_path / str(index))]
+    stderr = StderrPipe()
+    process = subprocess.Popen([sys.executable, SCRIPT, "--workers", "2"]
+                               + listeners, stderr=stderr.writer)
+    try:
+        os.close(stderr.writer)
+        stderr.writer = None
+        stderr.wait_for(" listening on ")
+        assert stderr.text.count(" listening on ") < 150
+        process.send_signal(number)
+        stderr.wait_for("2 workers started")
+        if number == signal.SIGHUP:
+            # The parent's line and each worker's.
+            stderr.wait_for("reload: applied", count=3)
+            process.send_signal(signal.SIGTERM)
+        stderr.wait_for(None)   # every process has ended
+        assert process.wait(TIMEOUT) == 0, stderr.text
+        assert "Traceback" not in stderr.text
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(TIMEOUT)
+        stderr.close()
 
 
 # -- one address grammar --------------------------------------------------------

@@ -27,6 +27,8 @@ import torsocksd
 from conftest import (TIMEOUT, assert_echoes, free_port, hash_until_eof,
                       open_socks5_tunnel, recv_exactly, recv_until_eof,
                       socks5_request)
+from test_cli import children_of
+from test_metrics import scrape_daemon
 from test_deploy import (SCRIPT, Child, activated, base_env,  # noqa: F401
                          client_for, notify, reap_children, wait_for_file)
 
@@ -363,7 +365,7 @@ def test_sighup_with_any_problem_changes_nothing(tmp_path, notify,
     daemon.reload(good + "listen 0.0.0.0:%d\nlog-level debug\n" % second)
     daemon.daemon.wait_for("ERROR reload: refusing to listen on 0.0.0.0:%d"
                            % second)
-    daemon.daemon.wait_for("nothing changed")
+    daemon.daemon.wait_for("the old configuration stays")
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", second), timeout=TIMEOUT)
     with open_socks5_tunnel(("127.0.0.1", first), "127.0.0.1",
@@ -561,3 +563,94 @@ def test_workers_reload_once_and_every_worker_applies(tmp_path, notify,
     text = daemon.daemon.text()
     assert text.count("unknown option 'bogus'") == 1, text
     assert text.count("reload: applied") == 6, text     # parent + 2, twice
+
+
+def login(port, username, password):
+    """The RFC 1929 status reply (01 STATUS) to username:password at the
+    SOCKS5 listener on port."""
+    with socket.create_connection(("127.0.0.1", port),
+                                  timeout=TIMEOUT) as client:
+        client.sendall(b"\x05\x01\x02")
+        assert recv_exactly(client, 2) == b"\x05\x02"
+        client.sendall(bytes((1, len(username))) + username
+                       + bytes((len(password),)) + password)
+        return recv_exactly(client, 2)
+
+
+def test_workers_take_a_configuration_larger_than_a_datagram(tmp_path, notify,
+                                                             echo_server):
+    # 8000 users pickle to some 300 KB, more than one datagram on the
+    # workers' control socket holds: it reaches them all the same, and
+    # none is stopped (which would cut its connections).
+    users = tmp_path / "users"
+    others = "".join("user%05d:%032d\n" % (n, n) for n in range(8000))
+    users.write_text("alice:old\n" + others)
+    port = free_port()
+    daemon = Reloadable(tmp_path, notify, "listen 127.0.0.1:%d\ncredentials "
+                        "%s\n" % (port, users), "--workers", "2")
+    workers = children_of(daemon.daemon.pid)
+    assert len(workers) == 2
+    with socket.create_connection(("127.0.0.1", port),
+                                  timeout=TIMEOUT) as tunnel:
+        tunnel.sendall(b"\x05\x01\x02\x01\x05alice\x03old" + socks5_request(
+            1, "127.0.0.1", echo_server.port))
+        assert recv_exactly(tunnel, 14) == \
+            b"\x05\x02\x01\x00\x05\x00\x00\x01" + bytes(6)
+        users.write_text("bob:new\n" + others)
+        daemon.reload()
+        for _ in range(3):      # the parent's line and each worker's
+            daemon.daemon.wait_for("reload: applied")
+        assert children_of(daemon.daemon.pid) == workers
+        assert_echoes(tunnel, b"kept")
+        for _ in range(4):
+            assert login(port, b"bob", b"new") == b"\x01\x00"
+        assert login(port, b"alice", b"old") == b"\x01\x01"
+    daemon.stop()
+    assert "cannot take the new configuration" not in daemon.daemon.text()
+
+
+def test_sighup_reopens_every_log_even_when_the_new_file_is_refused(
+        tmp_path, notify):
+    log_file, rotated = tmp_path / "torsocksd.log", tmp_path / "old.log"
+    base = "listen 127.0.0.1:%d\nlog-file %s\n" % (free_port(), log_file)
+    daemon = Reloadable(tmp_path, notify, base, "--workers", "2")
+    workers = children_of(daemon.daemon.pid)
+    for pid in workers:
+        wait_for_file(log_file, "torsocksd[%d] INFO worker listening" % pid)
+    os.rename(log_file, rotated)        # what logrotate does
+    daemon.reload(base + "bogus\n")
+    # Every worker writes a line: SIGUSR1's statistics, passed on to them.
+    daemon.daemon.process.send_signal(signal.SIGUSR1)
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        new = log_file.read_text() if log_file.exists() else ""
+        old = rotated.read_text()
+        if (new + old).count(" INFO statistics: ") >= 2:
+            break
+        assert time.monotonic() < deadline, (new, old)
+        time.sleep(0.02)
+    for pid in workers:
+        assert "torsocksd[%d] INFO statistics: " % pid in new, new
+    assert "unknown option 'bogus'" in new, new
+    assert "statistics" not in old and "bogus" not in old, old
+    daemon.stop()
+
+
+def test_workers_parent_outlives_an_unexpected_error_in_a_reload(
+        tmp_path, notify, echo_server):
+    first, second, metrics = free_port(), free_port(), free_port()
+    base = "listen 127.0.0.1:%d\nmetrics 127.0.0.1:%d\n" % (first, metrics)
+    daemon = Reloadable(tmp_path, notify, base, "--workers", "2")
+    # IDNA refuses a 64-letter label before any lookup is made.
+    daemon.reload(base + "listen %s.invalid:1\n" % ("a" * 64))
+    daemon.daemon.wait_for("the old configuration stays")
+    daemon.reload(base + "listen 127.0.0.1:%d\n" % second)
+    daemon.daemon.wait_for("reload: applied")
+    for port in (first, second):
+        with open_socks5_tunnel(("127.0.0.1", port), "127.0.0.1",
+                                echo_server.port) as tunnel:
+            assert_echoes(tunnel, b"served")
+    page = scrape_daemon(metrics)
+    assert page['torsocksd_reloads_total{result="failure"}'] == 1
+    assert page['torsocksd_reloads_total{result="success"}'] == 1
+    daemon.stop()
