@@ -1304,16 +1304,17 @@ class SocksHandshake(ClientHandshake):
         while self.state is not done and self.buffered:
             result = self._parse_next()
             if result is NEED_MORE:
-                if self.received >= MAX_HANDSHAKE_BYTES:
-                    replies += self.refuse(Reply.GENERAL_FAILURE,
-                                           "handshake longer than %d bytes"
-                                           % MAX_HANDSHAKE_BYTES)
                 break
             if isinstance(result, Rejected):
-                replies += self._refused(result.reply, result.reason)
-                break
+                return replies + self._refused(result.reply, result.reason)
             del self.buffered[:result.used]
             replies += self._take(result.message)
+        # Past the limit with more to come (a message cut short, or whole
+        # ones that end right at it, as a PROXY header in front allows).
+        if self.state is not done and self.received >= MAX_HANDSHAKE_BYTES:
+            replies += self.refuse(Reply.GENERAL_FAILURE,
+                                   "handshake longer than %d bytes"
+                                   % MAX_HANDSHAKE_BYTES)
         return replies
 
     def refuse(self, reply: Reply, reason: str) -> bytes:
@@ -7023,7 +7024,9 @@ class Settings:
         for name in ("handshake_timeout", "connect_timeout", "idle_timeout",
                      "exit_when_idle"):
             value = getattr(self, name)
-            if value is not None and not (math.isfinite(value) and value > 0):
+            if value is None and name in ("idle_timeout", "exit_when_idle"):
+                continue        # None: never (a handshake always has one)
+            if value is None or not (math.isfinite(value) and value > 0):
                 raise ValueError("%s must be a number of seconds above 0, "
                                  "not %r" % (name, value))
         for name in ("drain_timeout", "happy_eyeballs_delay"):

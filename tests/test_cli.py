@@ -336,7 +336,8 @@ def test_times_modes_and_counts_out_of_range_are_usage_errors(arguments,
     ("idle_timeout", 0.0), ("exit_when_idle", -1.0),
     ("drain_timeout", float("nan")), ("happy_eyeballs_delay", float("inf")),
     ("drain_timeout", -0.5), ("unix_mode", -1), ("unix_mode", 0o1000),
-    ("max_login_failures", -1),
+    ("max_login_failures", -1), ("handshake_timeout", None),
+    ("connect_timeout", None),
 ])
 def test_settings_refuse_what_the_command_line_refuses(option, value):
     with pytest.raises(ValueError, match=option):

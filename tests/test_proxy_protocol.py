@@ -447,6 +447,26 @@ def test_the_header_counts_toward_the_http_head_limit(balanced, caplog):
     assert "request head longer than 8191 bytes" in caplog.text
 
 
+def test_a_handshake_that_ends_right_at_the_limit_is_refused(balanced,
+                                                            caplog):
+    """A 512-byte header, a greeting and an RFC 1929 message make exactly
+    1024 bytes with no request yet: the generic error, not a silent close
+    taken for the client's."""
+    caplog.set_level(logging.INFO, logger="torsocksd")
+    header = v2(ALLOWED, tlvs=b"\x04\x01\xe1" + bytes(481))
+    login = userpass(b"u" * 253, b"p" * 253)
+    assert len(header) + 3 + len(login) == 1024
+    server = balanced()
+    with through_balancer(server, header, socks5_greeting(0), login) as sock:
+        assert recv_exactly(sock, 4) == b"\x05\x00\x01\x00"
+        assert recv_until_eof(sock) == socks5_reply(1)
+    deadline = time.monotonic() + TIMEOUT
+    while "handshake longer" not in caplog.text \
+            and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert "handshake longer than 1024 bytes" in caplog.text
+
+
 def test_a_header_from_an_untrusted_source_is_not_honoured(make_server):
     """From a source not in --proxy-protocol-from, "PROXY ..." is an HTTP
     request to the SOCKS port ("P"), and a v2 header bad bytes."""
