@@ -201,7 +201,6 @@ import ipaddress
 import itertools
 import logging
 import math
-import queue
 import select
 import selectors
 import signal
@@ -2058,15 +2057,38 @@ TOO_MANY_LOOKUPS = ResolverResult((), Reply.GENERAL_FAILURE,
 
 
 class _Lookup:
-    __slots__ = ("query", "callback", "cancelled")
+    """One SystemResolver job: waiting in its queue, running in a worker,
+    or done."""
+    __slots__ = ("resolver", "query", "callback", "cancelled", "running",
+                 "on_released")
 
-    def __init__(self, query, callback):
+    def __init__(self, resolver, query, callback):
+        self.resolver = resolver
         self.query = query
         self.callback = callback
         self.cancelled = False
+        self.running = False
+        self.on_released = None
 
     def cancel(self):
-        self.cancelled = True
+        self.cancel_and_release_later(None)
+
+    def cancel_and_release_later(self, on_released) -> bool:
+        """Cancel: a job still waiting leaves the queue; one a worker runs
+        cannot be stopped (getaddrinfo has no way to), so its worker stays
+        taken until it returns.  True then, and on_released(None) is
+        called from that worker when it does."""
+        resolver = self.resolver
+        with resolver._lock:
+            self.cancelled = True
+            if self.running:
+                self.on_released = on_released
+                return on_released is not None
+            try:
+                resolver._jobs.remove(self)
+            except ValueError:
+                pass
+        return False
 
 
 class SystemResolver:
@@ -2074,23 +2096,25 @@ class SystemResolver:
 
     Threads start on the first lookup, so a server that only meets IP
     literals never starts one.  Past max_pending queued lookups a new one
-    fails at once instead of queueing without bound.
+    fails at once instead of queueing without bound; a cancelled lookup
+    leaves the queue at once.
     """
 
     def __init__(self, workers: int = 8, max_pending: int = 512):
         self.workers = max(1, workers)
         self.capacity = self.workers    # lookups that run at once
         self.max_pending = max_pending
-        self._jobs = queue.Queue()
+        self._jobs = collections.deque()
         self._threads = []
         self._lock = threading.Lock()
+        self._job_ready = threading.Condition(self._lock)
         self._closed = False
 
     def lookup(self, hostname: str, callback) -> _Lookup:
-        return self._submit(_Lookup(("name", hostname), callback))
+        return self._submit(_Lookup(self, ("name", hostname), callback))
 
     def reverse(self, address, callback) -> _Lookup:
-        return self._submit(_Lookup(("address", address), callback))
+        return self._submit(_Lookup(self, ("address", address), callback))
 
     def close(self, wait: bool = True):
         """Stop the threads once the lookups queued are done; wait=False
@@ -2098,8 +2122,7 @@ class SystemResolver:
         with self._lock:
             self._closed = True
             threads, self._threads = self._threads, []
-        for _ in threads:
-            self._jobs.put(None)
+            self._job_ready.notify_all()
         if not wait:
             return
         # Daemon threads: one stuck in getaddrinfo must not hold up a stop.
@@ -2108,25 +2131,29 @@ class SystemResolver:
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
     def _submit(self, job: _Lookup) -> _Lookup:
-        if self._jobs.qsize() >= self.max_pending or self._closed:
-            job.callback(TOO_MANY_LOOKUPS)
-            return job
         with self._lock:
-            if len(self._threads) < self.workers:
-                thread = threading.Thread(target=self._work, daemon=True,
-                                          name="torsocksd-resolver")
-                self._threads.append(thread)
-                thread.start()
-        self._jobs.put(job)
+            refused = len(self._jobs) >= self.max_pending or self._closed
+            if not refused:
+                if len(self._threads) < self.workers:
+                    thread = threading.Thread(target=self._work, daemon=True,
+                                              name="torsocksd-resolver")
+                    self._threads.append(thread)
+                    thread.start()
+                self._jobs.append(job)
+                self._job_ready.notify()
+        if refused:
+            job.callback(TOO_MANY_LOOKUPS)
         return job
 
     def _work(self):
         while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            if job.cancelled:
-                continue
+            with self._lock:
+                while not self._jobs and not self._closed:
+                    self._job_ready.wait()
+                if not self._jobs:
+                    return      # closed, and every queued lookup done
+                job = self._jobs.popleft()
+                job.running = True
             kind, query = job.query
             try:
                 if kind == "name":
@@ -2136,8 +2163,13 @@ class SystemResolver:
             except Exception as error:      # a worker must outlive any one
                 result = ResolverResult((), Reply.GENERAL_FAILURE,
                                         "lookup failed: %r" % error)
-            if not job.cancelled:
+            with self._lock:
+                job.running = False
+                cancelled, on_released = job.cancelled, job.on_released
+            if not cancelled:
                 job.callback(result)
+            elif on_released is not None:
+                on_released(None)
 
     @staticmethod
     def _getaddrinfo(hostname: str) -> ResolverResult:
@@ -2927,8 +2959,10 @@ class LookupScheduler:
     all, beyond which lookup() refuses at once (None).  A free place goes
     to the waiting client with the fewest lookups out, in turn among
     equals.  A cancelled lookup gives
-    its place back at once.  Runs in the loop; the resolver may answer from
-    any thread.
+    its place back at once, unless the resolver is still busy with it and
+    says so (the system resolver's threads cannot stop a getaddrinfo): then
+    when the resolver is done.  Runs in the loop; the resolver may answer
+    from any thread.
     """
 
     def __init__(self, resolver, loop, capacity: Optional[int] = None):
@@ -3004,11 +3038,31 @@ class LookupScheduler:
             if not queue:
                 del self.waiting[job.client]
         elif job.state == "asking":
-            if job.inner is not None:
-                job.inner.cancel()
+            inner = job.inner
+            held = False
+            if inner is not None:
+                release_later = getattr(inner, "cancel_and_release_later",
+                                        None)
+                if release_later is None:
+                    inner.cancel()
+                else:
+                    held = release_later(self.loop.threadsafe_callback(
+                        functools.partial(self._abandoned_released, job)))
+            if held:
+                # Its worker cannot be stopped: the place stays the client's
+                # until the worker is free, or one client could tie up every
+                # worker by asking and hanging up.
+                job.state = "abandoned"
+                return
             self._release(job)
             self._next()
         job.state = "cancelled"
+
+    def _abandoned_released(self, job: _ScheduledLookup, _):
+        if job.state == "abandoned":
+            self._release(job)
+            job.state = "cancelled"
+            self._next()
 
     def _release(self, job: _ScheduledLookup):
         self.asking_total -= 1
@@ -8272,6 +8326,17 @@ class _TrackedLookup:
     def cancel(self):
         if self.tracker.end(self, None) and self.inner is not None:
             self.inner.cancel()
+
+    def cancel_and_release_later(self, on_released) -> bool:
+        """cancel(), and what the wrapped lookup's own says (False when it
+        has none: it frees its place at once)."""
+        if not self.tracker.end(self, None) or self.inner is None:
+            return False
+        release_later = getattr(self.inner, "cancel_and_release_later", None)
+        if release_later is None:
+            self.inner.cancel()
+            return False
+        return release_later(on_released)
 
 
 class TrackedResolver:

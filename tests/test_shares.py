@@ -172,6 +172,52 @@ def test_a_client_that_hangs_up_gives_its_lookup_back(pool_server,
     assert resolver.cancelled == resolver.asked.count("silent.test")
 
 
+@pytest.fixture
+def slow_system_lookups(monkeypatch):
+    """getaddrinfo as the system resolver's threads meet it: a name ending
+    in .slow blocks its thread until the test ends (as a DNS server that
+    never answers does), one ending in .fast is 192.0.2.1 at once, any
+    other is the real getaddrinfo's."""
+    real = socket.getaddrinfo
+    release = threading.Event()
+    started = []
+
+    def getaddrinfo(host, *args, **kwargs):
+        if isinstance(host, str) and host.endswith(".slow"):
+            started.append(host)
+            release.wait(30)
+            raise socket.gaierror(socket.EAI_AGAIN, "slow")
+        if isinstance(host, str) and host.endswith(".fast"):
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "",
+                     ("192.0.2.1", 0))]
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    yield started
+    release.set()
+
+
+def test_hanging_up_cannot_tie_up_every_system_resolver_thread(
+        make_server, slow_system_lookups):
+    """A client that asks for names whose lookups never end and hangs up
+    on each frees no thread of the system resolver (getaddrinfo cannot be
+    stopped): its abandoned lookups keep their places in its share, so
+    another client still gets a thread."""
+    server = make_server(resolver=torsocksd.SystemResolver(workers=4),
+                         connect_timeout=5)
+    for number in range(12):
+        with client_from(server, "127.0.0.1") as sock:
+            sock.sendall(resolve_request("n%d.slow" % number))
+            assert wait_for(lambda: server._lookups.pending() > 0)
+        assert wait_for(lambda: server.stats()["active"] == 0)
+    # Its share of 4 workers is 2: the others never started.
+    assert wait_for(lambda: len(slow_system_lookups) == 2)
+    with client_from(server, "127.0.0.2") as other:
+        other.sendall(resolve_request("b.fast"))
+        assert recv_until_eof(other) == ANSWER
+    assert len(slow_system_lookups) == 2
+
+
 class FakeLoop:
     """Enough of EventLoop for LookupScheduler: answers run when run()."""
 
