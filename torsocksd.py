@@ -1131,8 +1131,13 @@ class DestinationPolicy:
                 continue
             if not accepted:
                 return "refused by --policy"
+            # Only a rule that names a guarded address itself lifts the
+            # guard; for 0.0.0.0 and ::, the loopback address they reach
+            # (a rule for 0.0.0.0 alone would open this host's loopback).
             if guard is None or (network is not None
-                                 and is_local_only(network)):
+                                 and is_local_only(network)
+                                 and network_contains(network,
+                                                      matched_as[1])):
                 return None
         return guard
 

@@ -154,6 +154,13 @@ REFUSED, ALLOWED = True, False
     (["reject 127.0.0.1:7001", "accept *:*"], True, "0.0.0.0", 7001, REFUSED),
     (["reject 127.0.0.1:7001", "accept *:*"], True, "0.0.0.0", 7002, ALLOWED),
     (["reject 127.0.0.2", "accept *:*"], True, "0.0.0.0", 7001, ALLOWED),
+    # A rule for the unspecified address alone does not lift the guard:
+    # 0.0.0.0 is this host's loopback, which such a rule does not name.
+    (["accept 0.0.0.0:1024-65535"], False, "0.0.0.0", 7777, REFUSED),
+    (["accept [::]:1024-65535"], False, "::", 7777, REFUSED),
+    (["accept 0.0.0.0/8"], False, "0.0.0.0", 7777, REFUSED),
+    (["accept 127.0.0.1:7777"], False, "0.0.0.0", 7777, ALLOWED),
+    (["accept [::1]:7777"], False, "::", 7777, ALLOWED),
     (["reject [::1]", "accept *:*"], True, "0.0.0.0", 7001, ALLOWED),
     (["reject 127.0.0.0/8", "accept *:*"], True, "::", 7001, ALLOWED),
     # Rules written as IPv4-mapped addresses are IPv4 rules.
