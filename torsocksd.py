@@ -853,9 +853,13 @@ class Credentials:
                 if not line.strip() or line.startswith(b"#"):
                     continue
                 user, colon, password = line.partition(b":")
-                if not colon or len(user) > 255 or len(password) > 255:
-                    raise ValueError("%s:%d: not a user:password line of at "
-                                     "most 255 bytes each" % (path, number))
+                # RFC 1929 fields are 1 to 255 bytes: an empty user or
+                # password (a template's unset variable) would let anyone
+                # in who sends empty fields.
+                if not colon or not 0 < len(user) <= 255 \
+                        or not 0 < len(password) <= 255:
+                    raise ValueError("%s:%d: not a user:password line of 1 "
+                                     "to 255 bytes each" % (path, number))
                 pairs.append((user, password))
         if not pairs:
             raise ValueError("%s: no user:password line (blank lines and "

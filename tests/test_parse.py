@@ -870,12 +870,10 @@ def test_credentials_from_file(tmp_path):
                      b"   \n"
                      b"#bob:commented-out\n"
                      b"carol:pa:ss\r\n"
-                     b"dave:\n"
                      b"erin:last-line-without-newline")
     credentials = torsocksd.Credentials.from_file(str(path))
     assert credentials.check(b"alice", b"secret")
     assert credentials.check(b"carol", b"pa:ss")
-    assert credentials.check(b"dave", b"")
     assert credentials.check(b"erin", b"last-line-without-newline")
     assert not credentials.check(b"bob", b"commented-out")
     assert not credentials.check(b"#bob", b"commented-out")
@@ -887,6 +885,11 @@ def test_credentials_from_file(tmp_path):
     pytest.param(b"no-colon-here", id="no-colon"),
     pytest.param(b"u" * 256 + b":password", id="username-256"),
     pytest.param(b"user:" + b"p" * 256, id="password-256"),
+    # RFC 1929 fields are 1 to 255 bytes: an empty one (a template's unset
+    # variable) would let in whoever sends empty fields.
+    pytest.param(b":", id="empty-user-and-password"),
+    pytest.param(b":secret", id="empty-user"),
+    pytest.param(b"dave:", id="empty-password"),
 ])
 def test_credentials_file_with_a_malformed_line_raises(tmp_path, line):
     path = tmp_path / "users"
