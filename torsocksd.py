@@ -9785,7 +9785,8 @@ def build_argument_parser() -> argparse.ArgumentParser:
     process.add_argument("--workers", type=positive_int, default=1,
                          metavar="N",
                          help="worker processes sharing the listeners "
-                              "(default %(default)s)")
+                              "(default %(default)s); per-client limits "
+                              "are counted by each")
     process.add_argument("--splice", action="store_true",
                          help="relay with zero-copy os.splice (Linux, Python "
                               "3.10+): less CPU per byte, 4 fds per moving "
