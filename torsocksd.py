@@ -2241,6 +2241,7 @@ MAX_CNAME_CHAIN = 8                 # CNAMEs followed within one answer
 # message are counted too, 16 per record (a real owner name is 1 pointer).
 MAX_DNS_POINTER_HOPS = 128
 MAX_DNS_RECORDS = 256               # answer and authority records together
+MAX_KEPT_RECORDS = 16               # of them, the answers a lookup keeps
 MAX_DNS_PARSE_STEPS = 16 * MAX_DNS_RECORDS
 MAX_DNS_TTL = 3600                  # seconds an answer is cached (Tor's cap)
 MAX_NEGATIVE_TTL = 30               # seconds "no such name" is cached
@@ -2451,7 +2452,11 @@ def parse_dns_response(message: bytes, query_id: int, name: str,
     for _ in range(MAX_CNAME_CHAIN + 1):
         found = [r for r in records if r.owner == wanted
                  and r.rtype == qtype and r.rclass == DNS_CLASS_IN]
-        if found:
+        if found and rcode != DnsRcode.NXDOMAIN:
+            # Kept: as many as anything uses (a connect tries at most
+            # MAX_CONNECT_ATTEMPTS), so a cached answer stays small however
+            # many records pointers packed into one message.
+            found = found[:MAX_KEPT_RECORDS]
             return DnsAnswer(tuple(reader.data(r) for r in found),
                              min(ttls + [r.ttl for r in found]), rcode, False)
         alias = next((r for r in records if r.owner == wanted
@@ -5624,7 +5629,14 @@ class Connection:
         self._answer(self.handshake.resolve_reply(best), "answered RESOLVE")
 
     def _answer_resolve_ptr(self, names):
-        self._answer(socks5_hostname_reply(names[0]), "answered RESOLVE_PTR")
+        """The first name a reply can carry (a later one may be fine when
+        the first is not ASCII, say), else the failure reply."""
+        failed = socks5_reply(Reply.HOST_UNREACHABLE)
+        for name in names:
+            reply = socks5_hostname_reply(name)
+            if reply != failed:
+                break
+        self._answer(reply, "answered RESOLVE_PTR")
 
     def _answer(self, reply: bytes, outcome: str):
         self._send_to_client(reply)

@@ -634,6 +634,23 @@ def test_socks5_resolve_ptr_of_a_hostname(resolving_server, resolver):
     assert resolver.queries == []
 
 
+class TwoNamesResolver(FakeResolver):
+    """Every address has two names, the first of which no reply carries."""
+
+    def reverse(self, address, callback):
+        callback(torsocksd.ResolverResult(("bad name.test", "good.test")))
+
+
+def test_socks5_resolve_ptr_answers_the_first_name_it_can_carry(
+        make_server):
+    server = make_server(resolver=TwoNamesResolver())
+    with connect(server) as client:
+        client.sendall(GREETING_NO_AUTH
+                       + socks5_request(RESOLVE_PTR, "192.0.2.9", 0))
+        assert_closed_after(client, METHOD_NO_AUTH,
+                            b"\x05\x00\x00\x03\x09good.test\x00\x00")
+
+
 @pytest.mark.parametrize("request_bytes", [
     socks4_request(RESOLVE_PTR, "127.0.0.7", 1),
     socks4a_request(RESOLVE_PTR, "127.0.0.7", 1),

@@ -321,7 +321,8 @@ def test_labels_and_pointers_per_message_are_bounded():
     # Each owner takes 101 pointers and 3 labels: 39 of them fit in 4096.
     asked = question("chain.test", A)
     data = pointer_chain_message(7, asked, 100, 39)
-    assert len(parse_dns_response(data, 7, "chain.test", A).records) == 39
+    # Read in full (no error); MAX_KEPT_RECORDS of the 39 kept.
+    assert len(parse_dns_response(data, 7, "chain.test", A).records) == 16
     data = pointer_chain_message(7, asked, 100, 40)
     with pytest.raises(DnsFormatError, match="more than %d labels and "
                        "pointers" % MAX_DNS_PARSE_STEPS):
@@ -331,7 +332,8 @@ def test_labels_and_pointers_per_message_are_bounded():
 def test_records_per_message_are_bounded():
     asked = question("many.test", A)
     most = message(8, asked, [a_record(QNAME, "192.0.2.1")] * MAX_DNS_RECORDS)
-    assert len(parse_dns_response(most, 8, "many.test", A).records) == 256
+    # Read, and 16 kept: a cached answer stays small.
+    assert len(parse_dns_response(most, 8, "many.test", A).records) == 16
     more = message(8, asked, [a_record(QNAME, "192.0.2.1")] * 257)
     with pytest.raises(DnsFormatError, match="more than 256 records"):
         parse_dns_response(more, 8, "many.test", A)
@@ -344,6 +346,17 @@ def test_records_per_message_are_bounded():
     header = struct.pack("!6H", 8, RESPONSE_FLAGS, 1, 65535, 65535, 0)
     with pytest.raises(DnsFormatError, match="more than 256 records"):
         parse_dns_response(header + asked, 8, "many.test", A)
+
+
+def test_an_nxdomain_answer_is_negative_whatever_records_it_carries():
+    """Cached as "no such name" (for at most MAX_NEGATIVE_TTL), not as the
+    records, for an hour."""
+    data = message(9, question("gone.test", A),
+                   [a_record(QNAME, "192.0.2.1", ttl=3600)], [soa(60, 60)],
+                   rcode=NXDOMAIN)
+    answer = parse_dns_response(data, 9, "gone.test", A)
+    assert (answer.records, answer.rcode) == ((), NXDOMAIN)
+    assert answer.ttl <= 60
 
 
 def test_cname_targets_count_against_the_message():
@@ -360,10 +373,10 @@ def test_cname_targets_count_against_the_message():
         record(alias, CNAME, 300, alias)] * 25
     with pytest.raises(DnsFormatError, match="labels and pointers"):
         parse_dns_response(message(9, asked, answers), 9, "alias.test", A)
-    # The same without the loop is read in full.
+    # The same without the loop is read in full (16 of the 25 kept).
     answers[1:] = [record(alias, A, 300, bytes(4))] * 25
     assert len(parse_dns_response(message(9, asked, answers), 9,
-                                  "alias.test", A).records) == 25
+                                  "alias.test", A).records) == 16
 
 
 def random_bytes(generator, most):
@@ -643,7 +656,9 @@ def test_truncated_answer_is_asked_again_over_tcp(proxy, dns_server):
     assert resolve(proxy, "big.test") == address_reply("192.0.2.100")
     assert sorted(dns_server.asked("big.test", "tcp")) == [A, AAAA]
     result = resolver_answer(proxy, proxy.resolver.lookup, "big.test")
-    assert len(result.answers) == 40
+    # 40 came over TCP, more than UDP's 512 bytes hold; 16 are kept.
+    assert result.answers == tuple(ipaddress.ip_address("192.0.2.%d" % n)
+                                   for n in range(100, 116))
 
 
 def test_pointer_chains_over_tcp_are_refused(proxy, dns_server, caplog):
