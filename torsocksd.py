@@ -9514,14 +9514,22 @@ def metrics_address(text: str):
     return spec
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("%r is not a whole number" % text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be 1 or more")
-    return value
+def whole_number(least: int):
+    """An argparse type: a whole number, least or more."""
+    def whole_number_argument(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError("%r is not a whole number"
+                                             % text)
+        if value < least:
+            raise argparse.ArgumentTypeError("must be %d or more" % least)
+        return value
+    return whole_number_argument
+
+
+positive_int = whole_number(1)
+non_negative_int = whole_number(0)
 
 
 def positive_seconds(text: str) -> float:
@@ -9560,17 +9568,6 @@ def file_mode(text: str) -> int:
     if not 0 <= value <= 0o777:
         raise argparse.ArgumentTypeError("must be an octal mode from 0 to "
                                          "777")
-    return value
-
-
-def count(text: str) -> int:
-    """A whole number, 0 or more."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("%r is not a whole number" % text)
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be 0 or more")
     return value
 
 
@@ -9706,7 +9703,8 @@ def build_argument_parser() -> argparse.ArgumentParser:
                         help="close relayed connections idle at least this "
                              "long (checked every SECONDS, so within twice "
                              "that; default: never)")
-    limits.add_argument("--max-login-failures", type=count, metavar="N",
+    limits.add_argument("--max-login-failures", type=non_negative_int,
+                        metavar="N",
                         default=default("max_login_failures"),
                         help="failed logins one client (address, or IPv6 "
                              "/64) may make in 30 s before its logins are "
