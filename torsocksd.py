@@ -3045,6 +3045,8 @@ class LookupScheduler:
         self._next()
 
     def cancel(self, job: _ScheduledLookup):
+        if job.state == "abandoned":
+            return      # its place comes back when its worker is free
         if job.state == "waiting":
             queue = self.waiting[job.client]
             queue.remove(job)
@@ -4916,6 +4918,9 @@ class Handle(list):
         self[3] = self[4] = None
 
 
+MAX_LOOP_WAIT = 3600.0              # seconds; the loop wakes, finds nothing due
+
+
 class EventLoop:
     """A selectors loop with a timer heap and a wake-up socketpair.
 
@@ -4990,6 +4995,10 @@ class EventLoop:
         elif self._timers:
             until_timer = max(0.0, self._timers[0][0] - time.monotonic())
             timeout = until_timer if limit is None else min(limit, until_timer)
+        if timeout is not None and timeout > MAX_LOOP_WAIT:
+            # epoll takes its timeout as milliseconds in a C int: a
+            # --handshake-timeout of a month would overflow it.
+            timeout = MAX_LOOP_WAIT
         for key, mask in self.selector.select(timeout):
             callback, owner = key.data
             try:
@@ -5631,7 +5640,7 @@ class Connection:
     def _answer_resolve_ptr(self, names):
         """The first name a reply can carry (a later one may be fine when
         the first is not ASCII, say), else the failure reply."""
-        failed = socks5_reply(Reply.HOST_UNREACHABLE)
+        failed = reply = socks5_reply(Reply.HOST_UNREACHABLE)
         for name in names:
             reply = socks5_hostname_reply(name)
             if reply != failed:

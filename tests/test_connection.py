@@ -1010,6 +1010,18 @@ def test_stop_from_another_thread_than_serve_forever():
     server.stop()
 
 
+def test_a_deadline_a_month_away_does_not_stop_the_loop(make_server):
+    """epoll takes milliseconds in a C int (24.8 days at most): a longer
+    wait for the next timer overflowed it and ended serve_forever."""
+    server = make_server(handshake_timeout=3e6, connect_timeout=3e6)
+    with connect(server) as first:
+        first.sendall(b"\x05")             # its deadline is a month away
+        time.sleep(0.2)                    # the loop now sleeps until then
+        with connect(server) as second:
+            second.sendall(b"\x05\x01\x00")
+            assert recv_exactly(second, 2) == b"\x05\x00"
+
+
 def test_address_and_url_of_each_listener_family(make_server, tmp_path):
     """Server.address is where the first listener listens, and Server.url
     the proxy URL a client takes: brackets around IPv6, curl's
